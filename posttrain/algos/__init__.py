@@ -1,0 +1,1 @@
+"""Algorithm core: pure tensor functions for PPO, distillation and weight merging."""

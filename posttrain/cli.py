@@ -1,0 +1,91 @@
+"""Command line: `posttrain run PIPELINE.yaml [key=value ...]`, `posttrain STAGE PIPELINE.yaml ...`.
+
+    posttrain run configs/quickstart.yaml                   # every stage in order, done ones skipped
+    posttrain run configs/quickstart.yaml sft.learning_rate=3e-4
+    posttrain sft configs/quickstart.yaml --force            # one stage, inputs from earlier stages
+    posttrain show configs/quickstart.yaml                   # the resolved config, validated
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .stages import STAGE_MODULES
+
+
+def _setup_logging(run_dir: Path | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "posttrain.log"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+    for noisy in ("httpx", "datasets", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-training pipeline, one YAML config.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in [("run", "run every stage of the pipeline in order"),
+                            ("show", "validate the config and print it with defaults filled in"),
+                            *[(s, f"run only the {s} stage") for s in STAGE_MODULES]]:
+        sp = sub.add_parser(name, help=help_text)
+        sp.add_argument("config", help="pipeline YAML file")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.learning_rate=3e-4")
+        if name != "show":
+            sp.add_argument("--force", action="store_true", help="re-run the stage even if it is complete")
+    return p
+
+
+def print_summary(run_dir: Path, summary: dict) -> None:
+    print(f"\nposttrain: run directory {run_dir}")
+    for name, info in summary.items():
+        status = info.get("status")
+        secs = f" in {info['seconds']:.1f}s" if "seconds" in info else ""
+        print(f"  {name:<8} {status}{secs}")
+        for key in ("accuracy_before", "accuracy_after"):
+            if isinstance(info.get(key), dict):
+                print(f"           {key}: {info[key].get('overall')}")
+        for key in ("eval_loss_before", "eval_loss_after", "num_train", "num_eval", "parameters"):
+            if key in info:
+                print(f"           {key}: {info[key]}")
+        if (run_dir / name / "model").is_dir():
+            print(f"           model: {run_dir / name / 'model'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError, dump_config
+    from .data import DataError
+    from .pipeline import load_pipeline, run_pipeline
+
+    try:
+        cfg = load_pipeline(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"posttrain: {args.config}: {err}", file=sys.stderr)
+        return 2
+    if args.command == "show":
+        print(dump_config(cfg), end="")
+        return 0
+    run_dir = Path(cfg.run_dir).resolve()
+    _setup_logging(run_dir)
+    only = None if args.command == "run" else args.command
+    try:
+        summary = run_pipeline(cfg, only=only, force=args.force)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        logging.getLogger("posttrain").error("error: %s", err)
+        return 1
+    except KeyboardInterrupt:
+        logging.getLogger("posttrain").error("interrupted: finished stages are kept; re-run the same command to continue")
+        return 130
+    print_summary(run_dir, summary)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The launcher seam: the only module that knows about processes, torchrun and DeepSpeed.
+
+A training stage runs in the calling process, or, when its `distributed.num_processes` > 1, as that
+many ranks started by torchrun (`python -m posttrain.launch SPEC`), each running the same stage
+lifecycle; rank 0 writes the outputs. Multi-node users start the same module with their own torchrun
+line (`torchrun --nnodes ... -m posttrain.launch run_dir/<stage>/launch.json`).
+
+On CPU the ranks talk over gloo. Trainer-based stages get their DeepSpeed config from
+`trainer_kwargs`, built from the stage's DistributedConfig.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import DistributedConfig
+from .manifest import atomic_write_json
+
+log = logging.getLogger("posttrain")
+
+
+def deepspeed_config(dcfg: DistributedConfig) -> dict:
+    """A DeepSpeed config for the HF Trainer ('auto' values are filled from the TrainingArguments)."""
+    zero: dict = {"stage": dcfg.zero_stage}
+    if dcfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if dcfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = dcfg.gather_16bit_weights_on_save
+        if dcfg.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+        "zero_optimization": zero,
+    }
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process, from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def trainer_kwargs(dcfg: DistributedConfig) -> dict:
+    """TrainingArguments keyword arguments for this process's place in the launch.
+
+    One process: plain Trainer on GPU if present, else CPU. Several: DeepSpeed ZeRO (or DDP for
+    zero_stage 0) over the process group that `_init_process_state` created (gloo on CPU).
+    """
+    _, world_size = world()
+    cpu = not torch.cuda.is_available()
+    if world_size == 1:
+        return {"use_cpu": cpu}
+    kwargs: dict = {"accelerator_config": {"use_configured_state": True}}
+    if dcfg.zero_stage > 0:
+        kwargs["deepspeed"] = deepspeed_config(dcfg)
+    else:
+        kwargs["use_cpu"] = cpu
+        kwargs["ddp_backend"] = "gloo" if cpu else "nccl"
+    return kwargs
+
+
+def _init_process_state(dcfg: DistributedConfig) -> None:
+    """Create accelerate's shared state before any Trainer does, with the right backend.
+
+    Left to itself, accelerate on CPU counts one process and DeepSpeed's batch-size check fails;
+    configuring the state first (and telling the Trainer to use it) makes all ranks one job.
+    """
+    from accelerate import PartialState
+
+    if dcfg.zero_stage > 0:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo" if not torch.cuda.is_available() else "nccl")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(stage, scfg, run_dir: Path) -> dict:
+    """Run `stage` in `scfg.distributed.num_processes` local ranks; return rank 0's metrics."""
+    ctx, n = stage.ctx, scfg.distributed.num_processes
+    spec_path = ctx.dir / "launch.json"
+    result_path = ctx.dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    atomic_write_json(spec_path, {"stage": stage.name, "config": scfg.model_dump(mode="json"), "inputs": ctx.inputs,
+                                  "seed": ctx.seed, "dir": str(ctx.dir), "pipeline": str(run_dir / "config.yaml")})
+    threads = (ctx.pipeline.threads if ctx.pipeline is not None and ctx.pipeline.threads else 1)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POSTTRAIN_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "posttrain.launch", str(spec_path)]
+    log.info("[%s] launching %d processes (ZeRO-%d): %s", stage.name, n, scfg.distributed.zero_stage, " ".join(cmd))
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage {stage.name!r}: distributed run exited with code {proc.returncode} "
+                           f"(see the log above; spec in {spec_path})")
+    return json.loads(result_path.read_text())
+
+
+def worker_main(spec_path: str) -> None:
+    """Entry point of each rank: rebuild the stage from the spec and run its lifecycle."""
+    from .pipeline import load_pipeline
+    from .stages import StageContext, stage_class
+
+    spec = json.loads(Path(spec_path).read_text())
+    if os.environ.get("POSTTRAIN_THREADS"):
+        torch.set_num_threads(int(os.environ["POSTTRAIN_THREADS"]))
+    rank, world_size = world()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    stage_cls = stage_class(spec["stage"])
+    cfg = stage_cls.Config.model_validate(spec["config"])
+    _init_process_state(cfg.distributed)
+    ctx = StageContext(name=spec["stage"], dir=Path(spec["dir"]), inputs=spec["inputs"], seed=spec["seed"],
+                       pipeline=load_pipeline(spec["pipeline"]), rank=rank, world_size=world_size)
+    metrics = stage_cls(cfg, ctx).run()
+    if rank == 0:
+        atomic_write_json(Path(spec["dir"]) / "result.json", metrics)
+
+
+if __name__ == "__main__":
+    worker_main(sys.argv[1])

@@ -1,0 +1,107 @@
+"""Run-directory bookkeeping: atomic writes, content fingerprints and per-stage manifests.
+
+A stage is complete only when its manifest says so; everything it produced was written to a temporary
+path and renamed into place first, so a crash (or SIGKILL) can never leave output that looks finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text to `path` via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def hash_json(obj: Any) -> str:
+    """Stable short hash of a JSON-serialisable object (key order ignored)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hash_path(path: str | Path) -> str:
+    """Fingerprint of a user-supplied file or directory.
+
+    Files up to 64 MiB are hashed by content; larger files (model shards) by name, size and mtime,
+    which is what changes when a checkpoint is rewritten, without reading gigabytes at every start.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        h.update(str(f.relative_to(path) if f != path else f.name).encode())
+        if st.st_size <= 64 << 20:
+            h.update(f.read_bytes())
+        else:
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    """The stage's manifest, or None if absent or unreadable (an unreadable one means incomplete)."""
+    p = Path(stage_dir) / MANIFEST
+    try:
+        return json.loads(p.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(stage_dir: str | Path, fingerprint: str) -> bool:
+    m = read_manifest(stage_dir)
+    return bool(m) and m.get("status") == "complete" and m.get("fingerprint") == fingerprint
+
+
+def write_manifest(stage_dir: str | Path, **fields: Any) -> dict:
+    """Merge `fields` into the stage manifest and write it atomically."""
+    m = read_manifest(stage_dir) or {}
+    m.update(fields)
+    m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    atomic_write_json(Path(stage_dir) / MANIFEST, m)
+    return m

@@ -1,0 +1,225 @@
+"""Models and tokenizers: train a tokenizer locally, build tiny models of the seed families from
+config, load any local Hugging Face causal-LM directory safely, and save complete model directories.
+
+Nothing here touches a model hub: tokenizers are trained on the run's own text, tiny models are built
+from a config, and real checkpoints come in as local directories (safetensors only).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Literal, Optional
+
+import torch
+from pydantic import Field
+
+from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, GEMMA_CHAT_TEMPLATE, PAD, START_OF_TURN, UNK
+from .config import InputPath, Section
+from .manifest import atomic_dir
+
+Family = Literal["gemma", "gemma2", "recurrent_gemma", "llama"]
+
+
+class ModelConfig(Section):
+    """The base model: a local checkpoint directory, or a tiny model built from these fields."""
+
+    path: InputPath = None
+    """Local Hugging Face model directory to start from; when set, the architecture fields are ignored."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped inside `path` (off: only built-in architectures load)."""
+    family: Family = "gemma2"
+    """Architecture of a tiny model built from config."""
+    vocab_size: int = Field(512, ge=64)
+    """Target vocabulary size of the locally trained tokenizer (control tokens included)."""
+    hidden_size: int = Field(128, ge=8)
+    """Width of the residual stream."""
+    num_layers: int = Field(2, ge=1)
+    """Decoder blocks (for recurrent_gemma: recurrent and attention blocks together)."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention; 1 = multi-query as in Gemma 2B)."""
+    head_dim: int = Field(32, ge=4)
+    """Width of one attention head."""
+    intermediate_size: int = Field(384, ge=8)
+    """Width of the gated MLP."""
+    max_position_embeddings: int = Field(512, ge=16)
+    """Longest sequence the model is built for."""
+    sliding_window: int = Field(64, ge=4)
+    """Gemma 2 local-attention window and RecurrentGemma's attention window, in tokens."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the saved model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on `texts` carrying Gemma's control tokens and chat template.
+
+    Digits are split one per token, as in Gemma's tokenizer, which is what lets tiny models learn
+    arithmetic. Control tokens get ids 0-5 (pad, eos, bos, unk, start_of_turn, end_of_turn).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CONTROL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[START_OF_TURN, END_OF_TURN],
+    )
+    fast.chat_template = GEMMA_CHAT_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids generation must stop on: `<eos>` and, for chat models, `<end_of_turn>`."""
+    ids = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    if eot is not None and eot != tokenizer.unk_token_id and eot not in ids:
+        ids.append(eot)
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models from config
+
+
+def tiny_config(cfg: ModelConfig, tokenizer):
+    """A transformers config for `cfg.family` sized by `cfg`, with the tokenizer's special ids."""
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig, RecurrentGemmaConfig
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        dtype=cfg.dtype,
+    )
+    if cfg.family == "llama":
+        return LlamaConfig(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                           tie_word_embeddings=True)
+    if cfg.family == "gemma":
+        return GemmaConfig(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.family == "gemma2":
+        # Gemma 2: alternating local (sliding window) and global attention, logit soft-capping
+        # (attention 50, final 30) and query scaling by head_dim, as in the Gemma 2 report, Table 1.
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_layers)]
+        return Gemma2Config(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                            sliding_window=cfg.sliding_window, layer_types=layer_types,
+                            query_pre_attn_scalar=cfg.head_dim, attn_logit_softcapping=50.0,
+                            final_logit_softcapping=30.0)
+    # RecurrentGemma (Griffin): two recurrent blocks per local-attention block.
+    block_types = [("attention" if i % 3 == 2 else "recurrent") for i in range(cfg.num_layers)]
+    return RecurrentGemmaConfig(**common, lru_width=cfg.hidden_size, attention_window_size=cfg.sliding_window,
+                                block_types=block_types)
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
+    """A freshly initialised causal LM of `cfg.family`, deterministic given `seed`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
+    return model.to(getattr(torch, cfg.dtype))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving local model directories
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Raise a clear error unless `path` is a local HF model directory with safetensors weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
+        raise ValueError(f"{path}: no *.safetensors weights{hint}")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        if START_OF_TURN not in tok.get_vocab():
+            raise ValueError(f"{path}: tokenizer has no chat template and no {START_OF_TURN} token")
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return tok
+
+
+def load_model(path: str | Path, trust_remote_code: bool = False, dtype: Optional[str] = None, kind: str = "causal_lm"):
+    """Load a local model directory (safetensors only). `kind`: causal_lm or reward (sequence scorer).
+
+    A LoRA adapter directory is loaded onto its recorded base model and merged.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = check_model_dir(path)
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    if dtype:
+        kwargs["dtype"] = getattr(torch, dtype)
+    if (path / "adapter_config.json").is_file():
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise ValueError(f"{path}: LoRA adapter whose base model directory {base!r} is not available locally")
+        model = cls.from_pretrained(str(check_model_dir(base)), **kwargs)
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return cls.from_pretrained(str(path), **kwargs)
+
+
+def save_generation_config(tokenizer, out: str | Path) -> None:
+    """generation_config.json that stops on `<end_of_turn>` as well as `<eos>` (transformers and vLLM)."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=stop_token_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(str(out))
+
+
+def save_model_dir(model, tokenizer, out: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Write a complete model directory atomically: safetensors, config, tokenizer, generation config."""
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        save_generation_config(tokenizer, tmp)
+    return Path(out)

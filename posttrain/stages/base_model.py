@@ -1,0 +1,66 @@
+"""base: the model the pipeline starts from.
+
+Either a local checkpoint directory (`base.path`: validated, used in place, never copied), or a tiny
+model of a seed family built from config with a tokenizer trained on the run's own training data.
+"""
+from __future__ import annotations
+
+from ..data import iter_jsonl
+from ..models import ModelConfig, build_tiny_model, count_parameters, load_model, load_tokenizer, save_model_dir
+from ..models import check_model_dir, train_tokenizer
+from .base import Stage
+
+
+def _texts(path: str):
+    """Text the tokenizer learns from: every message of the training set, plus the role names."""
+    yield "user\nmodel\n"
+    for _, row in iter_jsonl(path):
+        for m in row.get("messages", []):
+            yield m.get("content", "")
+
+
+class BaseModel(Stage):
+    name = "base"
+    Config = ModelConfig
+    consumes = {"train_data": "train_data"}
+    optional_inputs = {"train_data"}
+    produces = {"model": "model"}
+
+    def artifacts(self) -> dict[str, str]:
+        """An external checkpoint is used where it is; a built one lives in the stage dir."""
+        if self.cfg.path:
+            return {"model": str(self.cfg.path)}
+        return {"model": str(self.ctx.dir / "model")}
+
+    def setup(self) -> None:
+        if self.cfg.path:
+            check_model_dir(self.cfg.path)
+            self.tokenizer = load_tokenizer(self.cfg.path, self.cfg.trust_remote_code)
+            return
+        data = self.ctx.inputs.get("train_data")
+        if not data:
+            raise ValueError("base: building a tiny model needs training text for its tokenizer: "
+                             "put a data stage (synth) before base, or set base.path to a model directory")
+        self.tokenizer = train_tokenizer(_texts(data), self.cfg.vocab_size)
+
+    def train(self) -> dict:
+        if self.cfg.path:
+            model = load_model(self.cfg.path, self.cfg.trust_remote_code)
+            info = {"source": str(self.cfg.path)}
+        else:
+            model = build_tiny_model(self.cfg, self.tokenizer, seed=self.ctx.seed)
+            info = {"source": f"tiny {self.cfg.family} built from config"}
+        self.model = model
+        info.update(parameters=count_parameters(model), vocab_size=len(self.tokenizer),
+                    architecture=type(model).__name__)
+        self.log.info("base model: %s, %s, %.2fM parameters", info["source"], info["architecture"],
+                      info["parameters"] / 1e6)
+        return info
+
+    def save(self) -> dict:
+        if not self.cfg.path:
+            save_model_dir(self.model, self.tokenizer, self.ctx.dir / "model")
+        return {}
+
+
+STAGE = BaseModel

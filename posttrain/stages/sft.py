@@ -1,0 +1,212 @@
+"""sft: supervised fine-tuning on conversational JSONL with TRL's SFTTrainer.
+
+Loss on assistant turns only (TRL's assistant-only masking of the Gemma template), packing on or off,
+full fine-tuning or LoRA (saved as an adapter or merged into the weights). Runs in one process or as
+DeepSpeed ranks through the launcher. Resumes from its last checkpoint after a crash.
+
+Output in run_dir/sft/: model/ (a complete HF model directory), metrics.json, loss.png.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import DistributedConfig, InputPath, Section
+from ..data import read_conversations
+from ..manifest import atomic_write_json
+from ..plots import curves_from_log_history, plot_curves
+from .base import Stage
+
+
+class LoraConfig(Section):
+    """Low-rank adaptation (peft)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: 'all-linear' or a list of module names."""
+    save: Literal["merged", "adapter"] = "merged"
+    """Save the adapter merged into full weights, or the adapter alone (with a pointer to its base)."""
+
+
+class SFTConfig(Section):
+    """Config of the sft stage."""
+
+    model: InputPath = None
+    """Model directory to fine-tune; default: the latest earlier stage's model."""
+    train_data: InputPath = None
+    """Conversational JSONL to train on; default: the latest data stage's output."""
+    eval_data: InputPath = None
+    """Held-out conversational JSONL; default: the data stage's held-out split."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = use epochs."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    warmup: float = Field(0.05, ge=0)
+    """Warmup: a fraction of training if < 1, else a number of steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (transformers' lr_scheduler_type)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(256, ge=8)
+    """Longest tokenized sequence; longer ones are truncated."""
+    packing: bool = False
+    """Pack several conversations into each sequence (TRL best-fit packing)."""
+    assistant_only_loss: bool = True
+    """Train on assistant tokens only (user turns are context, not targets)."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA settings."""
+    logging_steps: int = Field(10, ge=1)
+    """Log the training loss every N steps."""
+    eval_steps: int = Field(50, ge=1)
+    """Compute held-out loss every N steps."""
+    save_steps: int = Field(100, ge=1)
+    """Checkpoint every N steps (the run resumes from the last one)."""
+    keep_checkpoints: bool = False
+    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
+    eval_samples: int = Field(100, ge=0)
+    """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest greedy answer in the accuracy check."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Processes and DeepSpeed ZeRO settings."""
+
+
+class SFT(Stage):
+    name = "sft"
+    Config = SFTConfig
+    consumes = {"model": "model", "train_data": "train_data", "eval_data": "eval_data"}
+    optional_inputs = {"eval_data"}
+    produces = {"model": "model"}
+    trains = True
+
+    def setup(self) -> None:
+        from datasets import Dataset
+
+        from ..models import load_model, load_tokenizer
+
+        inp = self.ctx.inputs
+        self.tokenizer = load_tokenizer(inp["model"])
+        self.model = load_model(inp["model"])
+        self.train_rows = read_conversations(inp["train_data"])
+        self.eval_rows = read_conversations(inp["eval_data"]) if inp.get("eval_data") else []
+        self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
+        self.eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
+
+    def _trainer(self):
+        from trl import SFTConfig as TRLConfig
+        from trl import SFTTrainer
+
+        from ..launch import trainer_kwargs
+
+        c = self.cfg
+        args = TRLConfig(
+            output_dir=str(self.ctx.dir / "checkpoints"), learning_rate=c.learning_rate, num_train_epochs=c.epochs,
+            max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
+            weight_decay=c.weight_decay, max_length=c.max_length, packing=c.packing,
+            assistant_only_loss=c.assistant_only_loss, logging_steps=c.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if self.eval_ds is not None else "no", eval_steps=c.eval_steps, eval_on_start=self.eval_ds is not None,
+            save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+            seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,
+            **trainer_kwargs(c.distributed),
+        )
+        peft_config = None
+        if c.lora.enabled:
+            from peft import LoraConfig as PeftLora
+
+            peft_config = PeftLora(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout,
+                                   target_modules=c.lora.target_modules, task_type="CAUSAL_LM")
+        return SFTTrainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
+                          processing_class=self.tokenizer, peft_config=peft_config)
+
+    def train(self) -> dict:
+        metrics = {}
+        if self.ctx.is_main and self.cfg.eval_samples and self.eval_rows:
+            metrics["accuracy_before"] = self._accuracy(self.model)
+        self.trainer = self._trainer()
+        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        if resume:
+            self.log.info("[sft] resuming from %s", resume)
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        metrics["train_loss"] = round(result.training_loss, 4)
+        metrics["steps"] = self.trainer.state.global_step
+        evals = [e["eval_loss"] for e in self.trainer.state.log_history if "eval_loss" in e]
+        if evals:
+            metrics["eval_loss_before"] = round(evals[0], 4)
+            metrics["eval_loss_after"] = round(self.trainer.evaluate()["eval_loss"], 4)
+        return metrics
+
+    def save(self) -> dict:
+        """Write model/ atomically; then (rank 0) reload it for the accuracy-after check."""
+        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
+        if self.ctx.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        model_to_save = self.trainer.model
+        if self.cfg.lora.enabled and self.cfg.lora.save == "merged":
+            if self.cfg.distributed.num_processes > 1 and self.cfg.distributed.zero_stage == 3:
+                raise ValueError("sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
+            model_to_save = self.trainer.accelerator.unwrap_model(model_to_save).merge_and_unload()
+            if self.ctx.is_main:
+                model_to_save.save_pretrained(partial, safe_serialization=True)
+        else:
+            self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        metrics = {}
+        if self.ctx.is_main:
+            from ..models import save_generation_config
+
+            self.tokenizer.save_pretrained(partial)
+            save_generation_config(self.tokenizer, partial)
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            history = self.trainer.state.log_history
+            plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
+                        self.ctx.dir / "loss.png", title="SFT")
+            if self.cfg.eval_samples and self.eval_rows and not (self.cfg.lora.enabled and self.cfg.lora.save == "adapter"):
+                from ..models import load_model
+
+                metrics["accuracy_after"] = self._accuracy(load_model(final))
+            atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
+            if not self.cfg.keep_checkpoints:
+                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        return metrics
+
+    def _accuracy(self, model) -> dict:
+        from ..generate import HFEngine, SamplingConfig
+        from ..tasks import answer_accuracy
+
+        rows = self.eval_rows[: self.cfg.eval_samples]
+        engine = HFEngine(model, self.tokenizer)
+        samples = engine.generate([r["messages"][:-1] for r in rows],
+                                  SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
+        return answer_accuracy(rows, [s[0].text for s in samples])
+
+
+def _last_checkpoint(folder: Path) -> Optional[str]:
+    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+STAGE = SFT
