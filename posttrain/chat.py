@@ -8,14 +8,24 @@ being byte-identical is what lets TRL swap in its `{% generation %}` variant for
 """
 from __future__ import annotations
 
-from trl.chat_template_utils import gemma_chat_template
+import importlib.util
+from pathlib import Path
 
 BOS, EOS, PAD, UNK = "<bos>", "<eos>", "<pad>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
 CONTROL_TOKENS = [PAD, EOS, BOS, UNK, START_OF_TURN, END_OF_TURN]
 """Gemma's control tokens, in the order of their ids in Gemma's vocabulary (pad=0, eos=1, bos=2, unk=3)."""
 
-GEMMA_CHAT_TEMPLATE: str = gemma_chat_template
+
+def _trl_gemma_template() -> str:
+    """TRL's copy of the Gemma template, read from its package dir (importing trl costs ~5 s)."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("trl is not installed; posttrain needs it (pip install trl)")
+    return (Path(spec.submodule_search_locations[0]) / "chat_templates" / "gemma.jinja").read_text(encoding="utf-8")
+
+
+GEMMA_CHAT_TEMPLATE: str = _trl_gemma_template()
 
 
 def render(messages: list[dict], add_generation_prompt: bool = False) -> str:

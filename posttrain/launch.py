@@ -70,6 +70,18 @@ def trainer_kwargs(dcfg: DistributedConfig) -> dict:
     return kwargs
 
 
+def end_sharded_init() -> None:
+    """After a ZeRO-3 training run, let this process load models whole again.
+
+    Once TrainingArguments carry a ZeRO-3 config, transformers builds every later `from_pretrained`
+    inside `deepspeed.zero.Init`, which is collective: one rank loading a model alone (say, to evaluate
+    the saved output) would wait forever for the others.
+    """
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+
+
 def _init_process_state(dcfg: DistributedConfig) -> None:
     """Create accelerate's shared state before any Trainer does, with the right backend.
 

@@ -7,6 +7,7 @@ whose config or inputs changed re-runs, and so does everything after it. A stage
 """
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -47,6 +48,7 @@ class PipelineBase(Section):
         return names
 
 
+@functools.cache
 def pipeline_model() -> type[PipelineBase]:
     """PipelineBase plus one optional section per registered stage (its defaults apply when absent)."""
     fields = {}

@@ -144,8 +144,12 @@ class SFT(Stage):
         resume = _last_checkpoint(self.ctx.dir / "checkpoints")
         if resume:
             self.log.info("[sft] resuming from %s", resume)
+            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
         result = self.trainer.train(resume_from_checkpoint=resume)
         metrics["train_loss"] = round(result.training_loss, 4)
+        acc = self.trainer.accelerator
+        metrics["processes"] = acc.num_processes
+        metrics["deepspeed_zero_stage"] = (acc.state.deepspeed_plugin.zero_stage if self.trainer.is_deepspeed_enabled else None)
         metrics["steps"] = self.trainer.state.global_step
         evals = [e["eval_loss"] for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
@@ -181,8 +185,10 @@ class SFT(Stage):
             plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
                         self.ctx.dir / "loss.png", title="SFT")
             if self.cfg.eval_samples and self.eval_rows and not (self.cfg.lora.enabled and self.cfg.lora.save == "adapter"):
+                from ..launch import end_sharded_init
                 from ..models import load_model
 
+                end_sharded_init()
                 metrics["accuracy_after"] = self._accuracy(load_model(final))
             atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
             if not self.cfg.keep_checkpoints:

@@ -1,0 +1,91 @@
+"""The pipeline spine: manifests, skipping finished stages, re-running changed ones, failures."""
+import json
+
+import pytest
+
+from posttrain.cli import main as cli_main
+from posttrain.manifest import atomic_dir, read_manifest
+from posttrain.pipeline import MissingInput, load_pipeline, run_pipeline
+
+from .conftest import TINY, write_pipeline
+
+BODY = "stages: [synth, base]\nsynth: {num_train: 200, num_eval: 20}\nbase: " + json.dumps(
+    {**TINY, "family": "llama"}) + "\n"
+
+
+def _run(path, overrides=(), **kw):
+    return run_pipeline(load_pipeline(path, list(overrides)), **kw)
+
+
+def test_run_writes_manifests_and_skips_when_unchanged(tmp_path):
+    path = write_pipeline(tmp_path, BODY)
+    first = _run(path)
+    assert [s["status"] for s in first.values()] == ["ran", "ran"]
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file()
+    m = read_manifest(run / "base")
+    assert m["status"] == "complete" and m["artifacts"]["model"] == str(run / "base" / "model")
+    assert m["inputs"]["train_data"] == str(run / "synth" / "train.jsonl")
+    assert (run / "base" / "model" / "model.safetensors").is_file()
+    stamp = m["updated"], (run / "synth" / "train.jsonl").stat().st_mtime_ns
+
+    second = _run(path)
+    assert [s["status"] for s in second.values()] == ["skipped", "skipped"]
+    assert (read_manifest(run / "base")["updated"], (run / "synth" / "train.jsonl").stat().st_mtime_ns) == stamp
+
+
+def test_changed_stage_reruns_with_everything_after_it(tmp_path):
+    path = write_pipeline(tmp_path, BODY)
+    _run(path)
+    s = _run(path, ["base.hidden_size=32"])
+    assert (s["synth"]["status"], s["base"]["status"]) == ("skipped", "ran")
+    s = _run(path, ["base.hidden_size=32", "synth.num_train=150"])
+    assert (s["synth"]["status"], s["base"]["status"]) == ("ran", "ran")
+    assert s["synth"]["num_train"] + s["synth"]["num_eval"] == 170
+
+
+def test_interrupted_stage_is_not_complete_and_reruns(tmp_path):
+    path = write_pipeline(tmp_path, BODY)
+    _run(path)
+    manifest = tmp_path / "run" / "base" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "status": "running"}))  # as if killed mid-stage
+    s = _run(path)
+    assert (s["synth"]["status"], s["base"]["status"]) == ("skipped", "ran")
+
+
+def test_failed_stage_records_error_and_keeps_earlier_results(tmp_path):
+    recipe = tmp_path / "bad_recipe.yaml"
+    recipe.write_text("tasks:\n  - task: juggling\n")
+    path = write_pipeline(tmp_path, BODY.replace("synth: {", f"synth: {{recipe: {recipe}, "))
+    with pytest.raises(Exception, match="unknown task.*juggling"):
+        _run(path)
+    m = read_manifest(tmp_path / "run" / "synth")
+    assert m["status"] == "failed" and "juggling" in m["error"]
+    assert read_manifest(tmp_path / "run" / "base") is None
+
+
+def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
+    path = write_pipeline(tmp_path, "stages: [synth, base, sft]\nsynth: {num_train: 50, num_eval: 10}\n")
+    with pytest.raises(MissingInput, match=r"stage 'sft' needs input 'model': set sft.model"):
+        _run(path, only="sft")
+    s = _run(path, only="synth")
+    assert list(s) == ["synth"] and s["synth"]["status"] == "ran"
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
+    path = write_pipeline(tmp_path, "stages: [synth]\nsynth: {num_train: zero}\n")
+    assert cli_main(["run", path]) == 2
+    assert "synth.num_train" in capsys.readouterr().err
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "half.txt").write_text("partial")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(final) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (final / "done.txt").read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
