@@ -104,3 +104,24 @@ class HFEngine:
             samples.append(Sample(text=text, token_ids=ids, logprobs=token_logps[row, :len(ids)].tolist(),
                                   finished=end is not None))
         return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch))]
+
+
+def make_engine(model_dir: str, sampling_backend: str, model=None, tokenizer=None, **vllm_options):
+    """The generation engine for `sampling_backend` ("hf" or "vllm") over the model in `model_dir`.
+
+    hf: `model`/`tokenizer` when given (e.g. the policy being trained), else loaded from `model_dir`.
+    vllm: an in-process `VLLMEngine(model_dir, tokenizer, **vllm_options)`; `model` is not used (push
+    new weights with `engine.load_weights`). Never falls back from one backend to the other.
+    """
+    from .models import load_model, load_tokenizer
+
+    if sampling_backend == "hf":
+        if vllm_options:
+            raise ValueError(f"backend 'hf' takes no vLLM options, got {sorted(vllm_options)}")
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+        return HFEngine(model if model is not None else load_model(model_dir), tokenizer)
+    if sampling_backend == "vllm":
+        from .generate_vllm import VLLMEngine
+
+        return VLLMEngine(model_dir, tokenizer=tokenizer, **vllm_options)
+    raise ValueError(f"sampling backend {sampling_backend!r}: expected 'hf' or 'vllm'")

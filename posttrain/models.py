@@ -141,8 +141,15 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(cfg, tokenizer))
+    config = tiny_config(cfg, tokenizer)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention_implementation(config.model_type))
     return model.to(getattr(torch, cfg.dtype))
+
+
+def attention_implementation(model_type: str) -> Optional[str]:
+    """Gemma 2 needs eager attention: the SDPA path silently drops attention logit soft-capping,
+    which vLLM and the Gemma 2 reference apply (logprobs then disagree with rollouts)."""
+    return "eager" if model_type == "gemma2" else None
 
 
 def count_parameters(model) -> int:
@@ -190,6 +197,15 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: Optiona
     path = check_model_dir(path)
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
+    config_file = path / "config.json"
+    if config_file.is_file():
+        import json
+
+        impl = attention_implementation(json.loads(config_file.read_text()).get("model_type", ""))
+        if impl:
+            kwargs["attn_implementation"] = impl
+    if kind == "reward":
+        kwargs["num_labels"] = 1  # a scalar head (new, if `path` holds a causal LM)
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype)
     if (path / "adapter_config.json").is_file():

@@ -81,6 +81,25 @@ def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict) -> tu
     return inputs, input_fps
 
 
+def _referenced_files(tree) -> dict[str, str]:
+    """Fingerprints of the files and directories a stage config names (recipes, reward files, hooks, models).
+
+    Editing such a file must re-run the stage even though the config text did not change.
+    """
+    found: dict[str, str] = {}
+    if isinstance(tree, dict):
+        for value in tree.values():
+            found.update(_referenced_files(value))
+    elif isinstance(tree, list):
+        for value in tree:
+            found.update(_referenced_files(value))
+    elif isinstance(tree, str) and 0 < len(tree) < 4096:
+        path = tree.split(":", 1)[0] if ".py:" in tree else tree  # "hook.py:function" names a file
+        if Path(path).exists():
+            found[path] = hash_path(path)
+    return found
+
+
 def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = False) -> dict[str, dict]:
     """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs)."""
     run_dir = Path(cfg.run_dir).resolve()
@@ -100,8 +119,9 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
             if target:
                 raise
             continue  # an earlier stage that has not run: its artifacts are simply not available
-        fp = hash_json({"stage": name, "config": scfg.model_dump(mode="json"), "seed": cfg.seed,
-                        "inputs": input_fps, "prev": prev})
+        config_dump = scfg.model_dump(mode="json")
+        fp = hash_json({"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
+                        "files": _referenced_files(config_dump), "prev": prev})
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg))
         if is_complete(sdir, fp) and not (force and name == only):

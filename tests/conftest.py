@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART_RECIPE = str(REPO / "data" / "recipes" / "quickstart.yaml")
+"""The shipped quickstart recipe, by absolute path (tests may run from any directory)."""
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
             vocab_size=300)

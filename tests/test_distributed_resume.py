@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from posttrain.manifest import read_manifest
 from posttrain.pipeline import load_pipeline, run_pipeline
 
-from .conftest import TINY, write_pipeline
+from .conftest import QUICKSTART_RECIPE, TINY, write_pipeline
 
 pytestmark = pytest.mark.slow
 
 
 def _body(sft: dict, base=None) -> str:
     base = base or {**TINY, "family": "llama"}
-    return (f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\nsynth: {{num_train: 300, num_eval: 30}}\n"
+    return (f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 300, num_eval: 30}}\n"
             f"base: {json.dumps(base)}\nsft: {json.dumps(sft)}\n")
 
 

@@ -7,9 +7,9 @@ from posttrain.cli import main as cli_main
 from posttrain.manifest import atomic_dir, read_manifest
 from posttrain.pipeline import MissingInput, load_pipeline, run_pipeline
 
-from .conftest import TINY, write_pipeline
+from .conftest import QUICKSTART_RECIPE, TINY, write_pipeline
 
-BODY = "stages: [synth, base]\nsynth: {num_train: 200, num_eval: 20}\nbase: " + json.dumps(
+BODY = f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 200, num_eval: 20}}\nbase: " + json.dumps(
     {**TINY, "family": "llama"}) + "\n"
 
 
@@ -57,7 +57,7 @@ def test_interrupted_stage_is_not_complete_and_reruns(tmp_path):
 def test_failed_stage_records_error_and_keeps_earlier_results(tmp_path):
     recipe = tmp_path / "bad_recipe.yaml"
     recipe.write_text("tasks:\n  - task: juggling\n")
-    path = write_pipeline(tmp_path, BODY.replace("synth: {", f"synth: {{recipe: {recipe}, "))
+    path = write_pipeline(tmp_path, BODY.replace(QUICKSTART_RECIPE, str(recipe)))
     with pytest.raises(Exception, match="unknown task.*juggling"):
         _run(path)
     m = read_manifest(tmp_path / "run" / "synth")
@@ -66,7 +66,7 @@ def test_failed_stage_records_error_and_keeps_earlier_results(tmp_path):
 
 
 def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
-    path = write_pipeline(tmp_path, "stages: [synth, base, sft]\nsynth: {num_train: 50, num_eval: 10}\n")
+    path = write_pipeline(tmp_path, f"stages: [synth, base, sft]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 50, num_eval: 10}}\n")
     with pytest.raises(MissingInput, match=r"stage 'sft' needs input 'model': set sft.model"):
         _run(path, only="sft")
     s = _run(path, only="synth")
@@ -89,3 +89,15 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(final) as tmp:
         (tmp / "done.txt").write_text("ok")
     assert (final / "done.txt").read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("tasks:\n  - task: sort\n  - task: count\n")
+    path = write_pipeline(tmp_path, BODY.replace(QUICKSTART_RECIPE, str(recipe)))
+    _run(path)
+    assert _run(path)["synth"]["status"] == "skipped"
+    recipe.write_text("tasks:\n  - task: sort\n  - task: add\n")  # same config text, new content
+    s = _run(path)
+    assert (s["synth"]["status"], s["base"]["status"]) == ("ran", "ran")
+    assert set(s["synth"]["tasks"]) == {"sort", "add"}

@@ -76,9 +76,9 @@ def linear(
     elif abs(total - 1.0) > 1e-6:
         raise ValueError(f"weights sum to {total}, not 1 (use normalize=True)")
     dtype = _work_dtype(tensors[0])
-    out = torch.zeros_like(tensors[0], dtype=dtype)
-    for wi, t in zip(w, tensors):
-        out = out + wi * t.to(dtype)
+    out = tensors[0].to(dtype) * w[0]
+    for wi, t in zip(w[1:], tensors[1:]):
+        out.add_(t.to(dtype), alpha=wi)  # in place: no full-size temporaries per input
     return out.to(tensors[0].dtype)
 
 

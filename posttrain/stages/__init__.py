@@ -7,8 +7,11 @@ from .base import Stage, StageContext
 
 STAGE_MODULES = {
     "synth": "posttrain.stages.synth",
+    "filter": "posttrain.stages.filter",
     "base": "posttrain.stages.base_model",
     "sft": "posttrain.stages.sft",
+    "ppo": "posttrain.stages.ppo",
+    "merge": "posttrain.stages.merge",
 }
 """Stage name -> module defining `STAGE` (a Stage subclass). Later stages register here."""
 

@@ -47,8 +47,8 @@ class Recipe(Section):
 class SynthConfig(Section):
     """Config of the synth stage."""
 
-    recipe: InputPath = "data/recipes/quickstart.yaml"
-    """Recipe YAML naming tasks, weights and parameters."""
+    recipe: InputPath = None
+    """Recipe YAML naming tasks, weights and parameters (e.g. data/recipes/quickstart.yaml)."""
     num_train: int = Field(2000, ge=1)
     """Training examples to generate."""
     num_eval: int = Field(200, ge=1)
@@ -73,6 +73,8 @@ class Synth(Stage):
     produces = {"train_data": "train.jsonl", "eval_data": "eval.jsonl"}
 
     def setup(self) -> None:
+        if not self.cfg.recipe:
+            raise ConfigError("synth.recipe: set a recipe file, e.g. data/recipes/quickstart.yaml")
         self.recipe = load_recipe(self.cfg.recipe)
         self.rng = random.Random(self.cfg.seed if self.cfg.seed is not None else self.ctx.seed)
 

@@ -1,0 +1,88 @@
+"""Resume checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a directory written to a temp path and renamed, so the newest complete one is always
+loadable; older ones are pruned after a new one lands.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .manifest import atomic_dir
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Flatten an optimizer state into (tensors, JSON-able rest)."""
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict = {}
+    for name, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    return {"torch_rng": torch.get_rng_state()}, {"python_rng": _jsonable(random.getstate())}
+
+
+def restore_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch_rng"])
+    version, internal, gauss = meta["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _jsonable(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 1) -> Path:
+    """Write folder/step-N atomically: each model's and optimizer's tensors, RNG, and `meta` JSON."""
+    final = folder / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        for name, model in models.items():
+            save_model(model, str(tmp / f"{name}.safetensors"))  # handles tied (shared) weights
+        all_meta = {"step": step, **meta, "optimizers": {}}
+        for name, opt in optimizers.items():
+            tensors, opt_meta = optimizer_tensors(opt)
+            save_file(tensors, tmp / f"optim_{name}.safetensors")
+            all_meta["optimizers"][name] = opt_meta
+        rng_t, rng_m = rng_state()
+        save_file(rng_t, tmp / "rng.safetensors")
+        all_meta.update(rng_m)
+        (tmp / "state.json").write_text(json.dumps(all_meta))
+    for old in sorted(folder.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder: Path) -> Optional[Path]:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, models: dict, optimizers: dict) -> dict:
+    """Restore models, optimizers and RNG in place; return the JSON state (step, data position, ...)."""
+    meta = json.loads((path / "state.json").read_text())
+    for name, model in models.items():
+        load_model(model, str(path / f"{name}.safetensors"))
+    for name, opt in optimizers.items():
+        load_optimizer(opt, load_file(path / f"optim_{name}.safetensors"), meta["optimizers"][name])
+    restore_rng(load_file(path / "rng.safetensors"), meta)
+    return meta

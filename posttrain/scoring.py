@@ -1,0 +1,183 @@
+"""One way to score conversations: a weighted sum of reward-model scores and rule rewards.
+
+Used by prefs, PPO and evaluation. Rule rewards are Python functions loaded from a file path (configs
+reference `reward/*.py`), called as `fn(prompts, completions, **row_columns) -> list[float]`.
+The reward model scores the text the policy wrote, re-rendered with the reward model's own tokenizer
+and chat template, so a reward model with a different tokenizer works.
+End of turn is explicit: the scored conversation always closes the assistant turn (the template adds
+`<end_of_turn>`); whether the policy actually ended its turn is the caller's `finished` flag, which
+PPO turns into its missing-end-of-turn penalty rather than letting the reward model guess.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from pydantic import Field
+
+from .config import InputPath, Section
+
+
+class RuleSpec(Section):
+    """A rule reward: a function in a Python file."""
+
+    path: str
+    """Python file defining the function (e.g. reward/verifiers.py)."""
+    function: str
+    """Function name: fn(prompts, completions, **row_columns) -> list[float]."""
+    weight: float = 1.0
+    """Weight in the total reward."""
+    kwargs: dict = {}
+    """Extra keyword arguments passed on every call (e.g. release_name)."""
+
+
+class ScoringConfig(Section):
+    """How completions are scored."""
+
+    reward_model: InputPath = None
+    """Reward model directory; default: the rm stage's output when the pipeline has one."""
+    use_reward_model: bool = True
+    """Include the reward model's score (when one is available)."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model score in the total."""
+    rules: list[RuleSpec] = []
+    """Rule rewards added to the total."""
+    normalize: bool = False
+    """Whiten the total with running mean/std across calls (PPO reward normalisation)."""
+    batch_size: int = Field(32, ge=1)
+    """Conversations per reward-model forward pass."""
+
+
+class RewardFunctionError(ValueError):
+    """A rule reward that cannot be loaded, raises, or returns the wrong shape."""
+
+
+def load_reward_function(path: str, function: str) -> Callable:
+    """Import `function` from the Python file at `path` (not from sys.path: no name shadowing)."""
+    file = Path(path)
+    if not file.is_file():
+        raise RewardFunctionError(f"rule reward file not found: {path}")
+    module_name = f"posttrain_reward_{abs(hash(str(file.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise RewardFunctionError(f"{path}: importing it failed: {type(err).__name__}: {err}") from err
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        raise RewardFunctionError(f"{path}: no function named {function!r}")
+    return fn
+
+
+def call_rule(spec: RuleSpec, fn: Callable, prompts, completions, columns: dict) -> torch.Tensor:
+    """Call a rule reward and check it returned one finite float per completion."""
+    try:
+        out = fn(prompts, completions, **columns, **spec.kwargs)
+    except Exception as err:
+        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}") from err
+    try:
+        values = torch.tensor([float(v) for v in out], dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}") from None
+    if values.shape != (len(completions),):
+        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} returned {values.numel()} values "
+                                  f"for {len(completions)} completions")
+    return values
+
+
+class RunningMoments:
+    """Running mean and variance across batches (Chan et al. parallel update)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean, b_m2 = x.mean().item(), ((x - x.mean()) ** 2).sum().item()
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += b_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1))
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+@dataclass
+class Scores:
+    """Per-completion scores: the weighted total and each part unweighted."""
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class Scorer:
+    """Weighted sum of a reward model and rule rewards over (prompt, completion, row) triples."""
+
+    def __init__(self, cfg: ScoringConfig, reward_model_dir: Optional[str] = None):
+        self.cfg = cfg
+        self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
+        rm_dir = cfg.reward_model or reward_model_dir
+        self.rm = self.rm_tokenizer = None
+        if cfg.use_reward_model and rm_dir:
+            from .models import load_model, load_tokenizer
+
+            self.rm, self.rm_tokenizer = load_model(rm_dir, kind="reward").eval(), load_tokenizer(rm_dir)
+            self.rm_tokenizer.padding_side = "right"
+        if not self.rules and self.rm is None:
+            raise ValueError("scoring: no reward model and no rule rewards configured; nothing to score with")
+        self.moments = RunningMoments()
+
+    @torch.no_grad()
+    def reward_model_scores(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
+        """The reward model's scalar for each conversation, rendered with the RM's own template."""
+        texts = [self.rm_tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+                 for p, c in zip(prompts, completions)]
+        out = []
+        for i in range(0, len(texts), self.cfg.batch_size):
+            enc = self.rm_tokenizer(texts[i:i + self.cfg.batch_size], return_tensors="pt", padding=True,
+                                    add_special_tokens=False)
+            out.append(self.rm(**enc).logits[:, 0].float())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None) -> Scores:
+        """Score completions; `rows` supply metadata columns (task, answer, ...) to rule rewards."""
+        n = len(completions)
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros(n)
+        if self.rm is not None:
+            parts["reward_model"] = self.reward_model_scores(prompts, completions)
+            total += self.cfg.reward_model_weight * parts["reward_model"]
+        columns = _columns(rows or [{} for _ in range(n)])
+        for spec, fn in self.rules:
+            parts[spec.function] = call_rule(spec, fn, prompts, completions, columns)
+            total += spec.weight * parts[spec.function]
+        if not torch.isfinite(total).all():
+            raise FloatingPointError("scoring produced a non-finite reward")
+        if self.cfg.normalize:
+            self.moments.update(total)
+            total = (total - self.moments.mean) / (self.moments.std + 1e-8)
+        return Scores(total=total, parts=parts)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Row dicts -> column lists, for the metadata keys every row has (messages excluded)."""
+    keys = set(rows[0]) if rows else set()
+    for r in rows[1:]:
+        keys &= set(r)
+    keys.discard("messages")
+    return {k: [r[k] for r in rows] for k in sorted(keys)}

@@ -1,0 +1,118 @@
+"""merge: combine model directories into one (checkpoint averaging, EMA, SLERP, task arithmetic, TIES,
+DARE, LITI/WARP), tensor by tensor, through posttrain.merging.merge_models.
+
+Inputs, in order: the latest earlier stage's model (unless `use_latest_model: false`), then each entry of
+`models`. An entry is a path (a model dir, a LoRA adapter dir, or a folder of checkpoint-N dirs), or an
+artifact reference `<stage>.<kind>` such as `sft.model`, read from that stage's manifest in this run
+directory when the merge runs, so a pipeline can merge models its earlier stages have not produced yet
+when the config is loaded. `base` takes the same two forms.
+
+Output in run_dir/merge/: model/ (a complete model dir with merge_recipe.json inside). The recipe is also
+the stage's metrics: method, backend taken, inputs with their hashes, weights and every setting used.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+from pydantic import AfterValidator, Field
+
+from ..config import Section
+from ..manifest import read_manifest
+from ..merging import METHODS, merge_models
+from .base import Stage
+
+ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
+
+
+def _path_or_reference(value: Optional[str]) -> Optional[str]:
+    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model'")
+
+
+ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
+"""An existing path, or `<stage>.<kind>` naming an artifact of an earlier stage of the same run."""
+
+
+class MergeConfig(Section):
+    """Config of the merge stage."""
+
+    method: Literal[METHODS] = "linear"  # type: ignore[valid-type]
+    """linear | ema | slerp | task_arithmetic | ties | dare | liti (liti with two models = WARP's merge)."""
+    models: list[ModelRef] = []
+    """Model dirs, adapter dirs, checkpoint folders or artifact references, merged after the latest model."""
+    use_latest_model: bool = True
+    """Put the latest earlier stage's model artifact first among the inputs (when there is one)."""
+    base: ModelRef = None
+    """Base / init model for task_arithmetic, ties, dare and liti (a path or a reference like 'sft.model')."""
+    weights: Optional[list[float]] = None
+    """One weight per input (linear: mixing weights, default uniform; task-vector methods: lambdas, default 1)."""
+    normalize: bool = True
+    """linear: divide the weights by their sum (off: they must already sum to 1)."""
+    allow_negative_weights: bool = False
+    """Permit negative weights (extrapolation, task negation); refused otherwise."""
+    t: Optional[float] = Field(None, ge=0, le=1)
+    """slerp / two-model liti: interpolation position, 0 = first input, 1 = second (default 0.5)."""
+    eta: Optional[float] = Field(None, ge=0, le=1)
+    """liti: step from the base towards the merged model (0 = base, 1 = merged); required for liti."""
+    density: Optional[float] = Field(None, gt=0, le=1)
+    """ties: fraction of each task vector kept (largest magnitudes); dare: keep probability. Required there."""
+    ema_rate: Optional[float] = Field(None, gt=0, le=1)
+    """ema: weight of each newer checkpoint, ema <- (1 - rate) ema + rate new (inputs oldest first)."""
+    scale: float = 1.0
+    """ties: lambda, the factor on the merged task vector."""
+    seed: Optional[int] = None
+    """dare: seed of the drop masks (default: the pipeline seed)."""
+    dtype: Literal["keep", "float32", "bfloat16", "float16"] = "keep"
+    """Output parameter dtype; keep = the reference model's (the base if used, else the first input)."""
+    max_shard_size: str = "2GB"
+    """Largest output shard (e.g. 500MB, 2GB); more than one shard adds model.safetensors.index.json."""
+    allow_tokenizer_mismatch: bool = False
+    """Merge models whose tokenizer.json vocabularies differ (the reference's tokenizer is kept)."""
+    backend: Literal["streaming", "mergekit", "auto"] = "streaming"
+    """streaming: ours, every method, one tensor per input in memory. mergekit: mergekit's run_merge
+    (linear, slerp, task_arithmetic, ties). auto: mergekit where installed and equal to ours (to float32 rounding)."""
+
+
+class Merge(Stage):
+    name = "merge"
+    Config = MergeConfig
+    consumes = {"model": "model"}
+    optional_inputs = {"model"}
+    produces = {"model": "model"}
+
+    def setup(self) -> None:
+        c = self.cfg
+        latest = self.ctx.inputs.get("model") if c.use_latest_model else None
+        self.inputs = ([latest] if latest else []) + [self._resolve(m, f"merge.models[{i}]")
+                                                      for i, m in enumerate(c.models)]
+        self.base = self._resolve(c.base, "merge.base") if c.base else None
+        if not self.inputs:
+            raise ValueError("merge: no models to merge: list them in merge.models (no earlier stage produced a model)")
+        self.log.info("[merge] %s of %s%s", c.method, ", ".join(self.inputs),
+                      f" with base {self.base}" if self.base else "")
+
+    def _resolve(self, value: str, key: str) -> str:
+        """A path as given; `<stage>.<kind>` from that stage's complete manifest in this run dir."""
+        if Path(value).exists() or not ARTIFACT_REF.fullmatch(value):
+            return value
+        stage, kind = ARTIFACT_REF.fullmatch(value).groups()
+        manifest = read_manifest(self.ctx.dir.parent / stage) or {}
+        path = (manifest.get("artifacts") or {}).get(kind)
+        if manifest.get("status") != "complete" or not path:
+            raise ValueError(f"{key}={value!r}: stage {stage!r} has no complete {kind!r} artifact in "
+                             f"{self.ctx.dir.parent} (run that stage first, or give a path)")
+        return path
+
+    def train(self) -> dict:
+        c = self.cfg
+        return merge_models(
+            c.method, self.inputs, self.ctx.dir / "model", base=self.base, weights=c.weights, t=c.t, eta=c.eta,
+            density=c.density, seed=self.ctx.seed if c.seed is None else c.seed, ema_rate=c.ema_rate,
+            normalize=c.normalize, scale=c.scale, allow_negative_weights=c.allow_negative_weights, dtype=c.dtype,
+            max_shard_size=c.max_shard_size, allow_tokenizer_mismatch=c.allow_tokenizer_mismatch, backend=c.backend)
+
+
+STAGE = Merge

@@ -1,0 +1,278 @@
+"""ppo: policy optimisation against the scoring API with rollouts from the generation engine.
+
+Per update (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with PPO"):
+  generate -> score (+ missing end-of-turn penalty) -> reference and value forward -> per-token KL
+  penalty with the score at the last token -> GAE -> `ppo_epochs` of clipped policy and value updates
+  over mini-batches (truncated importance weights correct for engine/trainer numerics) -> KL
+  controller update -> push the new weights into the engine -> optional EMA anchor update (WARP).
+Checkpoints every `save_every` updates; a re-run resumes from the last one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..algos import ppo as F
+from ..algos.merge import ema_update
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..data import prompt_of, read_conversations
+from ..manifest import atomic_write_json
+from ..plots import plot_curves
+from ..rollout import RolloutBatch, pack_rollout, token_logprobs, token_values
+from .base import Stage
+from .ppo_config import PPOConfig
+
+
+class PPO(Stage):
+    name = "ppo"
+    Config = PPOConfig
+    consumes = {"model": "model", "reward_model": "reward_model", "train_data": "train_data", "eval_data": "eval_data"}
+    optional_inputs = {"reward_model", "eval_data"}
+    produces = {"model": "model"}
+    trains = True
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from ..generate import chat_prompt_ids
+        from ..models import load_model, load_tokenizer
+        from ..scoring import Scorer
+
+        c, inp = self.cfg, self.ctx.inputs
+        torch.manual_seed(self.seed)
+        self.tokenizer = load_tokenizer(inp["model"])
+        self.policy = load_model(inp["model"])
+        self.reference = load_model(c.reference or inp["model"]).eval().requires_grad_(False)
+        value_init = c.value_model or inp.get("reward_model") or inp["model"]
+        self.value = _load_value_model(value_init, self.tokenizer)
+        self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"))
+        self.rows = read_conversations(inp["train_data"])
+        self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
+        self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate)
+        self.value_opt = torch.optim.AdamW(self.value.parameters(), lr=c.value_learning_rate)
+        self.kl_ctl = (F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
+                       else F.FixedKLController(c.kl_coef))
+        self.order = list(range(len(self.rows)))
+        random.Random(self.seed).shuffle(self.order)
+        self.cursor, self.start_update, self.history = 0, 0, []
+        self._resume()
+        self.engine = self._make_engine(inp["model"])
+
+    @property
+    def temperature(self) -> float:
+        """The sampling temperature; PPO's logprobs are those of the distribution sampled from."""
+        return self.cfg.sampling.temperature or 1.0
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed if self.cfg.seed is not None else self.ctx.seed
+
+    def _make_engine(self, model_dir: str):
+        """The rollout engine; vLLM holds its own copy of the weights (synced after every update)."""
+        from ..generate import HFEngine
+
+        if self.cfg.sampling.backend == "hf":
+            return HFEngine(self.policy, self.tokenizer)  # samples from the live policy: nothing to sync
+        from ..generate_vllm import VLLMEngine
+
+        engine = VLLMEngine(model_dir, seed=self.seed)
+        if self.start_update:
+            engine.load_weights(self.policy.state_dict().items())  # resumed: engine starts from the checkpoint
+        return engine
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.ctx.dir / "checkpoints")
+        if ckpt is None:
+            return
+        models = {"policy": self.policy, "value": self.value, "reference": self.reference}
+        meta = load_checkpoint(ckpt, models, {"policy": self.policy_opt, "value": self.value_opt})
+        self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
+        self.kl_ctl.load_state_dict(meta["kl_controller"])
+        self.scorer.moments.load_state_dict(meta["reward_moments"])
+        self.history = meta["history"]
+        (self.ctx.dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        self.log.info("[ppo] resumed from %s (update %d)", ckpt, self.start_update)
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        metrics = {}
+        if self.eval_rows and not self.start_update:
+            metrics["accuracy_before"] = self._evaluate()
+        bar = tqdm(range(self.start_update, self.cfg.updates), desc="ppo", initial=self.start_update,
+                   total=self.cfg.updates, disable=not self.ctx.is_main)
+        for update in bar:
+            stats = self._update(update)
+            self.history.append(stats)
+            _append_jsonl(self.ctx.dir / "metrics.jsonl", stats)
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", s=f"{stats['time/total']:.1f}")
+            if (update + 1) % self.cfg.save_every == 0 and update + 1 < self.cfg.updates:
+                self._checkpoint(update + 1)
+        first, last = self.history[0], self.history[-1]
+        metrics.update(updates=len(self.history), reward_first=first["reward"], reward_last=last["reward"],
+                       kl_last=last["kl"], kl_coef=self.kl_ctl.value)
+        return metrics
+
+    def _next_prompts(self) -> list[int]:
+        idx = []
+        for _ in range(self.cfg.rollout_batch_size):
+            if self.cursor >= len(self.order):
+                random.Random(self.seed + len(self.history)).shuffle(self.order)
+                self.cursor = 0
+            idx.append(self.order[self.cursor])
+            self.cursor += 1
+        return idx
+
+    def _update(self, update: int) -> dict:
+        c, t0 = self.cfg, time.time()
+        idx = self._next_prompts()
+        rows = [self.rows[i] for i in idx]
+        prompts = [prompt_of(r) for r in rows]
+        sampling = c.sampling.model_copy(update={"n": 1, "seed": self.seed + update})
+        samples = [s[0] for s in self.engine.generate(prompts, sampling)]
+        t_gen = time.time()
+        scores = self.scorer.score(prompts, [s.text for s in samples], rows)
+        finished = torch.tensor([s.finished for s in samples])
+        score = scores.total + c.missing_eot_penalty * (~finished).float()
+        t_score = time.time()
+        batch = pack_rollout([self.prompt_ids[i] for i in idx], samples, self.tokenizer.pad_token_id)
+        roll = self._prepare(batch, score)
+        train_stats = self._optimise(batch, roll)
+        t_train = time.time()
+        self.kl_ctl.update(roll["seq_kl"].mean().item(), len(idx))
+        sync_s = self._sync_engine()
+        if c.reference_mode == "ema":
+            with torch.no_grad():
+                for ref_p, p in zip(self.reference.parameters(), self.policy.parameters()):
+                    ref_p.copy_(ema_update(ref_p, p, c.ema_rate))
+        stats = {"update": update + 1, "reward": scores.total.mean().item(), "score": score.mean().item(),
+                 **{f"reward/{k}": v.mean().item() for k, v in scores.parts.items()},
+                 "kl": roll["seq_kl"].mean().item(), "kl_coef": self.kl_ctl.value,
+                 "response_length": batch.response_mask.sum(1).mean().item(),
+                 "finished": finished.float().mean().item(), "logprob_gap": roll["logprob_gap"], **train_stats,
+                 "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
+                 "time/sync": sync_s, "time/total": time.time() - t0}
+        for key in ("reward", "kl", "policy_loss", "value_loss"):
+            if not torch.isfinite(torch.tensor(stats[key])):
+                raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
+                                         f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)")
+        return stats
+
+    @torch.no_grad()
+    def _prepare(self, batch: RolloutBatch, score: torch.Tensor) -> dict:
+        """Old logprobs, reference logprobs, values, KL-shaped rewards, advantages and returns."""
+        c, mask, temp = self.cfg, batch.response_mask, self.temperature
+        self.policy.eval()
+        old_logp, raw_logp = token_logprobs(self.policy, batch, temp, with_raw=True)
+        old_logp, raw_logp = old_logp * mask, raw_logp * mask
+        ref_logp = token_logprobs(self.reference, batch, temp) * mask
+        values = token_values(self.value, batch) * mask
+        kl = (F.kl_k1 if c.kl_estimator == "k1" else F.kl_k3)(old_logp, ref_logp) * mask
+        rewards = F.token_rewards(score, kl, mask, self.kl_ctl.value)
+        adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
+        if c.whiten_advantages:
+            adv = F.masked_whiten(adv, mask)
+        # Engines report raw (T=1) logprobs, so the engine/trainer comparison uses raw ones too.
+        is_weight = F.truncated_is_weight(raw_logp, batch.engine_logprobs, c.is_cap) if c.is_cap else None
+        gap = (F.masked_mean((raw_logp - batch.engine_logprobs).abs(), mask).item()
+               if batch.engine_logprobs.abs().sum() > 0 else 0.0)
+        return {"old_logp": old_logp, "values": values, "adv": adv, "returns": returns, "is_weight": is_weight,
+                "seq_kl": (kl * mask).sum(1), "logprob_gap": gap}
+
+    def _optimise(self, batch: RolloutBatch, roll: dict) -> dict:
+        c, n = self.cfg, batch.input_ids.shape[0]
+        self.policy.train()
+        self.value.train()
+        acc: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(self.seed + len(self.history))
+        for _ in range(c.ppo_epochs):
+            for idx in torch.randperm(n, generator=gen).split(c.mini_batch_size):
+                mb, mask = batch.select(idx), batch.response_mask[idx]
+                logp, entropy = token_logprobs(self.policy, mb, self.temperature, with_entropy=True)
+                is_w = roll["is_weight"][idx] if roll["is_weight"] is not None else None
+                pg_loss, clipfrac, approx_kl = F.policy_loss_clipped(logp, roll["old_logp"][idx], roll["adv"][idx],
+                                                                     mask, c.clip_eps, is_w)
+                self.policy_opt.zero_grad()
+                pg_loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
+                self.policy_opt.step()
+                values = token_values(self.value, mb)
+                v_loss, v_clipfrac = F.value_loss_clipped(values, roll["values"][idx], roll["returns"][idx], mask,
+                                                          c.value_clip_eps)
+                self.value_opt.zero_grad()
+                v_loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.value.parameters(), c.max_grad_norm)
+                self.value_opt.step()
+                for k, v in {"policy_loss": pg_loss, "value_loss": v_loss, "clip_fraction": clipfrac,
+                             "approx_kl": approx_kl, "value_clip_fraction": v_clipfrac,
+                             "entropy": F.masked_mean(entropy.detach(), mask)}.items():
+                    acc.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    def _sync_engine(self) -> float:
+        if not hasattr(self.engine, "load_weights"):
+            return 0.0
+        t = time.time()
+        self.engine.load_weights(self.policy.state_dict().items())
+        return time.time() - t
+
+    def _checkpoint(self, step: int) -> None:
+        models = {"policy": self.policy, "value": self.value, "reference": self.reference}
+        meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
+                "reward_moments": self.scorer.moments.state_dict(), "history": self.history}
+        save_checkpoint(self.ctx.dir / "checkpoints", step, models, {"policy": self.policy_opt, "value": self.value_opt}, meta)
+
+    def _evaluate(self) -> dict:
+        """Greedy answers on held-out prompts: oracle accuracy (task answers) and mean reward."""
+        from ..generate import HFEngine, SamplingConfig
+        from ..tasks import answer_accuracy
+
+        prompts = [prompt_of(r) for r in self.eval_rows]
+        sampling = SamplingConfig(max_new_tokens=self.cfg.sampling.max_new_tokens)
+        texts = [s[0].text for s in HFEngine(self.policy, self.tokenizer).generate(prompts, sampling)]
+        out = answer_accuracy(self.eval_rows, texts) if all("answer" in r for r in self.eval_rows) else {}
+        out["reward"] = round(self.scorer.score(prompts, texts, self.eval_rows).total.mean().item(), 4)
+        return out
+
+    # ------------------------------------------------------------------ save
+    def save(self) -> dict:
+        from ..models import save_model_dir
+
+        save_model_dir(self.policy, self.tokenizer, self.ctx.dir / "model")
+        metrics = {"accuracy_after": self._evaluate()} if self.eval_rows else {}
+        keys = ["reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy"]
+        plot_curves({k: [(h["update"], h[k]) for h in self.history] for k in keys}, self.ctx.dir / "curves.png", "PPO")
+        times = {k: sum(h[k] for h in self.history) for k in self.history[0] if k.startswith("time/")}
+        metrics["time_breakdown_s"] = {k.split("/")[1]: round(v, 2) for k, v in times.items()}
+        atomic_write_json(self.ctx.dir / "summary.json", {**metrics, "history": self.history})
+        return metrics
+
+
+def _load_value_model(path: str, tokenizer):
+    """A scalar-head sequence model whose backbone gives per-token values (head new if `path` is an LM)."""
+    from ..models import load_model
+
+    try:
+        model = load_model(path, kind="reward")
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ValueError(f"ppo: no sequence-classification (value) model for {path}: {err}. "
+                             f"Point ppo.value_model at a model of a family that has one") from None
+        raise
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+STAGE = PPO

@@ -1,0 +1,79 @@
+"""Config of the ppo stage (kept apart from the loop so the loop module stays readable)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import DistributedConfig, InputPath, Section
+from ..generate import SamplingConfig
+from ..scoring import ScoringConfig
+
+
+class PPOConfig(Section):
+    """Config of the ppo stage."""
+
+    model: InputPath = None
+    """Policy to start from; default: the latest earlier stage's model (SFT)."""
+    reference: InputPath = None
+    """Frozen reference for the KL penalty; default: the starting policy."""
+    value_model: InputPath = None
+    """Value model init; default: the reward model if the pipeline has one, else the starting policy."""
+    train_data: InputPath = None
+    """Prompts (conversational JSONL; the final assistant turn is dropped); default: the data stage's train split."""
+    eval_data: InputPath = None
+    """Held-out prompts for accuracy before/after; default: the data stage's held-out split."""
+    scoring: ScoringConfig = ScoringConfig()
+    """Reward: reward model and/or rule rewards (weighted sum)."""
+    sampling: SamplingConfig = SamplingConfig(backend="vllm", temperature=1.0, max_new_tokens=32)
+    """Rollout sampling (backend: vllm, or hf for models vLLM does not run)."""
+    updates: int = Field(20, ge=1)
+    """PPO iterations (rollout, then optimisation)."""
+    rollout_batch_size: int = Field(64, ge=1)
+    """Prompts per rollout (per process)."""
+    mini_batch_size: int = Field(16, ge=1)
+    """Sequences per optimiser step."""
+    ppo_epochs: int = Field(2, ge=1)
+    """Passes over each rollout."""
+    learning_rate: float = Field(1e-5, gt=0)
+    """Policy AdamW learning rate."""
+    value_learning_rate: float = Field(1e-4, gt=0)
+    """Value model AdamW learning rate."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global norm), per model."""
+    kl_coef: float = Field(0.05, ge=0)
+    """Initial coefficient of the per-token KL penalty."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward (Schulman 2020)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef toward kl_target (Ziegler et al. 2019)."""
+    kl_target: float = Field(1.0, gt=0)
+    """Target sequence KL for the adaptive controller."""
+    kl_horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon (in sequences)."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    clip_eps: float = Field(0.2, gt=0)
+    """Policy ratio clip."""
+    value_clip_eps: float = Field(0.2, gt=0)
+    """Value prediction clip around the rollout's values."""
+    whiten_advantages: bool = True
+    """Normalise advantages over the rollout's valid tokens."""
+    missing_eot_penalty: float = -1.0
+    """Added to the score of a completion that did not end its turn (0 = off)."""
+    is_cap: Optional[float] = Field(2.0, gt=0)
+    """Truncated importance-sampling cap on exp(trainer_logp - engine_logp); None = no correction."""
+    reference_mode: Literal["fixed", "ema"] = "fixed"
+    """KL anchor: the frozen starting policy, or an EMA of the policy (WARP)."""
+    ema_rate: float = Field(0.01, gt=0, le=1)
+    """WARP's mu: anchor <- (1 - mu) * anchor + mu * policy, every update."""
+    save_every: int = Field(5, ge=1)
+    """Checkpoint (policy, value, optimisers, RNG, data position, KL controller) every N updates."""
+    eval_samples: int = Field(100, ge=0)
+    """Held-out prompts answered greedily before and after for accuracy (0 = skip)."""
+    seed: Optional[int] = None
+    """Seed for data order and sampling; default: the pipeline seed."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Processes and DeepSpeed ZeRO settings."""
