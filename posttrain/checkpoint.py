@@ -52,10 +52,18 @@ def _jsonable(state):
     return [state[0], list(state[1]), state[2]]
 
 
-def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 1) -> Path:
-    """Write folder/step-N atomically: each model's and optimizer's tensors, RNG, and `meta` JSON."""
+def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 1,
+                    extra_dir: Optional[Path] = None) -> Path:
+    """Write folder/step-N atomically: each model's and optimizer's tensors, RNG, and `meta` JSON.
+
+    `extra_dir` (e.g. DeepSpeed's sharded engine states) is moved inside before the final rename.
+    """
     final = folder / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
+        if extra_dir is not None:
+            for item in Path(extra_dir).iterdir():
+                shutil.move(str(item), tmp / item.name)
+            shutil.rmtree(extra_dir, ignore_errors=True)
         for name, model in models.items():
             save_model(model, str(tmp / f"{name}.safetensors"))  # handles tied (shared) weights
         all_meta = {"step": step, **meta, "optimizers": {}}

@@ -144,3 +144,89 @@ def worker_main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     worker_main(sys.argv[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation handles for our own training loops (PPO): the loop calls `handle.step(loss)` and
+# never needs to know whether the model is sharded.
+
+
+class LocalTrainable:
+    """One process: the model itself, AdamW, global-norm gradient clipping."""
+
+    distributed = False
+
+    def __init__(self, model, lr: float, max_grad_norm: float):
+        self.module, self.max_grad_norm = model, max_grad_norm
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+
+    def full_state_dict(self) -> dict:
+        return self.module.state_dict()
+
+
+class DeepSpeedTrainable:
+    """A DeepSpeed ZeRO engine around the model (one per rank); optimizer states (and, for ZeRO-3,
+    parameters) are sharded across ranks. Checkpoints use DeepSpeed's own sharded format."""
+
+    distributed = True
+
+    def __init__(self, model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int):
+        import deepspeed
+
+        zero = deepspeed_config(dcfg)["zero_optimization"]
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                  "gradient_clipping": max_grad_norm, "zero_optimization": zero,
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.module = self.engine.module  # ZeRO-3 hooks live on its submodules: call them directly
+        self.zero_stage = dcfg.zero_stage
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def full_state_dict(self) -> dict:
+        """Full (unsharded) weights on every rank; collective under ZeRO-3: all ranks must call it."""
+        if self.zero_stage != 3:
+            return self.module.state_dict()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def save_checkpoint(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="state")
+
+    def load_checkpoint(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder), tag="state")
+
+
+def trainable(model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int):
+    """The optimisation handle for this process's place in the launch."""
+    _, world_size = world()
+    if world_size == 1:
+        return LocalTrainable(model, lr, max_grad_norm)
+    return DeepSpeedTrainable(model, lr, max_grad_norm, dcfg, micro_batch)
+
+
+def all_ranks_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar statistics over ranks (identity in one process)."""
+    _, world_size = world()
+    if world_size == 1 or not torch.distributed.is_initialized():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world_size).tolist()))
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

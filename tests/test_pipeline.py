@@ -101,3 +101,20 @@ def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
     s = _run(path)
     assert (s["synth"]["status"], s["base"]["status"]) == ("ran", "ran")
     assert set(s["synth"]["tasks"]) == {"sort", "add"}
+
+
+def test_synth_with_a_teacher_model_writes_its_responses(tmp_path, tiny_model_dir):
+    from posttrain.data import read_conversations
+
+    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 12, "
+                                    f"num_eval: 4, teacher: {tiny_model_dir}, "
+                                    f"teacher_sampling: {{backend: hf, max_new_tokens: 5}}}}\n")
+    metrics = _run(path)["synth"]
+    assert metrics["teacher"]["model"] == str(tiny_model_dir)
+    train = read_conversations(tmp_path / "run" / "synth" / "train.jsonl", on_error="skip")
+    raw = [json.loads(line) for line in (tmp_path / "run" / "synth" / "train.jsonl").read_text().splitlines()]
+    assert all(r["source"] == "teacher" and "answer" in r for r in raw)
+    # an untrained teacher answers (almost) never as the oracle does: the responses really are its own
+    assert metrics["teacher"]["agrees_with_oracle"] < 0.5
+    assert sum(r["messages"][-1]["content"] != r["answer"] for r in raw) >= len(raw) - 1
+    assert len(train) <= len(raw)

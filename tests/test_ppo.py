@@ -72,7 +72,7 @@ def test_stage_checkpoints_resume_after_failure_and_plots(tmp_path, tiny_model_d
     assert [p.name for p in (stage_dir / "checkpoints").iterdir()] == ["step-000002"]
     (tmp_path / "healed").write_text("")
     summary = run_pipeline(load_pipeline(path))["ppo"]
-    assert summary["updates"] == 4
+    assert summary["updates"] == 4 and summary["resumed_from_update"] == 2
     history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["update"] for h in history] == [1, 2, 3, 4]
     assert (stage_dir / "curves.png").stat().st_size > 1000
@@ -89,3 +89,32 @@ def test_vllm_rollouts_stay_in_sync_with_trainer(tmp_path, tiny_model_dir):
     # the engine would sample from stale weights and its logprobs would drift from the trainer's
     assert all(h["logprob_gap"] < 1e-3 for h in history), [h["logprob_gap"] for h in history]
     assert history[-1]["kl"] != 0.0 and all(h["time/sync"] > 0 for h in history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage):
+    dist = {"num_processes": 2, "zero_stage": zero_stage}
+    path = _setup(tmp_path, tiny_model_dir, ppo={"updates": 3, "save_every": 2, "eval_samples": 4, "distributed": dist,
+                                                 "reference_mode": "ema"})
+    summary = run_pipeline(load_pipeline(path))["ppo"]
+    stage_dir = tmp_path / "run" / "ppo"
+    history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["update"] for h in history] == [1, 2, 3] and summary["updates"] == 3
+    assert history[-1]["kl"] != 0.0  # the policy moved away from the (EMA) anchor
+    ckpt = stage_dir / "checkpoints" / "step-000002"
+    assert (ckpt / "state.json").is_file() and (ckpt / "policy").is_dir() and (ckpt / "value").is_dir()
+    from safetensors.torch import load_file
+
+    trained = load_file(stage_dir / "model" / "model.safetensors")
+    init = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(trained[k], init[k]) for k in init)  # gathered, updated weights were saved
+
+    # resume: mark the stage interrupted after the checkpoint at update 2 and run again
+    manifest = stage_dir / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"complete"', '"running"'))
+    (stage_dir / "metrics.jsonl").unlink()
+    summary = run_pipeline(load_pipeline(path))["ppo"]
+    history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [h["update"] for h in history] == [1, 2, 3]  # 1-2 restored from the checkpoint, 3 re-run
+    assert summary["resumed_from_update"] == 2

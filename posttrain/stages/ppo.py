@@ -20,6 +20,7 @@ import torch
 from ..algos import ppo as F
 from ..algos.merge import ema_update
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..launch import all_ranks_mean, barrier, trainable
 from ..data import prompt_of, read_conversations
 from ..manifest import atomic_write_json
 from ..plots import plot_curves
@@ -50,11 +51,14 @@ class PPO(Stage):
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
         self.value = _load_value_model(value_init, self.tokenizer)
         self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"))
+        # Sharded training (world > 1) samples from a plain copy kept in sync after every update.
+        self.rollout_model = copy.deepcopy(self.policy).eval() if self.ctx.world_size > 1 else self.policy
         self.rows = read_conversations(inp["train_data"])
         self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=c.learning_rate)
-        self.value_opt = torch.optim.AdamW(self.value.parameters(), lr=c.value_learning_rate)
+        self.policy_h = trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed, c.mini_batch_size)
+        self.value_h = trainable(self.value, c.value_learning_rate, c.max_grad_norm, c.distributed, c.mini_batch_size)
+        self.policy, self.value = self.policy_h.module, self.value_h.module
         self.kl_ctl = (F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else F.FixedKLController(c.kl_coef))
         self.order = list(range(len(self.rows)))
@@ -62,6 +66,8 @@ class PPO(Stage):
         self.cursor, self.start_update, self.history = 0, 0, []
         self._resume()
         self.engine = self._make_engine(inp["model"])
+        if self.start_update:
+            self._sync_engine()  # resumed: the engine starts from the checkpoint's weights
 
     @property
     def temperature(self) -> float:
@@ -77,20 +83,22 @@ class PPO(Stage):
         from ..generate import HFEngine
 
         if self.cfg.sampling.backend == "hf":
-            return HFEngine(self.policy, self.tokenizer)  # samples from the live policy: nothing to sync
+            return HFEngine(self.rollout_model, self.tokenizer)  # one process: the live policy itself
         from ..generate_vllm import VLLMEngine
 
-        engine = VLLMEngine(model_dir, seed=self.seed)
-        if self.start_update:
-            engine.load_weights(self.policy.state_dict().items())  # resumed: engine starts from the checkpoint
-        return engine
+        return VLLMEngine(model_dir, seed=self.seed + self.ctx.rank)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.ctx.dir / "checkpoints")
         if ckpt is None:
             return
-        models = {"policy": self.policy, "value": self.value, "reference": self.reference}
-        meta = load_checkpoint(ckpt, models, {"policy": self.policy_opt, "value": self.value_opt})
+        if self.policy_h.distributed:
+            self.policy_h.load_checkpoint(ckpt / "policy")
+            self.value_h.load_checkpoint(ckpt / "value")
+            meta = load_checkpoint(ckpt, {"reference": self.reference}, {})
+        else:
+            models = {"policy": self.policy, "value": self.value, "reference": self.reference}
+            meta = load_checkpoint(ckpt, models, {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer})
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.scorer.moments.load_state_dict(meta["reward_moments"])
@@ -103,31 +111,35 @@ class PPO(Stage):
         from tqdm import tqdm
 
         metrics = {}
-        if self.eval_rows and not self.start_update:
+        if self.eval_rows and not self.start_update and self.ctx.is_main:
             metrics["accuracy_before"] = self._evaluate()
         bar = tqdm(range(self.start_update, self.cfg.updates), desc="ppo", initial=self.start_update,
                    total=self.cfg.updates, disable=not self.ctx.is_main)
         for update in bar:
             stats = self._update(update)
             self.history.append(stats)
-            _append_jsonl(self.ctx.dir / "metrics.jsonl", stats)
+            if self.ctx.is_main:
+                _append_jsonl(self.ctx.dir / "metrics.jsonl", stats)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", s=f"{stats['time/total']:.1f}")
             if (update + 1) % self.cfg.save_every == 0 and update + 1 < self.cfg.updates:
                 self._checkpoint(update + 1)
         first, last = self.history[0], self.history[-1]
+        if self.start_update:
+            metrics["resumed_from_update"] = self.start_update
         metrics.update(updates=len(self.history), reward_first=first["reward"], reward_last=last["reward"],
                        kl_last=last["kl"], kl_coef=self.kl_ctl.value)
         return metrics
 
     def _next_prompts(self) -> list[int]:
-        idx = []
-        for _ in range(self.cfg.rollout_batch_size):
+        """The next rollout_batch_size prompts for this rank (ranks take consecutive slices)."""
+        idx, per_rank = [], self.cfg.rollout_batch_size
+        for _ in range(per_rank * self.ctx.world_size):
             if self.cursor >= len(self.order):
                 random.Random(self.seed + len(self.history)).shuffle(self.order)
                 self.cursor = 0
             idx.append(self.order[self.cursor])
             self.cursor += 1
-        return idx
+        return idx[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]
 
     def _update(self, update: int) -> dict:
         c, t0 = self.cfg, time.time()
@@ -145,12 +157,9 @@ class PPO(Stage):
         roll = self._prepare(batch, score)
         train_stats = self._optimise(batch, roll)
         t_train = time.time()
-        self.kl_ctl.update(roll["seq_kl"].mean().item(), len(idx))
+        mean_kl = all_ranks_mean({"kl": roll["seq_kl"].mean().item()})["kl"]
+        self.kl_ctl.update(mean_kl, len(idx) * self.ctx.world_size)
         sync_s = self._sync_engine()
-        if c.reference_mode == "ema":
-            with torch.no_grad():
-                for ref_p, p in zip(self.reference.parameters(), self.policy.parameters()):
-                    ref_p.copy_(ema_update(ref_p, p, c.ema_rate))
         stats = {"update": update + 1, "reward": scores.total.mean().item(), "score": score.mean().item(),
                  **{f"reward/{k}": v.mean().item() for k, v in scores.parts.items()},
                  "kl": roll["seq_kl"].mean().item(), "kl_coef": self.kl_ctl.value,
@@ -158,6 +167,7 @@ class PPO(Stage):
                  "finished": finished.float().mean().item(), "logprob_gap": roll["logprob_gap"], **train_stats,
                  "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
                  "time/sync": sync_s, "time/total": time.time() - t0}
+        stats = all_ranks_mean(stats)
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             if not torch.isfinite(torch.tensor(stats[key])):
                 raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
@@ -198,17 +208,11 @@ class PPO(Stage):
                 is_w = roll["is_weight"][idx] if roll["is_weight"] is not None else None
                 pg_loss, clipfrac, approx_kl = F.policy_loss_clipped(logp, roll["old_logp"][idx], roll["adv"][idx],
                                                                      mask, c.clip_eps, is_w)
-                self.policy_opt.zero_grad()
-                pg_loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.max_grad_norm)
-                self.policy_opt.step()
+                self.policy_h.step(pg_loss)
                 values = token_values(self.value, mb)
                 v_loss, v_clipfrac = F.value_loss_clipped(values, roll["values"][idx], roll["returns"][idx], mask,
                                                           c.value_clip_eps)
-                self.value_opt.zero_grad()
-                v_loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.value.parameters(), c.max_grad_norm)
-                self.value_opt.step()
+                self.value_h.step(v_loss)
                 for k, v in {"policy_loss": pg_loss, "value_loss": v_loss, "clip_fraction": clipfrac,
                              "approx_kl": approx_kl, "value_clip_fraction": v_clipfrac,
                              "entropy": F.masked_mean(entropy.detach(), mask)}.items():
@@ -216,17 +220,40 @@ class PPO(Stage):
         return {k: sum(v) / len(v) for k, v in acc.items()}
 
     def _sync_engine(self) -> float:
-        if not hasattr(self.engine, "load_weights"):
-            return 0.0
+        """After an update: gather the policy's weights (ZeRO-3: all ranks), push them into the rollout
+        engine or copy, and move the EMA anchor (WARP) toward them. Returns the seconds spent."""
         t = time.time()
-        self.engine.load_weights(self.policy.state_dict().items())
+        vllm = hasattr(self.engine, "load_weights")
+        if not (vllm or self.policy_h.distributed or self.cfg.reference_mode == "ema"):
+            return 0.0  # one process, HF backend: the engine samples from the live policy
+        full = self.policy_h.full_state_dict()
+        if vllm:
+            self.engine.load_weights(full.items())
+        elif self.rollout_model is not self.policy:
+            self.rollout_model.load_state_dict(full)
+        if self.cfg.reference_mode == "ema":
+            with torch.no_grad():
+                for name, ref_t in self.reference.state_dict().items():
+                    ref_t.copy_(ema_update(ref_t, full[name], self.cfg.ema_rate))
         return time.time() - t
 
     def _checkpoint(self, step: int) -> None:
-        models = {"policy": self.policy, "value": self.value, "reference": self.reference}
         meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
                 "reward_moments": self.scorer.moments.state_dict(), "history": self.history}
-        save_checkpoint(self.ctx.dir / "checkpoints", step, models, {"policy": self.policy_opt, "value": self.value_opt}, meta)
+        folder = self.ctx.dir / "checkpoints"
+        if not self.policy_h.distributed:
+            models = {"policy": self.policy, "value": self.value, "reference": self.reference}
+            save_checkpoint(folder, step, models, {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}, meta)
+            return
+        # Sharded: each rank writes its DeepSpeed shards into a staging dir; rank 0 then adds the
+        # reference and state.json (which marks the checkpoint complete) and renames it into place.
+        staging = folder / f".step-{step:06d}.partial"
+        self.policy_h.save_checkpoint(staging / "policy")
+        self.value_h.save_checkpoint(staging / "value")
+        barrier()
+        if self.ctx.is_main:
+            save_checkpoint(folder, step, {"reference": self.reference}, {}, meta, extra_dir=staging)
+        barrier()
 
     def _evaluate(self) -> dict:
         """Greedy answers on held-out prompts: oracle accuracy (task answers) and mean reward."""
@@ -235,7 +262,7 @@ class PPO(Stage):
 
         prompts = [prompt_of(r) for r in self.eval_rows]
         sampling = SamplingConfig(max_new_tokens=self.cfg.sampling.max_new_tokens)
-        texts = [s[0].text for s in HFEngine(self.policy, self.tokenizer).generate(prompts, sampling)]
+        texts = [s[0].text for s in HFEngine(self.rollout_model, self.tokenizer).generate(prompts, sampling)]
         out = answer_accuracy(self.eval_rows, texts) if all("answer" in r for r in self.eval_rows) else {}
         out["reward"] = round(self.scorer.score(prompts, texts, self.eval_rows).total.mean().item(), 4)
         return out
@@ -244,7 +271,11 @@ class PPO(Stage):
     def save(self) -> dict:
         from ..models import save_model_dir
 
-        save_model_dir(self.policy, self.tokenizer, self.ctx.dir / "model")
+        if self.policy_h.distributed:
+            self._sync_engine()  # collective: the rollout copy now holds the final weights
+        if not self.ctx.is_main:
+            return {}
+        save_model_dir(self.rollout_model, self.tokenizer, self.ctx.dir / "model")
         metrics = {"accuracy_after": self._evaluate()} if self.eval_rows else {}
         keys = ["reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy"]
         plot_curves({k: [(h["update"], h[k]) for h in self.history] for k in keys}, self.ctx.dir / "curves.png", "PPO")

@@ -15,8 +15,9 @@ from pydantic import Field
 
 from ..config import ConfigError, InputPath, Section
 from ..data import write_jsonl
+from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
-from ..tasks import TASKS, make_example
+from ..tasks import TASKS, make_example, normalise_answer
 from .base import Stage
 
 
@@ -55,6 +56,11 @@ class SynthConfig(Section):
     """Held-out examples (no prompt shared with train)."""
     seed: Optional[int] = None
     """Seed of the generator; default: the pipeline seed."""
+    teacher: InputPath = None
+    """Local model directory that writes the training responses (the Gemma recipe: prompts in, a
+    stronger model's answers out); default: the tasks' oracle answers. Held-out rows keep the oracle."""
+    teacher_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=64)
+    """How the teacher samples (backend hf or vllm)."""
 
 
 def load_recipe(path: str) -> Recipe:
@@ -111,7 +117,27 @@ class Synth(Stage):
             self.train_rows += rows[n_eval:]
         self.rng.shuffle(self.train_rows)
         self.rng.shuffle(self.eval_rows)
-        return {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows)}
+        metrics = {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows)}
+        if self.cfg.teacher:
+            metrics["teacher"] = self._teacher_responses()
+        return metrics
+
+    def _teacher_responses(self) -> dict:
+        """Replace each training response with the teacher's; the oracle answer stays as metadata
+        (`answer`) so verifiers and filters can judge what the teacher wrote."""
+        from ..generate import make_engine
+
+        engine = make_engine(str(self.cfg.teacher), self.cfg.teacher_sampling.backend)
+        prompts = [r["messages"][:-1] for r in self.train_rows]
+        samples = engine.generate(prompts, self.cfg.teacher_sampling)
+        for row, (sample, *_) in zip(self.train_rows, samples):
+            row["messages"][-1] = {"role": "assistant", "content": sample.text}
+            row["finished"] = sample.finished
+            row["source"] = "teacher"
+        agree = sum(normalise_answer(r["messages"][-1]["content"]) == normalise_answer(r["answer"])
+                    for r in self.train_rows)
+        return {"model": str(self.cfg.teacher), "agrees_with_oracle": round(agree / len(self.train_rows), 4),
+                "unfinished": sum(not r["finished"] for r in self.train_rows)}
 
     def save(self) -> dict:
         d = self.ctx.dir
