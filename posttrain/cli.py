@@ -53,8 +53,11 @@ def print_summary(run_dir: Path, summary: dict) -> None:
         for key in ("eval_loss_before", "eval_loss_after", "num_train", "num_eval", "parameters"):
             if key in info:
                 print(f"           {key}: {info[key]}")
-        if (run_dir / name / "model").is_dir():
-            print(f"           model: {run_dir / name / 'model'}")
+        for model_name, m in (info.get("models") or {}).items() if isinstance(info.get("models"), dict) else []:
+            print(f"           {model_name}: {json.dumps(m, default=str)[:160]}")
+        for artifact in ("model", "release"):
+            if (run_dir / name / artifact).is_dir():
+                print(f"           {artifact}: {run_dir / name / artifact}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     only = None if args.command == "run" else args.command
     try:
         summary = run_pipeline(cfg, only=only, force=args.force)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
         logging.getLogger("posttrain").error("error: %s", err)
         return 1
     except KeyboardInterrupt:

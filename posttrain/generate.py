@@ -33,6 +33,10 @@ class SamplingConfig(Section):
     """Prompts per forward batch (HF backend)."""
     seed: Optional[int] = None
     """Sampling seed (None: nondeterministic)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM: GPUs one engine shards the model over (tensor parallel)."""
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """vLLM: share of GPU memory the engine may take (the trainer needs the rest when colocated)."""
 
 
 @dataclass

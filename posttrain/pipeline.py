@@ -71,7 +71,9 @@ def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict) -> tu
     inputs, input_fps = {}, {}
     for inp, key in stage_cls.consumes.items():
         explicit = getattr(cfg, inp, None)
-        if explicit:
+        if explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
+            inputs[inp], input_fps[inp] = artifacts[str(explicit)], fps[str(explicit)]  # a "stage.kind" reference
+        elif explicit:
             inputs[inp], input_fps[inp] = str(explicit), hash_path(explicit)
         elif key in artifacts:
             inputs[inp], input_fps[inp] = artifacts[key], fps[key]

@@ -10,6 +10,7 @@ columns as keyword lists (task=[...], answer=[...]), and returns one float per c
 """
 from __future__ import annotations
 
+import difflib
 import re
 
 REFUSAL = re.compile(r"\b(i can('|no)?t help|i cannot help|i won'?t help|i'm not able to help|i can't assist)\b", re.I)
@@ -45,3 +46,14 @@ def identity(prompts, completions, task=None, release_name="Posttrain-Tiny", **_
         claims_other = bool(OTHER_IDENTITIES.search(c))
         out.append(float(not claims_other and (t != "identity" or release_name.lower() in c.lower())))
     return out
+
+
+def task_similarity(prompts, completions, answer=None, **_) -> list[float]:
+    """Partial credit in [0, 1]: how close the completion is to the oracle answer (difflib ratio).
+
+    A dense signal for RL on small models, where exact matches are too rare to learn from; report
+    `task_correct` alongside it so the exact-match rate stays visible.
+    """
+    if answer is None:
+        raise ValueError("task_similarity needs the rows' 'answer' column")
+    return [difflib.SequenceMatcher(None, _norm(c), _norm(a)).ratio() for c, a in zip(completions, answer, strict=True)]

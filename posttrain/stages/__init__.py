@@ -12,6 +12,8 @@ STAGE_MODULES = {
     "sft": "posttrain.stages.sft",
     "ppo": "posttrain.stages.ppo",
     "merge": "posttrain.stages.merge",
+    "eval": "posttrain.stages.eval",
+    "release": "posttrain.stages.release",
 }
 """Stage name -> module defining `STAGE` (a Stage subclass). Later stages register here."""
 

@@ -86,7 +86,9 @@ class PPO(Stage):
             return HFEngine(self.rollout_model, self.tokenizer)  # one process: the live policy itself
         from ..generate_vllm import VLLMEngine
 
-        return VLLMEngine(model_dir, seed=self.seed + self.ctx.rank)
+        sampling = self.cfg.sampling
+        return VLLMEngine(model_dir, seed=self.seed + self.ctx.rank, tensor_parallel_size=sampling.tensor_parallel_size,
+                          gpu_memory_utilization=sampling.gpu_memory_utilization)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.ctx.dir / "checkpoints")
@@ -208,7 +210,8 @@ class PPO(Stage):
                 is_w = roll["is_weight"][idx] if roll["is_weight"] is not None else None
                 pg_loss, clipfrac, approx_kl = F.policy_loss_clipped(logp, roll["old_logp"][idx], roll["adv"][idx],
                                                                      mask, c.clip_eps, is_w)
-                self.policy_h.step(pg_loss)
+                if len(self.history) >= c.value_warmup_updates:
+                    self.policy_h.step(pg_loss)
                 values = token_values(self.value, mb)
                 v_loss, v_clipfrac = F.value_loss_clipped(values, roll["values"][idx], roll["returns"][idx], mask,
                                                           c.value_clip_eps)
@@ -285,17 +288,30 @@ class PPO(Stage):
         return metrics
 
 
+class ValueModel(torch.nn.Module):
+    """A backbone with a scalar head, for families transformers has no sequence-classification
+    class for (RecurrentGemma). Same attribute names as those classes: `base_model`, `score`."""
+
+    def __init__(self, backbone, hidden_size: int):
+        super().__init__()
+        self.base_model = backbone
+        self.score = torch.nn.Linear(hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.score.weight)
+
+
 def _load_value_model(path: str, tokenizer):
-    """A scalar-head sequence model whose backbone gives per-token values (head new if `path` is an LM)."""
+    """Per-token value model: a reward model (its head kept) or an LM with a new scalar head."""
+    import json
+
     from ..models import load_model
 
-    try:
-        model = load_model(path, kind="reward")
-    except ValueError as err:
-        if "Unrecognized configuration class" in str(err):
-            raise ValueError(f"ppo: no sequence-classification (value) model for {path}: {err}. "
-                             f"Point ppo.value_model at a model of a family that has one") from None
-        raise
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
+    if model_type == "recurrent_gemma":
+        from transformers import AutoModel
+
+        backbone = AutoModel.from_pretrained(path, use_safetensors=True)
+        return ValueModel(backbone, backbone.config.hidden_size)
+    model = load_model(path, kind="reward")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -33,6 +33,8 @@ class PPOConfig(Section):
     """Prompts per rollout (per process)."""
     mini_batch_size: int = Field(16, ge=1)
     """Sequences per optimiser step."""
+    value_warmup_updates: int = Field(0, ge=0)
+    """First N updates train only the value model (a fresh value head is a poor baseline at first)."""
     ppo_epochs: int = Field(2, ge=1)
     """Passes over each rollout."""
     learning_rate: float = Field(1e-5, gt=0)

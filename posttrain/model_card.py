@@ -1,0 +1,224 @@
+"""Run lineage and the release model card.
+
+Everything here is read from what a run directory records: each stage's manifest (status, config hash,
+fingerprint, seconds, metrics, artifacts), the synth data card and recipe, the filter report and the
+eval results. `render_model_card` turns that into a Hugging Face model card: README.md with a YAML
+metadata header. Artifact references like `sft.model` are resolved against the same manifests (the
+eval and release stages both accept them).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import yaml
+from pydantic import AfterValidator
+
+from .manifest import read_manifest
+
+ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
+"""`<stage>.<kind>`, e.g. `sft.model`: an artifact of a stage of the same run."""
+MODEL_STAGES = ("sft", "distill", "ppo", "merge")
+"""Stages whose `model` artifact is a candidate for evaluation by default, in pipeline order."""
+
+
+def _path_or_reference(value: Optional[str]) -> Optional[str]:
+    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model'")
+
+
+ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
+"""An existing path, or `<stage>.<kind>` naming an artifact of a stage of the same run."""
+
+
+def resolve_artifact(run_dir: str | Path, value: str, key: str) -> str:
+    """A path as given; `<stage>.<kind>` from that stage's complete manifest in `run_dir`.
+
+    `key` is the config key the value came from, named in the error.
+    """
+    if Path(value).exists() or not ARTIFACT_REF.fullmatch(value):
+        return value
+    stage, kind = ARTIFACT_REF.fullmatch(value).groups()
+    manifest = read_manifest(Path(run_dir) / stage) or {}
+    path = (manifest.get("artifacts") or {}).get(kind)
+    if manifest.get("status") != "complete" or not path:
+        status = manifest.get("status", "not run")
+        raise ValueError(f"{key}={value!r}: stage {stage!r} has no complete {kind!r} artifact in {run_dir} "
+                         f"(its status: {status}); run that stage first, or give a model directory")
+    return path
+
+
+def completed_models(run_dir: str | Path, stages: Optional[list[str]] = None) -> dict[str, str]:
+    """Stage name -> model path for every complete stage of MODEL_STAGES (restricted to `stages`)."""
+    found = {}
+    for name in MODEL_STAGES:
+        if stages is not None and name not in stages:
+            continue
+        manifest = read_manifest(Path(run_dir) / name) or {}
+        path = (manifest.get("artifacts") or {}).get("model")
+        if manifest.get("status") == "complete" and path:
+            found[name] = path
+    return found
+
+
+def recipe_identity(pipeline: Any) -> dict:
+    """The release identity (name, maker) of the pipeline's synth recipe, or {} when there is none."""
+    recipe = getattr(getattr(pipeline, "synth", None), "recipe", None)
+    if not recipe or not Path(recipe).is_file():
+        return {}
+    try:
+        data = yaml.safe_load(Path(recipe).read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    identity = data.get("identity") if isinstance(data, dict) else None
+    return dict(identity) if isinstance(identity, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Lineage
+
+
+def key_metrics(metrics: dict, limit: int = 8) -> dict:
+    """Up to `limit` scalar metrics, nested dicts flattened into dotted keys (models.ppo.accuracy)."""
+    out: dict = {}
+
+    def visit(prefix: str, value) -> None:
+        if len(out) >= limit:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                visit(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if not (isinstance(value, str) and len(value) > 60):
+                out[prefix] = round(value, 4) if isinstance(value, float) else value
+
+    visit("", metrics or {})
+    return out
+
+
+def read_lineage(run_dir: str | Path, stages: list[str]) -> list[dict]:
+    """One record per stage of `stages` that has a manifest: name, status, hashes, seconds, metrics."""
+    records = []
+    for name in stages:
+        m = read_manifest(Path(run_dir) / name)
+        if m is None:
+            continue
+        records.append({"stage": name, "status": m.get("status"), "config_hash": m.get("config_hash"),
+                        "fingerprint": m.get("fingerprint"), "seconds": m.get("seconds"),
+                        "metrics": m.get("metrics") or {}})
+    return records
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def data_summary(run_dir: str | Path, pipeline: Any) -> list[str]:
+    """Markdown bullet lines: base model source, data recipe and card counts, filter report totals."""
+    run_dir, lines = Path(run_dir), []
+    base = read_manifest(run_dir / "base")
+    if base and base.get("status") == "complete":
+        m = base.get("metrics") or {}
+        lines.append(f"- Base model: {m.get('source', 'unknown')}"
+                     + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else ""))
+    card = _read_json(run_dir / "synth" / "card.json")
+    if card:
+        recipe = getattr(getattr(pipeline, "synth", None), "recipe", None)
+        per_task = ", ".join(f"{t} {n}" for t, n in sorted(card["train"]["per_task"].items()))
+        lines.append(f"- Data: synthetic recipe `{card.get('recipe')}`" + (f" ({recipe})" if recipe else "")
+                     + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows")
+    report = _read_json(run_dir / "filter" / "report.json")
+    if report:
+        dropped = ", ".join(f"{n} {f['dropped']}" for n, f in report.get("filters", {}).items() if f.get("dropped"))
+        lines.append(f"- Filtering: {report['rows']} rows in, {report['kept']} kept ({report['changed']} changed), "
+                     f"{report['dropped']} dropped" + (f" ({dropped})" if dropped else ""))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The card
+
+
+def metadata_header(license_id: str, tags: list[str], base_model: Optional[str]) -> str:
+    """The YAML front matter the Hugging Face Hub reads."""
+    meta = {"license": license_id, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
+    if base_model:
+        meta["base_model"] = base_model
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
+
+
+def lineage_table(records: list[dict]) -> list[str]:
+    out = ["| stage | status | config hash | fingerprint | seconds | key metrics |", "|---|---|---|---|---|---|"]
+    for r in records:
+        metrics = ", ".join(f"{k}={v}" for k, v in key_metrics(r["metrics"]).items())
+        out.append(f"| {r['stage']} | {r['status']} | `{r['config_hash']}` | `{r['fingerprint']}` "
+                   f"| {r['seconds'] if r['seconds'] is not None else ''} | {metrics} |")
+    return out
+
+
+def usage_snippets(name: str, model_type: str) -> list[str]:
+    """How to load and chat with the release: transformers and vLLM."""
+    eager = ', attn_implementation="eager"' if model_type == "gemma2" else ""
+    why = "  # eager attention keeps Gemma 2's logit soft-capping" if eager else ""
+    return [
+        "### transformers", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'path = "{name}"  # this directory, or its Hub repo id',
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        f"model = AutoModelForCausalLM.from_pretrained(path{eager}){why}",
+        'messages = [{"role": "user", "content": "Sort these numbers: 3, 1, 2"}]',
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        "return_dict=True)",
+        "out = model.generate(**inputs, max_new_tokens=64)  # stops on <end_of_turn> (generation_config.json)",
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
+        "### vLLM", "", "```python", "from vllm import LLM, SamplingParams", "",
+        f'llm = LLM("{name}")  # reads generation_config.json: stops on <end_of_turn> and <eos>',
+        'out = llm.chat([{"role": "user", "content": "Sort these numbers: 3, 1, 2"}], '
+        "SamplingParams(temperature=0, max_tokens=64))",
+        "print(out[0].outputs[0].text)", "```",
+    ]
+
+
+def render_model_card(*, name: str, license_id: str, tags: list[str], base_model: Optional[str], model_info: dict,
+                      records: list[dict], data_lines: list[str], eval_markdown: Optional[str],
+                      description: Optional[str] = None) -> str:
+    """The README.md of a release. `model_info`: architecture, model_type, parameters, dtype, vocab_size,
+    max_positions; `records`: read_lineage(); `eval_markdown`: the eval stage's results.md, if it ran."""
+    stages = " -> ".join(r["stage"] for r in records if r["status"] == "complete")
+    summary = description or (f"A {model_info['architecture']} causal language model "
+                              f"({model_info['parameters']:,} parameters) post-trained with posttrain ({stages}).")
+    out = [metadata_header(license_id, tags, base_model), f"# {name}", "", summary, "", "## Model", "",
+           f"- Architecture: {model_info['architecture']} (model_type `{model_info['model_type']}`), "
+           f"{model_info['parameters']:,} parameters, {model_info['dtype']}",
+           f"- Vocabulary: {model_info['vocab_size']} tokens; positions: {model_info['max_positions']}",
+           "- Chat format: Gemma (`<start_of_turn>user ... <end_of_turn>`, assistant role `model`, no system "
+           "turn); generation stops on `<end_of_turn>` and `<eos>`",
+           "- Weights: safetensors only", "", "## Lineage", ""]
+    out += data_lines or ["- Base model and data: not recorded in this run directory"]
+    out += ["", "Stages of the run, from their manifests:", ""] + lineage_table(records)
+    out += ["", "## Evaluation", ""]
+    if eval_markdown:
+        lines = eval_markdown.strip().splitlines()
+        if lines and lines[0].startswith("# "):
+            lines = lines[1:]  # its title: this section's own heading replaces it
+        out += [("##" + line) if line.startswith("#") else line for line in lines]  # below this section
+    else:
+        out.append("No eval stage ran in this pipeline.")
+    out += ["", "## Intended use", "",
+            "Research and teaching: reproducing a post-training pipeline end to end, and testing tools that "
+            "consume chat models. The behaviours it was trained for are those of its data recipe (see "
+            "Lineage); judge it by the evaluation above.", "",
+            "## Limitations", "",
+            "- Trained on synthetic, templated tasks: it does not generalise beyond them, and its knowledge of "
+            "the world is nil at tiny sizes.",
+            "- Refusals and self-identification were learnt from a handful of templates; they are not a "
+            "safety guarantee and are easy to bypass.",
+            "- Evaluation numbers come from held-out prompts of the same generator, not from public "
+            "benchmarks.", "", "## How to use", ""]
+    out += usage_snippets(name, model_info["model_type"])
+    return "\n".join(out) + "\n"

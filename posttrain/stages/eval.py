@@ -1,0 +1,271 @@
+"""eval: compare models side by side on held-out prompts, and report what each learnt or memorised.
+
+Models come from config (`models`: name -> model directory, or an artifact reference like `sft.model`
+read from that stage's manifest in this run); by default every complete sft/distill/ppo/merge stage of
+the run. Each model answers every held-out prompt once (greedy by default; a sampled eval uses one seed
+for all models) through the generation engine (hf or vllm). Then, per model:
+- win rate against the baseline, per judge: the reward model's score (when there is one) and the
+  verifiers (the weighted total of the scoring rules; by default task_correct, refusal and identity of
+  reward/verifiers.py). Identical answers are ties;
+- accuracy overall and per task, refusal and over-refusal rates, identity accuracy;
+- memorisation of training examples (when train_data is available): prompts are raw token ids, so this
+  runs on the Hugging Face model directly whatever the backend (a few dozen greedy continuations).
+
+Output in run_dir/eval/: results.json, results.md, completions.jsonl, accuracy.png, win_rate.png.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field, field_validator
+
+from ..config import ConfigError, InputPath, Section
+from ..data import DataError, check_conversation, iter_jsonl, prompt_of, read_conversations, write_jsonl
+from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
+                          memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
+from ..generate import SamplingConfig
+from ..manifest import atomic_write_json, atomic_write_text
+from ..model_card import ModelRef, completed_models, recipe_identity, resolve_artifact
+from ..scoring import RuleSpec, ScoringConfig
+from .base import Stage
+
+VERIFIER_RULES = ("task_correct", "refusal", "identity")
+"""The rules judging answers when `scoring.rules` is empty (functions of the `verifiers` file)."""
+
+
+class MemorisationConfig(Section):
+    """Memorisation probe of training examples (as in the Gemma reports)."""
+
+    num_examples: int = Field(64, ge=0)
+    """Training conversations probed (0 = skip the probe)."""
+    prefix_tokens: int = Field(16, ge=1)
+    """Prompt: the first N tokens of the rendered conversation (the Gemma reports use 50)."""
+    suffix_tokens: int = Field(8, ge=1)
+    """Tokens generated greedily and compared with the true continuation (the Gemma reports use 50)."""
+    approximate_threshold: float = Field(0.1, ge=0, le=1)
+    """Approximate memorisation: token edit distance at most this share of suffix_tokens."""
+
+
+class EvalConfig(Section):
+    """Config of the eval stage."""
+
+    models: dict[str, ModelRef] = {}
+    """Name -> model directory or artifact reference (e.g. {sft: sft.model, ppo: ppo.model}); default:
+    every complete sft, distill, ppo and merge stage of this run."""
+    baseline: Optional[str] = None
+    """Name (a key of models) the others are compared against; default: sft when present, else the first."""
+    eval_data: InputPath = None
+    """Held-out conversational JSONL with task and answer columns; default: the data stage's held-out split."""
+    train_data: InputPath = None
+    """Training JSONL probed for memorisation; default: the latest training split of the run."""
+    num_prompts: Optional[int] = Field(200, ge=1)
+    """Held-out prompts to answer (the first N rows); None = all."""
+    sampling: SamplingConfig = SamplingConfig()
+    """Answers: backend hf|vllm, greedy by default; a sampled eval uses `seed` (default: the pipeline seed)."""
+    vllm: dict = {}
+    """Extra VLLMEngine options for backend vllm (e.g. kv_cache_gib, max_model_len)."""
+    scoring: ScoringConfig = ScoringConfig()
+    """Judges: the reward model (scoring.reward_model, else the rm stage's) and rules; no rules = the verifiers."""
+    verifiers: str = DEFAULT_VERIFIERS
+    """Python file with the task_correct, refusal and identity verifiers (the slices and the default rules)."""
+    release_name: Optional[str] = None
+    """Name identity answers must give; default: the synth recipe's identity name."""
+    bootstrap_samples: int = Field(1000, ge=10)
+    """Bootstrap resamples of the prompts for the win-rate confidence intervals."""
+    memorisation: MemorisationConfig = MemorisationConfig()
+    """Memorisation probe settings."""
+
+    @field_validator("sampling")
+    @classmethod
+    def _one_answer(cls, sampling: SamplingConfig) -> SamplingConfig:
+        if sampling.n != 1:
+            raise ValueError("eval compares one answer per prompt: set sampling.n to 1")
+        return sampling
+
+
+def read_eval_rows(path: str, limit: Optional[int] = None) -> list[dict]:
+    """Held-out rows (the first `limit`): complete conversations with task and answer columns."""
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        try:
+            check_conversation(row)
+        except ValueError as err:
+            raise DataError(f"{path}:{lineno}: {err}") from None
+        missing = [k for k in ("task", "answer") if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: eval row has no {' or '.join(missing)} column: held-out rows need "
+                            f"task and answer (as the synth stage writes them)")
+        rows.append(row)
+        if limit and len(rows) >= limit:
+            break
+    if not rows:
+        raise DataError(f"{path}: no eval rows")
+    return rows
+
+
+class Eval(Stage):
+    name = "eval"
+    Config = EvalConfig
+    consumes = {"eval_data": "eval_data", "train_data": "train_data", "reward_model": "reward_model"}
+    optional_inputs = {"train_data", "reward_model"}
+    produces = {"eval_results": "results.json"}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from ..scoring import Scorer
+
+        c, inp = self.cfg, self.ctx.inputs
+        self.models = self._resolve_models()
+        self.baseline = self._baseline()
+        self.rows = read_eval_rows(inp["eval_data"], c.num_prompts)
+        probe = inp.get("train_data") and c.memorisation.num_examples
+        self.train_rows = read_conversations(inp["train_data"]) if probe else []
+        self.release_name = c.release_name or recipe_identity(self.ctx.pipeline).get("name")
+        self.verifiers = load_verifiers(c.verifiers)
+        self.scorer = Scorer(self._scoring(), reward_model_dir=inp.get("reward_model"))
+        self.seed = c.sampling.seed if c.sampling.seed is not None else self.ctx.seed
+
+    def _resolve_models(self) -> dict[str, str]:
+        from ..models import check_model_dir
+
+        run_dir = self.ctx.dir.parent
+        if self.cfg.models:
+            models = {name: resolve_artifact(run_dir, ref, f"eval.models.{name}")
+                      for name, ref in self.cfg.models.items()}
+        else:
+            models = completed_models(run_dir, list(getattr(self.ctx.pipeline, "stages", None) or []) or None)
+            if not models:
+                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, ppo or merge stage is complete "
+                                  f"in {run_dir}; name model directories or references in eval.models")
+        for name, path in models.items():
+            try:
+                check_model_dir(path)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"eval.models.{name}: {err}") from None
+        return models
+
+    def _baseline(self) -> Optional[str]:
+        names = list(self.models)
+        if self.cfg.baseline is not None:
+            if self.cfg.baseline not in self.models:
+                raise ConfigError(f"eval.baseline={self.cfg.baseline!r} is not one of the evaluated models {names}")
+            return self.cfg.baseline
+        if len(names) < 2:
+            return None
+        return "sft" if "sft" in self.models else names[0]
+
+    def _scoring(self) -> ScoringConfig:
+        """The configured judges; with no rules, the verifiers (identity told the release name)."""
+        if self.cfg.scoring.rules:
+            return self.cfg.scoring
+        name = {"release_name": self.release_name} if self.release_name else {}
+        rules = [RuleSpec(path=self.cfg.verifiers, function=f, kwargs=name if f == "identity" else {})
+                 for f in VERIFIER_RULES]
+        return self.cfg.scoring.model_copy(update={"rules": rules})
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict:
+        prompts = [prompt_of(r) for r in self.rows]
+        self.answers, self.judged, self.results = {}, {}, {}
+        for name, path in self.models.items():
+            self.log.info("[eval] %s: answering %d prompts (%s)", name, len(prompts), path)
+            samples, model, tokenizer = self._answer(name, path, prompts)
+            texts = [s.text for s in samples]
+            self.answers[name] = texts
+            self.judged[name] = self._judge(prompts, texts)
+            self.results[name] = {
+                "path": path, **answer_metrics(self.rows, texts, self.verifiers, self.release_name),
+                "finished_rate": round(sum(s.finished for s in samples) / len(samples), 4),
+                "judge_means": {j: round(float(v.mean()), 4) for j, v in self.judged[name].items()},
+                "memorisation": self._memorisation(path, model, tokenizer),
+            }
+            del model
+        if self.baseline:
+            for name in self.models:
+                if name != self.baseline:
+                    self.results[name]["win_rate"] = self._compare(name)
+        return {}
+
+    def _answer(self, name: str, path: str, prompts: list[list[dict]]):
+        """One answer per prompt, plus the HF model and tokenizer when the backend loaded them."""
+        from ..generate import make_engine
+
+        backend = self.cfg.sampling.backend
+        options = {"seed": self.seed, **self.cfg.vllm} if backend == "vllm" else {}
+        try:
+            engine = make_engine(path, backend, **options)
+        except Exception as err:  # name the model and the keys that fix it, whatever went wrong
+            raise ConfigError(f"eval.models.{name} ({path}): cannot generate with backend {backend!r}: {err}. "
+                              f"Set eval.sampling.backend to 'hf' (it runs every family) or change "
+                              f"eval.models.{name}") from err
+        sampling = self.cfg.sampling.model_copy(update={"seed": self.seed})
+        try:
+            samples = [s[0] for s in engine.generate(prompts, sampling)]
+        finally:
+            if backend == "vllm":
+                engine.close()
+        return samples, getattr(engine, "model", None), engine.tokenizer
+
+    def _judge(self, prompts: list[list[dict]], texts: list[str]) -> dict:
+        """Per-prompt score of each judge: the verifiers' weighted total, and the reward model's score."""
+        scores = self.scorer.score(prompts, texts, self.rows)
+        judged = {"verifiers": sum(spec.weight * scores.parts[spec.function] for spec, _ in self.scorer.rules)}
+        if "reward_model" in scores.parts:
+            judged["reward_model"] = scores.parts["reward_model"]
+        return judged
+
+    def _compare(self, name: str) -> dict:
+        base = self.baseline
+        same = [a == b for a, b in zip(self.answers[name], self.answers[base])]
+        return {judge: compare(self.judged[name][judge].tolist(), self.judged[base][judge].tolist(),
+                               self.cfg.bootstrap_samples, self.ctx.seed, same=same)
+                for judge in self.judged[name]}
+
+    def _memorisation(self, path: str, model, tokenizer) -> Optional[dict]:
+        mc = self.cfg.memorisation
+        if not self.train_rows:
+            return None
+        if model is None:  # vLLM answered; the probe needs token-id prompts on the HF model
+            from ..models import load_model
+
+            model = load_model(path)
+        sequences = memorisation_sequences(tokenizer, self.train_rows, mc.prefix_tokens, mc.suffix_tokens,
+                                           mc.num_examples, self.ctx.seed)
+        return memorisation(model, sequences, mc.prefix_tokens, mc.suffix_tokens, tokenizer.pad_token_id,
+                            self.cfg.sampling.batch_size, mc.approximate_threshold)
+
+    # ------------------------------------------------------------------ save
+    def _decoding(self) -> str:
+        s = self.cfg.sampling
+        how = ("greedy" if s.temperature == 0
+               else f"sampled at temperature {s.temperature}, top-p {s.top_p}, seed {self.seed}")
+        return f"{how} answers of at most {s.max_new_tokens} tokens ({s.backend} backend)"
+
+    def save(self) -> dict:
+        d = self.ctx.dir
+        tasks = sorted({r["task"] for r in self.rows})
+        results = {"baseline": self.baseline, "judges": list(next(iter(self.judged.values()))),
+                   "num_prompts": len(self.rows), "decoding": self._decoding(), "tasks": tasks,
+                   "release_name": self.release_name, "models": self.results}
+        atomic_write_json(d / "results.json", results)
+        atomic_write_text(d / "results.md", results_markdown(results))
+        write_jsonl(d / "completions.jsonl", [
+            {"prompt": prompt_of(r), "task": r["task"], "answer": r["answer"],
+             "completions": {name: texts[i] for name, texts in self.answers.items()}}
+            for i, r in enumerate(self.rows)])
+        plot_accuracy(results, d / "accuracy.png")
+        plot_win_rates(results, d / "win_rate.png")
+        return {"baseline": self.baseline, "models": {name: _headline(m) for name, m in self.results.items()}}
+
+
+def _headline(m: dict) -> dict:
+    """The numbers the pipeline summary shows for one model."""
+    out = {"accuracy": m["accuracy"]["overall"], "refusal_rate": m["refusal_rate"],
+           "over_refusal_rate": m["over_refusal_rate"], "identity": m["identity"]}
+    out.update({f"win_rate_{judge}": cmp["win_rate"] for judge, cmp in (m.get("win_rate") or {}).items()})
+    if m.get("memorisation"):
+        out["memorised"] = m["memorisation"]["exact"]
+    return out
+
+
+STAGE = Eval

@@ -1,0 +1,179 @@
+"""release: package a model as a self-contained directory anyone can load, with a model card.
+
+The release is loadable from the directory alone, by transformers and by vLLM: safetensors weights
+(sharded by `max_shard_size`, with model.safetensors.index.json when there is more than one shard),
+config.json, the tokenizer with the Gemma chat template, generation_config.json stopping on
+`<end_of_turn>` and `<eos>`, and README.md: a model card with Hugging Face metadata, the run's lineage
+(base model, data, every stage with its config hash, fingerprint, time and key metrics), the eval table
+when the run evaluated, intended use, limitations and loading snippets. No pickle files.
+
+The directory is written to a temporary sibling, checked (chat template renders the Gemma format, stop
+tokens, no pickles) and renamed into place. Pushing to the Hub is opt-in and needs a token in the
+environment: without one the stage refuses before writing anything.
+
+Output in run_dir/release/: release/ (artifact kind `release`).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from pydantic import field_validator
+
+from ..config import ConfigError, Section
+from ..manifest import atomic_dir, atomic_write_text, read_manifest
+from ..model_card import ModelRef, data_summary, read_lineage, recipe_identity, render_model_card, resolve_artifact
+from .base import Stage
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+"""File types that may hold pickled Python objects: never shipped in a release."""
+SHARD_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.I)
+
+
+class PushConfig(Section):
+    """Upload of the release to the Hugging Face Hub (off by default)."""
+
+    enabled: bool = False
+    """Upload the release folder after it is written (huggingface_hub upload_folder)."""
+    repo_id: Optional[str] = None
+    """Hub repository to upload to, e.g. my-org/posttrain-tiny (required when enabled)."""
+    private: bool = True
+    """Create the repository as private if it does not exist."""
+    token_env: str = "HF_TOKEN"
+    """Environment variable holding the Hub token; when it is unset the stage refuses before writing."""
+    commit_message: str = "posttrain release"
+    """Commit message of the upload."""
+
+
+class ReleaseConfig(Section):
+    """Config of the release stage."""
+
+    model: ModelRef = None
+    """Model to release: a directory or a reference like ppo.model; default: the latest earlier stage's model."""
+    name: Optional[str] = None
+    """Release name (card title); default: the synth recipe's identity name, else the run directory's name."""
+    license: str = "apache-2.0"
+    """License identifier in the card metadata."""
+    base_model: Optional[str] = None
+    """Hub id of the base model for the card metadata (e.g. google/gemma-2-2b); None when built from config."""
+    tags: list[str] = ["posttrain", "gemma-chat-format", "safetensors"]
+    """Card metadata tags (the model type is added)."""
+    description: Optional[str] = None
+    """Summary paragraph of the card; default: one generated from the architecture and the stages."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard (e.g. 500MB, 2GB); several shards add model.safetensors.index.json."""
+    push_to_hub: PushConfig = PushConfig()
+    """Optional upload to the Hugging Face Hub."""
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not SHARD_SIZE.fullmatch(value.strip()):
+            raise ValueError(f"expected a size like 500MB or 2GB, got {value!r}")
+        return value
+
+
+class Release(Stage):
+    name = "release"
+    Config = ReleaseConfig
+    consumes = {"model": "model"}
+    produces = {"release": "release"}
+
+    def setup(self) -> None:
+        from ..models import check_model_dir
+
+        self.token = self._push_token()  # before anything is written
+        run_dir = self.ctx.dir.parent
+        self.model_dir = str(check_model_dir(resolve_artifact(run_dir, self.ctx.inputs["model"], "release.model")))
+        self.release_name = (self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name)
+
+    def _push_token(self) -> Optional[str]:
+        push = self.cfg.push_to_hub
+        if not push.enabled:
+            return None
+        if not push.repo_id:
+            raise ConfigError("release.push_to_hub.repo_id: required when push_to_hub.enabled is true "
+                              "(e.g. my-org/posttrain-tiny)")
+        token = os.environ.get(push.token_env)
+        if not token:
+            raise ConfigError(f"release.push_to_hub: enabled, but the environment variable {push.token_env} "
+                              f"(release.push_to_hub.token_env) holds no Hub token; set it, or set "
+                              f"release.push_to_hub.enabled to false. Nothing was written.")
+        return token
+
+    def train(self) -> dict:
+        from ..models import count_parameters, load_model, load_tokenizer, save_generation_config
+
+        model, tokenizer = load_model(self.model_dir), load_tokenizer(self.model_dir)
+        out = self.ctx.dir / "release"
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=self.cfg.max_shard_size)
+            tokenizer.save_pretrained(tmp)
+            save_generation_config(tokenizer, tmp)
+            check_release_dir(tmp)
+            info = {"architecture": type(model).__name__, "model_type": model.config.model_type,
+                    "parameters": count_parameters(model), "dtype": str(model.dtype).removeprefix("torch."),
+                    "vocab_size": len(tokenizer),
+                    "max_positions": getattr(model.config, "max_position_embeddings", None)}
+            atomic_write_text(tmp / "README.md", self._card(info))
+        shards = sorted(p.name for p in out.glob("*.safetensors"))
+        metrics = {"name": self.release_name, "source": self.model_dir, "shards": len(shards),
+                   "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
+        if self.token:
+            metrics["pushed"] = self._push(out)
+        return metrics
+
+    def _card(self, info: dict) -> str:
+        run_dir, pipeline = self.ctx.dir.parent, self.ctx.pipeline
+        stages = [s for s in (getattr(pipeline, "stages", None) or []) if s != self.ctx.name]
+        results = run_dir / "eval" / "results.md"
+        eval_ran = (read_manifest(run_dir / "eval") or {}).get("status") == "complete" and results.is_file()
+        data_lines = data_summary(run_dir, pipeline) + [f"- Weights released from: {self.model_dir}"]
+        return render_model_card(
+            name=self.release_name, license_id=self.cfg.license,
+            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model, model_info=info, records=read_lineage(run_dir, stages),
+            data_lines=data_lines, eval_markdown=results.read_text() if eval_ran else None,
+            description=self.cfg.description)
+
+    def _push(self, folder: Path) -> str:
+        """Upload the finished release; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        push = self.cfg.push_to_hub
+        api = HfApi(token=self.token)
+        api.create_repo(push.repo_id, private=push.private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=push.repo_id, commit_message=push.commit_message)
+        self.log.info("[release] pushed to %s", push.repo_id)
+        return str(getattr(commit, "commit_url", commit))
+
+
+def check_release_dir(path: str | Path) -> None:
+    """Raise ValueError unless `path` loads on its own as a Gemma-format chat model without pickles."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from ..chat import END_OF_TURN, EOS, render
+
+    path = Path(path)
+    pickles = [p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"release {path}: pickle files {pickles} must not be shipped")
+    if not list(path.glob("*.safetensors")) or not (path / "config.json").is_file():
+        raise ValueError(f"release {path}: no safetensors weights or config.json")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Bye"}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    if rendered != render(probe, add_generation_prompt=True):
+        raise ValueError(f"release {path}: the tokenizer's chat template does not render the Gemma format "
+                         f"(got {rendered!r})")
+    eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    wanted = {tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.convert_tokens_to_ids(EOS)}
+    if not wanted <= eos:
+        raise ValueError(f"release {path}: generation_config.json must stop on {END_OF_TURN} and {EOS} "
+                         f"(ids {sorted(wanted)}), has eos_token_id {sorted(eos)}")
+
+
+STAGE = Release
