@@ -121,9 +121,11 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
             if target:
                 raise
             continue  # an earlier stage that has not run: its artifacts are simply not available
-        config_dump = scfg.model_dump(mode="json")
+        # Defaults are left out of the hash so that a new config field (whose default keeps the old
+        # behaviour) does not invalidate finished runs; any value a config sets is hashed.
+        config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
         fp = hash_json({"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
-                        "files": _referenced_files(config_dump), "prev": prev})
+                        "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev})
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg))
         if is_complete(sdir, fp) and not (force and name == only):

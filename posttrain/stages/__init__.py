@@ -10,6 +10,7 @@ STAGE_MODULES = {
     "filter": "posttrain.stages.filter",
     "base": "posttrain.stages.base_model",
     "sft": "posttrain.stages.sft",
+    "distill": "posttrain.stages.distill",
     "ppo": "posttrain.stages.ppo",
     "merge": "posttrain.stages.merge",
     "eval": "posttrain.stages.eval",

@@ -1,0 +1,365 @@
+"""distill: train a student to match a teacher's next-token distribution (knowledge distillation).
+
+Modes (`distill.mode`):
+- offline: the teacher's top-k log-probs at every assistant position of the training set are computed
+  once and cached (distill_cache.py); the student trains on forward KL against the renormalised top-k
+  (algos.kd.forward_kl_topk), as in Gemma 2's distillation from stored teacher distributions.
+- online: the teacher runs beside the student each step; full-vocabulary generalized JSD with `beta`
+  (beta 0 = forward KL, 1 = reverse KL; algos.kd.generalized_jsd).
+- on_policy: GKD (Agarwal et al. 2024) through TRL's `trl.experimental.gkd.GKDTrainer`: with
+  probability `lmbda` a step trains on the student's own samples scored by the teacher (JSD `beta`).
+  TRL's GKD loss is the pure JSD at T=1 on the completion tokens: alpha, temperature and top_k do not
+  apply (rollout_temperature sets the sampling temperature).
+In offline/online mode the loss is alpha * KD + (1 - alpha) * NLL on assistant tokens only (the labels
+SFT uses), KD at `temperature` (times T^2 if scale_by_t2). The held-out loss logged during training
+is plain next-token NLL, comparable with sft's eval_loss.
+
+Inputs: model (the student; default the latest model), teacher (a model directory: `distill.teacher`,
+or the artifact of an earlier stage producing kind "teacher"), train_data, eval_data (optional).
+Student and teacher must share one tokenizer. Output in run_dir/distill/: model/, metrics.json,
+loss.png, report.md, and (offline, by default) teacher_topk/<key>/.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+
+from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
+from ..config import DistributedConfig, InputPath, Section
+from ..data import read_conversations
+from ..manifest import atomic_write_json, atomic_write_text
+from ..plots import curves_from_log_history, plot_curves
+from .base import Stage
+
+
+class DistillConfig(Section):
+    """Config of the distill stage."""
+
+    model: InputPath = None
+    """Student model directory; default: the latest earlier stage's model."""
+    teacher: InputPath = None
+    """Teacher model directory (required unless an earlier stage produces a 'teacher' artifact)."""
+    train_data: InputPath = None
+    """Conversational JSONL to distill on; default: the latest data stage's output."""
+    eval_data: InputPath = None
+    """Held-out conversational JSONL; default: the data stage's held-out split."""
+    mode: Literal["offline", "online", "on_policy"] = "offline"
+    """offline: cached teacher top-k; online: teacher forward each step; on_policy: GKD on student samples."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of teacher and student in the KD term (offline/online)."""
+    top_k: int = Field(32, ge=1)
+    """offline: teacher tokens kept per position (renormalised over these k)."""
+    alpha: float = Field(0.5, ge=0, le=1)
+    """Weight of the KD term; 1 - alpha weights the next-token NLL on the reference answer (offline/online)."""
+    beta: float = Field(0.0, ge=0, le=1)
+    """online/on_policy: generalized JSD interpolation (0 = forward KL, 1 = reverse KL; TRL's convention)."""
+    scale_by_t2: bool = True
+    """Multiply the KD term by temperature^2 so its gradients keep their size across temperatures."""
+    lmbda: float = Field(0.5, ge=0, le=1)
+    """on_policy: probability that a step trains on student-generated answers instead of the data's."""
+    seq_kd: bool = False
+    """on_policy: on the other steps, train on teacher-generated answers (sequence-level KD)."""
+    rollout_temperature: float = Field(1.0, gt=0)
+    """on_policy: sampling temperature of the generated answers."""
+    rollout_max_new_tokens: int = Field(32, ge=1)
+    """on_policy: longest generated answer, in tokens."""
+    cache_dir: Optional[str] = None
+    """offline: folder of the teacher top-k cache; default <stage dir>/teacher_topk. The runner clears the stage
+    dir when the stage config changes: point this elsewhere to reuse the cache across, e.g., learning-rate changes."""
+    teacher_batch_size: int = Field(32, ge=1)
+    """Sequences per teacher forward when building the cache and measuring held-out KL."""
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = use epochs."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    warmup: float = Field(0.05, ge=0)
+    """Warmup: a fraction of training if < 1, else a number of steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (transformers' lr_scheduler_type)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(256, ge=8)
+    """Longest tokenized sequence; longer ones are truncated (the end is dropped)."""
+    logging_steps: int = Field(10, ge=1)
+    """Log the training loss every N steps."""
+    eval_steps: int = Field(50, ge=1)
+    """Compute the held-out loss every N steps."""
+    save_steps: int = Field(100, ge=1)
+    """Checkpoint every N steps (the run resumes from the last one)."""
+    keep_checkpoints: bool = False
+    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
+    eval_samples: int = Field(100, ge=0)
+    """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
+    max_new_tokens: int = Field(32, ge=1)
+    """Longest greedy answer in the accuracy check."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Processes and DeepSpeed ZeRO settings."""
+
+
+def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
+                 teacher_logits: Optional[torch.Tensor] = None, topk_indices: Optional[torch.Tensor] = None,
+                 topk_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, nll) on already shifted tensors: student_logits[:, t] predicts labels[:, t].
+
+    Only positions with labels != -100 count. KD is the top-k forward KL when the top-k targets are
+    given (offline), else generalized JSD(beta) against the full teacher logits (online).
+    """
+    mask = labels != -100
+    if mask.any():
+        nll = torch.nn.functional.cross_entropy(student_logits[mask].float(), labels[mask])
+    else:
+        nll = student_logits.sum() * 0.0  # keeps the graph when a batch has no target token
+    if topk_indices is not None:
+        kd = forward_kl_topk(student_logits, topk_indices, topk_logprobs, mask, cfg.temperature, cfg.scale_by_t2)
+    elif teacher_logits is not None:
+        kd = generalized_jsd(student_logits, teacher_logits, mask, cfg.beta, cfg.temperature, cfg.scale_by_t2)
+    else:
+        raise ValueError("distill_loss needs either the teacher's logits or its cached top-k targets")
+    return mixed_loss(kd, nll, cfg.alpha), kd, nll
+
+
+@functools.cache
+def distill_trainer_class():
+    """The SFTTrainer subclass with the distillation loss (built on first use: importing trl is slow)."""
+    from trl import SFTTrainer
+
+    class DistillTrainer(SFTTrainer):
+        """Trains on alpha * KD + (1 - alpha) * NLL; evaluates plain NLL (SFTTrainer's loss)."""
+
+        def __init__(self, *args, distill_cfg: DistillConfig, teacher=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.distill_cfg = distill_cfg
+            self.teacher = teacher.to(self.args.device) if teacher is not None else None
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "row_id" not in self._signature_columns:  # the collator looks up the cached top-k by row
+                self._signature_columns = [*self._signature_columns, "row_id"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            topk = {k: inputs.pop(k) for k in ("topk_indices", "topk_logprobs") if k in inputs}
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            ids, attention = inputs["input_ids"], inputs["attention_mask"]
+            outputs = model(input_ids=ids, attention_mask=attention, use_cache=False)
+            teacher_logits = None
+            if not topk:
+                if self.teacher is None:
+                    raise ValueError("offline distillation batch without cached teacher top-k (collator not wired)")
+                with torch.no_grad():
+                    teacher_logits = self.teacher(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            labels = inputs["labels"][:, 1:]
+            loss, kd, nll = distill_loss(outputs.logits[:, :-1], labels, self.distill_cfg, teacher_logits,
+                                         topk.get("topk_indices"), topk.get("topk_logprobs"))
+            self._metrics["train"]["kd_loss"].append(kd.item())
+            self._metrics["train"]["nll"].append(nll.item())
+            if num_items_in_batch is not None:
+                # Token-level mean over the whole accumulated (and, across ranks, gathered) batch, as SFT does;
+                # the Trainer then does not divide by the accumulation steps.
+                loss = loss * (labels != -100).sum() / torch.as_tensor(num_items_in_batch).clamp(min=1)
+                if self.args.average_tokens_across_devices:
+                    loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillTrainer
+
+
+class Distill(Stage):
+    name = "distill"
+    Config = DistillConfig
+    consumes = {"model": "model", "teacher": "teacher", "train_data": "train_data", "eval_data": "eval_data"}
+    optional_inputs = {"eval_data"}
+    produces = {"model": "model"}
+    trains = True
+
+    def setup(self) -> None:
+        from ..distill_cache import cache_key, check_same_vocab, tokenize_for_loss
+        from ..models import load_model, load_tokenizer
+
+        inp, c = self.ctx.inputs, self.cfg
+        self.tokenizer = load_tokenizer(inp["model"])
+        self.model = load_model(inp["model"])
+        self.teacher = load_model(inp["teacher"]).eval().requires_grad_(False)
+        check_same_vocab(inp["model"], inp["teacher"], self.tokenizer, load_tokenizer(inp["teacher"]),
+                         self.model.get_output_embeddings().weight.shape[0],
+                         self.teacher.get_output_embeddings().weight.shape[0])
+        self.train_rows = read_conversations(inp["train_data"])
+        self.eval_rows = read_conversations(inp["eval_data"]) if inp.get("eval_data") else []
+        self.train_examples = tokenize_for_loss(self.tokenizer, self.train_rows, c.max_length)
+        self.eval_examples = tokenize_for_loss(self.tokenizer, self.eval_rows, c.max_length)
+        self.cache = None
+        if c.mode == "offline":
+            self.cache_root = Path(c.cache_dir) if c.cache_dir else self.ctx.dir / "teacher_topk"
+            self.cache_key = cache_key(inp["teacher"], inp["train_data"], self.tokenizer, c.top_k, c.temperature,
+                                       c.max_length)
+
+    def _open_cache(self) -> dict:
+        """Rank 0 builds (or finds) the cache first; the other ranks then load it."""
+        from ..distill_cache import compute_topk, open_or_build_cache
+
+        c, distributed = self.cfg, self.ctx.world_size > 1
+        build = functools.partial(compute_topk, self.teacher, self.train_examples, len(self.train_rows), c.top_k,
+                                  c.temperature, self.tokenizer.pad_token_id, c.teacher_batch_size)
+        if distributed and not self.ctx.is_main:
+            torch.distributed.barrier()
+        about = {"teacher_dir": self.ctx.inputs["teacher"], "data_file": self.ctx.inputs["train_data"]}
+        self.cache, status, folder = open_or_build_cache(self.cache_root, self.cache_key, build, about)
+        if distributed and self.ctx.is_main:
+            torch.distributed.barrier()
+        return {"cache": status, "cache_dir": str(folder), "cache_entries": len(self.cache.positions)}
+
+    def _training_args(self, config_cls, **extra):
+        from ..launch import trainer_kwargs
+
+        c, has_eval = self.cfg, bool(self.eval_examples)
+        return config_cls(
+            output_dir=str(self.ctx.dir / "checkpoints"), learning_rate=c.learning_rate, num_train_epochs=c.epochs,
+            max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
+            gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
+            weight_decay=c.weight_decay, max_length=c.max_length, logging_steps=c.logging_steps,
+            logging_first_step=True, eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps,
+            eval_on_start=has_eval, save_strategy="steps", save_steps=c.save_steps, save_total_limit=2,
+            report_to="none", seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,
+            **extra, **trainer_kwargs(c.distributed))
+
+    def _trainer(self):
+        from datasets import Dataset
+
+        c = self.cfg
+        if c.mode == "on_policy":
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            args = self._training_args(GKDConfig, lmbda=c.lmbda, beta=c.beta, seq_kd=c.seq_kd,
+                                       temperature=c.rollout_temperature, max_new_tokens=c.rollout_max_new_tokens)
+            messages = lambda rows: Dataset.from_list([{"messages": r["messages"]} for r in rows])  # noqa: E731
+            return GKDTrainer(model=self.model, teacher_model=self.teacher, args=args,
+                              train_dataset=messages(self.train_rows),
+                              eval_dataset=messages(self.eval_rows) if self.eval_rows else None,
+                              processing_class=self.tokenizer)
+        from trl import SFTConfig as TRLConfig
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        from ..distill_cache import TopKCollator
+
+        # Labels are built by tokenize_for_loss (assistant-only), so TRL trains on them as given.
+        args = self._training_args(TRLConfig, assistant_only_loss=False, packing=False)
+        collator = TopKCollator(DataCollatorForLanguageModeling(pad_token_id=self.tokenizer.pad_token_id), self.cache)
+        eval_ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "labels")} for e in self.eval_examples])
+        return distill_trainer_class()(
+            model=self.model, args=args, train_dataset=Dataset.from_list(self.train_examples),
+            eval_dataset=eval_ds if self.eval_examples else None, processing_class=self.tokenizer,
+            data_collator=collator, distill_cfg=c, teacher=self.teacher if c.mode == "online" else None)
+
+    def train(self) -> dict:
+        metrics = {"mode": self.cfg.mode}
+        if self.cfg.mode == "offline":
+            metrics.update(self._open_cache())
+        if self.ctx.is_main and self.eval_examples:
+            metrics["heldout_before"] = self._heldout(self.model)
+            if self.cfg.eval_samples:
+                metrics["accuracy_before"] = self._accuracy(self.model)
+        self.trainer = self._trainer()
+        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        if resume:
+            self.log.info("[distill] resuming from %s", resume)
+            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        metrics["train_loss"] = round(result.training_loss, 4)
+        acc = self.trainer.accelerator
+        metrics["processes"] = acc.num_processes
+        metrics["deepspeed_zero_stage"] = (acc.state.deepspeed_plugin.zero_stage
+                                           if self.trainer.is_deepspeed_enabled else None)
+        metrics["steps"] = self.trainer.state.global_step
+        if "heldout_before" in metrics:
+            metrics["eval_loss_before"] = metrics["heldout_before"]["nll"]  # token-weighted NLL, as sft reports
+        self.train_metrics = metrics
+        return metrics
+
+    def save(self) -> dict:
+        """Write model/ atomically; then (rank 0) reload it for the held-out and accuracy checks."""
+        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
+        if self.ctx.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        metrics = {}
+        if self.ctx.is_main:
+            from ..launch import end_sharded_init
+            from ..models import load_model, save_generation_config
+
+            self.tokenizer.save_pretrained(partial)
+            save_generation_config(self.tokenizer, partial)
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            end_sharded_init()
+            student = load_model(final)
+            if self.eval_examples:
+                metrics["heldout_after"] = self._heldout(student)
+                if self.cfg.eval_samples:
+                    metrics["accuracy_after"] = self._accuracy(student)
+            if "heldout_after" in metrics:
+                metrics["eval_loss_after"] = metrics["heldout_after"]["nll"]
+            self._write_outputs({**self.train_metrics, **metrics})
+            if not self.cfg.keep_checkpoints:
+                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        return metrics
+
+    def _write_outputs(self, metrics: dict) -> None:
+        history = self.trainer.state.log_history
+        plot_curves(curves_from_log_history(history, ["loss", "kd_loss", "nll", "eval_loss", "learning_rate"]),
+                    self.ctx.dir / "loss.png", title=f"distill ({self.cfg.mode})")
+        atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
+        atomic_write_text(self.ctx.dir / "report.md", self._report(metrics))
+
+    def _report(self, m: dict) -> str:
+        c, inp = self.cfg, self.ctx.inputs
+        lines = [f"# distill ({c.mode})", "", f"- student: {inp['model']}", f"- teacher: {inp['teacher']}",
+                 f"- temperature {c.temperature}, alpha {c.alpha}, top_k {c.top_k}, beta {c.beta}; "
+                 f"{m.get('steps')} steps; teacher cache: {m.get('cache', 'n/a')}", "",
+                 "| held-out (reference answers) | before | after |", "|---|---|---|"]
+        b, a = m.get("heldout_before", {}), m.get("heldout_after", {})
+        for key in ("nll", "perplexity", "kl_to_teacher"):
+            lines.append(f"| {key} | {b.get(key, '-')} | {a.get(key, '-')} |")
+        acc_b, acc_a = (m.get("accuracy_before") or {}), (m.get("accuracy_after") or {})
+        lines.append(f"| task accuracy (greedy) | {acc_b.get('overall', '-')} | {acc_a.get('overall', '-')} |")
+        return "\n".join(lines) + "\n"
+
+    def _heldout(self, model) -> dict:
+        from ..distill_cache import heldout_metrics
+
+        return heldout_metrics(model, self.teacher, self.eval_examples, self.tokenizer.pad_token_id,
+                               self.cfg.teacher_batch_size)
+
+    def _accuracy(self, model) -> dict:
+        from ..generate import HFEngine, SamplingConfig
+        from ..tasks import answer_accuracy
+
+        rows = self.eval_rows[: self.cfg.eval_samples]
+        samples = HFEngine(model, self.tokenizer).generate([r["messages"][:-1] for r in rows],
+                                                           SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
+        return answer_accuracy(rows, [s[0].text for s in samples])
+
+
+def _last_checkpoint(folder: Path) -> Optional[str]:
+    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+STAGE = Distill
