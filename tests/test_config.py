@@ -74,3 +74,15 @@ def test_resolved_config_round_trips(tmp_path):
     again = pipeline_model().model_validate(yaml.safe_load(dump_config(cfg)))
     assert again.model_dump() == cfg.model_dump()
     assert again.sft.learning_rate == 0.5
+
+
+def test_shipped_configs_validate(monkeypatch):
+    """The quickstart validates as is; the GPU config fails only on its (absent) local model paths."""
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    load_pipeline("configs/quickstart.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_pipeline("configs/gemma2-2b-gpu.yaml")
+    problems = str(err.value).splitlines()[1:]
+    assert problems and all("path does not exist: '/models/" in line for line in problems), problems

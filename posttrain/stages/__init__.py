@@ -12,6 +12,7 @@ STAGE_MODULES = {
     "sft": "posttrain.stages.sft",
     "distill": "posttrain.stages.distill",
     "ppo": "posttrain.stages.ppo",
+    "warp": "posttrain.stages.warp",
     "merge": "posttrain.stages.merge",
     "eval": "posttrain.stages.eval",
     "release": "posttrain.stages.release",

@@ -276,6 +276,8 @@ class PPO(Stage):
 
         if self.policy_h.distributed:
             self._sync_engine()  # collective: the rollout copy now holds the final weights
+        if hasattr(self.engine, "close"):
+            self.engine.close()  # free the vLLM engine (a later stage may start its own)
         if not self.ctx.is_main:
             return {}
         save_model_dir(self.rollout_model, self.tokenizer, self.ctx.dir / "model")
