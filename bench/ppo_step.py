@@ -1,0 +1,451 @@
+"""PPO step time: posttrain's `ppo` stage against TRL 1.12.0's PPOTrainer, side by side, in one run.
+
+Both sides get the same saved models (policy = reference init, and one reward-model directory that is
+the reward model AND the value init), the same prompts, rollout batch, mini-batch, PPO epochs, response
+length and temperature, fp32, no gradient checkpointing, one optimiser step per mini-batch, and HF
+`generate` rollouts that stop on `<end_of_turn>` (TRL: `stop_token_id`; no missing-EOS penalty on either
+side). `trl-nogc` is TRL with its two `gc.collect()` calls per update made no-ops (a diagnostic). Then
+our stage with vLLM rollouts: the share of the step spent in generation and in weight sync, at the tiny
+size and at ~26M parameters. Each configuration runs in its own child process (peak RSS = its VmHWM).
+
+Times are means over the updates after the first (warm-up), as wall seconds and as process CPU seconds.
+With one torch thread on an idle machine the two agree; on a shared machine wall time stretches with
+the load while CPU time barely moves, so the CPU ratios are the ones to compare across runs.
+
+TRL removed PPO in 1.13; 1.12.0 is installed `--no-deps` into bench/.trl112 (outside the venv) and is
+imported only by the TRL child, so the venv's trl stays untouched:
+
+    .venv/bin/python -m pip install --no-deps --target bench/.trl112 trl==1.12.0   # or pass --install-trl
+    .venv/bin/python bench/ppo_step.py            # tiny + ~26M models, ~4 min idle, ~8 min under load
+    .venv/bin/python bench/ppo_step.py --quick    # tiny model, 3 configurations, ~1.5 min
+
+Results: bench/results/ppo_step.json (--quick: ppo_step_quick.json); each child's log:
+bench/results/ppo_step_logs/<config>.log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+TRL_DIR = BENCH / ".trl112"
+TRL_VERSION = "1.12.0"
+SIZES = {  # Llama built from config; the tokenizer (vocab 512) is shared
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384),
+    "large": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1408),
+}
+PPO = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
+           learning_rate=1e-5, kl_coef=0.05)
+"""PPO settings given to both sides."""
+UPDATES = {"tiny": 8, "large": 3}
+QUICK_UPDATES = {"tiny": 4}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every child (default 1)")
+    p.add_argument("--quick", action="store_true", help="tiny model, 3 configurations, fewer updates (< 2 minutes)")
+    p.add_argument("--no-large", action="store_true", help="skip the ~26M-parameter runs")
+    p.add_argument("--only", help="comma-separated configuration names to run (e.g. ours-vllm-large)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--install-trl", action="store_true", help=f"pip install trl=={TRL_VERSION} into {TRL_DIR}")
+    p.add_argument("--out", type=Path, help="results JSON (default bench/results/ppo_step[_quick].json)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: path of a child spec JSON
+    args = p.parse_args(argv)
+    args.out = args.out or BENCH / "results" / ("ppo_step_quick.json" if args.quick else "ppo_step.json")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def build_inputs(work: Path, sizes: list[str], seed: int) -> dict:
+    """Train data, tokenizer, and per size a policy dir and a reward-model dir (also the value init)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.data import write_jsonl
+    from posttrain.models import ModelConfig, build_tiny_model, count_parameters, save_model_dir, train_tokenizer
+    from posttrain.tasks import TASKS, make_example
+
+    rng = random.Random(seed)
+    rows = [make_example(rng.choice(sorted(TASKS)), rng) for _ in range(400)]
+    tokenizer = train_tokenizer([m["content"] for r in rows for m in r["messages"]] + ["user\nmodel\n"], 512)
+    write_jsonl(work / "train.jsonl", rows[:256])
+    out = {"train_data": str(work / "train.jsonl"), "vocab": len(tokenizer)}
+    for size in sizes:
+        cfg = ModelConfig(family="llama", **SIZES[size])
+        policy = build_tiny_model(cfg, tokenizer, seed=seed)
+        save_model_dir(policy, tokenizer, work / f"{size}-policy")
+        rm_init = build_tiny_model(cfg, tokenizer, seed=seed + 1)
+        save_model_dir(rm_init, tokenizer, work / f"{size}-rm-init")
+        rm = AutoModelForSequenceClassification.from_pretrained(str(work / f"{size}-rm-init"), num_labels=1)
+        rm.config.pad_token_id = tokenizer.pad_token_id
+        save_model_dir(rm, tokenizer, work / f"{size}-rm")
+        out[size] = {"policy": str(work / f"{size}-policy"), "rm": str(work / f"{size}-rm"),
+                     "parameters": count_parameters(policy), **SIZES[size]}
+    return out
+
+
+def configurations(args) -> list[dict]:
+    """The configurations to run, in order. `trl-nogc` is TRL with its per-update `gc.collect()` calls
+    made no-ops: a diagnostic that separates that fixed cost from the PPO work itself."""
+    runs = [("ours", "hf", "tiny"), ("trl", "hf", "tiny"), ("trl-nogc", "hf", "tiny"), ("ours", "vllm", "tiny")]
+    if args.quick:
+        runs.remove(("trl-nogc", "hf", "tiny"))
+    elif not args.no_large:
+        runs += [("ours", "hf", "large"), ("trl", "hf", "large"), ("ours", "vllm", "large")]
+    updates = QUICK_UPDATES if args.quick else UPDATES
+    configs = [{"name": f"{side}-{backend}-{size}", "side": side, "backend": backend, "size": size,
+                "updates": updates[size]} for side, backend, size in runs]
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {c["name"] for c in configs}
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; "
+                             f"known: {', '.join(c['name'] for c in configs)}")
+        configs = [c for c in configs if c["name"] in wanted]
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+def ensure_trl(install: bool) -> str | None:
+    """None if trl 1.12.0 is in TRL_DIR (installing it if asked), else why not."""
+    if not (TRL_DIR / "trl").is_dir() and install:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(TRL_DIR), f"trl=={TRL_VERSION}"]
+        print("installing:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=False)
+    if not (TRL_DIR / "trl").is_dir():
+        return (f"trl {TRL_VERSION} not found in {TRL_DIR}: run `{Path(sys.executable).name} -m pip install "
+                f"--no-deps --target {TRL_DIR} trl=={TRL_VERSION}` or pass --install-trl")
+    return None
+
+
+def run_child(spec: dict, work: Path, log_dir: Path) -> dict:
+    """Run one configuration in a fresh process; its result, or the reason it failed."""
+    spec_path, result_path = work / f"{spec['name']}.spec.json", work / f"{spec['name']}.result.json"
+    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
+    threads = str(spec["threads"])
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    log_path = log_dir / f"{spec['name']}.log"
+    load_before, start = os.getloadavg()[0], time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)], stdout=log,
+                              stderr=subprocess.STDOUT, env=env, cwd=str(work), check=False)
+    wall = time.perf_counter() - start
+    meta = {"process_seconds": wall, "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
+            "log": str(log_path)}
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text().strip().splitlines()[-6:]
+        return {**meta, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+    return {**meta, **json.loads(result_path.read_text())}
+
+
+def summarise(result: dict, rollout: int) -> dict:
+    """Means over the updates after the first (warm-up): wall and CPU seconds, phase shares, tokens/s."""
+    steps = result["updates"][1:]
+    mean = lambda key: statistics.fmean(s[key] for s in steps)  # noqa: E731
+    out = {"timed_updates": len(steps), "step_s": mean("total"),
+           "step_s_stdev": statistics.stdev(s["total"] for s in steps) if len(steps) > 1 else 0.0,
+           "generate_s": mean("generate"), "sync_s": mean("sync"), "cpu_step_s": mean("cpu_total"),
+           "cpu_generate_s": mean("cpu_generate"), "cpu_sync_s": mean("cpu_sync"),
+           "tokens_per_update": mean("tokens"), "finished_fraction": mean("finished") / rollout}
+    out.update(generate_share_wall=out["generate_s"] / out["step_s"], sync_share_wall=out["sync_s"] / out["step_s"],
+               generate_share_cpu=out["cpu_generate_s"] / out["cpu_step_s"],
+               sync_share_cpu=out["cpu_sync_s"] / out["cpu_step_s"],
+               tokens_per_s_wall=out["tokens_per_update"] / out["step_s"],
+               tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_step_s"],
+               generate_tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_generate_s"])
+    return out
+
+
+def print_table(report: dict) -> None:
+    rows = [("config", "params", "wall s/update", "CPU s/update", "gen share wall/CPU", "sync share wall/CPU",
+             "tok/update", "tok/CPU-s", "gen tok/CPU-s", "peak RSS MiB")]
+    for name, r in report["runs"].items():
+        if "error" in r:
+            rows.append((name, "-", "FAILED", *[""] * 7))
+            continue
+        s = r["summary"]
+        gen_share = f"{100 * s['generate_share_wall']:.1f}%/{100 * s['generate_share_cpu']:.1f}%"
+        sync_share = f"{100 * s['sync_share_wall']:.2f}%/{100 * s['sync_share_cpu']:.2f}%"
+        rows.append((name, f"{r['parameters'] / 1e6:.2f}M", f"{s['step_s']:.2f} ±{s['step_s_stdev']:.2f}",
+                     f"{s['cpu_step_s']:.2f}", gen_share, sync_share,
+                     f"{s['tokens_per_update']:.0f}", f"{s['tokens_per_cpu_s']:.0f}",
+                     f"{s['generate_tokens_per_cpu_s']:.0f}", f"{r['peak_rss_mib']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print()
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    print()
+    print(f"{'ratio':28s} {'wall step':>10s} {'CPU step':>10s} {'peak RSS':>10s}")
+    for label, value in report["ratios"].items():
+        cells = ([f"{value[k]:.2f}x" for k in ("wall_step", "cpu_step", "peak_rss")] if isinstance(value, dict)
+                 else [value])
+        print(f"{label:28s} " + " ".join(f"{c:>10s}" for c in cells))
+    for name, r in report["runs"].items():
+        if "error" in r:
+            print(f"\n{name} FAILED: {r['error']}\n  log: {r['log']}")
+    print(f"\nload average (1 min) before/after each child: {report['load_average_1m']} "
+          f"({os.cpu_count()} cores); CPU times are the load-robust numbers")
+
+
+PAIRS = [("ours-hf / trl (tiny)", "ours-hf-tiny", "trl-hf-tiny"),
+         ("ours-hf / trl-nogc (tiny)", "ours-hf-tiny", "trl-nogc-hf-tiny"),
+         ("ours-hf / trl (large)", "ours-hf-large", "trl-hf-large"),
+         ("ours-vllm / ours-hf (tiny)", "ours-vllm-tiny", "ours-hf-tiny"),
+         ("ours-vllm / ours-hf (large)", "ours-vllm-large", "ours-hf-large")]
+"""Ratios a/b reported for every pair whose two configurations both ran."""
+
+
+def ratios(runs: dict) -> dict:
+    def metrics(name):
+        run = runs.get(name, {})
+        if "summary" not in run:
+            return None
+        return {"wall_step": run["summary"]["step_s"], "cpu_step": run["summary"]["cpu_step_s"],
+                "peak_rss": run["peak_rss_mib"]}
+
+    out = {}
+    for label, a, b in PAIRS:
+        if a in runs and b in runs:
+            ma, mb = metrics(a), metrics(b)
+            out[label] = {k: ma[k] / mb[k] for k in ma} if ma and mb else "n/a (a run failed)"
+    return out
+
+
+def run_configuration(cfg: dict, inputs: dict, work: Path, log_dir: Path, args) -> dict:
+    """One configuration in its own process, with its summary (or the reason it did not run)."""
+    size = inputs[cfg["size"]]
+    print(f"[{cfg['name']}] {size['parameters'] / 1e6:.2f}M params, {cfg['updates']} updates ...", flush=True)
+    if cfg["side"].startswith("trl") and inputs["trl_problem"]:
+        print(f"  skipped: {inputs['trl_problem']}", flush=True)
+        return {"error": inputs["trl_problem"], "log": "-", "load_avg_1m_after": os.getloadavg()[0]}
+    spec = {**cfg, "threads": args.threads, "seed": args.seed, "policy": size["policy"], "rm": size["rm"],
+            "train_data": inputs["train_data"], "trl_dir": str(TRL_DIR), "ppo": PPO}
+    result = run_child(spec, work, log_dir)
+    if "error" in result:
+        print(f"  FAILED: {result['error']}", flush=True)
+        return result
+    result.update(parameters=size["parameters"], summary=summarise(result, PPO["rollout_batch_size"]))
+    print(f"  {result['summary']['step_s']:.2f} s/update ({result['summary']['cpu_step_s']:.2f} CPU s), peak RSS "
+          f"{result['peak_rss_mib']:.0f} MiB, process {result['process_seconds']:.0f} s", flush=True)
+    return result
+
+
+def parent(args) -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # building the inputs is not news
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import torch
+
+    configs = configurations(args)
+    sizes = sorted({c["size"] for c in configs}, key=list(SIZES).index)
+    log_dir = args.out.parent / "ppo_step_logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    loads = [os.getloadavg()[0]]
+    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
+              "quick": args.quick, "ppo": PPO, "torch": torch.__version__, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="ppo_step_bench_") as tmp:
+        work = Path(tmp)
+        inputs = {**build_inputs(work, sizes, args.seed), "trl_problem": ensure_trl(args.install_trl)}
+        report.update(vocab=inputs["vocab"], models={s: {k: v for k, v in inputs[s].items()
+                                                         if k not in ("policy", "rm")} for s in sizes})
+        for cfg in configs:
+            report["runs"][cfg["name"]] = run_configuration(cfg, inputs, work, log_dir, args)
+            loads.append(report["runs"][cfg["name"]]["load_avg_1m_after"])
+    report["load_average_1m"] = [round(x, 2) for x in loads]
+    report["ratios"] = ratios(report["runs"])
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(report, indent=2))
+    tmp_out.replace(args.out)  # atomic: a reader never sees half a file
+    print(f"wrote {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+def peak_rss_mib() -> float:
+    """Peak resident set of this process, MiB: VmHWM, which exec resets. (getrusage's ru_maxrss is
+    kept across fork+exec on Linux, so a child would report at least its parent's RSS at the fork.)"""
+    status = Path("/proc/self/status").read_text()
+    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def subprocess_peak_rss_mib() -> float:
+    """Largest ru_maxrss among processes this child started and waited for (0 if none). An upper
+    bound only: a helper forked from this process counts the RSS it inherited at the fork (vLLM
+    forks one at start-up), so the table reports `peak_rss_mib` alone."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def cpu_clock(owner, method: str, into: list) -> None:
+    """Wrap `owner.method` to append the process CPU seconds (all threads) of every call to `into`.
+    On a shared machine wall time depends on what else runs; CPU time far less."""
+    plain = getattr(owner, method)
+
+    def clocked(*args, **kwargs):
+        start = time.process_time()
+        out = plain(*args, **kwargs)
+        into.append(time.process_time() - start)
+        return out
+
+    setattr(owner, method, clocked)
+
+
+def child_ours(spec: dict) -> dict:
+    """Our ppo stage through the pipeline runner: wall times per phase from its metrics.jsonl, CPU
+    times from clocks around its update, the engine's generate and the weight sync."""
+    from posttrain.generate import HFEngine
+    from posttrain.generate_vllm import VLLMEngine
+    from posttrain.pipeline import load_pipeline, run_pipeline
+    from posttrain.stages.ppo import PPO as PPOStage
+
+    p = spec["ppo"]
+    ppo = {"model": spec["policy"], "train_data": spec["train_data"], "value_model": spec["rm"],
+           "scoring": {"reward_model": spec["rm"]},
+           "sampling": {"backend": spec["backend"], "temperature": p["temperature"], "top_p": 1.0,
+                        "max_new_tokens": p["max_new_tokens"], "batch_size": p["rollout_batch_size"]},
+           "updates": spec["updates"], "rollout_batch_size": p["rollout_batch_size"],
+           "mini_batch_size": p["mini_batch_size"], "ppo_epochs": p["ppo_epochs"],
+           "learning_rate": p["learning_rate"], "value_learning_rate": p["learning_rate"], "kl_coef": p["kl_coef"],
+           "missing_eot_penalty": 0.0, "save_every": spec["updates"], "eval_samples": 0}
+    cpu = {"total": [], "generate": [], "sync": [], "prepare": []}
+    cpu_clock(PPOStage, "_update", cpu["total"])
+    cpu_clock(PPOStage, "_prepare", cpu["prepare"])  # old-logprob, reference and value forwards + GAE
+    cpu_clock(VLLMEngine if spec["backend"] == "vllm" else HFEngine, "generate", cpu["generate"])
+    cpu_clock(VLLMEngine, "load_weights", cpu["sync"])
+    run_dir = Path.cwd() / f"run-{spec['name']}"
+    config = {"run_dir": str(run_dir), "seed": spec["seed"], "threads": spec["threads"], "stages": ["ppo"], "ppo": ppo}
+    Path(f"{spec['name']}.yaml").write_text(json.dumps(config))  # JSON is YAML
+    run_pipeline(load_pipeline(f"{spec['name']}.yaml"))
+    history = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    cpu["sync"] = cpu["sync"] or [0.0] * len(history)  # HF rollouts sample the live policy: no sync
+    if not all(len(v) == len(history) for v in cpu.values()):
+        raise RuntimeError(f"{len(history)} updates but CPU clocks {({k: len(v) for k, v in cpu.items()})}")
+    return {"updates": [{"total": h["time/total"], "generate": h["time/generate"], "sync": h["time/sync"],
+                         "score": h["time/score"], "train": h["time/train"],
+                         "tokens": h["response_length"] * p["rollout_batch_size"],
+                         "finished": h["finished"] * p["rollout_batch_size"],
+                         "cpu_total": cpu["total"][i], "cpu_generate": cpu["generate"][i], "cpu_sync": cpu["sync"][i],
+                         "cpu_prepare": cpu["prepare"][i]}
+                        for i, h in enumerate(history)]}
+
+
+def clock_generate(policy, stop_id: int) -> dict[str, list]:
+    """Wrap `policy.generate` (what PPOTrainer samples with) to record, per call, wall and CPU seconds,
+    completion tokens up to and including the first stop token, and how many completions stopped."""
+    import torch
+
+    calls = {"wall": [], "cpu": [], "tokens": [], "finished": []}
+    plain_generate = policy.generate
+
+    def timed_generate(*a, **kw):
+        start = time.perf_counter()
+        out = plain_generate(*a, **kw)
+        calls["wall"].append(time.perf_counter() - start)
+        hit = out.sequences[:, kw["input_ids"].shape[1]:] == stop_id
+        lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, hit.shape[1])
+        calls["tokens"].append(int(lengths.sum()))
+        calls["finished"].append(int(hit.any(1).sum()))
+        return out
+
+    policy.generate = timed_generate
+    cpu_clock(policy, "generate", calls["cpu"])
+    return calls
+
+
+def trl_config(config_cls, spec: dict, stop_id: int):
+    """PPOTrainer settings matching our stage's. per_device_train_batch_size = the whole rollout and no
+    accumulation give one optimiser step per mini-batch, as ours takes (TRL steps once every
+    gradient_accumulation_steps micro-batches)."""
+    p, rollout = spec["ppo"], spec["ppo"]["rollout_batch_size"]
+    return config_cls(
+        output_dir="trl-out", per_device_train_batch_size=rollout, gradient_accumulation_steps=1,
+        num_mini_batches=rollout // p["mini_batch_size"], num_ppo_epochs=p["ppo_epochs"],
+        total_episodes=spec["updates"] * rollout, local_rollout_forward_batch_size=rollout,
+        response_length=p["max_new_tokens"], temperature=p["temperature"], stop_token_id=stop_id,
+        missing_eos_penalty=None, kl_coef=p["kl_coef"], kl_estimator="k1", learning_rate=p["learning_rate"],
+        lr_scheduler_type="constant", bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
+        save_strategy="no", num_sample_generations=0, seed=spec["seed"], dataloader_num_workers=0,
+        disable_tqdm=True)
+
+
+def child_trl(spec: dict) -> dict:
+    """TRL 1.12.0's PPOTrainer on the same models and prompts; wall and CPU seconds per update from a
+    callback at every step end."""
+    sys.path.insert(0, spec["trl_dir"])  # ahead of the venv's trl 1.16
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    if trl.__version__ != TRL_VERSION or not trl.__file__.startswith(spec["trl_dir"]):
+        raise RuntimeError(f"expected trl {TRL_VERSION} from {spec['trl_dir']}, imported {trl.__version__} "
+                           f"from {trl.__file__}")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from posttrain.chat import END_OF_TURN
+    from posttrain.data import prompt_of, read_conversations
+    from posttrain.generate import chat_prompt_ids
+    from posttrain.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(spec["policy"])
+    tokenizer.padding_side = "left"  # PPOTrainer expects left-padded queries
+    eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    dataset = Dataset.from_dict({"input_ids": [chat_prompt_ids(tokenizer, prompt_of(r))
+                                               for r in read_conversations(spec["train_data"])]})
+    policy, reference = load_model(spec["policy"]), load_model(spec["policy"])
+    reward, value = load_model(spec["rm"], kind="reward"), load_model(spec["rm"], kind="reward")
+    gen = clock_generate(policy, eot)
+    if spec["side"] == "trl-nogc":
+        import gc
+
+        gc.collect = lambda *a, **kw: 0  # PPOTrainer calls it twice per update; automatic collection stays on
+
+    marks: list[tuple[float, float]] = []  # (wall, CPU) at train begin and at every update's end
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            marks.append((time.perf_counter(), time.process_time()))
+
+        on_step_end = on_train_begin
+
+    trainer = PPOTrainer(args=trl_config(PPOConfig, spec, eot), processing_class=tokenizer, model=policy,
+                         ref_model=reference, reward_model=reward, value_model=value, train_dataset=dataset,
+                         eval_dataset=dataset.select(range(8)), callbacks=[StepClock()])
+    trainer.train()
+    steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    if not (len(steps) == len(gen["wall"]) == spec["updates"]):
+        raise RuntimeError(f"expected {spec['updates']} updates, timed {len(steps)} and {len(gen['wall'])} rollouts")
+    return {"trl_version": trl.__version__,
+            "updates": [{"total": wall, "generate": gen["wall"][i], "sync": 0.0, "tokens": gen["tokens"][i],
+                         "finished": gen["finished"][i], "cpu_total": cpu, "cpu_generate": gen["cpu"][i],
+                         "cpu_sync": 0.0} for i, (wall, cpu) in enumerate(steps)]}
+
+
+def child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    torch.set_num_threads(spec["threads"])  # before vLLM starts: it makes set_num_threads a no-op
+    start = time.perf_counter()
+    result = (child_trl if spec["side"].startswith("trl") else child_ours)(spec)
+    result.update(peak_rss_mib=peak_rss_mib(), subprocess_peak_rss_mib=subprocess_peak_rss_mib(),
+                  threads_at_end=torch.get_num_threads(), run_seconds=time.perf_counter() - start)
+    Path(spec["result"]).write_text(json.dumps(result))
+    print(f"child {spec['name']} done: peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    cli = parse_args()
+    child_main(cli.child) if cli.child else parent(cli)
