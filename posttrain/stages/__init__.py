@@ -10,6 +10,8 @@ STAGE_MODULES = {
     "filter": "posttrain.stages.filter",
     "base": "posttrain.stages.base_model",
     "sft": "posttrain.stages.sft",
+    "prefs": "posttrain.stages.prefs",
+    "rm": "posttrain.stages.rm",
     "distill": "posttrain.stages.distill",
     "ppo": "posttrain.stages.ppo",
     "warp": "posttrain.stages.warp",

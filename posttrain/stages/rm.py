@@ -1,0 +1,435 @@
+"""rm: a Bradley-Terry reward model trained on preference pairs with TRL's RewardTrainer.
+
+The reward model is the policy checkpoint (SFT by default) with a one-output sequence-classification
+head on its last non-pad token. Loss per pair: −log σ(r_chosen − r_rejected − margin) (margin only with
+`use_margin`), plus `center_rewards_coefficient`·mean((r_c + r_r)²) when set. Full fine-tuning or LoRA
+(always saved merged), in one process or as DeepSpeed ranks; resumes from its last checkpoint.
+
+After training, rank 0 reloads the saved model through the scoring API (what PPO will use) and measures:
+- held-out pairs: pairwise accuracy, mean margin r_c − r_r, mean/std of chosen and rejected rewards;
+- ROC AUC of the reward vs the verifiers' correct/incorrect label, on fresh policy samples of held-out
+  prompts (Mann-Whitney form; skipped with a note when one class is empty).
+
+Output in run_dir/rm/: model/ (HF sequence-classification dir with tokenizer and chat template, loadable
+by `load_model(path, kind="reward")`), metrics.json, curves.png (loss, accuracy), scores.png (histogram).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from pydantic import Field, model_validator
+
+from ..config import DistributedConfig, InputPath, Section
+from ..data import DataError, iter_jsonl
+from ..generate import SamplingConfig
+from ..manifest import atomic_write_json
+from ..plots import curves_from_log_history, plot_curves
+from ..scoring import RewardFunctionError, RuleSpec, ScoringConfig
+from .base import Stage
+
+LABEL_RULES = [RuleSpec(path="reward/verifiers.py", function=f) for f in ("task_correct", "refusal", "identity")]
+
+
+class RMLoraConfig(Section):
+    """Low-rank adaptation (peft) of the reward model; the score head is always trained in full."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (saved merged into full weights)."""
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: 'all-linear' or a list of module names."""
+
+
+class AUCConfig(Section):
+    """ROC AUC of reward-model scores against verifier labels on fresh policy samples."""
+
+    prompts: int = Field(64, ge=0)
+    """Held-out prompts to sample (0 = skip the AUC)."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, n=4, max_new_tokens=32)
+    """How the policy samples (backend hf or vllm; seed None: the pipeline seed)."""
+    vllm: dict = {}
+    """Extra vLLM engine options for sampling.backend=vllm (e.g. max_num_batched_tokens: 65536)."""
+    rules: list[RuleSpec] = LABEL_RULES
+    """Verifiers labelling a sample: correct when every rule scores >= 0.5."""
+
+
+class RMConfig(Section):
+    """Config of the rm stage."""
+
+    model: InputPath = None
+    """Checkpoint the reward model starts from; default: the latest earlier stage's model (e.g. SFT)."""
+    policy: InputPath = None
+    """Policy sampled for the AUC check; default: the latest earlier stage's model."""
+    prefs_train: InputPath = None
+    """Preference pairs to train on; default: the prefs stage's train.jsonl."""
+    prefs_eval: InputPath = None
+    """Held-out preference pairs; default: the prefs stage's eval.jsonl."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak learning rate (AdamW)."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the pairs (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = use epochs."""
+    batch_size: int = Field(16, ge=1)
+    """Pairs per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    warmup: float = Field(0.05, ge=0)
+    """Warmup: a fraction of training if < 1, else a number of steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (transformers' lr_scheduler_type)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(256, ge=8)
+    """Pairs with a conversation longer than this many tokens are left out (TRL's filter)."""
+    use_margin: bool = False
+    """Subtract each pair's margin inside the loss, −log σ(r_c − r_r − m) (Llama 2's margin loss)."""
+    center_rewards_coefficient: Optional[float] = Field(None, ge=0)
+    """Weight of mean((r_c + r_r)²) added to the loss, keeping rewards centred on 0; None: off."""
+    lora: RMLoraConfig = RMLoraConfig()
+    """LoRA settings."""
+    logging_steps: int = Field(10, ge=1)
+    """Log the training loss and accuracy every N steps."""
+    eval_steps: int = Field(50, ge=1)
+    """Compute held-out loss and accuracy every N steps."""
+    save_steps: int = Field(100, ge=1)
+    """Checkpoint every N steps (the run resumes from the last one)."""
+    keep_checkpoints: bool = False
+    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
+    score_batch_size: int = Field(32, ge=1)
+    """Conversations per forward pass when scoring held-out pairs and samples."""
+    auc: AUCConfig = AUCConfig()
+    """The reward-vs-verifier AUC check."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Processes and DeepSpeed ZeRO settings."""
+
+    @model_validator(mode="after")
+    def _lora_not_sharded(self):
+        if self.lora.enabled and self.distributed.num_processes > 1 and self.distributed.zero_stage == 3:
+            raise ValueError("lora is saved merged, which ZeRO-3's sharded weights do not allow; use zero_stage 2")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_pairs(path: str) -> list[dict]:
+    """Preference rows {chosen, rejected, margin?}; errors name file:line and what was expected."""
+    from ..chat import validate_roles
+
+    rows = []
+    for lineno, row in iter_jsonl(path):
+        try:
+            for key in ("chosen", "rejected"):
+                msgs = row.get(key)
+                if not isinstance(msgs, list):
+                    raise ValueError(f"missing {key!r}: expected a list of messages")
+                validate_roles(msgs)
+                if msgs[-1]["role"] != "assistant":
+                    raise ValueError(f"{key!r} must end with an assistant turn")
+            if row["chosen"][:-1] != row["rejected"][:-1]:
+                raise ValueError("'chosen' and 'rejected' must share the same prompt turns")
+            if "margin" in row and not isinstance(row["margin"], (int, float)):
+                raise ValueError(f"'margin' must be a number, got {row['margin']!r}")
+        except ValueError as err:
+            raise DataError(f"{path}:{lineno}: {err}") from None
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no preference pairs")
+    return rows
+
+
+def check_reward_family(path: str | Path, key: str = "rm.model") -> None:
+    """Raise a clear error when transformers has no sequence-classification class for the model's family."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    cfg_file = Path(path) / "config.json"
+    if (Path(path) / "adapter_config.json").is_file():
+        raise ValueError(f"{path}: a LoRA adapter directory cannot start a reward model; save the policy "
+                         f"merged (sft.lora.save=merged) or set {key} to a full model directory")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ValueError(f"{path}: model family {model_type!r} has no sequence-classification class in "
+                         f"transformers, so it cannot become a reward model; set {key} to a checkpoint of "
+                         f"another family (e.g. gemma, gemma2 or llama)")
+
+
+def load_reward_init(path: str | Path, seed: int):
+    """The checkpoint as a one-output sequence classifier; the new score head is seeded."""
+    from transformers import AutoModelForSequenceClassification
+
+    from ..models import check_model_dir
+
+    check_reward_family(path)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(str(check_model_dir(path)), num_labels=1,
+                                                               use_safetensors=True, trust_remote_code=False)
+    return model
+
+
+def pairs_dataset(rows: list[dict], use_margin: bool):
+    """A datasets.Dataset of conversational chosen/rejected (and margin, 0 where a row has none)."""
+    from datasets import Dataset
+
+    cols = {"chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]}
+    if use_margin:
+        cols["margin"] = [float(r.get("margin", 0.0)) for r in rows]
+    return Dataset.from_dict(cols)
+
+
+def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int):
+    """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
+    from trl import RewardConfig, RewardTrainer
+
+    from ..launch import trainer_kwargs
+
+    c = cfg
+    args = RewardConfig(
+        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
+        weight_decay=c.weight_decay, max_length=c.max_length, center_rewards_coefficient=c.center_rewards_coefficient,
+        logging_steps=c.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=c.eval_steps,
+        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+        seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),
+    )
+    peft_config = None
+    if c.lora.enabled:
+        from peft import LoraConfig as PeftLora
+
+        # SEQ_CLS makes peft train the new `score` head in full next to the adapters.
+        peft_config = PeftLora(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout,
+                               target_modules=c.lora.target_modules, task_type="SEQ_CLS")
+    tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
+    return RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+
+
+def roc_auc(scores: list[float], labels: list[bool]) -> Optional[float]:
+    """ROC AUC in Mann-Whitney form: P(score of a positive > score of a negative), ties counting 1/2.
+
+    Computed from average ranks: AUC = (R_pos − n_pos(n_pos+1)/2) / (n_pos·n_neg). None if a class is empty.
+    """
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):  # tied scores share the average of the ranks they span
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Pairwise accuracy, mean margin r_c − r_r, and the two reward distributions."""
+    diff = chosen - rejected
+    return {"pairs": len(diff), "accuracy": round((diff > 0).float().mean().item(), 4),
+            "mean_margin": round(diff.mean().item(), 4),
+            "chosen_mean": round(chosen.mean().item(), 4), "chosen_std": round(chosen.std().item(), 4),
+            "rejected_mean": round(rejected.mean().item(), 4), "rejected_std": round(rejected.std().item(), 4)}
+
+
+def plot_histogram(chosen: list[float], rejected: list[float], out: Path, title: str) -> Path:
+    """Overlaid histograms of chosen and rejected rewards (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    import numpy as np
+
+    bins = np.histogram_bin_edges(chosen + rejected, bins=30)  # shared edges: the bars line up
+    ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (n={len(chosen)})")
+    ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (n={len(rejected)})")
+    ax.set_xlabel("reward")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+class RM(Stage):
+    name = "rm"
+    Config = RMConfig
+    consumes = {"model": "model", "policy": "model", "prefs_train": "prefs_train", "prefs_eval": "prefs_eval"}
+    optional_inputs = {"policy", "prefs_eval"}
+    produces = {"reward_model": "model"}
+    trains = True
+
+    def setup(self) -> None:
+        from ..models import load_tokenizer
+
+        inp = self.ctx.inputs
+        self.train_rows = read_pairs(inp["prefs_train"])
+        self.eval_rows = read_pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else []
+        self.tokenizer = load_tokenizer(inp["model"])
+        self.model = load_reward_init(inp["model"], self.ctx.seed)
+        self.train_ds = pairs_dataset(self.train_rows, self.cfg.use_margin)
+        self.eval_ds = pairs_dataset(self.eval_rows, self.cfg.use_margin) if self.eval_rows else None
+
+    def train(self) -> dict:
+        self.trainer = build_trainer(self.model, self.tokenizer, self.train_ds, self.eval_ds, self.cfg,
+                                     self.ctx.dir / "checkpoints", self.ctx.seed)
+        metrics = {"train_pairs": len(self.trainer.train_dataset),
+                   "train_pairs_too_long": len(self.train_ds) - len(self.trainer.train_dataset)}
+        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        if resume:
+            self.log.info("[rm] resuming from %s", resume)
+            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
+        result = self.trainer.train(resume_from_checkpoint=resume)
+        acc = self.trainer.accelerator
+        metrics.update(train_loss=round(result.training_loss, 4), steps=self.trainer.state.global_step,
+                       processes=acc.num_processes)
+        evals = [e for e in self.trainer.state.log_history if "eval_loss" in e]
+        if evals:
+            metrics["trl_eval_accuracy"] = round(evals[-1].get("eval_accuracy", float("nan")), 4)
+        return metrics
+
+    def save(self) -> dict:
+        """Write model/ atomically; then (rank 0) reload it through the scoring API and measure."""
+        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
+        if self.ctx.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        if self.cfg.lora.enabled:
+            merged = self.trainer.accelerator.unwrap_model(self.trainer.model).merge_and_unload()
+            if self.ctx.is_main:
+                merged.save_pretrained(partial, safe_serialization=True)
+        else:
+            self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        metrics = {}
+        if self.ctx.is_main:
+            self.tokenizer.padding_side = "right"
+            self.tokenizer.save_pretrained(partial)
+            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            history = self.trainer.state.log_history
+            plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
+                        self.ctx.dir / "curves.png", title="Reward model")
+            from ..launch import end_sharded_init
+
+            end_sharded_init()
+            metrics = self.evaluate(final)
+            atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
+            if not self.cfg.keep_checkpoints:
+                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
+        self.trainer.accelerator.wait_for_everyone()
+        return metrics
+
+    def evaluate(self, model_dir: Path) -> dict:
+        """Held-out pair metrics and the verifier AUC, scored by the saved model via the scoring API."""
+        from ..scoring import Scorer
+
+        scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir))
+        metrics = {}
+        if self.eval_rows:
+            chosen, rejected = score_pairs(scorer, self.eval_rows)
+            metrics["heldout"] = pair_metrics(chosen, rejected)
+            sources = [":".join(str(r[k]) for k in ("source", "corruption") if k in r) for r in self.eval_rows]
+            metrics["heldout_accuracy_per_source"] = {}
+            for src in sorted(set(sources)):
+                mask = torch.tensor([s == src for s in sources])
+                metrics["heldout_accuracy_per_source"][src] = pair_metrics(chosen[mask], rejected[mask])["accuracy"]
+            plot_histogram(chosen.tolist(), rejected.tolist(), self.ctx.dir / "scores.png", "Held-out rewards")
+        metrics["auc"] = self.verifier_auc(scorer)
+        return metrics
+
+    def verifier_auc(self, rm_scorer) -> dict:
+        """Sample the policy on held-out prompts, label by the verifiers, and take the AUC of RM scores."""
+        from ..generate import make_engine
+        from ..scoring import Scorer
+
+        c = self.cfg.auc
+        rows = _unique_prompts(self.eval_rows)[:c.prompts]
+        if not rows:
+            return {"auc": None, "note": "skipped: auc.prompts is 0 or there are no held-out pairs"}
+        policy = self.ctx.inputs.get("policy") or self.ctx.inputs["model"]
+        sampling = c.sampling.model_copy(update={"seed": c.sampling.seed if c.sampling.seed is not None else self.ctx.seed})
+        options = {"seed": self.ctx.seed, **c.vllm} if sampling.backend == "vllm" else {}
+        engine = make_engine(policy, sampling.backend, **options)
+        try:
+            samples = engine.generate([r["prompt"] for r in rows], sampling)
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()
+        flat_rows = [r for r, per in zip(rows, samples) for _ in per]
+        prompts, texts = [r["prompt"] for r in flat_rows], [s.text for per in samples for s in per]
+        meta = [{k: v for k, v in r.items() if k != "prompt"} for r in flat_rows]
+        try:
+            parts = Scorer(ScoringConfig(rules=c.rules, use_reward_model=False)).score(prompts, texts, meta).parts
+        except RewardFunctionError as err:  # e.g. held-out pairs without the 'answer' column
+            return {"auc": None, "note": f"skipped: the verifiers could not label the samples: {err}"}
+        labels = torch.stack([p >= 0.5 for p in parts.values()]).all(0).tolist()
+        scores = rm_scorer.reward_model_scores(prompts, texts).tolist()
+        auc = roc_auc(scores, labels)
+        out = {"auc": None if auc is None else round(auc, 4), "samples": len(texts),
+               "correct": sum(labels), "incorrect": len(labels) - sum(labels)}
+        if auc is None:
+            out["note"] = "skipped: every sample is " + ("correct" if sum(labels) else "incorrect") + \
+                          " by the verifiers, so there is nothing to rank"
+        return out
+
+
+def score_pairs(scorer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model scores of each pair's chosen and rejected conversation."""
+    prompts = [r["chosen"][:-1] for r in rows]
+    chosen = scorer.reward_model_scores(prompts, [r["chosen"][-1]["content"] for r in rows])
+    rejected = scorer.reward_model_scores(prompts, [r["rejected"][-1]["content"] for r in rows])
+    return chosen, rejected
+
+
+def _unique_prompts(rows: list[dict]) -> list[dict]:
+    """One entry per distinct prompt: {"prompt": messages, **metadata (task, answer, ...)}, in file order."""
+    seen, out = set(), []
+    skip = {"chosen", "rejected", "margin", "source", "corruption"}
+    for r in rows:
+        key = json.dumps(r["chosen"][:-1], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append({"prompt": r["chosen"][:-1], **{k: v for k, v in r.items() if k not in skip}})
+    return out
+
+
+def _last_checkpoint(folder: Path) -> Optional[str]:
+    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+STAGE = RM
