@@ -49,6 +49,39 @@ class DistributedConfig(Section):
     """ZeRO-3: gather shards into a normal model.safetensors when saving."""
 
 
+class TrainerSection(Section):
+    """Hyperparameters shared by the stages that train with a (TRL) Trainer: sft, rm, distill."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW)."""
+    epochs: float = Field(3.0, gt=0)
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 = use epochs."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    warmup: float = Field(0.05, ge=0)
+    """Warmup: a fraction of training if < 1, else a number of steps."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule (transformers' lr_scheduler_type)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(256, ge=8)
+    """Longest tokenized sequence; longer ones are truncated."""
+    logging_steps: int = Field(10, ge=1)
+    """Log the training loss every N steps."""
+    eval_steps: int = Field(50, ge=1)
+    """Compute the held-out loss every N steps."""
+    save_steps: int = Field(100, ge=1)
+    """Checkpoint every N steps (the run resumes from the last one)."""
+    keep_checkpoints: bool = False
+    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Processes and DeepSpeed ZeRO settings."""
+
+
 # ----------------------------------------------------------------------------------------------
 # YAML with line numbers
 

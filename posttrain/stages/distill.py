@@ -31,14 +31,14 @@ import torch
 from pydantic import Field
 
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
-from ..config import DistributedConfig, InputPath, Section
+from ..config import InputPath, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json, atomic_write_text
 from ..plots import curves_from_log_history, plot_curves
 from .base import Stage
 
 
-class DistillConfig(Section):
+class DistillConfig(TrainerSection):
     """Config of the distill stage."""
 
     model: InputPath = None
@@ -74,38 +74,10 @@ class DistillConfig(Section):
     dir when the stage config changes: point this elsewhere to reuse the cache across, e.g., learning-rate changes."""
     teacher_batch_size: int = Field(32, ge=1)
     """Sequences per teacher forward when building the cache and measuring held-out KL."""
-    learning_rate: float = Field(1e-3, gt=0)
-    """Peak learning rate (AdamW)."""
-    epochs: float = Field(3.0, gt=0)
-    """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Optimizer steps to run; -1 = use epochs."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per device per step."""
-    grad_accum: int = Field(1, ge=1)
-    """Gradient accumulation steps."""
-    warmup: float = Field(0.05, ge=0)
-    """Warmup: a fraction of training if < 1, else a number of steps."""
-    scheduler: str = "cosine"
-    """Learning-rate schedule (transformers' lr_scheduler_type)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    max_length: int = Field(256, ge=8)
-    """Longest tokenized sequence; longer ones are truncated (the end is dropped)."""
-    logging_steps: int = Field(10, ge=1)
-    """Log the training loss every N steps."""
-    eval_steps: int = Field(50, ge=1)
-    """Compute the held-out loss every N steps."""
-    save_steps: int = Field(100, ge=1)
-    """Checkpoint every N steps (the run resumes from the last one)."""
-    keep_checkpoints: bool = False
-    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
     eval_samples: int = Field(100, ge=0)
     """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
-    distributed: DistributedConfig = DistributedConfig()
-    """Processes and DeepSpeed ZeRO settings."""
 
 
 def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,

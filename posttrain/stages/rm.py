@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from pydantic import Field, model_validator
 
-from ..config import DistributedConfig, InputPath, Section
+from ..config import InputPath, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
@@ -63,7 +63,7 @@ class AUCConfig(Section):
     """Verifiers labelling a sample: correct when every rule scores >= 0.5."""
 
 
-class RMConfig(Section):
+class RMConfig(TrainerSection):
     """Config of the rm stage."""
 
     model: InputPath = None
@@ -78,18 +78,8 @@ class RMConfig(Section):
     """Peak learning rate (AdamW)."""
     epochs: float = Field(1.0, gt=0)
     """Passes over the pairs (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Optimizer steps to run; -1 = use epochs."""
     batch_size: int = Field(16, ge=1)
     """Pairs per device per step."""
-    grad_accum: int = Field(1, ge=1)
-    """Gradient accumulation steps."""
-    warmup: float = Field(0.05, ge=0)
-    """Warmup: a fraction of training if < 1, else a number of steps."""
-    scheduler: str = "cosine"
-    """Learning-rate schedule (transformers' lr_scheduler_type)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
     max_length: int = Field(256, ge=8)
     """Pairs with a conversation longer than this many tokens are left out (TRL's filter)."""
     use_margin: bool = False
@@ -102,16 +92,10 @@ class RMConfig(Section):
     """Log the training loss and accuracy every N steps."""
     eval_steps: int = Field(50, ge=1)
     """Compute held-out loss and accuracy every N steps."""
-    save_steps: int = Field(100, ge=1)
-    """Checkpoint every N steps (the run resumes from the last one)."""
-    keep_checkpoints: bool = False
-    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
     score_batch_size: int = Field(32, ge=1)
     """Conversations per forward pass when scoring held-out pairs and samples."""
     auc: AUCConfig = AUCConfig()
     """The reward-vs-verifier AUC check."""
-    distributed: DistributedConfig = DistributedConfig()
-    """Processes and DeepSpeed ZeRO settings."""
 
     @model_validator(mode="after")
     def _lora_not_sharded(self):
@@ -154,7 +138,9 @@ def check_reward_family(path: str | Path, key: str = "rm.model") -> None:
     """Raise a clear error when transformers has no sequence-classification class for the model's family."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-    cfg_file = Path(path) / "config.json"
+    from ..models import check_model_dir
+
+    cfg_file = check_model_dir(path) / "config.json"
     if (Path(path) / "adapter_config.json").is_file():
         raise ValueError(f"{path}: a LoRA adapter directory cannot start a reward model; save the policy "
                          f"merged (sft.lora.save=merged) or set {key} to a full model directory")
@@ -169,13 +155,10 @@ def load_reward_init(path: str | Path, seed: int):
     """The checkpoint as a one-output sequence classifier; the new score head is seeded."""
     from transformers import AutoModelForSequenceClassification
 
-    from ..models import check_model_dir
-
     check_reward_family(path)
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(str(check_model_dir(path)), num_labels=1,
-                                                               use_safetensors=True, trust_remote_code=False)
-    return model
+    return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
+                                                              trust_remote_code=False)
 
 
 def pairs_dataset(rows: list[dict], use_margin: bool):

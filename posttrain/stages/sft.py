@@ -15,7 +15,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import DistributedConfig, InputPath, Section
+from ..config import InputPath, Section, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json
 from ..plots import curves_from_log_history, plot_curves
@@ -39,7 +39,7 @@ class LoraConfig(Section):
     """Save the adapter merged into full weights, or the adapter alone (with a pointer to its base)."""
 
 
-class SFTConfig(Section):
+class SFTConfig(TrainerSection):
     """Config of the sft stage."""
 
     model: InputPath = None
@@ -48,44 +48,16 @@ class SFTConfig(Section):
     """Conversational JSONL to train on; default: the latest data stage's output."""
     eval_data: InputPath = None
     """Held-out conversational JSONL; default: the data stage's held-out split."""
-    learning_rate: float = Field(1e-3, gt=0)
-    """Peak learning rate (AdamW)."""
-    epochs: float = Field(3.0, gt=0)
-    """Passes over the training data (ignored when max_steps > 0)."""
-    max_steps: int = -1
-    """Optimizer steps to run; -1 = use epochs."""
-    batch_size: int = Field(16, ge=1)
-    """Sequences per device per step."""
-    grad_accum: int = Field(1, ge=1)
-    """Gradient accumulation steps."""
-    warmup: float = Field(0.05, ge=0)
-    """Warmup: a fraction of training if < 1, else a number of steps."""
-    scheduler: str = "cosine"
-    """Learning-rate schedule (transformers' lr_scheduler_type)."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
-    max_length: int = Field(256, ge=8)
-    """Longest tokenized sequence; longer ones are truncated."""
     packing: bool = False
     """Pack several conversations into each sequence (TRL best-fit packing)."""
     assistant_only_loss: bool = True
     """Train on assistant tokens only (user turns are context, not targets)."""
     lora: LoraConfig = LoraConfig()
     """LoRA settings."""
-    logging_steps: int = Field(10, ge=1)
-    """Log the training loss every N steps."""
-    eval_steps: int = Field(50, ge=1)
-    """Compute held-out loss every N steps."""
-    save_steps: int = Field(100, ge=1)
-    """Checkpoint every N steps (the run resumes from the last one)."""
-    keep_checkpoints: bool = False
-    """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
     eval_samples: int = Field(100, ge=0)
     """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
-    distributed: DistributedConfig = DistributedConfig()
-    """Processes and DeepSpeed ZeRO settings."""
 
 
 class SFT(Stage):
