@@ -300,7 +300,7 @@ def test_one_byte_signatures_estimate_jaccard():
     base = "".join(rng.choice(list("abcdefghij "), 400))
     for cut in (20, 80, 160, 300):   # replace a growing tail: true Jaccard from ~0.9 down to ~0.2
         other = base[:-cut] + "".join(rng.choice(list("klmnopqrst "), cut))
-        (ha, fa), (hb, fb) = index.shingle_hashes([base]), index.shingle_hashes([other])
+        (ha, _), (hb, _) = index.shingle_hashes([base]), index.shingle_hashes([other])
         sa, sb = set(ha.tolist()), set(hb.tolist())
         true = len(sa & sb) / len(sa | sb)
         small = (index.signatures([base, other]) & 0xFF).astype(np.uint8)

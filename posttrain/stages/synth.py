@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from pathlib import Path
 from typing import Optional
 
-import yaml
 from pydantic import Field
 
 from ..config import ConfigError, InputPath, Section
