@@ -94,3 +94,11 @@ def load_checkpoint(path: Path, models: dict, optimizers: dict) -> dict:
         load_optimizer(opt, load_file(path / f"optim_{name}.safetensors"), meta["optimizers"][name])
     restore_rng(load_file(path / "rng.safetensors"), meta)
     return meta
+
+
+def last_trainer_checkpoint(folder: Path) -> Optional[str]:
+    """The newest complete HF Trainer checkpoint-N directory (one with trainer_state.json), if any."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None

@@ -49,6 +49,21 @@ class DistributedConfig(Section):
     """ZeRO-3: gather shards into a normal model.safetensors when saving."""
 
 
+class LoraSection(Section):
+    """Low-rank adaptation (peft)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights."""
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: str | list[str] = "all-linear"
+    """Modules to adapt: 'all-linear' or a list of module names."""
+
+
 class TrainerSection(Section):
     """Hyperparameters shared by the stages that train with a (TRL) Trainer: sft, rm, distill."""
 

@@ -30,6 +30,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
+from ..checkpoint import last_trainer_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
 from ..config import InputPath, TrainerSection
 from ..data import read_conversations
@@ -243,7 +244,7 @@ class Distill(Stage):
             if self.cfg.eval_samples:
                 metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
         if resume:
             self.log.info("[distill] resuming from %s", resume)
             metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
@@ -325,13 +326,6 @@ class Distill(Stage):
                                                            SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
         return answer_accuracy(rows, [s[0].text for s in samples])
 
-
-def _last_checkpoint(folder: Path) -> Optional[str]:
-    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 STAGE = Distill

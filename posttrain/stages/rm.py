@@ -24,7 +24,8 @@ from typing import Optional
 import torch
 from pydantic import Field, model_validator
 
-from ..config import InputPath, Section, TrainerSection
+from ..checkpoint import last_trainer_checkpoint
+from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
@@ -35,19 +36,11 @@ from .base import Stage
 LABEL_RULES = [RuleSpec(path="reward/verifiers.py", function=f) for f in ("task_correct", "refusal", "identity")]
 
 
-class RMLoraConfig(Section):
+class RMLoraConfig(LoraSection):
     """Low-rank adaptation (peft) of the reward model; the score head is always trained in full."""
 
     enabled: bool = False
     """Train LoRA adapters instead of all weights (saved merged into full weights)."""
-    r: int = Field(16, ge=1)
-    """Adapter rank."""
-    alpha: int = Field(32, ge=1)
-    """Adapter scaling numerator (scale = alpha / r)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the adapter input."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules to adapt: 'all-linear' or a list of module names."""
 
 
 class AUCConfig(Section):
@@ -288,7 +281,7 @@ class RM(Stage):
                                      self.ctx.dir / "checkpoints", self.ctx.seed)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
                    "train_pairs_too_long": len(self.train_ds) - len(self.trainer.train_dataset)}
-        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
         if resume:
             self.log.info("[rm] resuming from %s", resume)
             metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
@@ -406,13 +399,6 @@ def _unique_prompts(rows: list[dict]) -> list[dict]:
             out.append({"prompt": r["chosen"][:-1], **{k: v for k, v in r.items() if k not in skip}})
     return out
 
-
-def _last_checkpoint(folder: Path) -> Optional[str]:
-    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 STAGE = RM

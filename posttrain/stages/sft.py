@@ -11,30 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import Field
 
-from ..config import InputPath, Section, TrainerSection
+from ..checkpoint import last_trainer_checkpoint
+from ..config import InputPath, LoraSection, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json
 from ..plots import curves_from_log_history, plot_curves
 from .base import Stage
 
 
-class LoraConfig(Section):
-    """Low-rank adaptation (peft)."""
+class LoraConfig(LoraSection):
+    """Low-rank adaptation (peft) of the SFT model."""
 
-    enabled: bool = False
-    """Train LoRA adapters instead of all weights."""
-    r: int = Field(16, ge=1)
-    """Adapter rank."""
-    alpha: int = Field(32, ge=1)
-    """Adapter scaling numerator (scale = alpha / r)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on the adapter input."""
-    target_modules: str | list[str] = "all-linear"
-    """Modules to adapt: 'all-linear' or a list of module names."""
     save: Literal["merged", "adapter"] = "merged"
     """Save the adapter merged into full weights, or the adapter alone (with a pointer to its base)."""
 
@@ -113,7 +104,7 @@ class SFT(Stage):
         if self.ctx.is_main and self.cfg.eval_samples and self.eval_rows:
             metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        resume = _last_checkpoint(self.ctx.dir / "checkpoints")
+        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
         if resume:
             self.log.info("[sft] resuming from %s", resume)
             metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
@@ -178,13 +169,6 @@ class SFT(Stage):
                                   SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
         return answer_accuracy(rows, [s[0].text for s in samples])
 
-
-def _last_checkpoint(folder: Path) -> Optional[str]:
-    """The newest complete checkpoint-N directory (one with trainer_state.json), if any."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
 
 
 STAGE = SFT
