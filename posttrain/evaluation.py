@@ -238,14 +238,10 @@ def results_markdown(results: dict) -> str:
 
 
 def _save_figure(fig, out: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from .plots import save_figure
 
-    tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_accuracy(results: dict, out: str | Path) -> Path:

@@ -232,6 +232,21 @@ def save_generation_config(tokenizer, out: str | Path) -> None:
     ).save_pretrained(str(out))
 
 
+def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True) -> Path:
+    """Complete a directory a Trainer saved weights into, then move it into place in one rename:
+    tokenizer, generation config (for models that generate), and no `training_args.bin` pickle."""
+    import os
+    import shutil
+
+    tokenizer.save_pretrained(partial)
+    if generation:
+        save_generation_config(tokenizer, partial)
+    (Path(partial) / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    return Path(final)
+
+
 def save_model_dir(model, tokenizer, out: str | Path, max_shard_size: str = "2GB") -> Path:
     """Write a complete model directory atomically: safetensors, config, tokenizer, generation config."""
     with atomic_dir(out) as tmp:

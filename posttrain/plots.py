@@ -24,6 +24,11 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], out: str | Path, t
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.png")

@@ -22,7 +22,6 @@ loss.png, report.md, and (offline, by default) teacher_topk/<key>/.
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 from pathlib import Path
 from typing import Literal, Optional
@@ -270,13 +269,9 @@ class Distill(Stage):
         metrics = {}
         if self.ctx.is_main:
             from ..launch import end_sharded_init
-            from ..models import load_model, save_generation_config
+            from ..models import finish_model_dir, load_model
 
-            self.tokenizer.save_pretrained(partial)
-            save_generation_config(self.tokenizer, partial)
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            finish_model_dir(partial, final, self.tokenizer)
             end_sharded_init()
             student = load_model(final)
             if self.eval_examples:

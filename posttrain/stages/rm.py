@@ -16,7 +16,6 @@ by `load_model(path, kind="reward")`), metrics.json, curves.png (loss, accuracy)
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -29,7 +28,8 @@ from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
-from ..plots import curves_from_log_history, plot_curves
+from ..models import finish_model_dir
+from ..plots import curves_from_log_history, plot_curves, save_figure
 from ..scoring import RewardFunctionError, RuleSpec, ScoringConfig
 from .base import Stage
 
@@ -246,11 +246,7 @@ def plot_histogram(chosen: list[float], rejected: list[float], out: Path, title:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,10 +305,7 @@ class RM(Stage):
         metrics = {}
         if self.ctx.is_main:
             self.tokenizer.padding_side = "right"
-            self.tokenizer.save_pretrained(partial)
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            finish_model_dir(partial, final, self.tokenizer, generation=False)  # a scorer: no generation config
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
                         self.ctx.dir / "curves.png", title="Reward model")

@@ -8,7 +8,6 @@ Output in run_dir/sft/: model/ (a complete HF model directory), metrics.json, lo
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -137,13 +136,9 @@ class SFT(Stage):
             self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
         metrics = {}
         if self.ctx.is_main:
-            from ..models import save_generation_config
+            from ..models import finish_model_dir
 
-            self.tokenizer.save_pretrained(partial)
-            save_generation_config(self.tokenizer, partial)
-            (partial / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
+            finish_model_dir(partial, final, self.tokenizer)
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
                         self.ctx.dir / "loss.png", title="SFT")

@@ -35,6 +35,7 @@ from ..config import InputPath, Section
 from ..data import prompt_of, read_conversations
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json, atomic_write_text, hash_json, hash_path
+from ..plots import save_figure
 from ..merging import ModelSource, merge_models
 from ..scoring import ScoringConfig
 from .base import Stage, StageContext
@@ -333,11 +334,7 @@ def plot_pareto(rows: list[dict], out: Path, chosen: float) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------------------------
