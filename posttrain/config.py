@@ -63,6 +63,15 @@ class LoraSection(Section):
     target_modules: str | list[str] = "all-linear"
     """Modules to adapt: 'all-linear' or a list of module names."""
 
+    def peft_config(self, task_type: str):
+        """The peft LoraConfig, or None when disabled. task_type SEQ_CLS also trains the `score` head in full."""
+        if not self.enabled:
+            return None
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=self.target_modules, task_type=task_type)
+
 
 class TrainerSection(Section):
     """Hyperparameters shared by the stages that train with a (TRL) Trainer: sft, rm, distill."""

@@ -159,7 +159,7 @@ class LocalTrainable:
     def __init__(self, model, lr: float, max_grad_norm: float):
         self.module, self.max_grad_norm = model, max_grad_norm
         # fused: one kernel per step instead of one per tensor (measured ~3.6x cheaper per step on CPU)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+        self.optimizer = torch.optim.AdamW(_trained(model), lr=lr, fused=True)
 
     def step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad()
@@ -184,7 +184,7 @@ class DeepSpeedTrainable:
         config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
                   "gradient_clipping": max_grad_norm, "zero_optimization": zero,
                   "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        optimizer = torch.optim.AdamW(_trained(model), lr=lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module  # ZeRO-3 hooks live on its submodules: call them directly
         self.zero_stage = dcfg.zero_stage
@@ -209,6 +209,11 @@ class DeepSpeedTrainable:
         self.engine.load_checkpoint(str(folder), tag="state")
 
 
+def _trained(model) -> list:
+    """The parameters the optimiser owns: with LoRA only the adapters (and a full-trained head)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def trainable(model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int):
     """The optimisation handle for this process's place in the launch."""
     _, world_size = world()
@@ -226,6 +231,18 @@ def all_ranks_mean(values: dict[str, float]) -> dict[str, float]:
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return dict(zip(keys, (t / world_size).tolist()))
+
+
+def all_ranks_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of `x` where `mask` is 1, over every rank's tensors (all ranks call it)."""
+    mask = mask.to(x.dtype)
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if world()[1] > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    n = sums[2].clamp(min=1.0)
+    mean = sums[0] / n
+    var = (sums[1] / n - mean ** 2).clamp(min=0.0) * n / (n - 1).clamp(min=1.0)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 def barrier() -> None:

@@ -73,6 +73,9 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_en
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     """V(state before token t) for every token t, from a sequence-classification model's backbone + head."""
+    from .lora import unwrap
+
+    value_model = unwrap(value_model)  # LoRA: the adapted model inside peft's wrapper
     backbone = value_model.base_model
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     values = value_model.score(hidden).squeeze(-1)[:, :-1].float()

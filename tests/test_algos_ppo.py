@@ -250,3 +250,36 @@ def test_adaptive_kl_controller_state_dict_roundtrip():
     c.update(1.0, 10)
     c2.update(1.0, 10)
     assert c2.value == c.value
+
+
+def _moments_on_rank(rank: int, port: int, x: torch.Tensor, mask: torch.Tensor, out_dir: str) -> None:
+    import os
+
+    from posttrain.launch import all_ranks_masked_moments
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        mean, var = all_ranks_masked_moments(x[rank], mask[rank])
+        torch.save({"mean": mean, "var": var}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_whitening_moments_cover_every_ranks_tokens(tmp_path):
+    """Under N processes advantages are whitened with the whole batch's statistics, not one rank's."""
+    from posttrain.launch import _free_port, all_ranks_masked_moments
+
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mask = torch.ones(2, 3, 5)
+    mask[0, :, 3:] = 0  # rank 0 has fewer valid tokens than rank 1
+    mask[1, 0, 1:] = 0
+    both = ppo.masked_mean(x.flatten(0, 1), mask.flatten(0, 1)), ppo.masked_var(x.flatten(0, 1), mask.flatten(0, 1))
+    one = all_ranks_masked_moments(x[0], mask[0])  # one process: this batch's own moments
+    assert_close(one[0], ppo.masked_mean(x[0], mask[0]))
+    assert_close(one[1], ppo.masked_var(x[0], mask[0]))
+    torch.multiprocessing.spawn(_moments_on_rank, args=(_free_port(), x, mask, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert_close(got["mean"], both[0])
+        assert_close(got["var"], both[1])

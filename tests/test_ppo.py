@@ -81,22 +81,25 @@ def test_stage_checkpoints_resume_after_failure_and_plots(tmp_path, tiny_model_d
 
 
 @pytest.mark.slow
-def test_vllm_rollouts_stay_in_sync_with_trainer(tmp_path, tiny_model_dir):
-    path = _setup(tmp_path, tiny_model_dir, ppo={"updates": 3, "eval_samples": 0, "is_cap": 2.0}, backend="vllm")
+@pytest.mark.parametrize("lora", [False, True])
+def test_vllm_rollouts_stay_in_sync_with_trainer(tmp_path, tiny_model_dir, lora):
+    ppo = {"updates": 3, "eval_samples": 0, "is_cap": 2.0, "lora": {"enabled": lora, "r": 4, "alpha": 8}}
+    path = _setup(tmp_path, tiny_model_dir, ppo=ppo, backend="vllm")
     run_pipeline(load_pipeline(path))
     history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    # every rollout after the first was sampled from weights pushed after an update: if the push failed,
-    # the engine would sample from stale weights and its logprobs would drift from the trainer's
+    # every rollout after the first was sampled from weights pushed after an update: if the push failed
+    # (or, with LoRA, the adapters were not folded in), the engine's logprobs would drift from the trainer's
     assert all(h["logprob_gap"] < 1e-3 for h in history), [h["logprob_gap"] for h in history]
     assert history[-1]["kl"] != 0.0 and all(h["time/sync"] > 0 for h in history)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage):
+@pytest.mark.parametrize("zero_stage,lora", [(2, False), (3, False), (3, True)])
+def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage, lora):
     dist = {"num_processes": 2, "zero_stage": zero_stage}
+    lora_cfg = {"enabled": lora, "r": 4, "alpha": 8}
     path = _setup(tmp_path, tiny_model_dir, ppo={"updates": 3, "save_every": 2, "eval_samples": 4, "distributed": dist,
-                                                 "reference_mode": "ema"})
+                                                 "reference_mode": "ema", "lora": lora_cfg, "value_lora": lora_cfg})
     summary = run_pipeline(load_pipeline(path))["ppo"]
     stage_dir = tmp_path / "run" / "ppo"
     history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]

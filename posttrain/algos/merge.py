@@ -243,3 +243,15 @@ def dare(task_vector: torch.Tensor, density: float, generator: torch.Generator |
     keep = (u < density).to(task_vector.device)
     out = torch.where(keep, task_vector.to(dtype) / density, torch.zeros((), dtype=dtype))
     return out.to(task_vector.dtype)
+
+
+def lora_merge(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """A LoRA-adapted linear layer folded into one weight: W + scaling * B @ A.
+
+    weight: (out, in); lora_a: (r, in); lora_b: (out, r); scaling = alpha / r (or alpha / sqrt(r) for
+    rsLoRA). Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3 and sec. 4.1
+    (h = W0 x + (alpha / r) B A x, so W = W0 + (alpha / r) B A serves with no added latency).
+    """
+    dt = _work_dtype(weight)
+    merged = weight.to(dt) + scaling * (lora_b.to(dt) @ lora_a.to(dt))
+    return merged.to(weight.dtype)

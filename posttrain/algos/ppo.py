@@ -60,18 +60,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to mean 0 / std 1 using statistics of valid tokens only.
 
     x, mask: (B, T) -> (B, T). Padding entries do not influence the statistics
     and are returned as 0. With ``shift_mean=False`` the mean is added back
     (only the scale is normalised), as done for advantages in some codebases.
+    ``moments``: (mean, var) computed elsewhere, e.g. over every rank's batch.
     Advantage whitening: Huang et al. 2024, detail "advantage whitening".
     """
     mask = mask.to(x.dtype)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    mean, var = moments if moments is not None else (masked_mean(x, mask), masked_var(x, mask))
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -20,7 +20,7 @@ import torch
 from ..algos import ppo as F
 from ..algos.merge import ema_update
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ..launch import all_ranks_mean, barrier, trainable
+from ..launch import all_ranks_masked_moments, all_ranks_mean, barrier, trainable
 from ..data import prompt_of, read_conversations
 from ..manifest import atomic_write_json
 from ..plots import plot_curves
@@ -47,12 +47,17 @@ class PPO(Stage):
         torch.manual_seed(self.seed)
         self.tokenizer = load_tokenizer(inp["model"])
         self.policy = load_model(inp["model"])
-        self.reference = load_model(c.reference or inp["model"]).eval().requires_grad_(False)
+        # With LoRA the frozen base is the reference (adapters switched off) unless another is named.
+        shared_reference = c.lora.enabled and c.reference is None and c.reference_mode == "fixed"
+        self.reference = (None if shared_reference else
+                          load_model(c.reference or inp["model"]).eval().requires_grad_(False))
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
         self.value = _load_value_model(value_init, self.tokenizer)
         self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"))
-        # Sharded training (world > 1) samples from a plain copy kept in sync after every update.
-        self.rollout_model = copy.deepcopy(self.policy).eval() if self.ctx.world_size > 1 else self.policy
+        # Sharded or LoRA-wrapped training samples from a plain copy refreshed after every update.
+        plain_policy = self.ctx.world_size == 1 and not c.lora.enabled
+        self.rollout_model = self.policy if plain_policy else copy.deepcopy(self.policy).eval()
+        self._add_adapters()
         self.rows = read_conversations(inp["train_data"])
         self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
@@ -68,6 +73,19 @@ class PPO(Stage):
         self.engine = self._make_engine(inp["model"])
         if self.start_update:
             self._sync_engine()  # resumed: the engine starts from the checkpoint's weights
+
+    def _add_adapters(self) -> None:
+        from ..lora import add_adapters, lora_scalings
+
+        c = self.cfg
+        if c.lora.enabled:
+            self.policy = add_adapters(self.policy, c.lora, "CAUSAL_LM")
+        self.lora_scalings = lora_scalings(self.policy) if c.lora.enabled else {}
+        if c.value_lora.enabled:
+            if isinstance(self.value, ValueModel):
+                raise ValueError("ppo.value_lora: not supported for recurrent_gemma value models; "
+                                 "set ppo.value_lora.enabled=false")
+            self.value = add_adapters(self.value, c.value_lora, "SEQ_CLS")
 
     @property
     def temperature(self) -> float:
@@ -88,7 +106,7 @@ class PPO(Stage):
 
         sampling = self.cfg.sampling
         return VLLMEngine(model_dir, seed=self.seed + self.ctx.rank, tensor_parallel_size=sampling.tensor_parallel_size,
-                          gpu_memory_utilization=sampling.gpu_memory_utilization)
+                          gpu_memory_utilization=sampling.gpu_memory_utilization, **self.cfg.vllm)
 
     def _resume(self) -> None:
         ckpt = latest_checkpoint(self.ctx.dir / "checkpoints")
@@ -97,10 +115,10 @@ class PPO(Stage):
         if self.policy_h.distributed:
             self.policy_h.load_checkpoint(ckpt / "policy")
             self.value_h.load_checkpoint(ckpt / "value")
-            meta = load_checkpoint(ckpt, {"reference": self.reference}, {})
+            meta = load_checkpoint(ckpt, self._frozen_models(), {})
         else:
-            models = {"policy": self.policy, "value": self.value, "reference": self.reference}
-            meta = load_checkpoint(ckpt, models, {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer})
+            optimizers = {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}
+            meta = load_checkpoint(ckpt, self._checkpoint_models(), optimizers)
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.scorer.moments.load_state_dict(meta["reward_moments"])
@@ -145,11 +163,14 @@ class PPO(Stage):
 
     def _update(self, update: int) -> dict:
         c, t0 = self.cfg, time.time()
-        idx = self._next_prompts()
+        prompt_idx = self._next_prompts()
+        sampling = c.sampling.model_copy(update={"seed": self.seed + update})
+        per_prompt = self.engine.generate([prompt_of(self.rows[i]) for i in prompt_idx], sampling)
+        # sampling.n completions per prompt, each its own rollout row
+        idx = [i for i, group in zip(prompt_idx, per_prompt) for _ in group]
+        samples = [s for group in per_prompt for s in group]
         rows = [self.rows[i] for i in idx]
         prompts = [prompt_of(r) for r in rows]
-        sampling = c.sampling.model_copy(update={"n": 1, "seed": self.seed + update})
-        samples = [s[0] for s in self.engine.generate(prompts, sampling)]
         t_gen = time.time()
         scores = self.scorer.score(prompts, [s.text for s in samples], rows)
         finished = torch.tensor([s.finished for s in samples])
@@ -183,13 +204,17 @@ class PPO(Stage):
         self.policy.eval()
         old_logp, raw_logp = token_logprobs(self.policy, batch, temp, with_raw=True)
         old_logp, raw_logp = old_logp * mask, raw_logp * mask
-        ref_logp = token_logprobs(self.reference, batch, temp) * mask
+        if self.reference is not None:
+            ref_logp = token_logprobs(self.reference, batch, temp) * mask
+        else:
+            with self.policy.disable_adapter():  # LoRA: the base weights are the reference
+                ref_logp = token_logprobs(self.policy, batch, temp) * mask
         values = token_values(self.value, batch) * mask
         kl = (F.kl_k1 if c.kl_estimator == "k1" else F.kl_k3)(old_logp, ref_logp) * mask
         rewards = F.token_rewards(score, kl, mask, self.kl_ctl.value)
         adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
-            adv = F.masked_whiten(adv, mask)
+            adv = F.masked_whiten(adv, mask, moments=all_ranks_masked_moments(adv, mask))  # whole batch, all ranks
         # Engines report raw (T=1) logprobs, so the engine/trainer comparison uses raw ones too.
         is_weight = F.truncated_is_weight(raw_logp, batch.engine_logprobs, c.is_cap) if c.is_cap else None
         gap = (F.masked_mean((raw_logp - batch.engine_logprobs).abs(), mask).item()
@@ -226,13 +251,17 @@ class PPO(Stage):
         """After an update: gather the policy's weights (ZeRO-3: all ranks), push them into the rollout
         engine or copy, and move the EMA anchor (WARP) toward them. Returns the seconds spent."""
         t = time.time()
+        from ..lora import merged_state_dict
+
         vllm = hasattr(self.engine, "load_weights")
-        if not (vllm or self.policy_h.distributed or self.cfg.reference_mode == "ema"):
-            return 0.0  # one process, HF backend: the engine samples from the live policy
+        if not (vllm or self.rollout_model is not self.policy or self.cfg.reference_mode == "ema"):
+            return 0.0  # one process, HF backend, no LoRA: the engine samples from the live policy
         full = self.policy_h.full_state_dict()
+        if self.lora_scalings:
+            full = merged_state_dict(full, self.lora_scalings)  # what the engine serves: adapters folded in
         if vllm:
             self.engine.load_weights(full.items())
-        elif self.rollout_model is not self.policy:
+        if self.rollout_model is not self.policy:  # the plain copy evaluation and save() use
             self.rollout_model.load_state_dict(full)
         if self.cfg.reference_mode == "ema":
             with torch.no_grad():
@@ -240,13 +269,20 @@ class PPO(Stage):
                     ref_t.copy_(ema_update(ref_t, full[name], self.cfg.ema_rate))
         return time.time() - t
 
+    def _frozen_models(self) -> dict:
+        """What a checkpoint keeps besides policy and value: the reference (it moves in EMA mode)."""
+        return {"reference": self.reference} if self.reference is not None else {}
+
+    def _checkpoint_models(self) -> dict:
+        return {"policy": self.policy, "value": self.value, **self._frozen_models()}
+
     def _checkpoint(self, step: int) -> None:
         meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
                 "reward_moments": self.scorer.moments.state_dict(), "history": self.history}
         folder = self.ctx.dir / "checkpoints"
         if not self.policy_h.distributed:
-            models = {"policy": self.policy, "value": self.value, "reference": self.reference}
-            save_checkpoint(folder, step, models, {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}, meta)
+            optimizers = {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}
+            save_checkpoint(folder, step, self._checkpoint_models(), optimizers, meta)
             return
         # Sharded: each rank writes its DeepSpeed shards into a staging dir; rank 0 then adds the
         # reference and state.json (which marks the checkpoint complete) and renames it into place.
@@ -255,7 +291,7 @@ class PPO(Stage):
         self.value_h.save_checkpoint(staging / "value")
         barrier()
         if self.ctx.is_main:
-            save_checkpoint(folder, step, {"reference": self.reference}, {}, meta, extra_dir=staging)
+            save_checkpoint(folder, step, self._frozen_models(), {}, meta, extra_dir=staging)
         barrier()
 
     def _evaluate(self) -> dict:

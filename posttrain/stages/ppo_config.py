@@ -5,7 +5,7 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import DistributedConfig, InputPath, Section
+from ..config import DistributedConfig, InputPath, LoraSection, Section
 from ..generate import SamplingConfig
 from ..scoring import ScoringConfig
 
@@ -26,11 +26,13 @@ class PPOConfig(Section):
     scoring: ScoringConfig = ScoringConfig()
     """Reward: reward model and/or rule rewards (weighted sum)."""
     sampling: SamplingConfig = SamplingConfig(backend="vllm", temperature=1.0, max_new_tokens=32)
-    """Rollout sampling (backend: vllm, or hf for models vLLM does not run)."""
+    """Rollout sampling (backend: vllm, or hf for models vLLM does not run; n completions per prompt)."""
+    vllm: dict = {}
+    """Extra VLLMEngine options for sampling.backend=vllm (e.g. kv_cache_gib: 4, max_model_len: 2048)."""
     updates: int = Field(20, ge=1)
     """PPO iterations (rollout, then optimisation)."""
     rollout_batch_size: int = Field(64, ge=1)
-    """Prompts per rollout (per process)."""
+    """Prompts per rollout (per process); each gets sampling.n completions."""
     mini_batch_size: int = Field(16, ge=1)
     """Sequences per optimiser step."""
     value_warmup_updates: int = Field(0, ge=0)
@@ -77,5 +79,10 @@ class PPOConfig(Section):
     """Held-out prompts answered greedily before and after for accuracy (0 = skip)."""
     seed: Optional[int] = None
     """Seed for data order and sampling; default: the pipeline seed."""
+    lora: LoraSection = LoraSection()
+    """LoRA on the policy: the reference is the policy with adapters off (no second copy) unless set,
+    and the engine and the saved model get the adapters folded into full weights."""
+    value_lora: LoraSection = LoraSection()
+    """LoRA on the value model's backbone (its scalar head trains in full)."""
     distributed: DistributedConfig = DistributedConfig()
     """Processes and DeepSpeed ZeRO settings."""

@@ -181,13 +181,7 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir
         save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
         seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),
     )
-    peft_config = None
-    if c.lora.enabled:
-        from peft import LoraConfig as PeftLora
-
-        # SEQ_CLS makes peft train the new `score` head in full next to the adapters.
-        peft_config = PeftLora(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout,
-                               target_modules=c.lora.target_modules, task_type="SEQ_CLS")
+    peft_config = c.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
     tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
     return RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)

@@ -89,14 +89,8 @@ class SFT(Stage):
             seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,
             **trainer_kwargs(c.distributed),
         )
-        peft_config = None
-        if c.lora.enabled:
-            from peft import LoraConfig as PeftLora
-
-            peft_config = PeftLora(r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout,
-                                   target_modules=c.lora.target_modules, task_type="CAUSAL_LM")
         return SFTTrainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
-                          processing_class=self.tokenizer, peft_config=peft_config)
+                          processing_class=self.tokenizer, peft_config=c.lora.peft_config("CAUSAL_LM"))
 
     def train(self) -> dict:
         metrics = {}
