@@ -102,3 +102,19 @@ def last_trainer_checkpoint(folder: Path) -> Optional[str]:
         return None
     done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+
+
+def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
+    """Run an HF/TRL Trainer, resuming from its newest complete checkpoint in `folder` if there is one;
+    return the metrics every trainer stage reports (loss, steps, processes, ZeRO stage, resume point)."""
+    metrics = {}
+    resume = last_trainer_checkpoint(folder)
+    if resume:
+        log.info("[%s] resuming from %s", stage, resume)
+        metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
+    result = trainer.train(resume_from_checkpoint=resume)
+    acc = trainer.accelerator
+    zero = acc.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
+    metrics.update(train_loss=round(result.training_loss, 4), steps=trainer.state.global_step,
+                   processes=acc.num_processes, deepspeed_zero_stage=zero)
+    return metrics

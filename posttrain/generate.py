@@ -110,6 +110,12 @@ class HFEngine:
         return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch))]
 
 
+def greedy_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """One greedy completion per prompt (a message list) from a model in memory: held-out checks."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    return [s[0].text for s in HFEngine(model, tokenizer).generate(prompts, sampling)]
+
+
 def make_engine(model_dir: str, sampling_backend: str, model=None, tokenizer=None, **vllm_options):
     """The generation engine for `sampling_backend` ("hf" or "vllm") over the model in `model_dir`.
 

@@ -154,8 +154,10 @@ class Scorer:
             out.append(self.rm(**enc).logits[:, 0].float())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None) -> Scores:
-        """Score completions; `rows` supply metadata columns (task, answer, ...) to rule rewards."""
+    def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None,
+              raw: bool = False) -> Scores:
+        """Score completions; `rows` supply metadata columns (task, answer, ...) to rule rewards.
+        `raw`: the weighted sum without normalisation, running moments untouched (for evaluation)."""
         n = len(completions)
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(n)
@@ -168,7 +170,7 @@ class Scorer:
             total += spec.weight * parts[spec.function]
         if not torch.isfinite(total).all():
             raise FloatingPointError("scoring produced a non-finite reward")
-        if self.cfg.normalize:
+        if self.cfg.normalize and not raw:
             self.moments.update(total)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)
         return Scores(total=total, parts=parts)

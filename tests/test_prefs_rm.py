@@ -290,6 +290,9 @@ def test_total_is_the_weighted_sum_of_parts_and_normalisation_whitens_over_calls
     raw = s.total
     assert torch.allclose(a, (raw[:3] - raw[:3].mean()) / raw[:3].std(), atol=1e-5)
     assert torch.allclose(b, (raw[3:] - raw.mean()) / raw.std(), atol=1e-5)  # stats over both calls
+    moments = norm.moments.state_dict()
+    assert torch.allclose(norm.score(prompts, texts, rows, raw=True).total, raw)  # evaluation: unnormalised
+    assert norm.moments.state_dict() == moments  # ... and the training statistics are untouched
 
 
 def test_reward_model_with_another_tokenizer_scores_the_text(tmp_path, tiny_tokenizer):

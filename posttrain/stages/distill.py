@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from ..checkpoint import last_trainer_checkpoint
+from ..checkpoint import train_from_last_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
 from ..config import InputPath, TrainerSection
 from ..data import read_conversations
@@ -243,17 +243,7 @@ class Distill(Stage):
             if self.cfg.eval_samples:
                 metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
-        if resume:
-            self.log.info("[distill] resuming from %s", resume)
-            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
-        result = self.trainer.train(resume_from_checkpoint=resume)
-        metrics["train_loss"] = round(result.training_loss, 4)
-        acc = self.trainer.accelerator
-        metrics["processes"] = acc.num_processes
-        metrics["deepspeed_zero_stage"] = (acc.state.deepspeed_plugin.zero_stage
-                                           if self.trainer.is_deepspeed_enabled else None)
-        metrics["steps"] = self.trainer.state.global_step
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "distill"))
         if "heldout_before" in metrics:
             metrics["eval_loss_before"] = metrics["heldout_before"]["nll"]  # token-weighted NLL, as sft reports
         self.train_metrics = metrics
@@ -313,14 +303,13 @@ class Distill(Stage):
                                self.cfg.teacher_batch_size)
 
     def _accuracy(self, model) -> dict:
-        from ..generate import HFEngine, SamplingConfig
+        """Greedy answers to held-out prompts against their oracle answers."""
+        from ..generate import greedy_texts
         from ..tasks import answer_accuracy
 
         rows = self.eval_rows[: self.cfg.eval_samples]
-        samples = HFEngine(model, self.tokenizer).generate([r["messages"][:-1] for r in rows],
-                                                           SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
-        return answer_accuracy(rows, [s[0].text for s in samples])
-
+        prompts = [r["messages"][:-1] for r in rows]
+        return answer_accuracy(rows, greedy_texts(model, self.tokenizer, prompts, self.cfg.max_new_tokens))
 
 
 STAGE = Distill

@@ -295,15 +295,24 @@ class PPO(Stage):
         barrier()
 
     def _evaluate(self) -> dict:
-        """Greedy answers on held-out prompts: oracle accuracy (task answers) and mean reward."""
-        from ..generate import HFEngine, SamplingConfig
+        """Held-out prompts: greedy answers (oracle accuracy per task, mean reward), and the objective PPO
+        raises, the mean reward of `eval_samples_per_prompt` samples from the rollout distribution."""
+        from ..generate import HFEngine, greedy_texts
         from ..tasks import answer_accuracy
 
-        prompts = [prompt_of(r) for r in self.eval_rows]
-        sampling = SamplingConfig(max_new_tokens=self.cfg.sampling.max_new_tokens)
-        texts = [s[0].text for s in HFEngine(self.rollout_model, self.tokenizer).generate(prompts, sampling)]
-        out = answer_accuracy(self.eval_rows, texts) if all("answer" in r for r in self.eval_rows) else {}
-        out["reward"] = round(self.scorer.score(prompts, texts, self.eval_rows).total.mean().item(), 4)
+        rows, c = self.eval_rows, self.cfg
+        prompts = [prompt_of(r) for r in rows]
+        texts = greedy_texts(self.rollout_model, self.tokenizer, prompts, c.sampling.max_new_tokens)
+        out = answer_accuracy(rows, texts) if all("answer" in r for r in rows) else {}
+        out["reward"] = round(self.scorer.score(prompts, texts, rows, raw=True).total.mean().item(), 4)
+        if c.eval_samples_per_prompt:
+            sampling = c.sampling.model_copy(update={"n": c.eval_samples_per_prompt, "seed": self.seed})
+            groups = HFEngine(self.rollout_model, self.tokenizer).generate(prompts, sampling)
+            k = c.eval_samples_per_prompt
+            sampled = self.scorer.score([p for p in prompts for _ in range(k)], [s.text for g in groups for s in g],
+                                        [r for r in rows for _ in range(k)], raw=True)
+            out["sampled_reward"] = round(sampled.total.mean().item(), 4)
+            out.update({f"sampled_{name}": round(v.mean().item(), 4) for name, v in sampled.parts.items()})
         return out
 
     # ------------------------------------------------------------------ save

@@ -77,6 +77,8 @@ class PPOConfig(Section):
     """Checkpoint (policy, value, optimisers, RNG, data position, KL controller) every N updates."""
     eval_samples: int = Field(100, ge=0)
     """Held-out prompts answered greedily before and after for accuracy (0 = skip)."""
+    eval_samples_per_prompt: int = Field(4, ge=0)
+    """Completions sampled per held-out prompt (rollout temperature) for the sampled reward (0 = skip)."""
     seed: Optional[int] = None
     """Seed for data order and sampling; default: the pipeline seed."""
     lora: LoraSection = LoraSection()

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from pydantic import Field, model_validator
 
-from ..checkpoint import last_trainer_checkpoint
+from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..generate import SamplingConfig
@@ -271,14 +271,7 @@ class RM(Stage):
                                      self.ctx.dir / "checkpoints", self.ctx.seed)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
                    "train_pairs_too_long": len(self.train_ds) - len(self.trainer.train_dataset)}
-        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
-        if resume:
-            self.log.info("[rm] resuming from %s", resume)
-            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
-        result = self.trainer.train(resume_from_checkpoint=resume)
-        acc = self.trainer.accelerator
-        metrics.update(train_loss=round(result.training_loss, 4), steps=self.trainer.state.global_step,
-                       processes=acc.num_processes)
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "rm"))
         evals = [e for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
             metrics["trl_eval_accuracy"] = round(evals[-1].get("eval_accuracy", float("nan")), 4)

@@ -9,12 +9,11 @@ Output in run_dir/sft/: model/ (a complete HF model directory), metrics.json, lo
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from ..checkpoint import last_trainer_checkpoint
+from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, LoraSection, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json
@@ -97,16 +96,7 @@ class SFT(Stage):
         if self.ctx.is_main and self.cfg.eval_samples and self.eval_rows:
             metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        resume = last_trainer_checkpoint(self.ctx.dir / "checkpoints")
-        if resume:
-            self.log.info("[sft] resuming from %s", resume)
-            metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
-        result = self.trainer.train(resume_from_checkpoint=resume)
-        metrics["train_loss"] = round(result.training_loss, 4)
-        acc = self.trainer.accelerator
-        metrics["processes"] = acc.num_processes
-        metrics["deepspeed_zero_stage"] = (acc.state.deepspeed_plugin.zero_stage if self.trainer.is_deepspeed_enabled else None)
-        metrics["steps"] = self.trainer.state.global_step
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "sft"))
         evals = [e["eval_loss"] for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
             metrics["eval_loss_before"] = round(evals[0], 4)
@@ -149,15 +139,13 @@ class SFT(Stage):
         return metrics
 
     def _accuracy(self, model) -> dict:
-        from ..generate import HFEngine, SamplingConfig
+        """Greedy answers to held-out prompts against their oracle answers."""
+        from ..generate import greedy_texts
         from ..tasks import answer_accuracy
 
         rows = self.eval_rows[: self.cfg.eval_samples]
-        engine = HFEngine(model, self.tokenizer)
-        samples = engine.generate([r["messages"][:-1] for r in rows],
-                                  SamplingConfig(max_new_tokens=self.cfg.max_new_tokens))
-        return answer_accuracy(rows, [s[0].text for s in samples])
-
+        prompts = [r["messages"][:-1] for r in rows]
+        return answer_accuracy(rows, greedy_texts(model, self.tokenizer, prompts, self.cfg.max_new_tokens))
 
 
 STAGE = SFT
