@@ -169,7 +169,8 @@ def child_datasketch(args) -> dict:
     """Near-dedup the datasketch way (one MinHash + LSH query/insert per row) vs our NearDupIndex."""
     from datasketch import MinHash, MinHashLSH
 
-    from posttrain.filters import NearDupIndex, normalise
+    from posttrain.dedup import NearDupIndex
+    from posttrain.filters import normalise
 
     texts = []
     with open(args.src) as f:

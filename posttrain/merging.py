@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import re
 import shutil
 import tempfile
@@ -39,6 +38,7 @@ from safetensors import safe_open
 
 from .algos import merge as algos
 from .manifest import atomic_dir, atomic_write_json, hash_path
+from .shards import ST_DTYPES, TORCH_DTYPES, ShardWriter, nbytes, parse_size, plan_shards
 
 log = logging.getLogger("posttrain")
 
@@ -56,10 +56,6 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "chat_template.jinja", "chat_template.json")
 """Files copied from the reference model into the merged one (never pickles, never weights)."""
 CONFIG_KEYS_IGNORED = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"}
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
 class MergeError(ValueError):
@@ -107,7 +103,7 @@ class ModelSource:
             return f.get_tensor(name).clone()
 
     def nbytes(self) -> int:
-        return sum(_nbytes(*spec) for spec in self.specs.values())
+        return sum(nbytes(*spec) for spec in self.specs.values())
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -125,10 +121,6 @@ def _shard_files(path: Path) -> list[Path]:
         hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
         raise MergeError(f"{path}: no *.safetensors weights{hint}")
     return files
-
-
-def _nbytes(st_dtype: str, shape: Sequence[int]) -> int:
-    return math.prod(shape) * TORCH_DTYPES[st_dtype].itemsize
 
 
 def expand_checkpoints(path: str | Path) -> list[Path]:
@@ -261,61 +253,6 @@ def _tokenizer_difference(a: Path, b: Path) -> Optional[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Output: shards planned from the headers, tensors written as they are computed
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 123, '500MB', '2GB' (powers of 10) or '1GiB' (powers of 2)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise MergeError(f"max_shard_size {size!r}: expected bytes or a size like 500MB, 2GB, 1GiB")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def plan_shards(specs: list[tuple[str, str, tuple]], max_bytes: int) -> list[list[tuple[str, str, tuple]]]:
-    """Split (name, dtype, shape) in order into shards of at most max_bytes (a bigger tensor goes alone)."""
-    shards, size = [[]], 0
-    for spec in specs:
-        n = _nbytes(spec[1], spec[2])
-        if shards[-1] and size + n > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += n
-    return shards
-
-
-class ShardWriter:
-    """Writes one safetensors file whose header is fixed up front; tensors arrive in planned order."""
-
-    def __init__(self, path: Path, specs: list[tuple[str, str, tuple]]):
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, dtype, shape in specs:
-            n = _nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the format aligns the data start to 8 bytes
-        self.pending = list(specs)
-        self.file = open(path, "wb")
-        self.file.write(len(blob).to_bytes(8, "little") + blob)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        want, dtype, shape = self.pending.pop(0)
-        if (name, ST_DTYPES[tensor.dtype], tuple(tensor.shape)) != (want, dtype, tuple(shape)):
-            raise RuntimeError(f"shard writer expected {want} {dtype} {list(shape)}, got {name} {tensor.dtype} "
-                               f"{list(tensor.shape)}")
-        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        if not self.pending:
-            self.file.close()
-
-
-# ----------------------------------------------------------------------------------------------
 # The merge itself
 
 
@@ -389,7 +326,7 @@ def stream_merge(p: MergeParams, models: list[ModelSource], base: Optional[Model
                 merged = merge_tensor(p, name, [_work(x) for x in tensors], None if base_t is None else _work(base_t))
             writer.write(name, merged.to(TORCH_DTYPES[st_dtype]))
             del tensors, base_t, merged
-    total = sum(_nbytes(d, s) for _, d, s in plan)
+    total = sum(nbytes(d, s) for _, d, s in plan)
     if len(shards) > 1:
         weight_map = {name: fname for fname, specs in zip(names, shards) for name, _, _ in specs}
         atomic_write_json(out / "model.safetensors.index.json",
@@ -476,7 +413,11 @@ def merge_models(method: str, inputs: Sequence[str | Path], out: str | Path, bas
     out_dtype = None if dtype == "keep" else getattr(torch, dtype)
     params = MergeParams(method, used, t=0.5 if t is None else t, eta=eta, density=density,
                          ema_rate=ema_rate, scale=scale, seed=seed)
-    chosen, max_bytes, out = choose_backend(backend, method), parse_size(max_shard_size), Path(out)
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except ValueError as err:
+        raise MergeError(str(err)) from None
+    chosen, out = choose_backend(backend, method), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.adapters.") as tmp_root:
         described, sources = _open_inputs(paths + ([Path(base)] if base is not None else []), Path(tmp_root))

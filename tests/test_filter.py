@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from posttrain.chat import render
 from posttrain.config import ConfigError
 from posttrain.data import DataError
-from posttrain.filters import HashIndex, HookError, NearDupIndex, PIIDetector, luhn_ok, normalise
+from posttrain.dedup import HashIndex, NearDupIndex
+from posttrain.filters import HookError, PIIDetector, luhn_ok, normalise
 from posttrain.manifest import read_manifest
 from posttrain.pipeline import load_pipeline, run_pipeline
 from posttrain.stages.filter import FilterConfig, FilterStream

@@ -30,9 +30,10 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import InputPath, Section
 from ..data import DataError
-from ..filters import (DEFAULT_OTHER_NAMES, DEFAULT_TERMS_FILE, PLACEHOLDERS, HashIndex, IdentityChecker,
-                       NearDupIndex, PIIDetector, TermMatcher, hash64, load_hook, normalise, read_terms,
-                       score_texts, shape_error, structure_problem)
+from ..dedup import HashIndex, NearDupIndex
+from ..filters import (DEFAULT_OTHER_NAMES, DEFAULT_TERMS_FILE, PLACEHOLDERS, IdentityChecker, PIIDetector,
+                       TermMatcher, hash64, load_hook, normalise, read_terms, score_texts, shape_error,
+                       structure_problem)
 from ..manifest import atomic_write_json, atomic_write_text
 from .base import Stage
 
