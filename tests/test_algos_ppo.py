@@ -283,3 +283,14 @@ def test_whitening_moments_cover_every_ranks_tokens(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert_close(got["mean"], both[0])
         assert_close(got["var"], both[1])
+
+
+def test_rloo_advantages_against_hand_values():
+    rewards = t([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])  # two prompts, three samples each
+    # prompt 1: 1 - (0+0)/2, 0 - (1+0)/2, 0 - (1+0)/2; prompt 2: 1 - 0.5, 0.5 - 0.75, 0.5 - 0.75
+    assert_close(ppo.rloo_advantages(rewards, 3), t([1.0, -0.5, -0.5, 0.5, -0.25, -0.25]))
+    assert_close(ppo.rloo_advantages(t([0.7, 0.7, 0.7, 0.7]), 2), t([0.0, 0.0, 0.0, 0.0]))  # all alike: no signal
+    with pytest.raises(ValueError, match="at least 2"):
+        ppo.rloo_advantages(rewards, 1)
+    with pytest.raises(ValueError, match="groups of 4"):
+        ppo.rloo_advantages(rewards, 4)

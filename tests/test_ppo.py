@@ -54,6 +54,32 @@ def test_update_raises_logprob_of_high_reward_samples(tmp_path, tiny_model_dir):
     assert (after - before)[high].mean() > (after - before)[~high].mean()
 
 
+def test_rloo_compares_samples_of_one_prompt_and_trains_without_a_value_model(tmp_path, tiny_model_dir):
+    sampling = {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4}
+    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, ppo={"advantage": "rloo", "sampling": sampling,
+                                                              "rollout_batch_size": 8, "eval_samples": 0}))
+    inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
+    stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
+    stage.ctx.dir.mkdir()
+    stage.setup()
+    assert stage.value is None and set(stage.handles) == {"policy"}
+    stats = stage._update(0)  # 8 prompts x 4 samples
+    assert "value_loss" not in stats and stats["kl"] == 0.0
+    idx = stage._next_prompts()
+    groups = stage.engine.generate([prompt_of(stage.rows[i]) for i in idx], cfg.ppo.sampling)
+    samples = [s for g in groups for s in g]
+    scores = stage.scorer.score([], [s.text for s in samples]).total
+    batch = pack_rollout([stage.prompt_ids[i] for i in idx for _ in range(4)], samples, stage.tokenizer.pad_token_id)
+    roll = stage._prepare(batch, scores)
+    seq_adv = (roll["adv"] * batch.response_mask).sum(1) / batch.response_mask.sum(1)
+    within_group = scores.view(8, 4) - scores.view(8, 4).mean(1, keepdim=True)
+    # advantages follow each sample's standing within its own prompt's group (whitened, plus a small KL term)
+    assert torch.corrcoef(torch.stack([within_group.flatten(), seq_adv]))[0, 1] > 0.9
+    stage.history.append(stats)
+    stage._checkpoint(1)
+    assert not (stage.ctx.dir / "checkpoints" / "step-000001" / "value.safetensors").exists()
+
+
 def test_stage_checkpoints_resume_after_failure_and_plots(tmp_path, tiny_model_dir):
     flaky = LENGTH_REWARD.replace("def longer", "def _longer") + (
         "import pathlib\nCALLS = pathlib.Path(__file__).with_name('calls')\n"

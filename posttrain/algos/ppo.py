@@ -183,6 +183,27 @@ def gae(
     return advantages, returns
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages of sequences sampled ``group_size`` at a time per prompt.
+
+    rewards: (B,) with the samples of one prompt in consecutive rows (B = prompts * group_size).
+    Returns (B,): each sample's reward minus the mean reward of the other samples of its prompt,
+
+        A_i = r_i - 1/(k-1) * sum_{j != i} r_j = k/(k-1) * (r_i - mean_j r_j)
+
+    so a prompt whose samples all score alike teaches nothing (A = 0), whatever a value model would say.
+    Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"; Ahmadian et al. 2024,
+    "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback" (RLOO).
+    """
+    if group_size < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt (sampling.n >= 2)")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    others_mean = (groups.sum(1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).view(-1)
+
+
 # ---------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Per update (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details of RLHF with PPO"):
   generate -> score (+ missing end-of-turn penalty) -> reference and value forward -> per-token KL
-  penalty with the score at the last token -> GAE -> `ppo_epochs` of clipped policy and value updates
+  penalty with the score at the last token -> GAE (or RLOO over each prompt's samples, no value model)
+  -> `ppo_epochs` of clipped policy and value updates
   over mini-batches (truncated importance weights correct for engine/trainer numerics) -> KL
   controller update -> push the new weights into the engine -> optional EMA anchor update (WARP).
 Checkpoints every `save_every` updates; a re-run resumes from the last one.
@@ -52,7 +53,8 @@ class PPO(Stage):
         self.reference = (None if shared_reference else
                           load_model(c.reference or inp["model"]).eval().requires_grad_(False))
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
-        self.value = _load_value_model(value_init, self.tokenizer)
+        # RLOO's baseline is the other samples of the same prompt: no value model at all.
+        self.value = _load_value_model(value_init, self.tokenizer) if c.advantage == "gae" else None
         self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"))
         # Sharded or LoRA-wrapped training samples from a plain copy refreshed after every update.
         plain_policy = self.ctx.world_size == 1 and not c.lora.enabled
@@ -61,9 +63,14 @@ class PPO(Stage):
         self.rows = read_conversations(inp["train_data"])
         self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
-        self.policy_h = trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed, c.mini_batch_size)
-        self.value_h = trainable(self.value, c.value_learning_rate, c.max_grad_norm, c.distributed, c.mini_batch_size)
-        self.policy, self.value = self.policy_h.module, self.value_h.module
+        self.handles = {"policy": trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed,
+                                            c.mini_batch_size)}
+        if self.value is not None:
+            self.handles["value"] = trainable(self.value, c.value_learning_rate, c.max_grad_norm, c.distributed,
+                                              c.mini_batch_size)
+            self.value = self.handles["value"].module
+        self.policy_h = self.handles["policy"]
+        self.policy = self.policy_h.module
         self.kl_ctl = (F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
                        else F.FixedKLController(c.kl_coef))
         self.order = list(range(len(self.rows)))
@@ -81,7 +88,7 @@ class PPO(Stage):
         if c.lora.enabled:
             self.policy = add_adapters(self.policy, c.lora, "CAUSAL_LM")
         self.lora_scalings = lora_scalings(self.policy) if c.lora.enabled else {}
-        if c.value_lora.enabled:
+        if c.value_lora.enabled and self.value is not None:
             if isinstance(self.value, ValueModel):
                 raise ValueError("ppo.value_lora: not supported for recurrent_gemma value models; "
                                  "set ppo.value_lora.enabled=false")
@@ -113,11 +120,11 @@ class PPO(Stage):
         if ckpt is None:
             return
         if self.policy_h.distributed:
-            self.policy_h.load_checkpoint(ckpt / "policy")
-            self.value_h.load_checkpoint(ckpt / "value")
+            for name, handle in self.handles.items():
+                handle.load_checkpoint(ckpt / name)
             meta = load_checkpoint(ckpt, self._frozen_models(), {})
         else:
-            optimizers = {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}
+            optimizers = {name: handle.optimizer for name, handle in self.handles.items()}
             meta = load_checkpoint(ckpt, self._checkpoint_models(), optimizers)
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
@@ -192,7 +199,7 @@ class PPO(Stage):
                  "time/sync": sync_s, "time/total": time.time() - t0}
         stats = all_ranks_mean(stats)
         for key in ("reward", "kl", "policy_loss", "value_loss"):
-            if not torch.isfinite(torch.tensor(stats[key])):
+            if key in stats and not torch.isfinite(torch.tensor(stats[key])):
                 raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
                                          f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)")
         return stats
@@ -209,10 +216,15 @@ class PPO(Stage):
         else:
             with self.policy.disable_adapter():  # LoRA: the base weights are the reference
                 ref_logp = token_logprobs(self.policy, batch, temp) * mask
-        values = token_values(self.value, batch) * mask
         kl = (F.kl_k1 if c.kl_estimator == "k1" else F.kl_k3)(old_logp, ref_logp) * mask
-        rewards = F.token_rewards(score, kl, mask, self.kl_ctl.value)
-        adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
+        if c.advantage == "rloo":  # the sequence's KL-penalised reward against its prompt's other samples
+            seq_reward = score - self.kl_ctl.value * kl.sum(1)
+            adv = F.rloo_advantages(seq_reward, c.sampling.n)[:, None] * mask
+            values = returns = None
+        else:
+            values = token_values(self.value, batch) * mask
+            rewards = F.token_rewards(score, kl, mask, self.kl_ctl.value)
+            adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
             adv = F.masked_whiten(adv, mask, moments=all_ranks_masked_moments(adv, mask))  # whole batch, all ranks
         # Engines report raw (T=1) logprobs, so the engine/trainer comparison uses raw ones too.
@@ -224,8 +236,8 @@ class PPO(Stage):
 
     def _optimise(self, batch: RolloutBatch, roll: dict) -> dict:
         c, n = self.cfg, batch.input_ids.shape[0]
-        self.policy.train()
-        self.value.train()
+        for handle in self.handles.values():
+            handle.module.train()
         acc: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(self.seed + len(self.history))
         for _ in range(c.ppo_epochs):
@@ -235,15 +247,16 @@ class PPO(Stage):
                 is_w = roll["is_weight"][idx] if roll["is_weight"] is not None else None
                 pg_loss, clipfrac, approx_kl = F.policy_loss_clipped(logp, roll["old_logp"][idx], roll["adv"][idx],
                                                                      mask, c.clip_eps, is_w)
-                if len(self.history) >= c.value_warmup_updates:
+                if len(self.history) >= c.value_warmup_updates or self.value is None:
                     self.policy_h.step(pg_loss)
-                values = token_values(self.value, mb)
-                v_loss, v_clipfrac = F.value_loss_clipped(values, roll["values"][idx], roll["returns"][idx], mask,
-                                                          c.value_clip_eps)
-                self.value_h.step(v_loss)
-                for k, v in {"policy_loss": pg_loss, "value_loss": v_loss, "clip_fraction": clipfrac,
-                             "approx_kl": approx_kl, "value_clip_fraction": v_clipfrac,
-                             "entropy": F.masked_mean(entropy.detach(), mask)}.items():
+                stats = {"policy_loss": pg_loss, "clip_fraction": clipfrac, "approx_kl": approx_kl,
+                         "entropy": F.masked_mean(entropy.detach(), mask)}
+                if self.value is not None:
+                    values = token_values(self.value, mb)
+                    stats["value_loss"], stats["value_clip_fraction"] = F.value_loss_clipped(
+                        values, roll["values"][idx], roll["returns"][idx], mask, c.value_clip_eps)
+                    self.handles["value"].step(stats["value_loss"])
+                for k, v in stats.items():
                     acc.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         return {k: sum(v) / len(v) for k, v in acc.items()}
 
@@ -274,21 +287,21 @@ class PPO(Stage):
         return {"reference": self.reference} if self.reference is not None else {}
 
     def _checkpoint_models(self) -> dict:
-        return {"policy": self.policy, "value": self.value, **self._frozen_models()}
+        return {**{name: handle.module for name, handle in self.handles.items()}, **self._frozen_models()}
 
     def _checkpoint(self, step: int) -> None:
         meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
                 "reward_moments": self.scorer.moments.state_dict(), "history": self.history}
         folder = self.ctx.dir / "checkpoints"
         if not self.policy_h.distributed:
-            optimizers = {"policy": self.policy_h.optimizer, "value": self.value_h.optimizer}
+            optimizers = {name: handle.optimizer for name, handle in self.handles.items()}
             save_checkpoint(folder, step, self._checkpoint_models(), optimizers, meta)
             return
         # Sharded: each rank writes its DeepSpeed shards into a staging dir; rank 0 then adds the
         # reference and state.json (which marks the checkpoint complete) and renames it into place.
         staging = folder / f".step-{step:06d}.partial"
-        self.policy_h.save_checkpoint(staging / "policy")
-        self.value_h.save_checkpoint(staging / "value")
+        for name, handle in self.handles.items():
+            handle.save_checkpoint(staging / name)
         barrier()
         if self.ctx.is_main:
             save_checkpoint(folder, step, self._frozen_models(), {}, meta, extra_dir=staging)
@@ -327,7 +340,8 @@ class PPO(Stage):
             return {}
         save_model_dir(self.rollout_model, self.tokenizer, self.ctx.dir / "model")
         metrics = {"accuracy_after": self._evaluate()} if self.eval_rows else {}
-        keys = ["reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy"]
+        keys = [k for k in ("reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy")
+                if k in self.history[0]]
         plot_curves({k: [(h["update"], h[k]) for h in self.history] for k in keys}, self.ctx.dir / "curves.png", "PPO")
         times = {k: sum(h[k] for h in self.history) for k in self.history[0] if k.startswith("time/")}
         metrics["time_breakdown_s"] = {k.split("/")[1]: round(v, 2) for k, v in times.items()}

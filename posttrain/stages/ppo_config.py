@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import DistributedConfig, InputPath, LoraSection, Section
 from ..generate import SamplingConfig
@@ -55,6 +55,9 @@ class PPOConfig(Section):
     """Target sequence KL for the adaptive controller."""
     kl_horizon: int = Field(10000, ge=1)
     """Adaptive controller horizon (in sequences)."""
+    advantage: Literal["gae", "rloo"] = "gae"
+    """gae: a value model's per-token baseline (GAE); rloo: each sample's KL-penalised reward against the
+    mean of its prompt's other sampling.n - 1 samples (needs n >= 2; no value model is loaded or trained)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
@@ -88,3 +91,9 @@ class PPOConfig(Section):
     """LoRA on the value model's backbone (its scalar head trains in full)."""
     distributed: DistributedConfig = DistributedConfig()
     """Processes and DeepSpeed ZeRO settings."""
+
+    @model_validator(mode="after")
+    def _rloo_needs_groups(self):
+        if self.advantage == "rloo" and self.sampling.n < 2:
+            raise ValueError("advantage 'rloo' compares samples of one prompt: set sampling.n >= 2")
+        return self
