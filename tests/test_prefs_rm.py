@@ -160,6 +160,11 @@ def test_prefs_stage_keeps_eval_prompts_out_of_train_and_is_deterministic(tmp_pa
     out2, _ = _run_prefs(tmp_path, tiny_model_dir, name="prefs_again")
     assert (out2 / "train.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()
     assert (out2 / "eval.jsonl").read_bytes() == (out / "eval.jsonl").read_bytes()
+    # the held-out prompts do not depend on how many training prompts are taken
+    out3, _ = _run_prefs(tmp_path, tiny_model_dir, name="prefs_fewer_train", max_train_prompts=5, max_eval_prompts=4)
+    out4, _ = _run_prefs(tmp_path, tiny_model_dir, name="prefs_more_train", max_train_prompts=12, max_eval_prompts=4)
+    assert (out3 / "eval.jsonl").read_bytes() == (out4 / "eval.jsonl").read_bytes()
+    assert (out3 / "train.jsonl").read_bytes() != (out4 / "train.jsonl").read_bytes()
 
 
 def test_prefs_reports_malformed_rows_with_file_and_line(tmp_path):

@@ -340,9 +340,9 @@ class Prefs(Stage):
         eval_keys = {prompt_key(r) for r in evals}
         self.train_rows = [r for r in train if prompt_key(r) not in eval_keys]
         self.train_in_eval = len(train) - len(self.train_rows)
-        rng = random.Random(f"prefs-subsample-{self.ctx.seed}")
-        self.train_rows = subsample(self.train_rows, c.max_train_prompts, rng)
-        self.eval_rows = subsample(evals, c.max_eval_prompts, rng)
+        # one stream per split: the held-out prompts must not change when max_train_prompts does
+        self.train_rows = subsample(self.train_rows, c.max_train_prompts, random.Random(f"prefs-train-{self.ctx.seed}"))
+        self.eval_rows = subsample(evals, c.max_eval_prompts, random.Random(f"prefs-eval-{self.ctx.seed}"))
         self.scorer = Scorer(c.scoring)
 
     def make_engine(self):
