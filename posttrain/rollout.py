@@ -50,6 +50,26 @@ def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int) -> Rol
     return RolloutBatch(input_ids, attention, response, engine_lp, finished)
 
 
+def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
+    """Each row's prompt and its own final assistant turn (up to its end-of-turn token) as a rollout batch
+    whose response mask covers the answer: the likelihood term on reference answers of PPO-ptx."""
+    from .evaluation import rendered_ids
+    from .generate import Sample, chat_prompt_ids
+    from .models import stop_token_ids
+
+    stops, prompts, samples = set(stop_token_ids(tokenizer)), [], []
+    for row in rows:
+        prompt, full = chat_prompt_ids(tokenizer, row["messages"][:-1]), rendered_ids(tokenizer, row["messages"])
+        if row["messages"][-1]["role"] != "assistant" or full[:len(prompt)] != prompt:
+            raise ValueError("ptx needs conversations ending in an assistant turn that the chat template renders "
+                             f"after the generation prompt; got {row['messages'][-1]}")
+        answer = full[len(prompt):]
+        end = next((i + 1 for i, t in enumerate(answer) if t in stops), None)
+        prompts.append(prompt)
+        samples.append(Sample(text=row["messages"][-1]["content"], token_ids=answer[:end], finished=end is not None))
+    return pack_rollout(prompts, samples, tokenizer.pad_token_id)
+
+
 def _shift(per_position: torch.Tensor) -> torch.Tensor:
     """Move predictions made at position t-1 onto token t (position 0 gets 0)."""
     return torch.nn.functional.pad(per_position, (1, 0))

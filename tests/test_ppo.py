@@ -80,6 +80,39 @@ def test_rloo_compares_samples_of_one_prompt_and_trains_without_a_value_model(tm
     assert not (stage.ctx.dir / "checkpoints" / "step-000001" / "value.safetensors").exists()
 
 
+def test_ptx_term_is_the_likelihood_of_the_reference_answers(tmp_path, tiny_model_dir):
+    """PPO-ptx: the batch masks exactly each answer and its end-of-turn token, and a policy step with
+    only the ptx term (zero reward) raises the likelihood of reference answers."""
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout import answer_batch
+
+    tok = load_tokenizer(tiny_model_dir)
+    rows = make_rows(4, seed=3)
+    batch = answer_batch(tok, rows)
+    for i, row in enumerate(rows):
+        answer_ids = batch.input_ids[i][batch.response_mask[i].bool()].tolist()
+        assert tok.decode(answer_ids[:-1]) == row["messages"][-1]["content"]
+        assert tok.convert_ids_to_tokens(answer_ids[-1]) == "<end_of_turn>" and batch.finished[i]
+    zero = "def longer(prompts, completions, **_):\n    return [0.0] * len(completions)\n"  # no reward signal
+    sampling = {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 2}
+    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, zero, {  # rloo, no reward, KL or EOT penalty: A = 0
+        "advantage": "rloo", "sampling": sampling, "ptx_coef": 1.0, "ptx_batch_size": 8, "kl_coef": 0.0,
+        "missing_eot_penalty": 0.0,
+        "eval_samples": 0}))
+    inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
+    stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
+    stage.ctx.dir.mkdir()
+    stage.setup()
+    heldout = answer_batch(stage.tokenizer, stage.rows[:16])
+    with torch.no_grad():
+        before = (token_logprobs(stage.policy, heldout) * heldout.response_mask).sum()
+    stats = [stage._update(u) for u in range(2)]
+    with torch.no_grad():
+        after = (token_logprobs(stage.policy, heldout) * heldout.response_mask).sum()
+    assert after - before > 1.0, (before, after)  # nats over 16 answers; weight decay alone moves ~0.001
+    assert all("ptx_loss" in s for s in stats)
+
+
 def test_stage_checkpoints_resume_after_failure_and_plots(tmp_path, tiny_model_dir):
     flaky = LENGTH_REWARD.replace("def longer", "def _longer") + (
         "import pathlib\nCALLS = pathlib.Path(__file__).with_name('calls')\n"

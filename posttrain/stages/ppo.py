@@ -25,7 +25,7 @@ from ..launch import all_ranks_masked_moments, all_ranks_mean, barrier, trainabl
 from ..data import prompt_of, read_conversations
 from ..manifest import atomic_write_json
 from ..plots import plot_curves
-from ..rollout import RolloutBatch, pack_rollout, token_logprobs, token_values
+from ..rollout import RolloutBatch, answer_batch, pack_rollout, token_logprobs, token_values
 from .base import Stage
 from .ppo_config import PPOConfig
 
@@ -247,10 +247,16 @@ class PPO(Stage):
                 is_w = roll["is_weight"][idx] if roll["is_weight"] is not None else None
                 pg_loss, clipfrac, approx_kl = F.policy_loss_clipped(logp, roll["old_logp"][idx], roll["adv"][idx],
                                                                      mask, c.clip_eps, is_w)
-                if len(self.history) >= c.value_warmup_updates or self.value is None:
-                    self.policy_h.step(pg_loss)
                 stats = {"policy_loss": pg_loss, "clip_fraction": clipfrac, "approx_kl": approx_kl,
                          "entropy": F.masked_mean(entropy.detach(), mask)}
+                loss = pg_loss
+                if c.ptx_coef:  # InstructGPT eq. 2: minus gamma * log-likelihood of reference answers
+                    pick = torch.randint(len(self.rows), (c.ptx_batch_size,), generator=gen).tolist()
+                    ptx = answer_batch(self.tokenizer, [self.rows[i] for i in pick])
+                    stats["ptx_loss"] = -F.masked_mean(token_logprobs(self.policy, ptx), ptx.response_mask)
+                    loss = pg_loss + c.ptx_coef * stats["ptx_loss"]
+                if len(self.history) >= c.value_warmup_updates or self.value is None:
+                    self.policy_h.step(loss)
                 if self.value is not None:
                     values = token_values(self.value, mb)
                     stats["value_loss"], stats["value_clip_fraction"] = F.value_loss_clipped(

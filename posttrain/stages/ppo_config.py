@@ -72,6 +72,11 @@ class PPOConfig(Section):
     """Added to the score of a completion that did not end its turn (0 = off)."""
     is_cap: Optional[float] = Field(2.0, gt=0)
     """Truncated importance-sampling cap on exp(trainer_logp - engine_logp); None = no correction."""
+    ptx_coef: float = Field(0.0, ge=0)
+    """Weight of the likelihood of train_data's own answers in the policy loss (InstructGPT's PPO-ptx):
+    it holds what the reward does not ask for; 0 = off."""
+    ptx_batch_size: int = Field(16, ge=1)
+    """Reference conversations per policy step for the ptx term."""
     reference_mode: Literal["fixed", "ema"] = "fixed"
     """KL anchor: the frozen starting policy, or an EMA of the policy (WARP)."""
     ema_rate: float = Field(0.01, gt=0, le=1)
