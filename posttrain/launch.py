@@ -140,6 +140,11 @@ def worker_main(spec_path: str) -> None:
     metrics = stage_cls(cfg, ctx).run()
     if rank == 0:
         atomic_write_json(Path(spec["dir"]) / "result.json", metrics)
+    if torch.distributed.is_initialized():
+        # Shut the process group down before exit: gloo's threads left to the interpreter's teardown
+        # occasionally abort a rank ("terminate called without an active exception") after the work is done.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
