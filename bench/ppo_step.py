@@ -6,7 +6,8 @@ length and temperature, fp32, no gradient checkpointing, one optimiser step per 
 `generate` rollouts that stop on `<end_of_turn>` (TRL: `stop_token_id`; no missing-EOS penalty on either
 side). `trl-nogc` is TRL with its two `gc.collect()` calls per update made no-ops (a diagnostic). Then
 our stage with vLLM rollouts: the share of the step spent in generation and in weight sync, at the tiny
-size and at ~26M parameters. Each configuration runs in its own child process (peak RSS = its VmHWM).
+size and at ~26M parameters; and at ~26M our stage with LoRA policy and value (`ours-lora-*`: one model
+copy fewer, optimiser state for the adapters only, adapters folded into the weights pushed to vLLM). Each configuration runs in its own child process (peak RSS = its VmHWM).
 
 Times are means over the updates after the first (warm-up), as wall seconds and as process CPU seconds.
 With one torch thread on an idle machine the two agree; on a shared machine wall time stretches with
@@ -46,6 +47,8 @@ SIZES = {  # Llama built from config; the tokenizer (vocab 512) is shared
 PPO = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
            learning_rate=1e-5, kl_coef=0.05)
 """PPO settings given to both sides."""
+LORA = {"enabled": True, "r": 16, "alpha": 32}
+"""ours-lora: adapters on every linear layer of policy and value (their own PPO learning rate as above)."""
 UPDATES = {"tiny": 8, "large": 3}
 QUICK_UPDATES = {"tiny": 4}
 
@@ -101,7 +104,8 @@ def configurations(args) -> list[dict]:
     if args.quick:
         runs.remove(("trl-nogc", "hf", "tiny"))
     elif not args.no_large:
-        runs += [("ours", "hf", "large"), ("trl", "hf", "large"), ("ours", "vllm", "large")]
+        runs += [("ours", "hf", "large"), ("trl", "hf", "large"), ("ours", "vllm", "large"),
+                 ("ours-lora", "hf", "large"), ("ours-lora", "vllm", "large")]
     updates = QUICK_UPDATES if args.quick else UPDATES
     configs = [{"name": f"{side}-{backend}-{size}", "side": side, "backend": backend, "size": size,
                 "updates": updates[size]} for side, backend, size in runs]
@@ -203,7 +207,9 @@ PAIRS = [("ours-hf / trl (tiny)", "ours-hf-tiny", "trl-hf-tiny"),
          ("ours-hf / trl-nogc (tiny)", "ours-hf-tiny", "trl-nogc-hf-tiny"),
          ("ours-hf / trl (large)", "ours-hf-large", "trl-hf-large"),
          ("ours-vllm / ours-hf (tiny)", "ours-vllm-tiny", "ours-hf-tiny"),
-         ("ours-vllm / ours-hf (large)", "ours-vllm-large", "ours-hf-large")]
+         ("ours-vllm / ours-hf (large)", "ours-vllm-large", "ours-hf-large"),
+         ("ours-lora-hf / ours-hf (large)", "ours-lora-hf-large", "ours-hf-large"),
+         ("ours-lora-vllm / ours-vllm (large)", "ours-lora-vllm-large", "ours-vllm-large")]
 """Ratios a/b reported for every pair whose two configurations both ran."""
 
 
@@ -320,6 +326,8 @@ def child_ours(spec: dict) -> dict:
            "mini_batch_size": p["mini_batch_size"], "ppo_epochs": p["ppo_epochs"],
            "learning_rate": p["learning_rate"], "value_learning_rate": p["learning_rate"], "kl_coef": p["kl_coef"],
            "missing_eot_penalty": 0.0, "save_every": spec["updates"], "eval_samples": 0}
+    if spec["side"] == "ours-lora":  # LoRA on policy and value; the reference is the adapter-free base
+        ppo["lora"] = ppo["value_lora"] = LORA
     cpu = {"total": [], "generate": [], "sync": [], "prepare": []}
     cpu_clock(PPOStage, "_update", cpu["total"])
     cpu_clock(PPOStage, "_prepare", cpu["prepare"])  # old-logprob, reference and value forwards + GAE
