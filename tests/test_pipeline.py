@@ -103,6 +103,22 @@ def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
     assert set(s["synth"]["tasks"]) == {"sort", "add"}
 
 
+def test_synth_simulated_teacher_errs_on_the_asked_share_of_verifiable_answers(tmp_path):
+    from posttrain.tasks import normalise_answer
+
+    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 600, "
+                                    f"num_eval: 100, teacher_error_rate: 0.3}}\n")
+    metrics = _run(path)["synth"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "synth" / "train.jsonl").read_text().splitlines()]
+    wrong = [normalise_answer(r["messages"][-1]["content"]) != normalise_answer(r["answer"]) for r in rows]
+    verifiable = [r["task"] in ("add", "count", "sort", "reverse", "upper") for r in rows]
+    assert sum(wrong) == metrics["teacher_errors"] == sum(r.get("source") == "teacher_error" for r in rows)
+    assert 0.25 < sum(wrong) / sum(verifiable) < 0.35
+    assert not any(w and not v for w, v in zip(wrong, verifiable))  # refusals and identity stay right
+    held_out = [json.loads(line) for line in (tmp_path / "run" / "synth" / "eval.jsonl").read_text().splitlines()]
+    assert all(r["messages"][-1]["content"] == r["answer"] for r in held_out)
+
+
 def test_synth_with_a_teacher_model_writes_its_responses(tmp_path, tiny_model_dir):
     from posttrain.data import read_conversations
 

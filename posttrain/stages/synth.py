@@ -19,6 +19,10 @@ from ..tasks import TASKS, make_example, normalise_answer
 from .base import Stage
 
 
+TEACHER_MISTAKES = ("off_by_one", "shuffle", "truncate")
+"""Answer-level mistakes a simulated teacher makes (prefs.corrupt kinds); never refusals or identity."""
+
+
 class TaskSpec(Section):
     """One task of a recipe."""
 
@@ -59,6 +63,10 @@ class SynthConfig(Section):
     stronger model's answers out); default: the tasks' oracle answers. Held-out rows keep the oracle."""
     teacher_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=64)
     """How the teacher samples (backend hf or vllm)."""
+    teacher_error_rate: float = Field(0.0, ge=0, lt=1)
+    """Without a teacher model: the share of verifiable training answers the simulated teacher gets wrong,
+    with the task's typical mistake (off by one, a shuffled list, a dropped letter), as real teachers do.
+    The `answer` column and the held-out split keep the oracle; PPO against the verifiers undoes them."""
 
 
 def load_recipe(path: str) -> Recipe:
@@ -79,6 +87,9 @@ class Synth(Stage):
     def setup(self) -> None:
         if not self.cfg.recipe:
             raise ConfigError("synth.recipe: set a recipe file, e.g. data/recipes/quickstart.yaml")
+        if self.cfg.teacher and self.cfg.teacher_error_rate:
+            raise ConfigError("synth.teacher_error_rate simulates a teacher's mistakes; a real synth.teacher "
+                              "makes its own: set one of the two")
         self.recipe = load_recipe(self.cfg.recipe)
         self.rng = random.Random(self.cfg.seed if self.cfg.seed is not None else self.ctx.seed)
 
@@ -118,7 +129,25 @@ class Synth(Stage):
         metrics = {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows)}
         if self.cfg.teacher:
             metrics["teacher"] = self._teacher_responses()
+        elif self.cfg.teacher_error_rate:
+            metrics["teacher_errors"] = self._simulated_teacher_errors()
         return metrics
+
+    def _simulated_teacher_errors(self) -> int:
+        """Replace `teacher_error_rate` of the training answers that have a typical mistake with it."""
+        from .prefs import CORRUPTIONS_FOR_TASK, corrupt
+
+        seed = self.cfg.seed if self.cfg.seed is not None else self.ctx.seed
+        rng, errors = random.Random(f"teacher-errors-{seed}"), 0
+        for row in self.train_rows:
+            kinds = [k for k in CORRUPTIONS_FOR_TASK.get(row["task"], []) if k in TEACHER_MISTAKES]
+            if kinds and rng.random() < self.cfg.teacher_error_rate:
+                wrong = corrupt(row["answer"], kinds[0], rng)
+                if wrong is not None:
+                    row["messages"][-1] = {"role": "assistant", "content": wrong}
+                    row["source"] = "teacher_error"
+                    errors += 1
+        return errors
 
     def _teacher_responses(self) -> dict:
         """Replace each training response with the teacher's; the oracle answer stays as metadata
