@@ -58,7 +58,17 @@ def read_conversations(
     on_error='raise' stops at the first bad row naming file:line; 'skip' drops it and appends
     (line, reason) to `skipped` so the caller can count it in a report.
     """
-    rows = []
+    return [row for _, row in iter_conversations(path, on_error, need_final_assistant, skipped)]
+
+
+def iter_conversations(
+    path: str | Path,
+    on_error: Literal["raise", "skip"] = "raise",
+    need_final_assistant: bool = True,
+    skipped: Optional[list] = None,
+) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each valid conversation, as `read_conversations` reads them; callers that
+    check more columns use the line number in their own errors."""
     for lineno, obj in iter_jsonl(path):
         try:
             check_conversation(obj, need_final_assistant)
@@ -68,8 +78,7 @@ def read_conversations(
             if skipped is not None:
                 skipped.append((lineno, str(err)))
             continue
-        rows.append(obj)
-    return rows
+        yield lineno, obj
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

@@ -232,6 +232,18 @@ def save_generation_config(tokenizer, out: str | Path) -> None:
     ).save_pretrained(str(out))
 
 
+def start_model_dir(stage_dir: Path, trainer, is_main: bool) -> tuple[Path, Path]:
+    """(final, partial) model dirs of a Trainer stage's save: rank 0 clears a partial dir a crash left,
+    then every rank waits, so all of them write into an empty one. `finish_model_dir` completes it."""
+    import shutil
+
+    final, partial = stage_dir / "model", stage_dir / ".model.partial"
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return final, partial
+
+
 def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True) -> Path:
     """Complete a directory a Trainer saved weights into, then move it into place in one rename:
     tokenizer, generation config (for models that generate), and no `training_args.bin` pickle."""

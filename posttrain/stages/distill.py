@@ -251,10 +251,9 @@ class Distill(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it for the held-out and accuracy checks."""
-        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
-        if self.ctx.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+        from ..models import start_model_dir
+
+        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
         self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
         metrics = {}
         if self.ctx.is_main:

@@ -20,7 +20,7 @@ from typing import Optional
 from pydantic import Field, field_validator
 
 from ..config import ConfigError, InputPath, Section
-from ..data import DataError, check_conversation, iter_jsonl, prompt_of, read_conversations, write_jsonl
+from ..data import DataError, iter_conversations, prompt_of, read_conversations, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
                           memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
 from ..generate import SamplingConfig
@@ -86,11 +86,7 @@ class EvalConfig(Section):
 def read_eval_rows(path: str, limit: Optional[int] = None) -> list[dict]:
     """Held-out rows (the first `limit`): complete conversations with task and answer columns."""
     rows = []
-    for lineno, row in iter_jsonl(path):
-        try:
-            check_conversation(row)
-        except ValueError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from None
+    for lineno, row in iter_conversations(path):
         missing = [k for k in ("task", "answer") if k not in row]
         if missing:
             raise DataError(f"{path}:{lineno}: eval row has no {' or '.join(missing)} column: held-out rows need "

@@ -22,6 +22,7 @@ from ..algos import ppo as F
 from ..algos.merge import ema_update
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..launch import all_ranks_masked_moments, all_ranks_mean, barrier, trainable
+from ..lora import add_adapters, lora_scalings, merged_state_dict
 from ..data import prompt_of, read_conversations
 from ..manifest import atomic_write_json
 from ..plots import plot_curves
@@ -82,8 +83,6 @@ class PPO(Stage):
             self._sync_engine()  # resumed: the engine starts from the checkpoint's weights
 
     def _add_adapters(self) -> None:
-        from ..lora import add_adapters, lora_scalings
-
         c = self.cfg
         if c.lora.enabled:
             self.policy = add_adapters(self.policy, c.lora, "CAUSAL_LM")
@@ -270,8 +269,6 @@ class PPO(Stage):
         """After an update: gather the policy's weights (ZeRO-3: all ranks), push them into the rollout
         engine or copy, and move the EMA anchor (WARP) toward them. Returns the seconds spent."""
         t = time.time()
-        from ..lora import merged_state_dict
-
         vllm = hasattr(self.engine, "load_weights")
         if not (vllm or self.rollout_model is not self.policy or self.cfg.reference_mode == "ema"):
             return 0.0  # one process, HF backend, no LoRA: the engine samples from the live policy

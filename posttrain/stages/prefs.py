@@ -26,7 +26,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..config import InputPath, Section
-from ..data import DataError, check_conversation, iter_jsonl, prompt_of, write_jsonl
+from ..data import DataError, iter_conversations, prompt_of, write_jsonl
 from ..generate import Sample, SamplingConfig
 from ..manifest import atomic_write_json
 from ..scoring import RuleSpec, Scorer, ScoringConfig
@@ -122,11 +122,7 @@ class PrefsConfig(Section):
 def read_prompt_rows(path: str, require_columns: list[str]) -> list[dict]:
     """Rows of a conversational JSONL, each checked; errors name file:line and what was expected."""
     rows = []
-    for lineno, row in iter_jsonl(path):
-        try:
-            check_conversation(row)
-        except ValueError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from None
+    for lineno, row in iter_conversations(path):
         missing = [c for c in require_columns if not isinstance(row.get(c), str)]
         if missing:
             raise DataError(f"{path}:{lineno}: missing metadata {missing} (expected string values; "

@@ -28,7 +28,7 @@ from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
-from ..models import finish_model_dir
+from ..models import finish_model_dir, start_model_dir
 from ..plots import curves_from_log_history, plot_curves, save_figure
 from ..scoring import RewardFunctionError, RuleSpec, ScoringConfig
 from .base import Stage
@@ -279,10 +279,7 @@ class RM(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it through the scoring API and measure."""
-        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
-        if self.ctx.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
         if self.cfg.lora.enabled:
             merged = self.trainer.accelerator.unwrap_model(self.trainer.model).merge_and_unload()
             if self.ctx.is_main:

@@ -105,10 +105,9 @@ class SFT(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it for the accuracy-after check."""
-        final, partial = self.ctx.dir / "model", self.ctx.dir / ".model.partial"
-        if self.ctx.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+        from ..models import start_model_dir
+
+        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
         model_to_save = self.trainer.model
         if self.cfg.lora.enabled and self.cfg.lora.save == "merged":
             if self.cfg.distributed.num_processes > 1 and self.cfg.distributed.zero_stage == 3:
