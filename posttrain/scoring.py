@@ -47,7 +47,8 @@ class ScoringConfig(Section):
     rules: list[RuleSpec] = []
     """Rule rewards added to the total."""
     normalize: bool = False
-    """Whiten the total with running mean/std across calls (PPO reward normalisation)."""
+    """Whiten the total with running mean/std across PPO's rollouts (reward normalisation; evaluation,
+    pair margins and WARP's sweep always see the raw weighted sum)."""
     batch_size: int = Field(32, ge=1)
     """Conversations per reward-model forward pass."""
 
@@ -155,9 +156,10 @@ class Scorer:
         return torch.cat(out) if out else torch.zeros(0)
 
     def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None,
-              raw: bool = False) -> Scores:
+              training: bool = False) -> Scores:
         """Score completions; `rows` supply metadata columns (task, answer, ...) to rule rewards.
-        `raw`: the weighted sum without normalisation, running moments untouched (for evaluation)."""
+        `training`: a trainer's own rollouts, the only calls that update and apply `normalize`'s running
+        moments; every other caller gets the raw weighted sum and leaves the moments alone."""
         n = len(completions)
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(n)
@@ -170,7 +172,7 @@ class Scorer:
             total += spec.weight * parts[spec.function]
         if not torch.isfinite(total).all():
             raise FloatingPointError("scoring produced a non-finite reward")
-        if self.cfg.normalize and not raw:
+        if self.cfg.normalize and training:
             self.moments.update(total)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)
         return Scores(total=total, parts=parts)

@@ -290,13 +290,13 @@ def test_total_is_the_weighted_sum_of_parts_and_normalisation_whitens_over_calls
     assert torch.allclose(s.total, expected)
     assert s.parts["task_correct"].tolist() == [1, 0, 0, 0, 1, 1] and s.parts["identity"].tolist()[2] == 0
     norm = Scorer(cfg.model_copy(update={"normalize": True}))
-    a = norm.score(prompts[:3], texts[:3], rows[:3]).total
-    b = norm.score(prompts[3:], texts[3:], rows[3:]).total
+    a = norm.score(prompts[:3], texts[:3], rows[:3], training=True).total
+    b = norm.score(prompts[3:], texts[3:], rows[3:], training=True).total
     raw = s.total
     assert torch.allclose(a, (raw[:3] - raw[:3].mean()) / raw[:3].std(), atol=1e-5)
     assert torch.allclose(b, (raw[3:] - raw.mean()) / raw.std(), atol=1e-5)  # stats over both calls
     moments = norm.moments.state_dict()
-    assert torch.allclose(norm.score(prompts, texts, rows, raw=True).total, raw)  # evaluation: unnormalised
+    assert torch.allclose(norm.score(prompts, texts, rows).total, raw)  # evaluation: unnormalised
     assert norm.moments.state_dict() == moments  # ... and the training statistics are untouched
 
 

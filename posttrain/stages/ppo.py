@@ -178,7 +178,7 @@ class PPO(Stage):
         rows = [self.rows[i] for i in idx]
         prompts = [prompt_of(r) for r in rows]
         t_gen = time.time()
-        scores = self.scorer.score(prompts, [s.text for s in samples], rows)
+        scores = self.scorer.score(prompts, [s.text for s in samples], rows, training=True)
         finished = torch.tensor([s.finished for s in samples])
         score = scores.total + c.missing_eot_penalty * (~finished).float()
         t_score = time.time()
@@ -320,13 +320,13 @@ class PPO(Stage):
         prompts = [prompt_of(r) for r in rows]
         texts = greedy_texts(self.rollout_model, self.tokenizer, prompts, c.sampling.max_new_tokens)
         out = answer_accuracy(rows, texts) if all("answer" in r for r in rows) else {}
-        out["reward"] = round(self.scorer.score(prompts, texts, rows, raw=True).total.mean().item(), 4)
+        out["reward"] = round(self.scorer.score(prompts, texts, rows).total.mean().item(), 4)
         if c.eval_samples_per_prompt:
             sampling = c.sampling.model_copy(update={"n": c.eval_samples_per_prompt, "seed": self.seed})
             groups = HFEngine(self.rollout_model, self.tokenizer).generate(prompts, sampling)
             k = c.eval_samples_per_prompt
             sampled = self.scorer.score([p for p in prompts for _ in range(k)], [s.text for g in groups for s in g],
-                                        [r for r in rows for _ in range(k)], raw=True)
+                                        [r for r in rows for _ in range(k)])
             out["sampled_reward"] = round(sampled.total.mean().item(), 4)
             out.update({f"sampled_{name}": round(v.mean().item(), 4) for name, v in sampled.parts.items()})
         return out
