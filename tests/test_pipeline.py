@@ -134,3 +134,13 @@ def test_synth_with_a_teacher_model_writes_its_responses(tmp_path, tiny_model_di
     assert metrics["teacher"]["agrees_with_oracle"] < 0.5
     assert sum(r["messages"][-1]["content"] != r["answer"] for r in raw) >= len(raw) - 1
     assert len(train) <= len(raw)
+
+
+def test_synth_eval_counts_add_up_to_what_was_asked():
+    from posttrain.stages.synth import eval_counts
+
+    assert eval_counts([3, 3, 3], 4) == [2, 1, 1]  # per-task rounding alone gave 1 + 1 + 1 = 3 of 4
+    assert sum(eval_counts([2000, 2000, 1000, 2000, 1000, 1000, 1001], 201)) == 201  # it gave 200
+    counts = eval_counts([2000, 2000, 1000, 2000, 1000, 1000, 1000, 1], 200)
+    assert sum(counts) == 200 and counts[-1] == 0  # a one-row task keeps its row for training
+    assert eval_counts([2, 2], 3) == [1, 1]  # never all of a task's rows: as close as it can get

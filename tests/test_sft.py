@@ -23,11 +23,12 @@ def _pipeline(tmp_path, sft: dict) -> str:
 
 
 def test_sft_loss_falls_and_accuracy_rises(tmp_path):
-    summary = run_pipeline(load_pipeline(_pipeline(tmp_path, {})))
+    # 8 epochs: accuracy 0.83 / 0.75 / 0.77 for pipeline seeds 0 / 1 / 2 (at 4 epochs, 0.12-0.27: too close to call)
+    summary = run_pipeline(load_pipeline(_pipeline(tmp_path, {"epochs": 8})))
     m = summary["sft"]
     assert m["eval_loss_after"] < 0.5 * m["eval_loss_before"], m
     assert m["accuracy_before"]["overall"] < 0.05
-    assert m["accuracy_after"]["overall"] >= m["accuracy_before"]["overall"] + 0.3, m
+    assert m["accuracy_after"]["overall"] >= m["accuracy_before"]["overall"] + 0.5, m
     out = tmp_path / "run" / "sft"
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "model" / "model.safetensors").is_file() and not (out / "model" / "training_args.bin").exists()

@@ -47,6 +47,22 @@ class Recipe(Section):
     """Tasks to mix."""
 
 
+
+def eval_counts(sizes: list[int], num_eval: int) -> list[int]:
+    """Held-out rows per task: each task's share of `num_eval`, at least 1 and never all of a task's rows;
+    rounding is corrected by largest remainder, so the counts add up to `num_eval` whenever they can."""
+    ideal = [num_eval * n / sum(sizes) for n in sizes]
+    counts = [min(n - 1, max(1, round(x))) if n > 1 else 0 for n, x in zip(sizes, ideal)]
+    while sum(counts) != num_eval:
+        step = 1 if sum(counts) < num_eval else -1
+        room = [i for i, (c, n) in enumerate(zip(counts, sizes)) if (c < n - 1 if step > 0 else c > 1)]
+        if not room:
+            break
+        i = max(room, key=lambda j: step * (ideal[j] - counts[j]))  # furthest below (above) its share
+        counts[i] += step
+    return counts
+
+
 class SynthConfig(Section):
     """Config of the synth stage."""
 
@@ -118,10 +134,9 @@ class Synth(Stage):
         if len(seen) < want:
             raise RuntimeError(f"recipe {self.cfg.recipe} yields only {len(seen)} distinct prompts; "
                                f"{want} asked (lower num_train/num_eval or widen task parameters)")
-        frac = self.cfg.num_eval / want
         self.train_rows, self.eval_rows = [], []
-        for rows in by_task.values():
-            n_eval = min(len(rows) - 1, max(1, round(frac * len(rows)))) if len(rows) > 1 else 0
+        groups = list(by_task.values())
+        for rows, n_eval in zip(groups, eval_counts([len(r) for r in groups], self.cfg.num_eval)):
             self.eval_rows += rows[:n_eval]
             self.train_rows += rows[n_eval:]
         self.rng.shuffle(self.train_rows)
