@@ -52,7 +52,7 @@ def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int) -> Rol
 
 def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
     """Each row's prompt and its own final assistant turn (up to its end-of-turn token) as a rollout batch
-    whose response mask covers the answer: the likelihood term on reference answers of PPO-ptx."""
+    whose response mask covers the answer: PPO-ptx's likelihood term, and the implicit reward model."""
     from .evaluation import rendered_ids
     from .generate import Sample, chat_prompt_ids
     from .models import stop_token_ids
@@ -61,7 +61,7 @@ def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
     for row in rows:
         prompt, full = chat_prompt_ids(tokenizer, row["messages"][:-1]), rendered_ids(tokenizer, row["messages"])
         if row["messages"][-1]["role"] != "assistant" or full[:len(prompt)] != prompt:
-            raise ValueError("ptx needs conversations ending in an assistant turn that the chat template renders "
+            raise ValueError("expected a conversation ending in an assistant turn that the chat template renders "
                              f"after the generation prompt; got {row['messages'][-1]}")
         answer = full[len(prompt):]
         end = next((i + 1 for i, t in enumerate(answer) if t in stops), None)

@@ -134,10 +134,14 @@ class Scorer:
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
         rm_dir = cfg.reward_model or reward_model_dir
         self.rm = self.rm_tokenizer = None
+        self.implicit_head = None
         if cfg.use_reward_model and rm_dir:
+            from .implicit_rm import read_reward_head
             from .models import load_model, load_tokenizer
 
-            self.rm, self.rm_tokenizer = load_model(rm_dir, kind="reward").eval(), load_tokenizer(rm_dir)
+            self.implicit_head = read_reward_head(rm_dir)  # a causal LM scored by its answer likelihood
+            kind = "causal_lm" if self.implicit_head else "reward"
+            self.rm, self.rm_tokenizer = load_model(rm_dir, kind=kind).eval(), load_tokenizer(rm_dir)
             self.rm_tokenizer.padding_side = "right"
         if not self.rules and self.rm is None:
             raise ValueError("scoring: no reward model and no rule rewards configured; nothing to score with")
@@ -145,7 +149,17 @@ class Scorer:
 
     @torch.no_grad()
     def reward_model_scores(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
-        """The reward model's scalar for each conversation, rendered with the RM's own template."""
+        """The reward model's scalar for each conversation, rendered with the RM's own template.
+
+        Sequence-classification head: its output at the last token (the template's trailing end-of-turn
+        included). Implicit head: β · mean log-probability of the completion's tokens, up to and including
+        the end-of-turn token the template closes the turn with."""
+        if self.implicit_head is not None:
+            from .implicit_rm import implicit_scores
+
+            conversations = [p + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
+            return implicit_scores(self.rm, self.rm_tokenizer, conversations, self.implicit_head["beta"],
+                                   self.cfg.batch_size)
         texts = [self.rm_tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
                  for p, c in zip(prompts, completions)]
         out = []

@@ -77,11 +77,13 @@ def test_best_of_n_and_teacher_pick_by_score_and_count_drops():
     assert bon[0]["margin"] == 1.0 and bon[0]["task"] == "sort" and bon[0]["answer"] == right[0]
     assert report["per_source"]["best_of_n"]["dropped"] == {"identical": 1, "tie": 2}
     teacher = [p for p in pairs if p["source"] == "teacher"]
-    # reference beats the bottom sample for prompts 0-2; prompt 3's samples are all right: a tie
-    assert [p["chosen"][-1]["content"] for p in teacher] == right[:3]
-    assert [p["rejected"][-1]["content"] for p in teacher] == ["9, 9", "7, 7", "6"]  # "6": unlike the top "5"
-    assert report["per_source"]["teacher"]["dropped"] == {"tie": 1}
-    assert report["per_source"]["teacher"]["per_task"] == {"sort": 3}
+    # reference beats the bottom sample for prompts 0-2, but prompt 0's best sample is the reference, so its
+    # teacher pair would repeat the best-of-n pair; prompt 3's samples are all right: a tie
+    assert [p["chosen"][-1]["content"] for p in teacher] == right[1:3]
+    assert [p["rejected"][-1]["content"] for p in teacher] == ["7, 7", "6"]  # "6": unlike the top "5"
+    assert report["per_source"]["teacher"]["dropped"] == {"duplicate": 1, "tie": 1}
+    assert report["per_source"]["teacher"]["per_task"] == {"sort": 2}
+    assert len({json.dumps([p["chosen"], p["rejected"]]) for p in pairs}) == len(pairs)
 
 
 def test_margin_is_the_weighted_score_difference():
@@ -257,8 +259,9 @@ def test_recurrent_gemma_cannot_be_a_reward_model_and_says_so(tmp_path, tiny_tok
     with pytest.raises(ValueError):  # what the check guards against
         AutoModelForSequenceClassification.from_config(tiny_config(cfg, tiny_tokenizer))
     out = save_model_dir(build_tiny_model(cfg, tiny_tokenizer), tiny_tokenizer, tmp_path / "rg")
-    with pytest.raises(ValueError, match=r"'recurrent_gemma' has no sequence-classification.*set rm\.model"):
+    with pytest.raises(ValueError, match=r"'recurrent_gemma' has no sequence-classification.*rm\.head to implicit.*rm\.model"):
         check_reward_family(out)
+    check_reward_family(out, head="implicit")  # the implicit head takes any causal LM
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,23 +398,27 @@ def test_rm_lora_saves_merged_weights_and_resumes_from_its_checkpoint(tmp_path, 
     assert not (ctx.dir / "checkpoints").exists()
 
 
-@pytest.mark.slow
-def test_rm_under_deepspeed_two_processes(tmp_path, tiny_model_dir):
-    """prefs -> rm as 2 ZeRO-2 ranks through the pipeline runner; the output is one normal checkpoint."""
+def run_prefs_rm_pipeline(tmp_path, model_dir, **rm) -> dict:
+    """prefs (corruption pairs) -> rm through the pipeline runner; the rm stage's metrics."""
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     from .conftest import write_pipeline
 
     write_jsonl(tmp_path / "train.jsonl", rows_of(["sort", "safety", "identity"], 60, seed=3))
     write_jsonl(tmp_path / "eval.jsonl", rows_of(["sort", "safety", "identity"], 10, seed=4))
-    prefs = {"model": str(tiny_model_dir), "train_data": str(tmp_path / "train.jsonl"),
+    prefs = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"),
              "eval_data": str(tmp_path / "eval.jsonl"), "best_of_n": {"enabled": False}, "teacher": {"enabled": False},
              "scoring": {"rules": [rule("task_correct").model_dump()]}}
-    rm = {"model": str(tiny_model_dir), "max_steps": 6, "batch_size": 4, "max_length": 96, "learning_rate": 3e-3,
-          "auc": {"prompts": 0}, "distributed": {"num_processes": 2, "zero_stage": 2}}
+    rm = {"model": str(model_dir), "max_steps": 6, "batch_size": 4, "max_length": 96, "auc": {"prompts": 0}, **rm}
     body = f"seed: 0\nthreads: 1\nstages: [prefs, rm]\nprefs: {json.dumps(prefs)}\nrm: {json.dumps(rm)}\n"
-    summary = run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
-    m = summary["rm"]
+    return run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))["rm"]
+
+
+@pytest.mark.slow
+def test_rm_under_deepspeed_two_processes(tmp_path, tiny_model_dir):
+    """prefs -> rm as 2 ZeRO-2 ranks through the pipeline runner; the output is one normal checkpoint."""
+    m = run_prefs_rm_pipeline(tmp_path, tiny_model_dir, learning_rate=3e-3,
+                              distributed={"num_processes": 2, "zero_stage": 2})
     assert m["processes"] == 2 and m["steps"] == 6 and m["heldout"]["pairs"] > 0
     from posttrain.models import load_model
 

@@ -8,7 +8,8 @@ Three sources, each on or off:
   number, truncated text, a refusal where an answer was due, compliance where a refusal was due, a wrong
   identity) — contrast that exists however good or bad the policy is.
 A pair is dropped, and counted in report.json, when its two answers are identical or score a tie (or
-the rejected one scores higher). Every kept pair carries the score difference as its margin.
+the rejected one scores higher), or when a teacher pair repeats the prompt's best-of-n pair (the best
+sample was the reference answer). Every kept pair carries the score difference as its margin.
 
 Train pairs come from train_data prompts and held-out pairs from eval_data prompts only; train prompts
 that also appear in eval_data are left out. The same seed gives the same pairs.
@@ -246,20 +247,21 @@ def sample_pairs(rows: list[dict], samples: list[list[Sample]], scorer: Scorer, 
                     dropped[source]["no_samples"] += 1
             continue
         top, bottom = _top_and_bottom(texts, scores)
+        candidates = []  # (source, chosen, margin); both sources reject the bottom-scored sample
         if cfg.best_of_n.enabled:
-            margin = scores[top] - scores[bottom]
-            why = _verdict(texts[top], texts[bottom], margin, cfg.min_margin)
-            if why:
-                dropped["best_of_n"][why] += 1
-            else:
-                pairs.append(_pair(row, texts[top], texts[bottom], margin, "best_of_n"))
+            candidates.append(("best_of_n", texts[top], scores[top] - scores[bottom]))
         if cfg.teacher.enabled:
-            margin = ref_scores[i] - scores[bottom]
-            why = _verdict(refs[i], texts[bottom], margin, cfg.min_margin)
+            candidates.append(("teacher", refs[i], ref_scores[i] - scores[bottom]))
+        kept_chosen = set()
+        for source, chosen, margin in candidates:
+            why = _verdict(chosen, texts[bottom], margin, cfg.min_margin)
+            if why is None and chosen.strip() in kept_chosen:
+                why = "duplicate"  # the best sample is the reference answer: the same pair twice
             if why:
-                dropped["teacher"][why] += 1
+                dropped[source][why] += 1
             else:
-                pairs.append(_pair(row, refs[i], texts[bottom], margin, "teacher"))
+                kept_chosen.add(chosen.strip())
+                pairs.append(_pair(row, chosen, texts[bottom], margin, source))
     return pairs
 
 

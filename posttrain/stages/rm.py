@@ -1,24 +1,30 @@
-"""rm: a Bradley-Terry reward model trained on preference pairs with TRL's RewardTrainer.
+"""rm: a Bradley-Terry reward model trained on preference pairs.
 
-The reward model is the policy checkpoint (SFT by default) with a one-output sequence-classification
-head on its last non-pad token. Loss per pair: −log σ(r_chosen − r_rejected − margin) (margin only with
-`use_margin`), plus `center_rewards_coefficient`·mean((r_c + r_r)²) when set. Full fine-tuning or LoRA
-(always saved merged), in one process or as DeepSpeed ranks; resumes from its last checkpoint.
+Two heads, one loss per pair: −log σ(r_chosen − r_rejected − margin) (margin only with `use_margin`),
+plus `center_rewards_coefficient`·mean((r_c + r_r)²) when set.
+- `head: sequence_classification` (default): the policy checkpoint (SFT by default) with a one-output
+  sequence-classification head on its last non-pad token, trained with TRL's RewardTrainer.
+- `head: implicit`: the checkpoint stays a causal LM and r = β · mean log π(answer | prompt), SimPO's
+  reference-free reward, trained with our Trainer (`posttrain/implicit_rm.py`). It uses the likelihoods the
+  model learnt in SFT, so it generalises from far fewer pairs on small models (see the README's numbers).
+Full fine-tuning or LoRA (always saved merged), in one process or as DeepSpeed ranks; resumes from its
+last checkpoint.
 
 After training, rank 0 reloads the saved model through the scoring API (what PPO will use) and measures:
 - held-out pairs: pairwise accuracy, mean margin r_c − r_r, mean/std of chosen and rejected rewards;
 - ROC AUC of the reward vs the verifiers' correct/incorrect label, on fresh policy samples of held-out
   prompts (Mann-Whitney form; skipped with a note when one class is empty).
 
-Output in run_dir/rm/: model/ (HF sequence-classification dir with tokenizer and chat template, loadable
-by `load_model(path, kind="reward")`), metrics.json, curves.png (loss, accuracy), scores.png (histogram).
+Output in run_dir/rm/: model/ (an HF sequence-classification dir loadable by `load_model(path, kind="reward")`,
+or for the implicit head a causal LM dir with `reward_head.json`; both with tokenizer and chat template and
+both scored by `Scorer`), metrics.json, curves.png (loss, accuracy), scores.png (histogram).
 """
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from pydantic import Field, model_validator
@@ -75,6 +81,11 @@ class RMConfig(TrainerSection):
     """Pairs per device per step."""
     max_length: int = Field(256, ge=8)
     """Pairs with a conversation longer than this many tokens are left out (TRL's filter)."""
+    head: Literal["sequence_classification", "implicit"] = "sequence_classification"
+    """sequence_classification: a new scalar head on the last token (TRL RewardTrainer); implicit: β · mean
+    log-likelihood of the answer under the fine-tuned LM itself (SimPO's reference-free reward)."""
+    beta: float = Field(2.0, gt=0)
+    """Scale β of the implicit reward (head: implicit only; SimPO uses 2-2.5)."""
     use_margin: bool = False
     """Subtract each pair's margin inside the loss, −log σ(r_c − r_r − m) (Llama 2's margin loss)."""
     center_rewards_coefficient: Optional[float] = Field(None, ge=0)
@@ -127,8 +138,9 @@ def read_pairs(path: str) -> list[dict]:
     return rows
 
 
-def check_reward_family(path: str | Path, key: str = "rm.model") -> None:
-    """Raise a clear error when transformers has no sequence-classification class for the model's family."""
+def check_reward_family(path: str | Path, key: str = "rm.model", head: str = "sequence_classification") -> None:
+    """Raise a clear error when `path` cannot start a reward model with this head: a LoRA adapter
+    directory, or (sequence_classification) a family transformers has no sequence classifier for."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     from ..models import check_model_dir
@@ -138,17 +150,23 @@ def check_reward_family(path: str | Path, key: str = "rm.model") -> None:
         raise ValueError(f"{path}: a LoRA adapter directory cannot start a reward model; save the policy "
                          f"merged (sft.lora.save=merged) or set {key} to a full model directory")
     model_type = json.loads(cfg_file.read_text()).get("model_type")
-    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+    if head == "sequence_classification" and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise ValueError(f"{path}: model family {model_type!r} has no sequence-classification class in "
-                         f"transformers, so it cannot become a reward model; set {key} to a checkpoint of "
-                         f"another family (e.g. gemma, gemma2 or llama)")
+                         f"transformers, so it cannot become a reward model with that head; set rm.head to "
+                         f"implicit (any causal LM) or {key} to a checkpoint of another family (e.g. gemma, "
+                         f"gemma2 or llama)")
 
 
-def load_reward_init(path: str | Path, seed: int):
-    """The checkpoint as a one-output sequence classifier; the new score head is seeded."""
+def load_reward_init(path: str | Path, seed: int, head: str = "sequence_classification"):
+    """The checkpoint as a one-output sequence classifier (its new score head seeded), or for the implicit
+    head as the causal LM it is."""
     from transformers import AutoModelForSequenceClassification
 
-    check_reward_family(path)
+    from ..models import load_model
+
+    check_reward_family(path, head=head)
+    if head == "implicit":
+        return load_model(path)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
                                                               trust_remote_code=False)
@@ -164,27 +182,50 @@ def pairs_dataset(rows: list[dict], use_margin: bool):
     return Dataset.from_dict(cols)
 
 
+def _training_args(cfg: RMConfig, output_dir: str | Path, seed: int, with_eval: bool) -> dict:
+    """TrainingArguments fields both heads' trainers take from the stage config."""
+    from ..launch import trainer_kwargs
+
+    c = cfg
+    return dict(
+        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
+        weight_decay=c.weight_decay, logging_steps=c.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
+        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+        seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),
+    )
+
+
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int):
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
     from trl import RewardConfig, RewardTrainer
 
-    from ..launch import trainer_kwargs
-
-    c = cfg
-    args = RewardConfig(
-        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
-        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
-        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-        weight_decay=c.weight_decay, max_length=c.max_length, center_rewards_coefficient=c.center_rewards_coefficient,
-        logging_steps=c.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=c.eval_steps,
-        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
-        seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),
-    )
-    peft_config = c.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
+    args = RewardConfig(max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
+                        **_training_args(cfg, output_dir, seed, eval_ds is not None))
+    peft_config = cfg.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
     tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
     return RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=peft_config)
+
+
+def build_implicit_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], cfg: RMConfig,
+                           output_dir: str | Path, seed: int):
+    """The implicit head's Trainer on pair rows already filtered to max_length (also used by tests)."""
+    from transformers import TrainingArguments
+
+    from ..implicit_rm import ImplicitRewardTrainer, PairCollator
+
+    args = TrainingArguments(remove_unused_columns=False, **_training_args(cfg, output_dir, seed, bool(eval_rows)))
+    peft_config = cfg.lora.peft_config("CAUSAL_LM")
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    return ImplicitRewardTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
+                                 data_collator=PairCollator(tokenizer, cfg.use_margin), beta=cfg.beta,
+                                 center_coef=cfg.center_rewards_coefficient)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,19 +303,26 @@ class RM(Stage):
         self.train_rows = read_pairs(inp["prefs_train"])
         self.eval_rows = read_pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else []
         self.tokenizer = load_tokenizer(inp["model"])
-        self.model = load_reward_init(inp["model"], self.ctx.seed)
-        self.train_ds = pairs_dataset(self.train_rows, self.cfg.use_margin)
-        self.eval_ds = pairs_dataset(self.eval_rows, self.cfg.use_margin) if self.eval_rows else None
+        self.model = load_reward_init(inp["model"], self.ctx.seed, self.cfg.head)
 
     def train(self) -> dict:
-        self.trainer = build_trainer(self.model, self.tokenizer, self.train_ds, self.eval_ds, self.cfg,
-                                     self.ctx.dir / "checkpoints", self.ctx.seed)
+        out, c = self.ctx.dir / "checkpoints", self.cfg
+        if c.head == "implicit":
+            from ..implicit_rm import pair_length
+
+            fits = [r for r in self.train_rows if pair_length(self.tokenizer, r) <= c.max_length]
+            eval_fits = [r for r in self.eval_rows if pair_length(self.tokenizer, r) <= c.max_length]
+            self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, self.ctx.seed)
+        else:
+            eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
+            self.trainer = build_trainer(self.model, self.tokenizer, pairs_dataset(self.train_rows, c.use_margin),
+                                         eval_ds, c, out, self.ctx.seed)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
-                   "train_pairs_too_long": len(self.train_ds) - len(self.trainer.train_dataset)}
+                   "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset)}
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "rm"))
         evals = [e for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
-            metrics["trl_eval_accuracy"] = round(evals[-1].get("eval_accuracy", float("nan")), 4)
+            metrics["trainer_eval_accuracy"] = round(evals[-1].get("eval_accuracy", float("nan")), 4)
         return metrics
 
     def save(self) -> dict:
@@ -289,6 +337,10 @@ class RM(Stage):
         metrics = {}
         if self.ctx.is_main:
             self.tokenizer.padding_side = "right"
+            if self.cfg.head == "implicit":
+                from ..implicit_rm import write_reward_head
+
+                write_reward_head(partial, self.cfg.beta)
             finish_model_dir(partial, final, self.tokenizer, generation=False)  # a scorer: no generation config
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
