@@ -115,17 +115,25 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     assert torch.equal(value.model.embed_tokens.weight, saved.model.embed_tokens.weight)
 
 
-def test_implicit_rm_lora_is_saved_merged(tmp_path, tiny_model_dir):
+def test_implicit_rm_lora_is_saved_merged_and_resumes(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "train.jsonl", rows_of(["sort", "safety"], 24, seed=3))
     write_jsonl(tmp_path / "eval.jsonl", rows_of(["sort", "safety"], 6, seed=4))
     prefs_dir, _ = _run_prefs(tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False})
-    cfg = RMConfig(head="implicit", lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, batch_size=8,
-                   learning_rate=1e-2, max_length=96, auc={"prompts": 0})
-    ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
-        "model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl")})
-    ctx.dir.mkdir()
-    assert RM(cfg, ctx).run()["steps"] == 3
-    saved, init = load_file(ctx.dir / "model" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+
+    def stage(**kw) -> RM:
+        cfg = RMConfig(head="implicit", lora={"enabled": True, "r": 4, "alpha": 8}, batch_size=8, save_steps=2,
+                       learning_rate=1e-2, max_length=96, auc={"prompts": 0}, **kw)
+        ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
+            "model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl")})
+        ctx.dir.mkdir(exist_ok=True)
+        return RM(cfg, ctx)
+
+    first = stage(max_steps=4, keep_checkpoints=True).run()
+    assert first["steps"] == 4 and "resumed_from_step" not in first
+    second = stage(max_steps=6).run()  # as if the run had been stopped at step 4
+    assert second["resumed_from_step"] == 4 and second["steps"] == 6
+    saved = load_file(tmp_path / "rm" / "model" / "model.safetensors")
+    init = load_file(tiny_model_dir / "model.safetensors")
     assert saved.keys() == init.keys()  # adapters merged away
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(saved[key], init[key])
