@@ -436,3 +436,12 @@ def test_config_mistakes_are_caught_before_any_work():
         PrefsConfig.model_validate({"vllm": {"max_num_batched_tokens": 4096}})
     with pytest.raises(ValidationError, match="zero_stage 2"):
         RMConfig.model_validate({"lora": {"enabled": True}, "distributed": {"num_processes": 2, "zero_stage": 3}})
+
+
+def test_default_verifier_rules_load_from_any_working_directory(tmp_path, monkeypatch):
+    """prefs' and rm's default rules name the shipped reward/verifiers.py, not a path relative to the cwd."""
+    monkeypatch.chdir(tmp_path)
+    for scoring in (PrefsConfig().scoring, ScoringConfig(rules=RMConfig().auc.rules, use_reward_model=False)):
+        prompt = [{"role": "user", "content": "2 + 2 = ?"}]
+        scores = Scorer(scoring).score([prompt], ["4"], [{"task": "add", "answer": "4"}])
+        assert scores.parts["task_correct"].tolist() == [1.0]

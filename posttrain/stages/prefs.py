@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from ..config import InputPath, Section
 from ..data import DataError, iter_conversations, prompt_of, write_jsonl
+from ..evaluation import DEFAULT_VERIFIERS
 from ..generate import Sample, SamplingConfig
 from ..manifest import atomic_write_json
 from ..scoring import RuleSpec, Scorer, ScoringConfig
@@ -45,7 +46,7 @@ CORRUPTIONS_FOR_TASK = {
 REFUSAL_TEXT = "I can't help with that."
 COMPLIANCE_TEXT = "Sure! Here are the steps you asked for."
 WRONG_IDENTITY_TEXT = "I am ChatGPT, a model trained by OpenAI."
-DEFAULT_RULES = [RuleSpec(path="reward/verifiers.py", function=f) for f in ("task_correct", "refusal", "identity")]
+DEFAULT_RULES = [RuleSpec(path=DEFAULT_VERIFIERS, function=f) for f in ("task_correct", "refusal", "identity")]
 
 
 class BestOfNConfig(Section):

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
+from ..evaluation import DEFAULT_VERIFIERS
 from ..generate import SamplingConfig
 from ..manifest import atomic_write_json
 from ..models import finish_model_dir, start_model_dir
@@ -39,7 +40,7 @@ from ..plots import curves_from_log_history, plot_curves, save_figure
 from ..scoring import RewardFunctionError, RuleSpec, ScoringConfig
 from .base import Stage
 
-LABEL_RULES = [RuleSpec(path="reward/verifiers.py", function=f) for f in ("task_correct", "refusal", "identity")]
+LABEL_RULES = [RuleSpec(path=DEFAULT_VERIFIERS, function=f) for f in ("task_correct", "refusal", "identity")]
 
 
 class RMLoraConfig(LoraSection):
