@@ -94,6 +94,8 @@ class TrainerSection(Section):
     """AdamW weight decay."""
     max_length: int = Field(256, ge=8)
     """Longest tokenized sequence; longer ones are truncated."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, slower steps (~1.4x on tiny CPU models)."""
     logging_steps: int = Field(10, ge=1)
     """Log the training loss every N steps."""
     eval_steps: int = Field(50, ge=1)

@@ -201,6 +201,7 @@ class Distill(Stage):
             max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
             gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
             weight_decay=c.weight_decay, max_length=c.max_length, logging_steps=c.logging_steps,
+            gradient_checkpointing=c.gradient_checkpointing,
             logging_first_step=True, eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps,
             eval_on_start=has_eval, save_strategy="steps", save_steps=c.save_steps, save_total_limit=2,
             report_to="none", seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,

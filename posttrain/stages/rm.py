@@ -161,16 +161,12 @@ def check_reward_family(path: str | Path, key: str = "rm.model", head: str = "se
 def load_reward_init(path: str | Path, seed: int, head: str = "sequence_classification"):
     """The checkpoint as a one-output sequence classifier (its new score head seeded), or for the implicit
     head as the causal LM it is."""
-    from transformers import AutoModelForSequenceClassification
-
     from ..models import load_model
 
     check_reward_family(path, head=head)
-    if head == "implicit":
-        return load_model(path)
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, use_safetensors=True,
-                                                              trust_remote_code=False)
+    # load_model picks the attention the scorer will use too (eager for Gemma 2: SDPA drops soft-capping)
+    return load_model(path, kind="causal_lm" if head == "implicit" else "reward")
 
 
 def pairs_dataset(rows: list[dict], use_margin: bool):
@@ -192,7 +188,8 @@ def _training_args(cfg: RMConfig, output_dir: str | Path, seed: int, with_eval: 
         output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
         per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
         gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-        weight_decay=c.weight_decay, logging_steps=c.logging_steps, logging_first_step=True,
+        weight_decay=c.weight_decay, gradient_checkpointing=c.gradient_checkpointing,
+        logging_steps=c.logging_steps, logging_first_step=True,
         eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
         save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
         seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),

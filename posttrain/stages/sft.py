@@ -82,6 +82,7 @@ class SFT(Stage):
             max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
             gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
             weight_decay=c.weight_decay, max_length=c.max_length, packing=c.packing,
+            gradient_checkpointing=c.gradient_checkpointing,
             assistant_only_loss=c.assistant_only_loss, logging_steps=c.logging_steps, logging_first_step=True,
             eval_strategy="steps" if self.eval_ds is not None else "no", eval_steps=c.eval_steps, eval_on_start=self.eval_ds is not None,
             save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
