@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from childproc import run_child, status_mib
+
 BENCH = Path(__file__).resolve().parent
 TRL_DIR = BENCH / ".trl112"
 TRL_VERSION = "1.12.0"
@@ -133,27 +135,6 @@ def ensure_trl(install: bool) -> str | None:
     return None
 
 
-def run_child(spec: dict, work: Path, log_dir: Path) -> dict:
-    """Run one configuration in a fresh process; its result, or the reason it failed."""
-    spec_path, result_path = work / f"{spec['name']}.spec.json", work / f"{spec['name']}.result.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    threads = str(spec["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    log_path = log_dir / f"{spec['name']}.log"
-    load_before, start = os.getloadavg()[0], time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, cwd=str(work), check=False)
-    wall = time.perf_counter() - start
-    meta = {"process_seconds": wall, "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0],
-            "log": str(log_path)}
-    if proc.returncode != 0 or not result_path.is_file():
-        tail = log_path.read_text().strip().splitlines()[-6:]
-        return {**meta, "error": f"exit code {proc.returncode}: " + " | ".join(tail)}
-    return {**meta, **json.loads(result_path.read_text())}
-
-
 def summarise(result: dict, rollout: int) -> dict:
     """Means over the updates after the first (warm-up): wall and CPU seconds, phase shares, tokens/s."""
     steps = result["updates"][1:]
@@ -238,7 +219,7 @@ def run_configuration(cfg: dict, inputs: dict, work: Path, log_dir: Path, args) 
         return {"error": inputs["trl_problem"], "log": "-", "load_avg_1m_after": os.getloadavg()[0]}
     spec = {**cfg, "threads": args.threads, "seed": args.seed, "policy": size["policy"], "rm": size["rm"],
             "train_data": inputs["train_data"], "trl_dir": str(TRL_DIR), "ppo": PPO}
-    result = run_child(spec, work, log_dir)
+    result = run_child(__file__, spec, work, log_dir, {"TRL_EXPERIMENTAL_SILENCE": "1"})
     if "error" in result:
         print(f"  FAILED: {result['error']}", flush=True)
         return result
@@ -279,14 +260,6 @@ def parent(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- children
-
-def peak_rss_mib() -> float:
-    """Peak resident set of this process, MiB: VmHWM, which exec resets. (getrusage's ru_maxrss is
-    kept across fork+exec on Linux, so a child would report at least its parent's RSS at the fork.)"""
-    status = Path("/proc/self/status").read_text()
-    kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
-    return kib / 1024
-
 
 def subprocess_peak_rss_mib() -> float:
     """Largest ru_maxrss among processes this child started and waited for (0 if none). An upper
@@ -448,7 +421,7 @@ def child_main(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])  # before vLLM starts: it makes set_num_threads a no-op
     start = time.perf_counter()
     result = (child_trl if spec["side"].startswith("trl") else child_ours)(spec)
-    result.update(peak_rss_mib=peak_rss_mib(), subprocess_peak_rss_mib=subprocess_peak_rss_mib(),
+    result.update(peak_rss_mib=status_mib("VmHWM"), subprocess_peak_rss_mib=subprocess_peak_rss_mib(),
                   threads_at_end=torch.get_num_threads(), run_seconds=time.perf_counter() - start)
     Path(spec["result"]).write_text(json.dumps(result))
     print(f"child {spec['name']} done: peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)

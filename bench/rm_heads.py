@@ -30,11 +30,12 @@ import os
 import random
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from childproc import run_child, status_mib
 
 BENCH = Path(__file__).resolve().parent
 BODY = dict(family="gemma2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
@@ -99,25 +100,6 @@ def build_inputs(work: Path, vocabs: list[int], n_pairs: int, seed: int) -> dict
     return out
 
 
-def run_child(spec: dict, work: Path, log_dir: Path) -> dict:
-    """One configuration in a fresh process; its result, or the reason it failed."""
-    spec_path, result_path = work / f"{spec['name']}.spec.json", work / f"{spec['name']}.result.json"
-    spec_path.write_text(json.dumps({**spec, "result": str(result_path)}))
-    threads = str(spec["threads"])
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    log_path, load_before, start = log_dir / f"{spec['name']}.log", os.getloadavg()[0], time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(work), check=False)
-    meta = {"process_seconds": time.perf_counter() - start, "load_avg_1m_before": load_before,
-            "load_avg_1m_after": os.getloadavg()[0], "log": str(log_path)}
-    if proc.returncode != 0 or not result_path.is_file():
-        return {**meta, "error": f"exit code {proc.returncode}: " + " | ".join(log_path.read_text().splitlines()[-6:])}
-    return {**meta, **json.loads(result_path.read_text())}
-
-
 def summarise(steps: list[dict], warmup: int) -> dict:
     """Means over the steps after the warm-up."""
     timed = steps[warmup:]
@@ -167,7 +149,8 @@ def run_configuration(vocab: int, head: str, inputs: dict, work: Path, args) -> 
     spec = {"name": name, "head": HEADS[head][0], "checkpointing": HEADS[head][1], "threads": args.threads,
             "seed": args.seed, "model": inputs["models"][vocab]["dir"], "pairs": inputs["pairs"],
             "max_steps": args.warmup + args.steps}
-    r = run_child(spec, work, args.out.parent / "rm_heads_logs")
+    r = run_child(__file__, spec, work, args.out.parent / "rm_heads_logs",
+                  {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
     if "steps" not in r:
         print(f"  FAILED: {r['error']}", flush=True)
         return r
@@ -205,12 +188,6 @@ def parent(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- child
-
-def status_mib(key: str) -> float:
-    """A /proc/self/status field in MiB (VmHWM: this process's peak RSS, which exec resets)."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
-
 
 def step_clock():
     """A TrainerCallback marking (wall, CPU) at train begin and at each step's begin and end (its `steps()`
