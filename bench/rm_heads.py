@@ -223,6 +223,7 @@ def child_main(spec_path: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     from posttrain.models import count_parameters, load_tokenizer
+    from posttrain.implicit_rm import tokenize_pairs
     from posttrain.stages.rm import RMConfig, build_implicit_trainer, build_trainer, load_reward_init, pairs_dataset
 
     rows = json.loads(Path(spec["pairs"]).read_text())
@@ -232,7 +233,8 @@ def child_main(spec_path: str) -> None:
                    gradient_checkpointing=spec["checkpointing"], auc={"prompts": 0}, **RM)
     out_dir = Path.cwd() / f"out-{spec['name']}"
     if spec["head"] == "implicit":
-        trainer = build_implicit_trainer(model, tokenizer, rows, [], cfg, out_dir, spec["seed"])
+        trainer = build_implicit_trainer(model, tokenizer, tokenize_pairs(tokenizer, rows), [], cfg, out_dir,
+                                         spec["seed"])
     else:
         trainer = build_trainer(model, tokenizer, pairs_dataset(rows, False), None, cfg, out_dir, spec["seed"])
     clock = step_clock()

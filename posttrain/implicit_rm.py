@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +18,8 @@ import torch
 from transformers import Trainer
 
 from .algos.reward import bradley_terry_loss, implicit_reward
-from .rollout import RolloutBatch, answer_batch, token_logprobs
+from .generate import Sample
+from .rollout import RolloutBatch, answer_batch, answer_tokens, pack_rollout, token_logprobs
 
 HEAD_FILE = "reward_head.json"
 
@@ -37,11 +39,6 @@ def read_reward_head(model_dir: str | Path) -> Optional[dict]:
     return head
 
 
-def conversation_batch(tokenizer, conversations: list[list[dict]]) -> RolloutBatch:
-    """Prompt + final assistant turn of each conversation, with a mask on the answer's tokens."""
-    return answer_batch(tokenizer, [{"messages": c} for c in conversations])
-
-
 def sequence_rewards(model, batch: RolloutBatch, beta: float) -> torch.Tensor:
     """(B,) implicit rewards of a packed batch under `model`."""
     return implicit_reward(token_logprobs(model, batch), batch.response_mask, beta)
@@ -50,28 +47,49 @@ def sequence_rewards(model, batch: RolloutBatch, beta: float) -> torch.Tensor:
 @torch.no_grad()
 def implicit_scores(model, tokenizer, conversations: list[list[dict]], beta: float, batch_size: int) -> torch.Tensor:
     """Implicit rewards of whole conversations (prompt turns + the answer to score), in batches."""
-    out = [sequence_rewards(model, conversation_batch(tokenizer, conversations[i:i + batch_size]), beta)
-           for i in range(0, len(conversations), batch_size)]
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        batch = answer_batch(tokenizer, [{"messages": c} for c in conversations[i:i + batch_size]])
+        out.append(sequence_rewards(model, batch, beta))
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def pair_length(tokenizer, row: dict) -> int:
-    """Tokens of the longer of a pair's two conversations."""
-    return conversation_batch(tokenizer, [row["chosen"], row["rejected"]]).input_ids.shape[1]
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids: the shared prompt and the two answers (with end-of-turn)."""
+
+    prompt: list[int]
+    chosen: Sample
+    rejected: Sample
+    margin: float
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the pair's two conversations."""
+        return len(self.prompt) + max(len(self.chosen.token_ids), len(self.rejected.token_ids))
+
+
+def tokenize_pairs(tokenizer, rows: list[dict]) -> list[TokenizedPair]:
+    """Pair rows (read_pairs: both sides share the prompt turns) tokenized once, for every epoch."""
+    prompts, chosen = answer_tokens(tokenizer, [{"messages": r["chosen"]} for r in rows])
+    _, rejected = answer_tokens(tokenizer, [{"messages": r["rejected"]} for r in rows])
+    return [TokenizedPair(p, c, r, float(row.get("margin", 0.0)))
+            for p, c, r, row in zip(prompts, chosen, rejected, rows, strict=True)]
 
 
 class PairCollator:
     """Pairs -> one right-padded batch: the chosen conversations, then the rejected ones (+ margins)."""
 
-    def __init__(self, tokenizer, use_margin: bool):
-        self.tokenizer, self.use_margin = tokenizer, use_margin
+    def __init__(self, pad_id: int, use_margin: bool):
+        self.pad_id, self.use_margin = pad_id, use_margin
 
-    def __call__(self, rows: list[dict]) -> dict:
-        packed = conversation_batch(self.tokenizer, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    def __call__(self, pairs: list[TokenizedPair]) -> dict:
+        packed = pack_rollout([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                              self.pad_id)
         batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
                  "response_mask": packed.response_mask}
         if self.use_margin:
-            batch["margin"] = torch.tensor([float(r.get("margin", 0.0)) for r in rows])
+            batch["margin"] = torch.tensor([p.margin for p in pairs])
         return batch
 
 

@@ -50,9 +50,9 @@ def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int) -> Rol
     return RolloutBatch(input_ids, attention, response, engine_lp, finished)
 
 
-def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
-    """Each row's prompt and its own final assistant turn (up to its end-of-turn token) as a rollout batch
-    whose response mask covers the answer: PPO-ptx's likelihood term, and the implicit reward model."""
+def answer_tokens(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list]:
+    """Each row's prompt ids and its own final assistant turn as a Sample whose token ids run up to and
+    including its end-of-turn token (`pack_rollout` pads them into a batch)."""
     from .evaluation import rendered_ids
     from .generate import Sample, chat_prompt_ids
     from .models import stop_token_ids
@@ -67,7 +67,13 @@ def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
         end = next((i + 1 for i, t in enumerate(answer) if t in stops), None)
         prompts.append(prompt)
         samples.append(Sample(text=row["messages"][-1]["content"], token_ids=answer[:end], finished=end is not None))
-    return pack_rollout(prompts, samples, tokenizer.pad_token_id)
+    return prompts, samples
+
+
+def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
+    """`answer_tokens` packed into a rollout batch whose response mask covers the answers: PPO-ptx's
+    likelihood term, and the implicit reward model's scores."""
+    return pack_rollout(*answer_tokens(tokenizer, rows), tokenizer.pad_token_id)
 
 
 def _shift(per_position: torch.Tensor) -> torch.Tensor:

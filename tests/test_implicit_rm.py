@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.data import write_jsonl
-from posttrain.implicit_rm import PairCollator, read_reward_head, write_reward_head
+from posttrain.implicit_rm import PairCollator, read_reward_head, tokenize_pairs, write_reward_head
 from posttrain.scoring import Scorer, ScoringConfig
 from posttrain.stages import StageContext
 from posttrain.stages.rm import RM, RMConfig, build_implicit_trainer, read_pairs, score_pairs
@@ -67,8 +67,9 @@ def test_implicit_loss_is_bradley_terry_on_the_implicit_rewards(tmp_path, tiny_m
     rows = [dict(r, margin=m) for r, m in zip(PAIRS, [0.5, -0.3, 2.0, 0.0])]
     model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
     cfg = RMConfig(head="implicit", beta=1.5, use_margin=True, center_rewards_coefficient=0.1, batch_size=4)
-    trainer = build_implicit_trainer(model, tok, rows, [], cfg, tmp_path, seed=0)
-    batch = PairCollator(tok, use_margin=True)(rows)
+    pairs = tokenize_pairs(tok, rows)
+    trainer = build_implicit_trainer(model, tok, pairs, [], cfg, tmp_path, seed=0)
+    batch = PairCollator(tok.pad_token_id, use_margin=True)(pairs)
     assert (batch["input_ids"][:, -1] == tok.pad_token_id).any()  # padding is really exercised
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch)).item()

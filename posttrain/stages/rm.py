@@ -208,21 +208,22 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir
                          processing_class=tokenizer, peft_config=peft_config)
 
 
-def build_implicit_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict], cfg: RMConfig,
+def build_implicit_trainer(model, tokenizer, train_pairs: list, eval_pairs: list, cfg: RMConfig,
                            output_dir: str | Path, seed: int):
-    """The implicit head's Trainer on pair rows already filtered to max_length (also used by tests)."""
+    """The implicit head's Trainer on `tokenize_pairs` output already filtered to max_length (also used
+    by tests)."""
     from transformers import TrainingArguments
 
     from ..implicit_rm import ImplicitRewardTrainer, PairCollator
 
-    args = TrainingArguments(remove_unused_columns=False, **_training_args(cfg, output_dir, seed, bool(eval_rows)))
+    args = TrainingArguments(remove_unused_columns=False, **_training_args(cfg, output_dir, seed, bool(eval_pairs)))
     peft_config = cfg.lora.peft_config("CAUSAL_LM")
     if peft_config is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    return ImplicitRewardTrainer(model=model, args=args, train_dataset=train_rows, eval_dataset=eval_rows or None,
-                                 data_collator=PairCollator(tokenizer, cfg.use_margin), beta=cfg.beta,
+    return ImplicitRewardTrainer(model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs or None,
+                                 data_collator=PairCollator(tokenizer.pad_token_id, cfg.use_margin), beta=cfg.beta,
                                  center_coef=cfg.center_rewards_coefficient)
 
 
@@ -306,10 +307,10 @@ class RM(Stage):
     def train(self) -> dict:
         out, c = self.ctx.dir / "checkpoints", self.cfg
         if c.head == "implicit":
-            from ..implicit_rm import pair_length
+            from ..implicit_rm import tokenize_pairs
 
-            fits = [r for r in self.train_rows if pair_length(self.tokenizer, r) <= c.max_length]
-            eval_fits = [r for r in self.eval_rows if pair_length(self.tokenizer, r) <= c.max_length]
+            fits = [p for p in tokenize_pairs(self.tokenizer, self.train_rows) if p.length <= c.max_length]
+            eval_fits = [p for p in tokenize_pairs(self.tokenizer, self.eval_rows) if p.length <= c.max_length]
             self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, self.ctx.seed)
         else:
             eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
