@@ -82,13 +82,13 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 
 def build_inputs(work: Path, vocabs: list[int], n_pairs: int, seed: int) -> dict:
     """The pairs (those within max_length for both heads) and one saved causal LM per vocabulary size."""
-    from posttrain.implicit_rm import pair_length
+    from posttrain.implicit_rm import tokenize_pairs
     from posttrain.models import ModelConfig, build_tiny_model, count_parameters, save_model_dir, train_tokenizer
 
     pairs = make_pairs(n_pairs, seed)
     texts = [m["content"] for p in pairs for m in p["chosen"] + p["rejected"][-1:]] + ["user\nmodel\n"]
     tokenizer = train_tokenizer(texts, TOKENIZER_VOCAB)
-    pairs = [p for p in pairs if pair_length(tokenizer, p) <= RM["max_length"]]
+    pairs = [p for p, t in zip(pairs, tokenize_pairs(tokenizer, pairs)) if t.length <= RM["max_length"]]
     (work / "pairs.json").write_text(json.dumps(pairs))
     out = {"pairs": str(work / "pairs.json"), "n_pairs": len(pairs), "models": {}}
     for vocab in vocabs:
