@@ -98,11 +98,11 @@ def run_arm(name: str, args, seed: int, stages: list[str], base: dict, **section
 def measure(model_dir: Path, teacher, eval_rows: list[dict], tokenizer) -> dict:
     """Held-out NLL / perplexity / KL to the teacher, and greedy accuracy per task, for one model."""
     from posttrain.distill_cache import heldout_metrics, tokenize_for_loss
-    from posttrain.generate import HFEngine, SamplingConfig
+    from posttrain.engines import HFEngine, SamplingConfig
     from posttrain.models import count_parameters, load_model
     from posttrain.tasks import answer_accuracy
 
-    model = load_model(model_dir)
+    model = load_model(model_dir, device="cpu")
     examples = tokenize_for_loss(tokenizer, eval_rows, 128)
     held = heldout_metrics(model, teacher, examples, tokenizer.pad_token_id)
     samples = HFEngine(model, tokenizer).generate([r["messages"][:-1] for r in eval_rows],
@@ -193,7 +193,7 @@ def main() -> int:
     teacher_data = Path(args.run_dir) / "teacher" / "synth" / "train.jsonl"
     eval_rows = read_conversations(Path(args.run_dir) / "teacher" / "synth" / "eval.jsonl")
     tokenizer = load_tokenizer(teacher_dir)
-    teacher = load_model(teacher_dir).eval()
+    teacher = load_model(teacher_dir, device="cpu").eval()
     runs = {"teacher": {args.seed: {**measure(teacher_dir, teacher, eval_rows, tokenizer),
                                     "train_seconds": _train_seconds(teacher_dir.parent),
                                     "steps": teacher_summary["sft"].get("steps")}}}

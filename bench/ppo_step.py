@@ -285,8 +285,8 @@ def cpu_clock(owner, method: str, into: list) -> None:
 def child_ours(spec: dict) -> dict:
     """Our ppo stage through the pipeline runner: wall times per phase from its metrics.jsonl, CPU
     times from clocks around its update, the engine's generate and the weight sync."""
-    from posttrain.generate import HFEngine
-    from posttrain.generate_vllm import VLLMEngine
+    from posttrain.engines import HFEngine
+    from posttrain.engines.vllm import VLLMEngine
     from posttrain.pipeline import load_pipeline, run_pipeline
     from posttrain.stages.ppo import PPO as PPOStage
 
@@ -377,7 +377,7 @@ def child_trl(spec: dict) -> dict:
 
     from posttrain.chat import END_OF_TURN
     from posttrain.data import prompt_of, read_conversations
-    from posttrain.generate import chat_prompt_ids
+    from posttrain.engines import chat_prompt_ids
     from posttrain.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(spec["policy"])
@@ -385,8 +385,8 @@ def child_trl(spec: dict) -> dict:
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     dataset = Dataset.from_dict({"input_ids": [chat_prompt_ids(tokenizer, prompt_of(r))
                                                for r in read_conversations(spec["train_data"])]})
-    policy, reference = load_model(spec["policy"]), load_model(spec["policy"])
-    reward, value = load_model(spec["rm"], kind="reward"), load_model(spec["rm"], kind="reward")
+    policy, reference = load_model(spec["policy"], device="cpu"), load_model(spec["policy"], device="cpu")
+    reward, value = load_model(spec["rm"], kind="reward", device="cpu"), load_model(spec["rm"], kind="reward", device="cpu")
     gen = clock_generate(policy, eot)
     if spec["side"] == "trl-nogc":
         import gc

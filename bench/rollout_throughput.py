@@ -79,8 +79,8 @@ def timed_rollout(engine, prompts, sampling) -> tuple[float, int]:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)  # before vLLM starts: it makes set_num_threads a no-op afterwards
-    from posttrain.generate import HFEngine, SamplingConfig
-    from posttrain.generate_vllm import VLLMEngine
+    from posttrain.engines import HFEngine, SamplingConfig
+    from posttrain.engines.vllm import VLLMEngine
 
     size = SIZES["quick" if args.quick else "full"]
     tokenizer = build_tokenizer(size["vocab"], args.seed)

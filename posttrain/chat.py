@@ -54,3 +54,15 @@ def validate_roles(messages: list[dict]) -> None:
             raise ValueError(f"message {i}: role {m['role']!r}, expected {expected!r} (roles must alternate)")
         if not isinstance(m["content"], str):
             raise ValueError(f"message {i}: content must be a string")
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered with the generation prompt (`<start_of_turn>model\\n`)."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def rendered_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a whole conversation rendered with the chat template (no generation prompt)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)

@@ -39,13 +39,30 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    return {"torch_rng": torch.get_rng_state()}, {"python_rng": _jsonable(random.getstate())}
+    """Python's, NumPy's, torch's CPU and every CUDA device's generator states (tensors, JSON)."""
+    import numpy as np
+
+    tensors = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda_rng_{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                   "gauss": float(gauss)}
+    return tensors, {"python_rng": _jsonable(random.getstate()), "numpy_rng": numpy_state}
 
 
 def restore_rng(tensors: dict, meta: dict) -> None:
+    import numpy as np
+
     torch.set_rng_state(tensors["torch_rng"])
+    cuda = [tensors[f"cuda_rng_{i}"] for i in range(len(tensors)) if f"cuda_rng_{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = meta["python_rng"]
     random.setstate((version, tuple(internal), gauss))
+    if "numpy_rng" in meta:
+        n = meta["numpy_rng"]
+        np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
 def _jsonable(state):
@@ -53,8 +70,9 @@ def _jsonable(state):
 
 
 def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 1,
-                    extra_dir: Optional[Path] = None) -> Path:
-    """Write folder/step-N atomically: each model's and optimizer's tensors, RNG, and `meta` JSON.
+                    extra_dir: Optional[Path] = None, tensors: Optional[dict[str, dict]] = None) -> Path:
+    """Write folder/step-N atomically: each model's and optimizer's tensors, named tensor sets (e.g. an
+    fp32 EMA anchor), RNG, and `meta` JSON.
 
     `extra_dir` (e.g. DeepSpeed's sharded engine states) is moved inside before the final rename.
     """
@@ -66,6 +84,8 @@ def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, met
             shutil.rmtree(extra_dir, ignore_errors=True)
         for name, model in models.items():
             save_model(model, str(tmp / f"{name}.safetensors"))  # handles tied (shared) weights
+        for name, named in (tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, tmp / f"{name}.safetensors")
         all_meta = {"step": step, **meta, "optimizers": {}}
         for name, opt in optimizers.items():
             tensors, opt_meta = optimizer_tensors(opt)
@@ -85,11 +105,15 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, models: dict, optimizers: dict) -> dict:
-    """Restore models, optimizers and RNG in place; return the JSON state (step, data position, ...)."""
+def load_checkpoint(path: Path, models: dict, optimizers: dict, tensors: Optional[dict[str, dict]] = None) -> dict:
+    """Restore models, optimizers, tensor sets (copied into the given tensors) and RNG in place; return
+    the JSON state (step, data position, ...)."""
     meta = json.loads((path / "state.json").read_text())
     for name, model in models.items():
         load_model(model, str(path / f"{name}.safetensors"))
+    for name, named in (tensors or {}).items():
+        for key, value in load_file(path / f"{name}.safetensors").items():
+            named[key].copy_(value)
     for name, opt in optimizers.items():
         load_optimizer(opt, load_file(path / f"optim_{name}.safetensors"), meta["optimizers"][name])
     restore_rng(load_file(path / "rng.safetensors"), meta)

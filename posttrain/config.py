@@ -33,6 +33,9 @@ def _must_exist(value: Optional[str]) -> Optional[str]:
 InputPath = Annotated[Optional[str], AfterValidator(_must_exist)]
 """An optional path to something the user provides; it must exist when given."""
 
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Compute precision: fp32, or bf16/fp16 mixed precision (fp32 master weights)."""
+
 
 class DistributedConfig(Section):
     """How a training stage runs: in this process, or as N DeepSpeed processes (see launch.py)."""
@@ -47,6 +50,14 @@ class DistributedConfig(Section):
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     gather_16bit_weights_on_save: bool = True
     """ZeRO-3: gather shards into a normal model.safetensors when saving."""
+
+
+class ProcessesConfig(Section):
+    """How a generating stage runs: in this process, or as N ranks sharing the prompts (vLLM engines
+    colocated per rank, in tensor-parallel groups of sampling.tensor_parallel_size)."""
+
+    num_processes: int = Field(1, ge=1)
+    """Processes (one per GPU; on CPU, gloo ranks). 1 runs in the calling process."""
 
 
 class LoraSection(Section):
@@ -106,6 +117,8 @@ class TrainerSection(Section):
     """Keep the resume checkpoints after the stage completes (off: delete them, keep model/)."""
     distributed: DistributedConfig = DistributedConfig()
     """Processes and DeepSpeed ZeRO settings."""
+    precision: Optional[Precision] = None
+    """fp32, bf16 or fp16 for this stage; None: the pipeline's `precision`."""
 
 
 # ----------------------------------------------------------------------------------------------

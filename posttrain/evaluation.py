@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .chat import rendered_ids
 from .tasks import answer_accuracy
 
 DEFAULT_VERIFIERS = str(Path(__file__).resolve().parent.parent / "reward" / "verifiers.py")
@@ -135,12 +136,6 @@ def edit_distance(a: Sequence, b: Sequence) -> int:
             cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
         prev = cur
     return prev[-1]
-
-
-def rendered_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a whole conversation rendered with the chat template (no generation prompt)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def memorisation_sequences(tokenizer, rows: list[dict], prefix_tokens: int, suffix_tokens: int,

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer
 
 from .algos.reward import bradley_terry_loss, implicit_reward
-from .generate import Sample
+from .engines.base import Sample
 from .rollout import RolloutBatch, answer_batch, answer_tokens, pack_rollout, token_logprobs
 
 HEAD_FILE = "reward_head.json"
@@ -46,11 +46,12 @@ def sequence_rewards(model, batch: RolloutBatch, beta: float) -> torch.Tensor:
 
 @torch.no_grad()
 def implicit_scores(model, tokenizer, conversations: list[list[dict]], beta: float, batch_size: int) -> torch.Tensor:
-    """Implicit rewards of whole conversations (prompt turns + the answer to score), in batches."""
-    out = []
+    """Implicit rewards of whole conversations (prompt turns + the answer to score), in batches, on the
+    model's device; returned on the CPU."""
+    device, out = next(model.parameters()).device, []
     for i in range(0, len(conversations), batch_size):
-        batch = answer_batch(tokenizer, [{"messages": c} for c in conversations[i:i + batch_size]])
-        out.append(sequence_rewards(model, batch, beta))
+        batch = answer_batch(tokenizer, [{"messages": c} for c in conversations[i:i + batch_size]], device)
+        out.append(sequence_rewards(model, batch, beta).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -139,7 +139,7 @@ def materialize_adapter(adapter_dir: Path, tmp_root: Path) -> Path:
     """Merge a LoRA adapter into its base (whole model in memory) and save it as a plain model dir."""
     from .models import load_model
 
-    model = load_model(adapter_dir)
+    model = load_model(adapter_dir, device="cpu")  # a weights job: merged on the CPU, in the saved dtype
     base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
     out = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"{adapter_dir.name}.merged."))
     model.save_pretrained(out, safe_serialization=True)

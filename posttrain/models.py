@@ -187,11 +187,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | Path, trust_remote_code: bool = False, dtype: Optional[str] = None, kind: str = "causal_lm"):
-    """Load a local model directory (safetensors only). `kind`: causal_lm or reward (sequence scorer).
+def load_model(path: str | Path, *, device: torch.device | str, dtype: Optional[torch.dtype] = None,
+               trust_remote_code: bool = False, kind: str = "causal_lm"):
+    """Load a local model directory (safetensors only) onto `device`. `kind`: causal_lm or reward (sequence
+    scorer). `dtype`: the parameter dtype (None: the checkpoint's own); training loads ask for float32, the
+    master weights of mixed precision.
 
     A LoRA adapter directory is loaded onto its recorded base model and merged.
     """
+    import json
+
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = check_model_dir(path)
@@ -199,26 +204,31 @@ def load_model(path: str | Path, trust_remote_code: bool = False, dtype: Optiona
     kwargs = dict(use_safetensors=True, trust_remote_code=trust_remote_code)
     config_file = path / "config.json"
     if config_file.is_file():
-        import json
-
         impl = attention_implementation(json.loads(config_file.read_text()).get("model_type", ""))
         if impl:
             kwargs["attn_implementation"] = impl
     if kind == "reward":
         kwargs["num_labels"] = 1  # a scalar head (new, if `path` holds a causal LM)
-    if dtype:
-        kwargs["dtype"] = getattr(torch, dtype)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
     if (path / "adapter_config.json").is_file():
-        import json
-
         from peft import PeftModel
 
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         if not base or not Path(base).is_dir():
             raise ValueError(f"{path}: LoRA adapter whose base model directory {base!r} is not available locally")
         model = cls.from_pretrained(str(check_model_dir(base)), **kwargs)
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    return cls.from_pretrained(str(path), **kwargs)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    else:
+        model = cls.from_pretrained(str(path), **kwargs)
+    return _place(model, torch.device(device))
+
+
+def _place(model, device: torch.device):
+    """Move a freshly loaded model to `device`; a ZeRO-3-partitioned one stays put (DeepSpeed places it)."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model
+    return model.to(device)
 
 
 def save_generation_config(tokenizer, out: str | Path) -> None:
@@ -244,12 +254,39 @@ def start_model_dir(stage_dir: Path, trainer, is_main: bool) -> tuple[Path, Path
     return final, partial
 
 
-def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True) -> Path:
+def cast_model_dir(model_dir: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved model directory's floating-point weights in `dtype`, one safetensors file at a time,
+    and record it in config.json: a Trainer saves its fp32 master weights, a bf16 run ships bf16."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors = load_file(path)
+        if all(not t.is_floating_point() or t.dtype == dtype for t in tensors.values()):
+            continue
+        cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(cast, tmp, metadata={"format": "pt"})
+        tmp.replace(path)
+    config = Path(model_dir) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["dtype"] = str(dtype).removeprefix("torch.")
+        data.pop("torch_dtype", None)
+        config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True,
+                     dtype: Optional[torch.dtype] = None) -> Path:
     """Complete a directory a Trainer saved weights into, then move it into place in one rename:
-    tokenizer, generation config (for models that generate), and no `training_args.bin` pickle."""
+    weights in `dtype` (when given), tokenizer, generation config (for models that generate), and no
+    `training_args.bin` pickle."""
     import os
     import shutil
 
+    if dtype is not None:
+        cast_model_dir(Path(partial), dtype)
     tokenizer.save_pretrained(partial)
     if generation:
         save_generation_config(tokenizer, partial)
@@ -259,8 +296,12 @@ def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = T
     return Path(final)
 
 
-def save_model_dir(model, tokenizer, out: str | Path, max_shard_size: str = "2GB") -> Path:
-    """Write a complete model directory atomically: safetensors, config, tokenizer, generation config."""
+def save_model_dir(model, tokenizer, out: str | Path, max_shard_size: str = "2GB",
+                   dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a complete model directory atomically: safetensors, config, tokenizer, generation config.
+    `dtype`: cast the model (in place: saving is its last use) so the weights carry the run's precision."""
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model.to(dtype)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)

@@ -18,6 +18,8 @@ import torch
 from pydantic import Field, create_model, field_validator
 
 from .config import ConfigError, Section, dump_config, load_config
+from .dist.launcher import run_distributed
+from .dist.rank import Precision, resolve_device
 from .manifest import atomic_write_text, hash_json, hash_path, is_complete, read_manifest, write_manifest
 from .stages import STAGE_MODULES, StageContext, stage_class
 
@@ -33,6 +35,11 @@ class PipelineBase(Section):
     """Seed for data generation, model initialisation and training."""
     threads: Optional[int] = Field(None, ge=1)
     """torch CPU threads per process (None: torch's default)."""
+    device: str = "auto"
+    """Where stages compute: auto (cuda:LOCAL_RANK where CUDA is present, else cpu), cpu, cuda or cuda:N."""
+    precision: Precision = "fp32"
+    """fp32, bf16 or fp16 (mixed precision: fp32 master weights; inference models and saved weights in
+    this dtype); a stage's own `precision` key overrides it."""
     stages: list[str]
     """Stages to run, in order (e.g. [synth, base, sft])."""
 
@@ -102,14 +109,34 @@ def _referenced_files(tree) -> dict[str, str]:
     return found
 
 
+def stage_precision(cfg: PipelineBase, scfg) -> str:
+    """The stage's own precision when its config sets one, else the pipeline's."""
+    return getattr(scfg, "precision", None) or cfg.precision
+
+
+def check_devices(cfg: PipelineBase, names: list[str]):
+    """Resolve the pipeline's device and check every stage's precision runs there, before any work."""
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(f"device: {err}") from None
+    for name in names:
+        if stage_precision(cfg, getattr(cfg, name)) == "fp16" and device.type != "cuda":
+            key = f"{name}.precision" if getattr(getattr(cfg, name), "precision", None) else "precision"
+            raise ConfigError(f"{key}: fp16 mixed precision needs a CUDA device (this run computes on {device}); "
+                              f"use bf16 or fp32")
+    return device
+
+
 def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = False) -> dict[str, dict]:
     """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs)."""
+    names = list(cfg.stages) + ([only] if only and only not in cfg.stages else [])
+    device = check_devices(cfg, names)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    names = list(cfg.stages) + ([only] if only and only not in cfg.stages else [])
     artifacts, fps, summary = {}, {}, {}
     prev = hash_json({"seed": cfg.seed})
     for name in names:
@@ -127,7 +154,9 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
         fp = hash_json({"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
                         "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev})
         sdir = run_dir / name
-        stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg))
+        stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg,
+                                             device=device, device_request=cfg.device,
+                                             precision=stage_precision(cfg, scfg)))
         if is_complete(sdir, fp) and not (force and name == only):
             log.info("[%s] complete, skipped (config and inputs unchanged)", name)
             summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
@@ -159,12 +188,13 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
     log.info("[%s] running -> %s", name, sdir)
     try:
         dist = getattr(scfg, "distributed", None)
-        if stage.trains and dist is not None and dist.num_processes > 1:
-            from .launch import run_distributed
-
-            metrics = run_distributed(stage, scfg, run_dir)
+        if dist is not None and dist.num_processes > 1:
+            metrics = run_distributed(stage, scfg, run_dir, dist.num_processes)
         else:
-            metrics = stage.run()
+            try:
+                metrics = stage.run()
+            finally:
+                stage.cleanup()
     except BaseException as err:
         write_manifest(sdir, status="failed", error=f"{type(err).__name__}: {err}")
         raise

@@ -1,16 +1,32 @@
-"""Rollout batches for PPO: pack prompt+completion token ids, and score response tokens with models.
+"""Rollout batches for RL and preference scoring: pack prompt+completion token ids, and score the
+response tokens with models without full-vocabulary logits.
 
 Sequences are right-padded: `input_ids[b] = prompt + completion + pad`. `response_mask[b, t]` marks the
 positions t of completion tokens; the logits that predict token t sit at position t-1, so every
 per-token quantity here (logprobs, values, entropies) is aligned to the completion tokens themselves.
+
+Log-probabilities are computed only where the response mask is set, from the body's hidden states and
+the output head one chunk of tokens at a time (algos/logits.py): no `[batch, seq, vocab]` tensor exists,
+which is what keeps Gemma's 262k vocabulary within memory.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 import torch
 
-from .algos.ppo import entropy_from_logits, logprobs_from_logits
+from .algos.logits import chunk_tokens_for, chunked_token_logprobs
+from .chat import chat_prompt_ids, rendered_ids
+from .engines.base import Sample
+from .lora import unwrap
+from .models import stop_token_ids
+
+log = logging.getLogger("posttrain")
+
+LEAN_FAMILIES = {"llama", "gemma", "gemma2", "gemma3_text", "recurrent_gemma", "qwen2", "qwen3", "mistral"}
+"""Families whose logits are exactly softcap(lm_head(body(x))) (checked against transformers 5.19's
+modelling code); others are scored from their full logits, with a warning."""
 
 
 @dataclass
@@ -22,16 +38,20 @@ class RolloutBatch:
     response_mask: torch.Tensor
     """1.0 at completion tokens (including the end-of-turn token when produced)."""
     engine_logprobs: torch.Tensor
-    """Logprobs the sampling engine reported for the completion tokens (0 elsewhere)."""
+    """Logprobs the sampling engine reported for the completion tokens (0 elsewhere, or when it reported none)."""
     finished: torch.Tensor
     """(batch,) bool: the completion ended its turn."""
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
         return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def to(self, device: torch.device) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
-def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int) -> RolloutBatch:
-    """Right-padded tensors from prompts and their samples (one sample per prompt entry)."""
+
+def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int,
+                 device: torch.device | str = "cpu") -> RolloutBatch:
+    """Right-padded tensors on `device` from prompts and their samples (one sample per prompt entry)."""
     rows = [p + s.token_ids for p, s in zip(prompt_ids, samples, strict=True)]
     width = max(len(r) for r in rows)
     n = len(rows)
@@ -47,16 +67,12 @@ def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int) -> Rol
         if s.logprobs:
             engine_lp[i, len(p):end] = torch.tensor(s.logprobs[: len(s.token_ids)])
     finished = torch.tensor([s.finished for s in samples], dtype=torch.bool)
-    return RolloutBatch(input_ids, attention, response, engine_lp, finished)
+    return RolloutBatch(input_ids, attention, response, engine_lp, finished).to(torch.device(device))
 
 
 def answer_tokens(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list]:
     """Each row's prompt ids and its own final assistant turn as a Sample whose token ids run up to and
     including its end-of-turn token (`pack_rollout` pads them into a batch)."""
-    from .evaluation import rendered_ids
-    from .generate import Sample, chat_prompt_ids
-    from .models import stop_token_ids
-
     stops, prompts, samples = set(stop_token_ids(tokenizer)), [], []
     for row in rows:
         prompt, full = chat_prompt_ids(tokenizer, row["messages"][:-1]), rendered_ids(tokenizer, row["messages"])
@@ -70,10 +86,10 @@ def answer_tokens(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list]:
     return prompts, samples
 
 
-def answer_batch(tokenizer, rows: list[dict]) -> RolloutBatch:
+def answer_batch(tokenizer, rows: list[dict], device: torch.device | str = "cpu") -> RolloutBatch:
     """`answer_tokens` packed into a rollout batch whose response mask covers the answers: PPO-ptx's
     likelihood term, and the implicit reward model's scores."""
-    return pack_rollout(*answer_tokens(tokenizer, rows), tokenizer.pad_token_id)
+    return pack_rollout(*answer_tokens(tokenizer, rows), tokenizer.pad_token_id, device)
 
 
 def _shift(per_position: torch.Tensor) -> torch.Tensor:
@@ -81,26 +97,48 @@ def _shift(per_position: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(per_position, (1, 0))
 
 
+def _lm_parts(model):
+    """(body, head, soft-cap, vocabulary size) of a causal LM (inside a peft wrapper), or None when its
+    family's logits are not known to be softcap(head(body)) exactly."""
+    base = unwrap(model)
+    config = base.config
+    if getattr(config, "model_type", None) not in LEAN_FAMILIES or not hasattr(base, "model"):
+        return None
+    cap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_soft_cap", None)
+    return base.model, base.get_output_embeddings(), cap, config.vocab_size
+
+
+_warned: set[str] = set()
+
+
 def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
                    with_raw: bool = False):
-    """Log-probability of each token under `model` with logits divided by `temperature` (the
-    distribution rollouts were sampled from), aligned to tokens; optionally the entropy of that
-    distribution and the raw (T=1) logprobs engines report."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    """Log-probability of each response token under `model` with logits divided by `temperature` (the
+    distribution rollouts were sampled from), aligned to tokens and zero outside the response mask;
+    optionally the entropy of that distribution and the raw (T=1) logprobs engines report. All fp32."""
+    temperature = temperature if temperature not in (0, None) else 1.0
     labels = batch.input_ids[:, 1:]
-    tempered = logits / temperature if temperature not in (0, 1) else logits
-    out = [_shift(logprobs_from_logits(tempered, labels))]
-    if with_entropy:
-        out.append(_shift(entropy_from_logits(tempered)))
-    if with_raw:
-        out.append(out[0] if tempered is logits else _shift(logprobs_from_logits(logits, labels)))
+    where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
+    parts = _lm_parts(model)
+    if parts is None:
+        kind = getattr(unwrap(model).config, "model_type", "?")
+        if kind not in _warned:
+            _warned.add(kind)
+            log.warning("model type %r: scoring from full-vocabulary logits (not a known lean family)", kind)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        hidden, head, cap, vocab = logits[where], (lambda h: h), None, logits.shape[-1]
+    else:
+        body, head, cap, vocab = parts
+        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, :-1][where]
+    stats = chunked_token_logprobs(hidden, labels[where], head, cap=cap, temperature=temperature,
+                                   with_entropy=with_entropy, with_raw=with_raw, chunk_tokens=chunk_tokens_for(vocab))
+    zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    out = [_shift(zeros.masked_scatter(where, values)) for values in stats]
     return out[0] if len(out) == 1 else tuple(out)
 
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     """V(state before token t) for every token t, from a sequence-classification model's backbone + head."""
-    from .lora import unwrap
-
     value_model = unwrap(value_model)  # LoRA: the adapted model inside peft's wrapper
     backbone = value_model.base_model
     hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state

@@ -20,6 +20,9 @@ import torch
 from pydantic import Field
 
 from .config import InputPath, Section
+from .dist.rank import torch_dtype
+from .implicit_rm import implicit_scores, read_reward_head
+from .models import load_model, load_tokenizer
 
 
 class RuleSpec(Section):
@@ -127,21 +130,21 @@ class Scores:
 
 
 class Scorer:
-    """Weighted sum of a reward model and rule rewards over (prompt, completion, row) triples."""
+    """Weighted sum of a reward model and rule rewards over (prompt, completion, row) triples. The reward
+    model runs on `device` in the precision's dtype (inference only)."""
 
-    def __init__(self, cfg: ScoringConfig, reward_model_dir: Optional[str] = None):
-        self.cfg = cfg
+    def __init__(self, cfg: ScoringConfig, reward_model_dir: Optional[str] = None,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.cfg, self.device = cfg, torch.device(device)
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
         rm_dir = cfg.reward_model or reward_model_dir
         self.rm = self.rm_tokenizer = None
         self.implicit_head = None
         if cfg.use_reward_model and rm_dir:
-            from .implicit_rm import read_reward_head
-            from .models import load_model, load_tokenizer
-
             self.implicit_head = read_reward_head(rm_dir)  # a causal LM scored by its answer likelihood
             kind = "causal_lm" if self.implicit_head else "reward"
-            self.rm, self.rm_tokenizer = load_model(rm_dir, kind=kind).eval(), load_tokenizer(rm_dir)
+            self.rm = load_model(rm_dir, device=self.device, dtype=torch_dtype(precision), kind=kind).eval()
+            self.rm_tokenizer = load_tokenizer(rm_dir)
             self.rm_tokenizer.padding_side = "right"
         if not self.rules and self.rm is None:
             raise ValueError("scoring: no reward model and no rule rewards configured; nothing to score with")
@@ -155,8 +158,6 @@ class Scorer:
         included). Implicit head: β · mean log-probability of the completion's tokens, up to and including
         the end-of-turn token the template closes the turn with."""
         if self.implicit_head is not None:
-            from .implicit_rm import implicit_scores
-
             conversations = [p + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
             return implicit_scores(self.rm, self.rm_tokenizer, conversations, self.implicit_head["beta"],
                                    self.cfg.batch_size)
@@ -165,8 +166,8 @@ class Scorer:
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
             enc = self.rm_tokenizer(texts[i:i + self.cfg.batch_size], return_tensors="pt", padding=True,
-                                    add_special_tokens=False)
-            out.append(self.rm(**enc).logits[:, 0].float())
+                                    add_special_tokens=False).to(self.device)
+            out.append(self.rm(**enc).logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
     def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None,

@@ -255,7 +255,7 @@ def test_adaptive_kl_controller_state_dict_roundtrip():
 def _moments_on_rank(rank: int, port: int, x: torch.Tensor, mask: torch.Tensor, out_dir: str) -> None:
     import os
 
-    from posttrain.launch import all_ranks_masked_moments
+    from posttrain.dist.rank import all_ranks_masked_moments
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
@@ -268,7 +268,8 @@ def _moments_on_rank(rank: int, port: int, x: torch.Tensor, mask: torch.Tensor, 
 
 def test_whitening_moments_cover_every_ranks_tokens(tmp_path):
     """Under N processes advantages are whitened with the whole batch's statistics, not one rank's."""
-    from posttrain.launch import _free_port, all_ranks_masked_moments
+    from posttrain.dist.launcher import _free_port
+    from posttrain.dist.rank import all_ranks_masked_moments
 
     x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mask = torch.ones(2, 3, 5)

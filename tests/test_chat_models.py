@@ -59,7 +59,7 @@ def test_tiny_family_builds_saves_and_reloads(tmp_path, tiny_tokenizer, family):
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == stop_token_ids(tiny_tokenizer)
-    reloaded, tok = load_model(out), load_tokenizer(out)
+    reloaded, tok = load_model(out, device="cpu"), load_tokenizer(out)
     assert tok.chat_template == tiny_tokenizer.chat_template
     ids = torch.tensor([tok.apply_chat_template(CONVERSATION, tokenize=True)["input_ids"]])
     torch.testing.assert_close(model(ids).logits, reloaded(ids).logits)
@@ -75,6 +75,6 @@ def test_pickle_weights_are_refused(tmp_path, tiny_model_dir):
     (bad / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     torch.save({}, bad / "pytorch_model.bin")
     with pytest.raises(ValueError, match=r"no \*\.safetensors weights .*pytorch_model.bin.*never loaded"):
-        load_model(bad)
+        load_model(bad, device="cpu")
     with pytest.raises(FileNotFoundError, match="model directory not found"):
-        load_model(tmp_path / "missing")
+        load_model(tmp_path / "missing", device="cpu")

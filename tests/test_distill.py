@@ -56,7 +56,7 @@ def _hand_loss(stage, examples, kind, temperature, alpha, k=None, beta=0.0):
     """alpha * T^2 * KD + (1 - alpha) * NLL, per position with explicit formulas, over answer tokens only.
 
     The answer span comes from the prompt's own tokenization (chat_prompt_ids), not from the labels."""
-    from posttrain.generate import chat_prompt_ids
+    from posttrain.engines import chat_prompt_ids
 
     kd_sum, nll_sum, count = 0.0, 0.0, 0
     for ex in examples:
@@ -177,7 +177,7 @@ def test_cache_built_reused_and_rebuilt(tmp_path, tiny_model_dir, teacher_dir):
     example = tokenize_for_loss(load_tokenizer(tiny_model_dir), rows[:3], 64)[2]
     positions, indices, logprobs = cache.row(example["row_id"])
     with torch.no_grad():
-        logits = load_model(teacher_dir)(input_ids=torch.tensor([example["input_ids"]])).logits[0]
+        logits = load_model(teacher_dir, device="cpu")(input_ids=torch.tensor([example["input_ids"]])).logits[0]
     want_idx, want_lp = topk_teacher(logits[positions[1].long()], 8)
     assert indices[1].tolist() == want_idx.tolist()
     assert torch.allclose(logprobs[1].float(), want_lp, rtol=1e-3, atol=1e-3)  # float16 storage
@@ -231,8 +231,8 @@ def test_offline_distillation_moves_student_toward_teacher(tmp_path, tiny_model_
     examples = tokenize_for_loss(tok, read_conversations(tmp_path / "run" / "synth" / "eval.jsonl"), 64)
     batch = pad_batch(examples, tok.pad_token_id)
     with torch.no_grad():
-        s = load_model(out / "model")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t = load_model(teacher_dir)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s = load_model(out / "model", device="cpu")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        t = load_model(teacher_dir, device="cpu")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     kl = forward_kl(s[:, :-1], t[:, :-1], batch["labels"][:, 1:] != -100)
     assert float(kl) == pytest.approx(after["kl_to_teacher"], abs=2e-4)
 

@@ -164,9 +164,9 @@ def test_memorisation_of_a_taught_model_is_one_and_of_a_random_model_zero(zoo, t
     eot = tiny_tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert any(eot in s[prefix:] for s in seqs)  # continuations run through a turn end: no early stop
     pad = tiny_tokenizer.pad_token_id
-    taught = memorisation(load_model(zoo["llama"]), seqs, prefix, suffix, pad, batch_size=3)
+    taught = memorisation(load_model(zoo["llama"], device="cpu"), seqs, prefix, suffix, pad, batch_size=3)
     assert taught == {"n": 8, "exact": 1.0, "approximate": 1.0}
-    untrained = memorisation(load_model(zoo["random"]), seqs, prefix, suffix, pad)
+    untrained = memorisation(load_model(zoo["random"], device="cpu"), seqs, prefix, suffix, pad)
     assert untrained["exact"] == 0.0 and untrained["approximate"] == 0.0
     assert len(memorisation_sequences(tiny_tokenizer, taught_rows, 200, 8, num_examples=8)) == 0  # all too short
 
@@ -219,7 +219,7 @@ def test_eval_stage_reward_model_judge_equals_scores_recomputed(tmp_path, zoo, t
     from posttrain.scoring import Scorer, ScoringConfig
 
     torch.manual_seed(0)
-    rm = load_model(zoo["random"], kind="reward")  # an untrained LM with a new scalar head: some judge
+    rm = load_model(zoo["random"], kind="reward", device="cpu")  # an untrained LM with a new scalar head: some judge
     rm.config.pad_token_id = tiny_tokenizer.pad_token_id
     rm.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
@@ -411,13 +411,13 @@ def test_release_check_refuses_pickles_and_foreign_chat_templates(release_run, t
 
 @requires_vllm
 def test_release_generates_in_vllm(release_run, taught_rows):
-    from posttrain.generate import SamplingConfig, make_engine
-    from posttrain.generate_vllm import VLLMEngine
+    from posttrain.engines import SamplingConfig, make_engine
+    from posttrain.engines.vllm import VLLMEngine
 
     release = release_run[0] / "release" / "release"
     prompts = [r["messages"][:-1] for r in taught_rows]
     greedy = SamplingConfig(max_new_tokens=64)
-    hf = make_engine(str(release), "hf").generate(prompts, greedy)
+    hf = make_engine(str(release), greedy, torch.device("cpu")).generate(prompts, greedy)
     with VLLMEngine(release, seed=0) as engine:
         out = engine.generate(prompts, greedy)
         assert [s[0].text for s in out] == [r["answer"] for r in taught_rows]

@@ -14,12 +14,13 @@ import sys
 import pytest
 import torch
 
-from posttrain.generate import HFEngine, SamplingConfig, chat_prompt_ids, make_engine
-from posttrain.generate_vllm import VLLMEngine, _prepare_environment
+from posttrain.engines import HFEngine, SamplingConfig, chat_prompt_ids, make_engine
+from posttrain.engines.vllm import VLLMEngine, _prepare_environment
 from posttrain.models import ModelConfig, build_tiny_model, save_model_dir, stop_token_ids, train_tokenizer
 from posttrain.tasks import TASKS, make_example
 
 torch.set_num_threads(1)
+CPU = torch.device("cpu")
 
 LOGPROB_ATOL = 2e-5
 """fp32, same weights: measured max |vLLM - HF forward| 6e-6 (Gemma 2, 150-token prompt)."""
@@ -144,8 +145,8 @@ def test_logprobs_are_raw_and_match_hf_forward(engine, model_dir, tokenizer, tem
     vllm_out = engine.generate(PROMPTS, sampling)
     assert all(len(s.logprobs) == len(s.token_ids) > 0 for samples in vllm_out for s in samples)
     assert max_logprob_error(reference, tokenizer, PROMPTS, vllm_out) < LOGPROB_ATOL
-    # HFEngine's logprobs mean the same thing
-    hf_out = HFEngine(reference, tokenizer).generate(PROMPTS, sampling)
+    # HFEngine's logprobs (asked for) mean the same thing
+    hf_out = HFEngine(reference, tokenizer).generate(PROMPTS, sampling.model_copy(update={"logprobs": True}))
     assert max_logprob_error(reference, tokenizer, PROMPTS, hf_out) < LOGPROB_ATOL
 
 
@@ -262,13 +263,16 @@ def test_recurrent_gemma_refused_by_vllm_generated_by_hf(recurrent_gemma_dir, to
     message = str(err.value)
     assert str(recurrent_gemma_dir) in message and "RecurrentGemma" in message and "backend: hf" in message
     with pytest.raises(RuntimeError, match="backend: hf"):
-        make_engine(str(recurrent_gemma_dir), "vllm")
+        make_engine(str(recurrent_gemma_dir), SamplingConfig(backend="vllm"), CPU)
 
-    hf = make_engine(str(recurrent_gemma_dir), "hf")
+    hf = make_engine(str(recurrent_gemma_dir), SamplingConfig(backend="hf"), CPU)
     assert isinstance(hf, HFEngine)
-    out = hf.generate([user("What is 2 + 3?")], SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=0))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=0, logprobs=True)
+    out = hf.generate([user("What is 2 + 3?")], sampling)
     assert len(out) == 1 and len(out[0]) == 2
     assert all(len(s.token_ids) == len(s.logprobs) > 0 for s in out[0])
+    unasked = hf.generate([user("What is 2 + 3?")], sampling.model_copy(update={"logprobs": False}))
+    assert [s.token_ids for s in unasked[0]] == [s.token_ids for s in out[0]] and not unasked[0][0].logprobs
     assert max_logprob_error(hf.model, tokenizer, [user("What is 2 + 3?")], out) < LOGPROB_ATOL
 
 
@@ -289,13 +293,19 @@ def test_missing_vllm_is_a_clear_error(model_dir, monkeypatch):
 
 
 def test_make_engine_hf_uses_the_given_model_and_rejects_unknown_backends(recurrent_gemma_dir, tokenizer):
+    from pydantic import ValidationError
+
+    from posttrain.engines import VLLMOptions
+
     model = build_tiny_model(tiny_config("llama"), tokenizer, seed=1)
-    engine = make_engine(str(recurrent_gemma_dir), "hf", model=model, tokenizer=tokenizer)
+    engine = make_engine(str(recurrent_gemma_dir), SamplingConfig(), CPU, model=model, tokenizer=tokenizer)
     assert engine.model is model and engine.tokenizer is tokenizer
-    with pytest.raises(ValueError, match="'hf' or 'vllm'"):
-        make_engine(str(recurrent_gemma_dir), "tgi")
+    with pytest.raises(ValidationError, match="backend"):
+        SamplingConfig(backend="tgi")
     with pytest.raises(ValueError, match="no vLLM options"):
-        make_engine(str(recurrent_gemma_dir), "hf", kv_cache_gib=2)
+        make_engine(str(recurrent_gemma_dir), SamplingConfig(), CPU, vllm=VLLMOptions(kv_cache_gib=2))
+    with pytest.raises(ValidationError, match="extra"):
+        VLLMOptions(tensor_paralel_size=2)  # a typo is refused, not passed on
 
 
 def test_vllm_environment_keeps_user_values(monkeypatch):

@@ -54,7 +54,7 @@ def test_scorer_gives_beta_times_the_mean_answer_logprob(tmp_path, tiny_model_di
     prompts = [p["chosen"][:-1] for p in PAIRS] * 2
     answers = [p["chosen"][-1]["content"] for p in PAIRS] + [p["rejected"][-1]["content"] for p in PAIRS]
     got = Scorer(ScoringConfig(batch_size=3), reward_model_dir=str(rm_dir)).score(prompts, answers).parts
-    model, tok = load_model(rm_dir).eval(), load_tokenizer(rm_dir)
+    model, tok = load_model(rm_dir, device="cpu").eval(), load_tokenizer(rm_dir)
     own = [_own_implicit_reward(model, tok, p + [{"role": "assistant", "content": a}], 2.5)
            for p, a in zip(prompts, answers)]
     assert torch.allclose(got["reward_model"], torch.tensor(own), atol=1e-5)  # batched + padded = one at a time
@@ -65,7 +65,7 @@ def test_implicit_loss_is_bradley_terry_on_the_implicit_rewards(tmp_path, tiny_m
     from posttrain.models import load_model, load_tokenizer
 
     rows = [dict(r, margin=m) for r, m in zip(PAIRS, [0.5, -0.3, 2.0, 0.0])]
-    model, tok = load_model(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    model, tok = load_model(tiny_model_dir, device="cpu").eval(), load_tokenizer(tiny_model_dir)
     cfg = RMConfig(head="implicit", beta=1.5, use_margin=True, center_rewards_coefficient=0.1, batch_size=4)
     pairs = tokenize_pairs(tok, rows)
     trainer = build_implicit_trainer(model, tok, pairs, [], cfg, tmp_path, seed=0)
@@ -85,7 +85,7 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     """Corruption pairs -> implicit RM: held-out accuracy rises well above the untrained LM's, the saved
     dir is a causal LM the Scorer recognises, and PPO can start its value model from it."""
     from posttrain.models import load_model, load_tokenizer
-    from posttrain.stages.ppo import _load_value_model
+    from posttrain.stages.ppo.stage import _load_value_model
 
     tasks = ["sort", "count", "safety", "identity", "reverse"]
     write_jsonl(tmp_path / "train.jsonl", rows_of(tasks, 400, seed=11))
@@ -110,9 +110,9 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     out = ctx.dir / "model"
     assert read_reward_head(out) == {"head": "implicit", "beta": 2.0}
     assert not (out / "training_args.bin").exists() and not (ctx.dir / "checkpoints").exists()
-    saved = load_model(out)  # a plain causal LM
+    saved = load_model(out, device="cpu")  # a plain causal LM
     assert type(saved).__name__.endswith("ForCausalLM")
-    value = _load_value_model(str(out), load_tokenizer(out))  # PPO's value init: the RM's body, a new head
+    value = _load_value_model(str(out), load_tokenizer(out), torch.device("cpu"))  # PPO's value init: the RM's body, a new head
     assert torch.equal(value.model.embed_tokens.weight, saved.model.embed_tokens.weight)
 
 

@@ -30,7 +30,7 @@ def _randomise_adapters(model) -> None:
 
 def test_folded_weights_equal_peft_merge_for_policy_and_value(tiny_model_dir):
     for kind, task in (("causal_lm", "CAUSAL_LM"), ("reward", "SEQ_CLS")):
-        model = add_adapters(load_model(tiny_model_dir, kind=kind), LORA, task)
+        model = add_adapters(load_model(tiny_model_dir, kind=kind, device="cpu"), LORA, task)
         _randomise_adapters(model)
         if task == "SEQ_CLS":  # the full-trained head copy replaces the original
             with torch.no_grad():
@@ -40,7 +40,7 @@ def test_folded_weights_equal_peft_merge_for_policy_and_value(tiny_model_dir):
         assert ours.keys() == reference.keys()
         for key, tensor in reference.items():
             torch.testing.assert_close(ours[key], tensor, rtol=1e-5, atol=1e-6, msg=key)
-        assert any(not torch.equal(ours[k], v) for k, v in load_model(tiny_model_dir, kind=kind).state_dict().items())
+        assert any(not torch.equal(ours[k], v) for k, v in load_model(tiny_model_dir, kind=kind, device="cpu").state_dict().items())
 
 
 def test_ppo_with_lora_trains_adapters_keeps_base_as_reference_and_syncs_rollout_copy(tmp_path, tiny_model_dir):
@@ -76,7 +76,7 @@ def test_ppo_with_lora_trains_adapters_keeps_base_as_reference_and_syncs_rollout
     assert (served[mask] - base[mask]).abs().max() > 1e-3
 
     metrics = stage.save()
-    saved = load_model(stage.ctx.dir / "model")  # a plain model, adapters folded in
+    saved = load_model(stage.ctx.dir / "model", device="cpu")  # a plain model, adapters folded in
     assert not any("lora_" in k for k in saved.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(saved, batch)[mask], trained[mask], rtol=1e-4, atol=1e-4)

@@ -336,7 +336,7 @@ def test_lora_adapter_is_merged_into_its_base_first(zoo, tmp_path):
 
     from posttrain.models import load_model
 
-    peft_model = get_peft_model(load_model(zoo["m0"]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model = get_peft_model(load_model(zoo["m0"], device="cpu"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     torch.manual_seed(0)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:

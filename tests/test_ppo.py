@@ -45,7 +45,7 @@ def test_update_raises_logprob_of_high_reward_samples(tmp_path, tiny_model_dir):
     batch = pack_rollout([stage.prompt_ids[i] for i in idx], samples, stage.tokenizer.pad_token_id)
     roll = stage._prepare(batch, scores)
     mask = batch.response_mask
-    seq_adv = (roll["adv"] * mask).sum(1) / mask.sum(1)
+    seq_adv = (roll.adv * mask).sum(1) / mask.sum(1)
     assert torch.corrcoef(torch.stack([scores, seq_adv]))[0, 1] > 0.5
     before = (token_logprobs(stage.policy, batch) * mask).sum(1).detach()
     stage._optimise(batch, roll)
@@ -71,7 +71,7 @@ def test_rloo_compares_samples_of_one_prompt_and_trains_without_a_value_model(tm
     scores = stage.scorer.score([], [s.text for s in samples]).total
     batch = pack_rollout([stage.prompt_ids[i] for i in idx for _ in range(4)], samples, stage.tokenizer.pad_token_id)
     roll = stage._prepare(batch, scores)
-    seq_adv = (roll["adv"] * batch.response_mask).sum(1) / batch.response_mask.sum(1)
+    seq_adv = (roll.adv * batch.response_mask).sum(1) / batch.response_mask.sum(1)
     within_group = scores.view(8, 4) - scores.view(8, 4).mean(1, keepdim=True)
     # advantages follow each sample's standing within its own prompt's group (whitened, plus a small KL term)
     assert torch.corrcoef(torch.stack([within_group.flatten(), seq_adv]))[0, 1] > 0.9

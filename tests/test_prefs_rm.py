@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from posttrain.data import DataError, prompt_of, write_jsonl
-from posttrain.generate import Sample
+from posttrain.engines import Sample
 from posttrain.scoring import RewardFunctionError, RuleSpec, Scorer, ScoringConfig, load_reward_function
 from posttrain.stages import StageContext
 from posttrain.stages.prefs import (Prefs, PrefsConfig, build_pairs, corruption_pairs, read_prompt_rows,
@@ -358,7 +358,7 @@ def test_reward_model_learns_the_corruption_preferences(tmp_path, tiny_model_dir
     assert (ctx.dir / "curves.png").stat().st_size > 1000 and (ctx.dir / "scores.png").stat().st_size > 1000
     saved = json.loads((ctx.dir / "metrics.json").read_text())
     assert saved["heldout"] == metrics["heldout"] and any("accuracy" in e for e in saved["log_history"])
-    rm, tok = load_model(out, kind="reward"), load_tokenizer(out)
+    rm, tok = load_model(out, kind="reward", device="cpu"), load_tokenizer(out)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id and tok.padding_side == "right"
     assert tok.chat_template
     pair = read_pairs(str(prefs_dir / "eval.jsonl"))[0]
@@ -422,7 +422,7 @@ def test_rm_under_deepspeed_two_processes(tmp_path, tiny_model_dir):
     assert m["processes"] == 2 and m["steps"] == 6 and m["heldout"]["pairs"] > 0
     from posttrain.models import load_model
 
-    assert load_model(tmp_path / "run" / "rm" / "model", kind="reward").config.num_labels == 1
+    assert load_model(tmp_path / "run" / "rm" / "model", kind="reward", device="cpu").config.num_labels == 1
 
 
 def test_config_mistakes_are_caught_before_any_work():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.generate import HFEngine, SamplingConfig, chat_prompt_ids
+from posttrain.engines import HFEngine, SamplingConfig, chat_prompt_ids
 from posttrain.models import load_model, load_tokenizer, save_model_dir
 from posttrain.pipeline import load_pipeline, run_pipeline
 from posttrain.stages.warp import WarpConfig, choose_eta, line_check, sequence_kl, slerp_runs
@@ -116,7 +116,7 @@ def test_results_table_plot_and_released_model(warp_run):
     assert summary["chosen_eta"] == best["eta"] == results["chosen_eta"]
     released, evaluated = _weights(d / "model"), _weights(d / "liti" / f"eta-{best['eta']:g}")
     assert all(torch.equal(released[n], evaluated[n]) for n in evaluated)
-    assert load_model(d / "model") is not None and load_tokenizer(d / "model").chat_template
+    assert load_model(d / "model", device="cpu") is not None and load_tokenizer(d / "model").chat_template
     md = (d / "results.md").read_text()
     assert all(f"| {name} |" in md for name in rows) and ("on or above" in md or "BELOW" in md)
     png = (d / "pareto.png").read_bytes()
@@ -153,7 +153,7 @@ def test_choose_eta_and_line_check_by_hand():
 
 
 def _perturbed(src: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
-    model, gen = load_model(src), torch.Generator().manual_seed(seed)
+    model, gen = load_model(src, device="cpu"), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(scale * torch.randn(p.shape, generator=gen))
@@ -174,8 +174,8 @@ def test_iterative_slerp_for_three_runs(tmp_path, tiny_model_dir):
 
 def test_sequence_kl_is_the_sum_of_token_logprob_differences(tmp_path, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
-    init = load_model(tiny_model_dir).eval()
-    other = load_model(_perturbed(Path(tiny_model_dir), tmp_path / "p", 7, 0.05)).eval()
+    init = load_model(tiny_model_dir, device="cpu").eval()
+    other = load_model(_perturbed(Path(tiny_model_dir), tmp_path / "p", 7, 0.05), device="cpu").eval()
     prompts = [r["messages"][:1] for r in make_rows(3, seed=5)]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=2, seed=0)
     samples = [s for group in HFEngine(other, tok).generate(prompts, sampling) for s in group]

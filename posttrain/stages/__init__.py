@@ -19,7 +19,7 @@ STAGE_MODULES = {
     "eval": "posttrain.stages.eval",
     "release": "posttrain.stages.release",
 }
-"""Stage name -> module defining `STAGE` (a Stage subclass). Later stages register here."""
+"""Stage kind -> module defining `STAGE` (a Stage subclass). Later stages register here."""
 
 
 def stage_class(name: str) -> type[Stage]:

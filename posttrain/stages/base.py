@@ -1,4 +1,5 @@
-"""The stage contract: every stage has a typed config and the same lifecycle, setup -> train -> save.
+"""The stage contract: every stage has a typed config and the same lifecycle, setup -> train -> save,
+then cleanup (always called, also after a failure: it frees engines and processes the stage started).
 
 A stage reads its inputs by path (artifacts of earlier stages, or paths its config names), writes only
 inside its own directory `run_dir/<stage>/`, and returns metrics. The pipeline runner does the
@@ -10,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from ..config import Section
 
@@ -32,6 +35,12 @@ class StageContext:
     """This process's rank when the launcher runs the stage in several processes."""
     world_size: int = 1
     """How many processes run the stage."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """The device this process computes on (dist.rank.resolve_device: cuda:LOCAL_RANK on GPUs)."""
+    device_request: str = "auto"
+    """The pipeline's `device` setting the device was resolved from (ranks resolve it again)."""
+    precision: str = "fp32"
+    """fp32, bf16 or fp16: the stage's own `precision`, else the pipeline's."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain"))
 
     @property
@@ -51,7 +60,7 @@ class Stage:
     produces: ClassVar[dict[str, str]] = {}
     """Artifact kind -> path relative to the stage directory."""
     trains: ClassVar[bool] = False
-    """True if the launcher may run this stage as several (DeepSpeed) processes."""
+    """True if the stage trains weights (several processes then mean DeepSpeed ranks)."""
 
     def __init__(self, cfg: Section, ctx: StageContext):
         self.cfg = cfg
@@ -73,7 +82,15 @@ class Stage:
         """Write the stage's artifacts (atomically); return final metrics."""
         return {}
 
+    def cleanup(self) -> None:
+        """Free what the stage holds outside Python's reach; always called. By default: close the
+        generation engine a stage keeps in `self.engine` (vLLM holds memory and, under ranks, groups)."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
     def run(self) -> dict:
+        """setup -> train -> save; the caller calls `cleanup()` afterwards, whatever happened."""
         self.setup()
         metrics = dict(self.train() or {})
         metrics.update(self.save() or {})

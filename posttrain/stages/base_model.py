@@ -45,7 +45,8 @@ class BaseModel(Stage):
 
     def train(self) -> dict:
         if self.cfg.path:
-            model = load_model(self.cfg.path, self.cfg.trust_remote_code)
+            # loaded to count and describe it only (nothing is written): CPU, in the checkpoint's dtype
+            model = load_model(self.cfg.path, device="cpu", trust_remote_code=self.cfg.trust_remote_code)
             info = {"source": str(self.cfg.path)}
         else:
             model = build_tiny_model(self.cfg, self.tokenizer, seed=self.ctx.seed)

@@ -22,7 +22,6 @@ loss.png, report.md, and (offline, by default) teacher_topk/<key>/.
 from __future__ import annotations
 
 import functools
-import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,9 +32,12 @@ from ..checkpoint import train_from_last_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
 from ..config import InputPath, TrainerSection
 from ..data import read_conversations
+from ..dist.rank import torch_dtype
 from ..manifest import atomic_write_json, atomic_write_text
+from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
 from .base import Stage
+from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
 
 
 class DistillConfig(TrainerSection):
@@ -158,12 +160,11 @@ class Distill(Stage):
 
     def setup(self) -> None:
         from ..distill_cache import cache_key, check_same_vocab, tokenize_for_loss
-        from ..models import load_model, load_tokenizer
-
         inp, c = self.ctx.inputs, self.cfg
         self.tokenizer = load_tokenizer(inp["model"])
-        self.model = load_model(inp["model"])
-        self.teacher = load_model(inp["teacher"]).eval().requires_grad_(False)
+        dev = self.ctx.device
+        self.model = load_model(inp["model"], device=dev, dtype=torch.float32)  # fp32 master weights
+        self.teacher = load_model(inp["teacher"], device=dev, dtype=torch_dtype(self.ctx.precision)).eval().requires_grad_(False)
         check_same_vocab(inp["model"], inp["teacher"], self.tokenizer, load_tokenizer(inp["teacher"]),
                          self.model.get_output_embeddings().weight.shape[0],
                          self.teacher.get_output_embeddings().weight.shape[0])
@@ -193,19 +194,9 @@ class Distill(Stage):
         return {"cache": status, "cache_dir": str(folder), "cache_entries": len(self.cache.positions)}
 
     def _training_args(self, config_cls, **extra):
-        from ..launch import trainer_kwargs
-
-        c, has_eval = self.cfg, bool(self.eval_examples)
-        return config_cls(
-            output_dir=str(self.ctx.dir / "checkpoints"), learning_rate=c.learning_rate, num_train_epochs=c.epochs,
-            max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-            weight_decay=c.weight_decay, max_length=c.max_length, logging_steps=c.logging_steps,
-            gradient_checkpointing=c.gradient_checkpointing,
-            logging_first_step=True, eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps,
-            eval_on_start=has_eval, save_strategy="steps", save_steps=c.save_steps, save_total_limit=2,
-            report_to="none", seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,
-            **extra, **trainer_kwargs(c.distributed))
+        c, ctx, has_eval = self.cfg, self.ctx, bool(self.eval_examples)
+        return config_cls(**training_arguments(c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision,
+                                               has_eval, max_length=c.max_length, eval_on_start=has_eval, **extra))
 
     def _trainer(self):
         from datasets import Dataset
@@ -252,28 +243,20 @@ class Distill(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it for the held-out and accuracy checks."""
-        from ..models import start_model_dir
-
-        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
-        self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        ctx = self.ctx
+        final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision)
         metrics = {}
-        if self.ctx.is_main:
-            from ..launch import end_sharded_init
-            from ..models import finish_model_dir, load_model
-
-            finish_model_dir(partial, final, self.tokenizer)
-            end_sharded_init()
-            student = load_model(final)
+        if ctx.is_main:
+            student = load_saved(final, ctx)
             if self.eval_examples:
                 metrics["heldout_after"] = self._heldout(student)
                 if self.cfg.eval_samples:
                     metrics["accuracy_after"] = self._accuracy(student)
             if "heldout_after" in metrics:
                 metrics["eval_loss_after"] = metrics["heldout_after"]["nll"]
+            metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             self._write_outputs({**self.train_metrics, **metrics})
-            if not self.cfg.keep_checkpoints:
-                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+        finish_trainer_stage(ctx, self.trainer, self.cfg.keep_checkpoints)
         return metrics
 
     def _write_outputs(self, metrics: dict) -> None:
@@ -303,13 +286,8 @@ class Distill(Stage):
                                self.cfg.teacher_batch_size)
 
     def _accuracy(self, model) -> dict:
-        """Greedy answers to held-out prompts against their oracle answers."""
-        from ..generate import greedy_texts
-        from ..tasks import answer_accuracy
-
-        rows = self.eval_rows[: self.cfg.eval_samples]
-        prompts = [r["messages"][:-1] for r in rows]
-        return answer_accuracy(rows, greedy_texts(model, self.tokenizer, prompts, self.cfg.max_new_tokens))
+        return greedy_accuracy(model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
+                               self.ctx.precision)
 
 
 STAGE = Distill

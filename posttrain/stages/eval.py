@@ -19,14 +19,16 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from ..config import ConfigError, InputPath, Section
+from ..config import ConfigError, InputPath, Precision, ProcessesConfig, Section
 from ..data import DataError, iter_conversations, prompt_of, read_conversations, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
                           memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
-from ..generate import SamplingConfig
+from ..dist.rank import torch_dtype
+from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
+from ..models import check_model_dir, load_model
 from ..manifest import atomic_write_json, atomic_write_text
 from ..model_card import ModelRef, completed_models, recipe_identity, resolve_artifact
-from ..scoring import RuleSpec, ScoringConfig
+from ..scoring import RuleSpec, Scorer, ScoringConfig
 from .base import Stage
 
 VERIFIER_RULES = ("task_correct", "refusal", "identity")
@@ -62,8 +64,12 @@ class EvalConfig(Section):
     """Held-out prompts to answer (the first N rows); None = all."""
     sampling: SamplingConfig = SamplingConfig()
     """Answers: backend hf|vllm, greedy by default; a sampled eval uses `seed` (default: the pipeline seed)."""
-    vllm: dict = {}
-    """Extra VLLMEngine options for backend vllm (e.g. kv_cache_gib, max_model_len)."""
+    vllm: VLLMOptions = VLLMOptions()
+    """vLLM engine settings for backend vllm (e.g. kv_cache_gib, max_model_len)."""
+    distributed: ProcessesConfig = ProcessesConfig()
+    """Ranks sharing the answering (vLLM engines colocated per rank; rank 0 judges and writes)."""
+    precision: Optional[Precision] = None
+    """Dtype the evaluated models and the reward model run in; None: the pipeline's `precision`."""
     scoring: ScoringConfig = ScoringConfig()
     """Judges: the reward model (scoring.reward_model, else the rm stage's) and rules; no rules = the verifiers."""
     verifiers: str = DEFAULT_VERIFIERS
@@ -108,8 +114,6 @@ class Eval(Stage):
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from ..scoring import Scorer
-
         c, inp = self.cfg, self.ctx.inputs
         self.models = self._resolve_models()
         self.baseline = self._baseline()
@@ -118,12 +122,11 @@ class Eval(Stage):
         self.train_rows = read_conversations(inp["train_data"]) if probe else []
         self.release_name = c.release_name or recipe_identity(self.ctx.pipeline).get("name")
         self.verifiers = load_verifiers(c.verifiers)
-        self.scorer = Scorer(self._scoring(), reward_model_dir=inp.get("reward_model"))
+        self.scorer = Scorer(self._scoring(), reward_model_dir=inp.get("reward_model"), device=self.ctx.device,
+                             precision=self.ctx.precision)
         self.seed = c.sampling.seed if c.sampling.seed is not None else self.ctx.seed
 
     def _resolve_models(self) -> dict[str, str]:
-        from ..models import check_model_dir
-
         run_dir = self.ctx.dir.parent
         if self.cfg.models:
             models = {name: resolve_artifact(run_dir, ref, f"eval.models.{name}")
@@ -165,7 +168,9 @@ class Eval(Stage):
         self.answers, self.judged, self.results = {}, {}, {}
         for name, path in self.models.items():
             self.log.info("[eval] %s: answering %d prompts (%s)", name, len(prompts), path)
-            samples, model, tokenizer = self._answer(name, path, prompts)
+            samples, model, tokenizer = self._answer(name, path, prompts)  # every rank: a collective under ranks
+            if not self.ctx.is_main:
+                continue  # rank 0 judges and writes
             texts = [s.text for s in samples]
             self.answers[name] = texts
             self.judged[name] = self._judge(prompts, texts)
@@ -176,7 +181,7 @@ class Eval(Stage):
                 "memorisation": self._memorisation(path, model, tokenizer),
             }
             del model
-        if self.baseline:
+        if self.baseline and self.ctx.is_main:
             for name in self.models:
                 if name != self.baseline:
                     self.results[name]["win_rate"] = self._compare(name)
@@ -184,22 +189,20 @@ class Eval(Stage):
 
     def _answer(self, name: str, path: str, prompts: list[list[dict]]):
         """One answer per prompt, plus the HF model and tokenizer when the backend loaded them."""
-        from ..generate import make_engine
-
-        backend = self.cfg.sampling.backend
-        options = {"seed": self.seed, **self.cfg.vllm} if backend == "vllm" else {}
+        c, ctx = self.cfg, self.ctx
+        backend = c.sampling.backend
         try:
-            engine = make_engine(path, backend, **options)
+            self.engine = make_engine(path, c.sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=self.seed)
         except Exception as err:  # name the model and the keys that fix it, whatever went wrong
             raise ConfigError(f"eval.models.{name} ({path}): cannot generate with backend {backend!r}: {err}. "
                               f"Set eval.sampling.backend to 'hf' (it runs every family) or change "
                               f"eval.models.{name}") from err
-        sampling = self.cfg.sampling.model_copy(update={"seed": self.seed})
+        sampling = c.sampling.model_copy(update={"seed": self.seed})
+        engine = self.engine
         try:
-            samples = [s[0] for s in engine.generate(prompts, sampling)]
+            samples = [s[0] for s in generate_all(engine, prompts, sampling)]
         finally:
-            if backend == "vllm":
-                engine.close()
+            self.cleanup()
         return samples, getattr(engine, "model", None), engine.tokenizer
 
     def _judge(self, prompts: list[list[dict]], texts: list[str]) -> dict:
@@ -222,9 +225,7 @@ class Eval(Stage):
         if not self.train_rows:
             return None
         if model is None:  # vLLM answered; the probe needs token-id prompts on the HF model
-            from ..models import load_model
-
-            model = load_model(path)
+            model = load_model(path, device=self.ctx.device, dtype=torch_dtype(self.ctx.precision)).eval()
         sequences = memorisation_sequences(tokenizer, self.train_rows, mc.prefix_tokens, mc.suffix_tokens,
                                            mc.num_examples, self.ctx.seed)
         return memorisation(model, sequences, mc.prefix_tokens, mc.suffix_tokens, tokenizer.pad_token_id,
@@ -239,6 +240,8 @@ class Eval(Stage):
 
     def save(self) -> dict:
         d = self.ctx.dir
+        if not self.ctx.is_main:
+            return {}
         tasks = sorted({r["task"] for r in self.rows})
         results = {"baseline": self.baseline, "judges": list(next(iter(self.judged.values()))),
                    "num_prompts": len(self.rows), "decoding": self._decoding(), "tasks": tasks,

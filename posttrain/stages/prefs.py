@@ -26,10 +26,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import InputPath, Section
+from ..config import InputPath, Precision, ProcessesConfig, Section
 from ..data import DataError, iter_conversations, prompt_of, write_jsonl
 from ..evaluation import DEFAULT_VERIFIERS
-from ..generate import Sample, SamplingConfig
+from ..engines import Sample, SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
 from ..scoring import RuleSpec, Scorer, ScoringConfig
 from ..tasks import normalise_answer
@@ -97,8 +97,12 @@ class PrefsConfig(Section):
     """Programmatic-corruption source."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, n=4, max_new_tokens=32)
     """Policy sampling (n = samples per prompt; seed None: derived from the pipeline seed)."""
-    vllm: dict = {}
-    """Extra vLLM engine options for sampling.backend=vllm (e.g. max_num_batched_tokens: 65536)."""
+    vllm: VLLMOptions = VLLMOptions()
+    """vLLM engine settings for sampling.backend=vllm (e.g. max_num_batched_tokens: 65536)."""
+    distributed: ProcessesConfig = ProcessesConfig()
+    """Ranks sharing the sampling (vLLM engines colocated per rank; rank 0 writes the pairs)."""
+    precision: Optional[Precision] = None
+    """Dtype the policy and reward model run in; None: the pipeline's `precision`."""
     scoring: ScoringConfig = ScoringConfig(rules=DEFAULT_RULES)
     """How answers are scored (default: the rule rewards in reward/verifiers.py, no reward model)."""
     min_margin: float = Field(0.0, ge=0)
@@ -110,7 +114,7 @@ class PrefsConfig(Section):
             raise ValueError(f"enable at least one of {', '.join(s + '.enabled' for s in SOURCES)}")
         if self.best_of_n.enabled and self.sampling.n < 2:
             raise ValueError("best_of_n needs sampling.n >= 2 samples per prompt")
-        if self.vllm and self.sampling.backend != "vllm":
+        if self.vllm.model_dump(exclude_defaults=True) and self.sampling.backend != "vllm":
             raise ValueError("vllm options are set but sampling.backend is not 'vllm'")
         if self.scoring.normalize:
             raise ValueError("scoring.normalize must be false here: pairs compare raw scores")
@@ -296,7 +300,7 @@ def build_pairs(rows: list[dict], engine, scorer: Scorer, cfg: PrefsConfig, seed
     pairs = []
     if cfg.best_of_n.enabled or cfg.teacher.enabled:
         sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed if cfg.sampling.seed is not None else seed})
-        samples = engine.generate([prompt_of(r) for r in rows], sampling)
+        samples = generate_all(engine, [prompt_of(r) for r in rows], sampling)
         if len(samples) != len(rows):
             raise RuntimeError(f"the generation engine returned {len(samples)} sample lists for {len(rows)} prompts")
         pairs += sample_pairs(rows, samples, scorer, cfg, dropped)
@@ -342,25 +346,21 @@ class Prefs(Stage):
         # one stream per split: the held-out prompts must not change when max_train_prompts does
         self.train_rows = subsample(self.train_rows, c.max_train_prompts, random.Random(f"prefs-train-{self.ctx.seed}"))
         self.eval_rows = subsample(evals, c.max_eval_prompts, random.Random(f"prefs-eval-{self.ctx.seed}"))
-        self.scorer = Scorer(c.scoring)
+        self.scorer = Scorer(c.scoring, device=self.ctx.device, precision=self.ctx.precision)
+        self.engine = None
 
     def make_engine(self):
         """The policy's generation engine (None when no source samples)."""
         if not (self.cfg.best_of_n.enabled or self.cfg.teacher.enabled):
             return None
-        from ..generate import make_engine
-
-        options = {"seed": self.ctx.seed, **self.cfg.vllm} if self.cfg.sampling.backend == "vllm" else {}
-        return make_engine(self.ctx.inputs["model"], self.cfg.sampling.backend, **options)
+        c, ctx = self.cfg, self.ctx
+        return make_engine(ctx.inputs["model"], c.sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed)
 
     def train(self) -> dict:
-        engine = self.make_engine()
-        try:
-            self.train_pairs, train_report = build_pairs(self.train_rows, engine, self.scorer, self.cfg, self.ctx.seed)
-            self.eval_pairs, eval_report = build_pairs(self.eval_rows, engine, self.scorer, self.cfg, self.ctx.seed + 1)
-        finally:
-            if hasattr(engine, "close"):
-                engine.close()
+        self.engine = self.make_engine()
+        self.train_pairs, train_report = build_pairs(self.train_rows, self.engine, self.scorer, self.cfg, self.ctx.seed)
+        self.eval_pairs, eval_report = build_pairs(self.eval_rows, self.engine, self.scorer, self.cfg, self.ctx.seed + 1)
+        self.cleanup()
         self.report = {"seed": self.ctx.seed, "train_prompts_also_in_eval_dropped": self.train_in_eval,
                        "train": train_report, "eval": eval_report}
         if not self.train_pairs:
@@ -370,6 +370,8 @@ class Prefs(Stage):
 
     def save(self) -> dict:
         d = self.ctx.dir
+        if not self.ctx.is_main:
+            return {}
         write_jsonl(d / "train.jsonl", self.train_pairs)
         write_jsonl(d / "eval.jsonl", self.eval_pairs)
         atomic_write_json(d / "report.json", self.report)

@@ -106,7 +106,8 @@ class Release(Stage):
     def train(self) -> dict:
         from ..models import count_parameters, load_model, load_tokenizer, save_generation_config
 
-        model, tokenizer = load_model(self.model_dir), load_tokenizer(self.model_dir)
+        # A copy job, no compute: CPU, and the checkpoint's own dtype (the run's precision) is kept.
+        model, tokenizer = load_model(self.model_dir, device="cpu"), load_tokenizer(self.model_dir)
         out = self.ctx.dir / "release"
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=self.cfg.max_shard_size)

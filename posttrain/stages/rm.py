@@ -22,7 +22,6 @@ both scored by `Scorer`), metrics.json, curves.png (loss, accuracy), scores.png 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -33,12 +32,15 @@ from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..evaluation import DEFAULT_VERIFIERS
-from ..generate import SamplingConfig
+from ..dist.trainable import end_sharded_init
+from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
+from ..implicit_rm import ImplicitRewardTrainer, PairCollator, tokenize_pairs, write_reward_head
 from ..manifest import atomic_write_json
-from ..models import finish_model_dir, start_model_dir
+from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves, save_figure
-from ..scoring import RewardFunctionError, RuleSpec, ScoringConfig
+from ..scoring import RewardFunctionError, RuleSpec, Scorer, ScoringConfig
 from .base import Stage
+from .trainer_common import finish_trainer_stage, save_trained_model, training_arguments
 
 LABEL_RULES = [RuleSpec(path=DEFAULT_VERIFIERS, function=f) for f in ("task_correct", "refusal", "identity")]
 
@@ -57,8 +59,8 @@ class AUCConfig(Section):
     """Held-out prompts to sample (0 = skip the AUC)."""
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, n=4, max_new_tokens=32)
     """How the policy samples (backend hf or vllm; seed None: the pipeline seed)."""
-    vllm: dict = {}
-    """Extra vLLM engine options for sampling.backend=vllm (e.g. max_num_batched_tokens: 65536)."""
+    vllm: VLLMOptions = VLLMOptions()
+    """vLLM engine settings for sampling.backend=vllm (e.g. max_num_batched_tokens: 65536)."""
     rules: list[RuleSpec] = LABEL_RULES
     """Verifiers labelling a sample: correct when every rule scores >= 0.5."""
 
@@ -158,15 +160,14 @@ def check_reward_family(path: str | Path, key: str = "rm.model", head: str = "se
                          f"gemma2 or llama)")
 
 
-def load_reward_init(path: str | Path, seed: int, head: str = "sequence_classification"):
-    """The checkpoint as a one-output sequence classifier (its new score head seeded), or for the implicit
-    head as the causal LM it is."""
-    from ..models import load_model
-
+def load_reward_init(path: str | Path, seed: int, head: str = "sequence_classification",
+                     device: torch.device | str = "cpu"):
+    """The checkpoint on `device` in fp32 (master weights) as a one-output sequence classifier (its new
+    score head seeded), or for the implicit head as the causal LM it is."""
     check_reward_family(path, head=head)
     torch.manual_seed(seed)
     # load_model picks the attention the scorer will use too (eager for Gemma 2: SDPA drops soft-capping)
-    return load_model(path, kind="causal_lm" if head == "implicit" else "reward")
+    return load_model(path, device=device, dtype=torch.float32, kind="causal_lm" if head == "implicit" else "reward")
 
 
 def pairs_dataset(rows: list[dict], use_margin: bool):
@@ -179,29 +180,14 @@ def pairs_dataset(rows: list[dict], use_margin: bool):
     return Dataset.from_dict(cols)
 
 
-def _training_args(cfg: RMConfig, output_dir: str | Path, seed: int, with_eval: bool) -> dict:
-    """TrainingArguments fields both heads' trainers take from the stage config."""
-    from ..launch import trainer_kwargs
-
-    c = cfg
-    return dict(
-        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
-        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
-        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-        weight_decay=c.weight_decay, gradient_checkpointing=c.gradient_checkpointing,
-        logging_steps=c.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
-        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
-        seed=seed, data_seed=seed, dataloader_num_workers=0, bf16=False, **trainer_kwargs(c.distributed),
-    )
-
-
-def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int):
+def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int,
+                  device: torch.device | str = "cpu", precision: str = "fp32"):
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards_coefficient,
-                        **_training_args(cfg, output_dir, seed, eval_ds is not None))
+    args = RewardConfig(**training_arguments(cfg, output_dir, seed, torch.device(device), precision, eval_ds is not None,
+                                             max_length=cfg.max_length,
+                                             center_rewards_coefficient=cfg.center_rewards_coefficient))
     peft_config = cfg.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
     tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
     return RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -209,14 +195,14 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir
 
 
 def build_implicit_trainer(model, tokenizer, train_pairs: list, eval_pairs: list, cfg: RMConfig,
-                           output_dir: str | Path, seed: int):
+                           output_dir: str | Path, seed: int, device: torch.device | str = "cpu",
+                           precision: str = "fp32"):
     """The implicit head's Trainer on `tokenize_pairs` output already filtered to max_length (also used
     by tests)."""
     from transformers import TrainingArguments
 
-    from ..implicit_rm import ImplicitRewardTrainer, PairCollator
-
-    args = TrainingArguments(remove_unused_columns=False, **_training_args(cfg, output_dir, seed, bool(eval_pairs)))
+    args = TrainingArguments(**training_arguments(cfg, output_dir, seed, torch.device(device), precision,
+                                                  bool(eval_pairs), remove_unused_columns=False))
     peft_config = cfg.lora.peft_config("CAUSAL_LM")
     if peft_config is not None:
         from peft import get_peft_model
@@ -296,26 +282,23 @@ class RM(Stage):
     trains = True
 
     def setup(self) -> None:
-        from ..models import load_tokenizer
-
-        inp = self.ctx.inputs
+        inp, ctx = self.ctx.inputs, self.ctx
         self.train_rows = read_pairs(inp["prefs_train"])
         self.eval_rows = read_pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else []
         self.tokenizer = load_tokenizer(inp["model"])
-        self.model = load_reward_init(inp["model"], self.ctx.seed, self.cfg.head)
+        self.model = load_reward_init(inp["model"], ctx.seed, self.cfg.head, ctx.device)
 
     def train(self) -> dict:
-        out, c = self.ctx.dir / "checkpoints", self.cfg
+        out, c, ctx = self.ctx.dir / "checkpoints", self.cfg, self.ctx
         if c.head == "implicit":
-            from ..implicit_rm import tokenize_pairs
-
             fits = [p for p in tokenize_pairs(self.tokenizer, self.train_rows) if p.length <= c.max_length]
             eval_fits = [p for p in tokenize_pairs(self.tokenizer, self.eval_rows) if p.length <= c.max_length]
-            self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, self.ctx.seed)
+            self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, ctx.seed,
+                                                  ctx.device, ctx.precision)
         else:
             eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
             self.trainer = build_trainer(self.model, self.tokenizer, pairs_dataset(self.train_rows, c.use_margin),
-                                         eval_ds, c, out, self.ctx.seed)
+                                         eval_ds, c, out, ctx.seed, ctx.device, ctx.precision)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
                    "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset)}
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "rm"))
@@ -326,39 +309,28 @@ class RM(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it through the scoring API and measure."""
-        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
-        if self.cfg.lora.enabled:
-            merged = self.trainer.accelerator.unwrap_model(self.trainer.model).merge_and_unload()
-            if self.ctx.is_main:
-                merged.save_pretrained(partial, safe_serialization=True)
-        else:
-            self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        c, ctx = self.cfg, self.ctx
+        self.tokenizer.padding_side = "right"
+        head = (lambda partial: write_reward_head(partial, c.beta)) if c.head == "implicit" else None
+        # a scorer: no generation config
+        final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=c.lora.enabled,
+                                   generation=False, before_finish=head)
         metrics = {}
-        if self.ctx.is_main:
-            self.tokenizer.padding_side = "right"
-            if self.cfg.head == "implicit":
-                from ..implicit_rm import write_reward_head
-
-                write_reward_head(partial, self.cfg.beta)
-            finish_model_dir(partial, final, self.tokenizer, generation=False)  # a scorer: no generation config
+        if ctx.is_main:
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
-                        self.ctx.dir / "curves.png", title="Reward model")
-            from ..launch import end_sharded_init
-
+                        ctx.dir / "curves.png", title="Reward model")
             end_sharded_init()
             metrics = self.evaluate(final)
-            atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
-            if not self.cfg.keep_checkpoints:
-                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+            metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
+            atomic_write_json(ctx.dir / "metrics.json", {"log_history": history, **metrics})
+        finish_trainer_stage(ctx, self.trainer, c.keep_checkpoints)
         return metrics
 
     def evaluate(self, model_dir: Path) -> dict:
         """Held-out pair metrics and the verifier AUC, scored by the saved model via the scoring API."""
-        from ..scoring import Scorer
-
-        scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir))
+        scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir),
+                        device=self.ctx.device, precision=self.ctx.precision)
         metrics = {}
         if self.eval_rows:
             chosen, rejected = score_pairs(scorer, self.eval_rows)
@@ -374,22 +346,17 @@ class RM(Stage):
 
     def verifier_auc(self, rm_scorer) -> dict:
         """Sample the policy on held-out prompts, label by the verifiers, and take the AUC of RM scores."""
-        from ..generate import make_engine
-        from ..scoring import Scorer
-
-        c = self.cfg.auc
+        c, ctx = self.cfg.auc, self.ctx
         rows = _unique_prompts(self.eval_rows)[:c.prompts]
         if not rows:
             return {"auc": None, "note": "skipped: auc.prompts is 0 or there are no held-out pairs"}
         policy = self.ctx.inputs.get("policy") or self.ctx.inputs["model"]
         sampling = c.sampling.model_copy(update={"seed": c.sampling.seed if c.sampling.seed is not None else self.ctx.seed})
-        options = {"seed": self.ctx.seed, **c.vllm} if sampling.backend == "vllm" else {}
-        engine = make_engine(policy, sampling.backend, **options)
+        engine = make_engine(policy, sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed)
         try:
-            samples = engine.generate([r["prompt"] for r in rows], sampling)
+            samples = generate_all(engine, [r["prompt"] for r in rows], sampling)
         finally:
-            if hasattr(engine, "close"):
-                engine.close()
+            engine.close()
         flat_rows = [r for r, per in zip(rows, samples) for _ in per]
         prompts, texts = [r["prompt"] for r in flat_rows], [s.text for per in samples for s in per]
         meta = [{k: v for k, v in r.items() if k != "prompt"} for r in flat_rows]

@@ -8,17 +8,19 @@ Output in run_dir/sft/: model/ (a complete HF model directory), metrics.json, lo
 """
 from __future__ import annotations
 
-import shutil
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, LoraSection, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json
+from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
 from .base import Stage
+from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
 
 
 class LoraConfig(LoraSection):
@@ -60,11 +62,9 @@ class SFT(Stage):
     def setup(self) -> None:
         from datasets import Dataset
 
-        from ..models import load_model, load_tokenizer
-
         inp = self.ctx.inputs
         self.tokenizer = load_tokenizer(inp["model"])
-        self.model = load_model(inp["model"])
+        self.model = load_model(inp["model"], device=self.ctx.device, dtype=torch.float32)  # fp32 master weights
         self.train_rows = read_conversations(inp["train_data"])
         self.eval_rows = read_conversations(inp["eval_data"]) if inp.get("eval_data") else []
         self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
@@ -74,21 +74,11 @@ class SFT(Stage):
         from trl import SFTConfig as TRLConfig
         from trl import SFTTrainer
 
-        from ..launch import trainer_kwargs
-
-        c = self.cfg
-        args = TRLConfig(
-            output_dir=str(self.ctx.dir / "checkpoints"), learning_rate=c.learning_rate, num_train_epochs=c.epochs,
-            max_steps=c.max_steps, per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
-            gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-            weight_decay=c.weight_decay, max_length=c.max_length, packing=c.packing,
-            gradient_checkpointing=c.gradient_checkpointing,
-            assistant_only_loss=c.assistant_only_loss, logging_steps=c.logging_steps, logging_first_step=True,
-            eval_strategy="steps" if self.eval_ds is not None else "no", eval_steps=c.eval_steps, eval_on_start=self.eval_ds is not None,
-            save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
-            seed=self.ctx.seed, data_seed=self.ctx.seed, dataloader_num_workers=0, bf16=False,
-            **trainer_kwargs(c.distributed),
-        )
+        c, ctx = self.cfg, self.ctx
+        has_eval = self.eval_ds is not None
+        args = TRLConfig(**training_arguments(
+            c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, has_eval, max_length=c.max_length,
+            packing=c.packing, assistant_only_loss=c.assistant_only_loss, eval_on_start=has_eval))
         return SFTTrainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
                           processing_class=self.tokenizer, peft_config=c.lora.peft_config("CAUSAL_LM"))
 
@@ -106,46 +96,26 @@ class SFT(Stage):
 
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it for the accuracy-after check."""
-        from ..models import start_model_dir
-
-        final, partial = start_model_dir(self.ctx.dir, self.trainer, self.ctx.is_main)
-        model_to_save = self.trainer.model
-        if self.cfg.lora.enabled and self.cfg.lora.save == "merged":
-            if self.cfg.distributed.num_processes > 1 and self.cfg.distributed.zero_stage == 3:
-                raise ValueError("sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
-            model_to_save = self.trainer.accelerator.unwrap_model(model_to_save).merge_and_unload()
-            if self.ctx.is_main:
-                model_to_save.save_pretrained(partial, safe_serialization=True)
-        else:
-            self.trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+        c, ctx = self.cfg, self.ctx
+        merged = c.lora.enabled and c.lora.save == "merged"
+        if merged and c.distributed.num_processes > 1 and c.distributed.zero_stage == 3:
+            raise ValueError("sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
+        final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=merged)
         metrics = {}
-        if self.ctx.is_main:
-            from ..models import finish_model_dir
-
-            finish_model_dir(partial, final, self.tokenizer)
+        if ctx.is_main:
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
-                        self.ctx.dir / "loss.png", title="SFT")
-            if self.cfg.eval_samples and self.eval_rows and not (self.cfg.lora.enabled and self.cfg.lora.save == "adapter"):
-                from ..launch import end_sharded_init
-                from ..models import load_model
-
-                end_sharded_init()
-                metrics["accuracy_after"] = self._accuracy(load_model(final))
-            atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
-            if not self.cfg.keep_checkpoints:
-                shutil.rmtree(self.ctx.dir / "checkpoints", ignore_errors=True)
-        self.trainer.accelerator.wait_for_everyone()
+                        ctx.dir / "loss.png", title="SFT")
+            if c.eval_samples and self.eval_rows and not (c.lora.enabled and c.lora.save == "adapter"):
+                metrics["accuracy_after"] = self._accuracy(load_saved(final, ctx))
+            metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
+            atomic_write_json(ctx.dir / "metrics.json", {"log_history": history, **metrics})
+        finish_trainer_stage(ctx, self.trainer, c.keep_checkpoints)
         return metrics
 
     def _accuracy(self, model) -> dict:
-        """Greedy answers to held-out prompts against their oracle answers."""
-        from ..generate import greedy_texts
-        from ..tasks import answer_accuracy
-
-        rows = self.eval_rows[: self.cfg.eval_samples]
-        prompts = [r["messages"][:-1] for r in rows]
-        return answer_accuracy(rows, greedy_texts(model, self.tokenizer, prompts, self.cfg.max_new_tokens))
+        return greedy_accuracy(model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
+                               self.ctx.precision)
 
 
 STAGE = SFT

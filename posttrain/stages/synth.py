@@ -11,9 +11,9 @@ from typing import Optional
 
 from pydantic import Field
 
-from ..config import ConfigError, InputPath, Section
+from ..config import ConfigError, InputPath, Precision, ProcessesConfig, Section
 from ..data import write_jsonl
-from ..generate import SamplingConfig
+from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
 from ..tasks import TASKS, make_example, normalise_answer
 from .base import Stage
@@ -79,6 +79,12 @@ class SynthConfig(Section):
     stronger model's answers out); default: the tasks' oracle answers. Held-out rows keep the oracle."""
     teacher_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=64)
     """How the teacher samples (backend hf or vllm)."""
+    vllm: VLLMOptions = VLLMOptions()
+    """vLLM engine settings for the teacher when teacher_sampling.backend=vllm."""
+    distributed: ProcessesConfig = ProcessesConfig()
+    """Ranks sharing the teacher's generation (vLLM engines colocated per rank; rank 0 writes)."""
+    precision: Optional[Precision] = None
+    """Dtype the teacher runs in; None: the pipeline's `precision`."""
     teacher_error_rate: float = Field(0.0, ge=0, lt=1)
     """Without a teacher model: the share of verifiable training answers the simulated teacher gets wrong,
     with the task's typical mistake (off by one, a shuffled list, a dropped letter), as real teachers do.
@@ -167,11 +173,12 @@ class Synth(Stage):
     def _teacher_responses(self) -> dict:
         """Replace each training response with the teacher's; the oracle answer stays as metadata
         (`answer`) so verifiers and filters can judge what the teacher wrote."""
-        from ..generate import make_engine
-
-        engine = make_engine(str(self.cfg.teacher), self.cfg.teacher_sampling.backend)
+        c, ctx = self.cfg, self.ctx
+        self.engine = make_engine(str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision, vllm=c.vllm,
+                                  seed=ctx.seed)
         prompts = [r["messages"][:-1] for r in self.train_rows]
-        samples = engine.generate(prompts, self.cfg.teacher_sampling)
+        samples = generate_all(self.engine, prompts, c.teacher_sampling)
+        self.cleanup()
         for row, (sample, *_) in zip(self.train_rows, samples):
             row["messages"][-1] = {"role": "assistant", "content": sample.text}
             row["finished"] = sample.finished
@@ -183,6 +190,8 @@ class Synth(Stage):
 
     def save(self) -> dict:
         d = self.ctx.dir
+        if not self.ctx.is_main:
+            return {}
         write_jsonl(d / "train.jsonl", self.train_rows)
         write_jsonl(d / "eval.jsonl", self.eval_rows)
         card = data_card(self.train_rows, self.eval_rows, self.recipe.name)

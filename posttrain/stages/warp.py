@@ -31,15 +31,20 @@ from typing import Annotated, Literal, Optional
 import torch
 from pydantic import Field, model_validator
 
-from ..config import InputPath, Section
+from ..chat import chat_prompt_ids
+from ..config import InputPath, Precision, Section
 from ..data import prompt_of, read_conversations
-from ..generate import SamplingConfig
+from ..dist.rank import torch_dtype
+from ..engines import HFEngine, SamplingConfig, make_engine
+from ..models import load_model, load_tokenizer
+from ..rollout import pack_rollout, token_logprobs
 from ..manifest import atomic_write_json, atomic_write_text, hash_json, hash_path
 from ..plots import save_figure
 from ..merging import ModelSource, merge_models
-from ..scoring import ScoringConfig
+from ..scoring import Scorer, ScoringConfig
 from .base import Stage, StageContext
-from .ppo_config import PPOConfig
+from .ppo import PPO
+from .ppo.config import PPOConfig
 
 RUN_RECORD = "run.json"
 """Per-run record in runs/run-<i>/: status, fingerprint, seed and the run's PPO metrics."""
@@ -88,6 +93,8 @@ class WarpConfig(Section):
     """Evaluation sampling (temperature > 0, top_p 1: KL is estimated from its samples); seed default: pipeline's."""
     scoring: Optional[ScoringConfig] = None
     """Evaluation reward; default: ppo.scoring (running normalisation is always off in evaluation)."""
+    precision: Optional[Precision] = None
+    """fp32, bf16 or fp16 for the runs and the evaluation; None: the pipeline's `precision`."""
     keep_eta_models: bool = False
     """Keep every eta's model dir under liti/ (otherwise each is deleted once evaluated)."""
 
@@ -170,14 +177,12 @@ def task_vector_stats(init: str | Path, runs: list[Path]) -> dict:
 def sequence_kl(policy, reference, prompt_ids: list[list[int]], samples: list, pad_id: int,
                 temperature: float = 1.0, batch_size: int = 32) -> torch.Tensor:
     """Per sample: sum over completion tokens of log pi(y_t) - log pi_ref(y_t) (a one-sample KL estimate)."""
-    from ..rollout import pack_rollout, token_logprobs
-
-    out = []
+    device, out = next(policy.parameters()).device, []
     for i in range(0, len(samples), batch_size):
-        batch = pack_rollout(prompt_ids[i:i + batch_size], samples[i:i + batch_size], pad_id)
+        batch = pack_rollout(prompt_ids[i:i + batch_size], samples[i:i + batch_size], pad_id, device)
         mask = batch.response_mask
         diff = (token_logprobs(policy, batch, temperature) - token_logprobs(reference, batch, temperature)) * mask
-        out.append(diff.sum(1))
+        out.append(diff.sum(1).cpu())
     return torch.cat(out)
 
 
@@ -190,37 +195,34 @@ def _mean_sem(values: torch.Tensor) -> tuple[float, float]:
 class PolicyEvaluator:
     """Evaluates model dirs against the init on fixed held-out prompts, with a fixed sampling seed."""
 
-    def __init__(self, init_dir: str, rows: list[dict], scorer, sampling: SamplingConfig, seed: int):
-        from ..generate import chat_prompt_ids
-        from ..models import load_model, load_tokenizer
-
-        self.rows, self.scorer = rows, scorer
+    def __init__(self, init_dir: str, rows: list[dict], scorer, sampling: SamplingConfig, seed: int,
+                 device: torch.device, precision: str):
+        self.rows, self.scorer, self.device, self.precision = rows, scorer, device, precision
         self.sampling = sampling.model_copy(update={"seed": seed if sampling.seed is None else sampling.seed})
         self.tokenizer = load_tokenizer(init_dir)
-        self.init = load_model(init_dir).eval().requires_grad_(False)
+        self.init = self._load(init_dir)
         self.prompts = [prompt_of(r) for r in rows]
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, p) for p in self.prompts]
         self.vllm = None
         if sampling.backend == "vllm":  # one engine for every model: weights are swapped in per model
-            from ..generate_vllm import VLLMEngine
+            self.vllm = make_engine(init_dir, self.sampling, device, precision, tokenizer=self.tokenizer,
+                                    seed=self.sampling.seed)
 
-            self.vllm = VLLMEngine(init_dir, tokenizer=self.tokenizer, seed=self.sampling.seed)
+    def _load(self, model_dir: str):
+        return load_model(model_dir, device=self.device, dtype=torch_dtype(self.precision)).eval().requires_grad_(False)
 
     def _generate(self, model, model_dir: str, sampling: SamplingConfig) -> list[list]:
-        from ..generate import HFEngine
-
         if self.vllm is None:
-            return HFEngine(model, self.tokenizer).generate(self.prompts, sampling)
+            return HFEngine(model, self.tokenizer, self.precision).generate(self.prompts, sampling)
         self.vllm.load_weights_from_dir(model_dir)
         return self.vllm.generate(self.prompts, sampling)
 
     def evaluate(self, model_dir: Optional[str] = None) -> dict:
         """reward, KL to the init (mean and standard error over samples), accuracy, finished share and
         length of `model_dir` (None: the init itself)."""
-        from ..models import load_model
         from ..tasks import answer_accuracy
 
-        model = self.init if model_dir is None else load_model(model_dir).eval().requires_grad_(False)
+        model = self.init if model_dir is None else self._load(model_dir)
         model_dir = model_dir or (self.vllm and self.vllm.model_dir)
         n = self.sampling.n
         samples = [s for group in self._generate(model, model_dir, self.sampling) for s in group]
@@ -363,15 +365,16 @@ class Warp(Stage):
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
-        from ..scoring import Scorer
-
         runs = [self._ppo_run(i, seed) for i, seed in enumerate(self.seeds)]
         run_models = [d for d, _, _ in runs]
         self.merged = self.ctx.dir / "merged"
         slerp_runs(self.init_dir, run_models, self.merged, self.cfg.slerp_t)
         scoring = (self.cfg.scoring or self.cfg.ppo.scoring).model_copy(update={"normalize": False})
-        scorer = Scorer(scoring, reward_model_dir=self.ctx.inputs.get("reward_model"))
-        evaluator = PolicyEvaluator(self.init_dir, self.eval_rows, scorer, self.cfg.sampling, self.ctx.seed)
+        ctx = self.ctx
+        scorer = Scorer(scoring, reward_model_dir=ctx.inputs.get("reward_model"), device=ctx.device,
+                        precision=ctx.precision)
+        evaluator = PolicyEvaluator(self.init_dir, self.eval_rows, scorer, self.cfg.sampling, ctx.seed, ctx.device,
+                                    ctx.precision)
         try:
             self.rows = self._evaluate_all(evaluator, run_models)
         finally:
@@ -385,8 +388,6 @@ class Warp(Stage):
     def _ppo_run(self, index: int, seed: int) -> tuple[Path, dict, bool]:
         """Run PPO run `index` (or skip it: its record says complete with this fingerprint); return
         (its model dir, its PPO metrics, skipped)."""
-        from .ppo import PPO
-
         run_dir = self.ctx.dir / "runs" / f"run-{index}"
         fp = hash_json({**self.run_base_fp, "seed": seed})
         record = _read_json(run_dir / RUN_RECORD)
@@ -399,15 +400,14 @@ class Warp(Stage):
         atomic_write_json(run_dir / RUN_RECORD, {"status": "running", "fingerprint": fp, "seed": seed})
         inputs = {k: v for k, v in self.ctx.inputs.items() if k != "eval_data" or self.cfg.ppo.eval_samples}
         ctx = StageContext(name=f"{self.ctx.name}/run-{index}", dir=run_dir, inputs=inputs, seed=seed,
-                           pipeline=self.ctx.pipeline, log=self.log)
+                           pipeline=self.ctx.pipeline, log=self.log, device=self.ctx.device,
+                           device_request=self.ctx.device_request, precision=self.ctx.precision)
         self.log.info("[warp] run-%d (seed %d) -> %s", index, seed, run_dir)
         stage = PPO(self.cfg.ppo, ctx)
         try:
             metrics = stage.run()
         finally:
-            engine = getattr(stage, "engine", None)
-            if hasattr(engine, "close"):  # a vLLM engine holds memory the next run needs
-                engine.close()
+            stage.cleanup()  # a vLLM engine holds memory the next run needs
             del stage
             gc.collect()
         atomic_write_json(run_dir / RUN_RECORD, {"status": "complete", "fingerprint": fp, "seed": seed,

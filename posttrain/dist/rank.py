@@ -1,0 +1,152 @@
+"""In-rank helpers: which device and precision this process computes in, and collectives over ranks.
+
+The device rule (one place): `auto` is `cuda:LOCAL_RANK` where CUDA is present, else `cpu`; a config's
+`device` key overrides (`cpu`, `cuda`, `cuda:N`). Under torchrun each rank gets its own GPU this way, and
+one process on a GPU machine uses the GPU.
+
+Precision: `fp32`, `bf16` or `fp16`. Training keeps fp32 master weights and computes forward passes under
+autocast (DeepSpeed keeps its own fp32 master copy); log-probabilities, KL and advantages are computed
+in fp32 whatever the precision; inference-only models (references, reward models, engines) run in the
+precision's dtype; saved weights carry it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from ..config import Precision  # noqa: F401  (re-exported: the precision names live with the config types)
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process, from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    """This process's index on its node (torchrun's LOCAL_RANK; 0 in one process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """The device this rank computes on. `auto`: cuda:LOCAL_RANK if CUDA is present, else cpu; `cuda`:
+    cuda:LOCAL_RANK (an error without CUDA); `cpu` or `cuda:N`: as given."""
+    requested = (requested or "auto").strip()
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} was asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}); set device: cpu or auto")
+        if requested == "cuda":
+            requested = f"cuda:{local_rank()}"
+        index = torch.device(requested).index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return torch.device(requested)
+    if requested != "cpu":
+        raise ValueError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    return torch.device("cpu")
+
+
+def bind_device(device: torch.device) -> None:
+    """Make `device` this process's current CUDA device (vLLM, NCCL and DeepSpeed read it); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The compute dtype of a precision name."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[precision]
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for forward passes of fp32-master models (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch_dtype(precision))
+
+
+def is_distributed() -> bool:
+    return world()[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def all_ranks_mean(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar statistics over ranks (identity in one process)."""
+    if not is_distributed():
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / world()[1]).tolist()))
+
+
+def all_ranks_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of `x` where `mask` is 1, over every rank's tensors (all ranks call it)."""
+    mask = mask.to(x.dtype)
+    sums = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    if is_distributed():
+        sums = sums.to(_collective_device())
+        torch.distributed.all_reduce(sums)
+        sums = sums.to(x.device)
+    n = sums[2].clamp(min=1.0)
+    mean = sums[0] / n
+    var = (sums[1] / n - mean ** 2).clamp(min=0.0) * n / (n - 1).clamp(min=1.0)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (just [obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world()[1]
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives must live: NCCL needs this rank's GPU, gloo takes CPU tensors."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor-parallel groups of colocated engines
+
+
+def engine_group(tensor_parallel_size: int) -> tuple[int, int, int]:
+    """(group index, number of groups, this rank's index inside its group) when the ranks are split into
+    consecutive groups of `tensor_parallel_size`, each sharing one vLLM engine (external launcher)."""
+    rank, world_size = world()
+    if world_size % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} does not divide the {world_size} ranks "
+                         f"of this stage; choose a divisor of distributed.num_processes")
+    return rank // tensor_parallel_size, world_size // tensor_parallel_size, rank % tensor_parallel_size
+
+
+def shard_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
+    """[start, end) of part `index` when n items are split into `parts` near-equal consecutive parts."""
+    base, extra = divmod(n, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
+def init_process_group_once(device: Optional[torch.device] = None) -> None:
+    """Start the default process group of a torchrun launch if nobody has yet (gloo on CPU, NCCL on GPUs)."""
+    if world()[1] == 1 or torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    torch.distributed.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)

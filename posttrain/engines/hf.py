@@ -1,0 +1,100 @@
+"""Hugging Face `generate` backend over a model already in memory (any family, RecurrentGemma included).
+
+It samples from the live model object, so a trainer that owns the model needs no weight push. Prompts
+are left-padded into batches; generation stops on `<eos>` and `<end_of_turn>`.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..dist.rank import autocast, world
+from ..models import stop_token_ids
+from .base import Sample, SamplingConfig, chat_prompt_ids
+
+
+class HFEngine:
+    """`generate(prompts, sampling)` with transformers' generate; `precision` autocasts an fp32 model."""
+
+    def __init__(self, model, tokenizer, precision: str = "fp32"):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
+        self.stop_ids = stop_token_ids(tokenizer)
+        rank, world_size = world()
+        self.group = (rank, world_size, 0)
+        """(group index, groups, index in group): under N ranks each rank is a group of its own."""
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], sampling: SamplingConfig, first_index: int = 0) -> list[list[Sample]]:
+        """For each prompt (a message list), `sampling.n` samples. (`first_index` is the vLLM engine's
+        seed offset; HF seeds once per call.)"""
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed + first_index)
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        mixed = autocast(device, self.precision) if _is_fp32(self.model) else contextlib.nullcontext()
+        results: list[list[Sample]] = []
+        try:
+            with mixed:
+                for start in range(0, len(prompts), sampling.batch_size):
+                    batch = [chat_prompt_ids(self.tokenizer, p) for p in prompts[start:start + sampling.batch_size]]
+                    results += self._generate_batch(batch, sampling, device)
+        finally:
+            self.model.train(was_training)
+        return results
+
+    def _generate_batch(self, batch: list[list[int]], sampling: SamplingConfig, device) -> list[list[Sample]]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        greedy = sampling.temperature == 0
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention,
+            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
+            top_k=None, num_return_sequences=sampling.n, eos_token_id=self.stop_ids, pad_token_id=pad,
+            output_logits=sampling.logprobs, return_dict_in_generate=True,
+        )
+        new = out.sequences[:, width:]
+        token_logps = _sampled_logprobs(out.logits, new).cpu() if sampling.logprobs else None
+        new = new.cpu()
+        samples = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
+            ids = ids[:end] if end else ids
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            logprobs = token_logps[row, :len(ids)].tolist() if token_logps is not None else []
+            samples.append(Sample(text=text, token_ids=ids, logprobs=logprobs, finished=end is not None))
+        return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch))]
+
+    # Engines that hold their own copy of the weights need these; this one samples from the live model.
+    def sleep(self) -> None:
+        """Nothing to free: the model belongs to the caller."""
+
+    def wake(self) -> None:
+        """Nothing to restore."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+def _sampled_logprobs(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:
+    """(rows, steps) raw log-softmax of each step's logits at the sampled token, one step at a time (fp32)."""
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, logits in enumerate(step_logits):
+        logits = logits.float()
+        out[:, t] = logits.gather(-1, tokens[:, t:t + 1]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return out
+
+
+def _is_fp32(model) -> bool:
+    return next(model.parameters()).dtype == torch.float32
+
+
+def greedy_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, precision: str = "fp32") -> list[str]:
+    """One greedy completion per prompt (a message list) from a model in memory: held-out checks."""
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    return [s[0].text for s in HFEngine(model, tokenizer, precision).generate(prompts, sampling)]

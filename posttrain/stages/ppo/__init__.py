@@ -1,0 +1,1 @@
+from .stage import PPO, STAGE  # noqa: F401

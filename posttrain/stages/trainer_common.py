@@ -1,0 +1,75 @@
+"""What the stages built on a (TRL) Trainer share — sft, rm, distill, dpo: the TrainingArguments taken
+from a TrainerSection and the stage's device and precision, the save sequence that turns the Trainer's
+output into a complete model directory, and the greedy task-accuracy check.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..config import TrainerSection
+from ..dist.rank import torch_dtype
+from ..dist.trainable import end_sharded_init, trainer_kwargs
+from ..engines import greedy_texts
+from ..models import finish_model_dir, load_model, start_model_dir
+from ..tasks import answer_accuracy
+
+
+def training_arguments(c: TrainerSection, output_dir: str | Path, seed: int, device: torch.device,
+                       precision: str, with_eval: bool, **extra) -> dict:
+    """TrainingArguments fields from the stage config, placed on `device` in `precision` (bf16/fp16: mixed
+    precision over fp32 master weights), with DeepSpeed under several ranks. `extra` adds or overrides."""
+    args = dict(
+        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
+        weight_decay=c.weight_decay, gradient_checkpointing=c.gradient_checkpointing,
+        logging_steps=c.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
+        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+        seed=seed, data_seed=seed, dataloader_num_workers=0, **trainer_kwargs(c.distributed, device, precision))
+    args.update(extra)
+    return args
+
+
+def save_trained_model(ctx, trainer, tokenizer, precision: str, *, merge_lora: bool = False, generation: bool = True,
+                       before_finish: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write run_dir/<stage>/model atomically from a trained Trainer (every rank calls this): gathered
+    ZeRO-3 weights, or LoRA adapters merged into the weights, saved in the precision's dtype, with the
+    tokenizer and (for models that generate) a generation config. `before_finish(partial_dir)` adds files
+    on rank 0 before the final rename."""
+    final, partial = start_model_dir(ctx.dir, trainer, ctx.is_main)
+    if merge_lora:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if ctx.is_main:
+            merged.save_pretrained(partial, safe_serialization=True)
+    else:
+        trainer.save_model(str(partial))  # gathers ZeRO-3 shards on every rank
+    if ctx.is_main:
+        if before_finish is not None:
+            before_finish(partial)
+        finish_model_dir(partial, final, tokenizer, generation=generation, dtype=torch_dtype(precision))
+    return final
+
+
+def load_saved(final: Path, ctx, kind: str = "causal_lm"):
+    """The saved model, loaded back whole on this rank's device for after-training checks (rank 0)."""
+    end_sharded_init()
+    return load_model(final, device=ctx.device, dtype=torch_dtype(ctx.precision), kind=kind).eval()
+
+
+def finish_trainer_stage(ctx, trainer, keep_checkpoints: bool) -> None:
+    """Drop the resume checkpoints unless asked to keep them (rank 0), then let every rank leave together."""
+    if ctx.is_main and not keep_checkpoints:
+        shutil.rmtree(ctx.dir / "checkpoints", ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+def greedy_accuracy(model, tokenizer, rows: list[dict], limit: int, max_new_tokens: int, precision: str) -> dict:
+    """Greedy answers to the first `limit` held-out prompts against their oracle answers."""
+    rows = rows[:limit]
+    prompts = [r["messages"][:-1] for r in rows]
+    return answer_accuracy(rows, greedy_texts(model, tokenizer, prompts, max_new_tokens, precision))
