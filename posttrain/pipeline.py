@@ -114,8 +114,28 @@ def stage_precision(cfg: PipelineBase, scfg) -> str:
     return getattr(scfg, "precision", None) or cfg.precision
 
 
+def engine_layouts(scfg) -> dict[str, tuple]:
+    """Dotted key of each vLLM sampling section in a stage config -> (tensor_parallel_size, processes)."""
+    dist = getattr(scfg, "distributed", None)
+    processes = dist.num_processes if dist is not None else 1
+    found = {}
+    for key, value in scfg:
+        if isinstance(value, Section):
+            for sub, (tp, _) in engine_layouts(value).items():
+                found[f"{key}.{sub}"] = (tp, processes)
+        if getattr(value, "backend", None) == "vllm" and hasattr(value, "tensor_parallel_size"):
+            found[key] = (value.tensor_parallel_size, processes)
+    return found
+
+
 def check_devices(cfg: PipelineBase, names: list[str]):
-    """Resolve the pipeline's device and check every stage's precision runs there, before any work."""
+    """Resolve the pipeline's device and check every stage's precision runs there and its vLLM engine groups
+    divide its ranks, before any work."""
+    for name in names:
+        for key, (tp, processes) in engine_layouts(getattr(cfg, name)).items():
+            if processes > 1 and processes % tp:
+                raise ConfigError(f"{name}.{key}.tensor_parallel_size={tp} does not divide {name}.distributed."
+                                  f"num_processes={processes}: colocated engines span consecutive groups of ranks")
     try:
         device = resolve_device(cfg.device)
     except ValueError as err:

@@ -86,3 +86,40 @@ def test_shipped_configs_validate(monkeypatch):
         load_pipeline("configs/gemma2-2b-gpu.yaml")
     problems = str(err.value).splitlines()[1:]
     assert problems and all("path does not exist: '/models/" in line for line in problems), problems
+
+
+def test_gpu_config_is_laid_out_for_one_node_of_eight(monkeypatch, tiny_model_dir):
+    """With its model paths pointed at a local model, the GPU config validates, every computing stage runs as
+    8 ranks in bf16, and every vLLM engine group divides the ranks (the runner checks this before any work)."""
+    from posttrain.pipeline import check_devices, engine_layouts, stage_precision
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the checks below need no GPU
+    cfg = load_pipeline("configs/gemma2-2b-gpu.yaml", [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}"])
+    generating = {"synth", "prefs", "ppo", "eval"}
+    for name in ("synth", "sft", "prefs", "rm", "ppo", "eval"):
+        scfg = getattr(cfg, name)
+        assert scfg.distributed.num_processes == 8 and stage_precision(cfg, scfg) == "bf16", name
+        if name in ("sft", "rm", "ppo"):
+            assert scfg.distributed.zero_stage == 3, name
+        layouts = engine_layouts(scfg)
+        assert bool(layouts) == (name in generating), name
+        assert all(processes % tp == 0 for tp, processes in layouts.values()), (name, layouts)
+    assert cfg.ppo.vllm.enable_sleep_mode and cfg.ppo.sampling.gpu_memory_utilization == 0.35
+    check_devices(cfg, list(cfg.stages))  # CPU here: bf16 is allowed, and the layouts pass
+    bad = load_pipeline("configs/gemma2-2b-gpu.yaml", [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}",
+                                                       "prefs.sampling.tensor_parallel_size=3"])
+    with pytest.raises(ConfigError, match="prefs.sampling.tensor_parallel_size=3 does not divide prefs.distributed"):
+        check_devices(bad, list(bad.stages))
+
+
+def test_grpo_quickstart_differs_from_the_quickstart_only_in_rl(monkeypatch):
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    ppo = load_pipeline("configs/quickstart.yaml").model_dump()
+    grpo = load_pipeline("configs/quickstart-grpo.yaml").model_dump()
+    assert {k for k in ppo if ppo[k] != grpo[k]} == {"run_dir", "ppo"}
+    assert grpo["ppo"]["advantage"] == "grpo" and grpo["ppo"]["kl_mode"] == "loss"

@@ -311,6 +311,7 @@ class RM(Stage):
         """Write model/ atomically; then (rank 0) reload it through the scoring API and measure."""
         c, ctx = self.cfg, self.ctx
         self.tokenizer.padding_side = "right"
+        auc_samples = self.auc_samples()  # every rank: vLLM engines colocated with the ranks sample together
         head = (lambda partial: write_reward_head(partial, c.beta)) if c.head == "implicit" else None
         # a scorer: no generation config
         final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=c.lora.enabled,
@@ -321,14 +322,15 @@ class RM(Stage):
             plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
                         ctx.dir / "curves.png", title="Reward model")
             end_sharded_init()
-            metrics = self.evaluate(final)
+            metrics = self.evaluate(final, auc_samples)
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             atomic_write_json(ctx.dir / "metrics.json", {"log_history": history, **metrics})
         finish_trainer_stage(ctx, self.trainer, c.keep_checkpoints)
         return metrics
 
-    def evaluate(self, model_dir: Path) -> dict:
-        """Held-out pair metrics and the verifier AUC, scored by the saved model via the scoring API."""
+    def evaluate(self, model_dir: Path, auc_samples: Optional[tuple] = None) -> dict:
+        """Held-out pair metrics and the verifier AUC (of `auc_samples`), scored by the saved model via the
+        scoring API."""
         scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir),
                         device=self.ctx.device, precision=self.ctx.precision)
         metrics = {}
@@ -341,22 +343,28 @@ class RM(Stage):
                 mask = torch.tensor([s == src for s in sources])
                 metrics["heldout_accuracy_per_source"][src] = pair_metrics(chosen[mask], rejected[mask])["accuracy"]
             plot_histogram(chosen.tolist(), rejected.tolist(), self.ctx.dir / "scores.png", "Held-out rewards")
-        metrics["auc"] = self.verifier_auc(scorer)
+        metrics["auc"] = self.verifier_auc(scorer, *(auc_samples or self.auc_samples()))
         return metrics
 
-    def verifier_auc(self, rm_scorer) -> dict:
-        """Sample the policy on held-out prompts, label by the verifiers, and take the AUC of RM scores."""
+    def auc_samples(self) -> tuple[list[dict], list]:
+        """The policy's samples of held-out prompts for the AUC check (every rank calls this)."""
         c, ctx = self.cfg.auc, self.ctx
         rows = _unique_prompts(self.eval_rows)[:c.prompts]
         if not rows:
-            return {"auc": None, "note": "skipped: auc.prompts is 0 or there are no held-out pairs"}
-        policy = self.ctx.inputs.get("policy") or self.ctx.inputs["model"]
-        sampling = c.sampling.model_copy(update={"seed": c.sampling.seed if c.sampling.seed is not None else self.ctx.seed})
-        engine = make_engine(policy, sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed)
+            return rows, []
+        policy = ctx.inputs.get("policy") or ctx.inputs["model"]
+        sampling = c.sampling.model_copy(update={"seed": c.sampling.seed if c.sampling.seed is not None else ctx.seed})
+        self.engine = make_engine(policy, sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed)
         try:
-            samples = generate_all(engine, [r["prompt"] for r in rows], sampling)
+            return rows, generate_all(self.engine, [r["prompt"] for r in rows], sampling)
         finally:
-            engine.close()
+            self.cleanup()
+
+    def verifier_auc(self, rm_scorer, rows: list[dict], samples: list) -> dict:
+        """Label the policy's samples by the verifiers, and take the AUC of the reward model's scores."""
+        c = self.cfg.auc
+        if not rows:
+            return {"auc": None, "note": "skipped: auc.prompts is 0 or there are no held-out pairs"}
         flat_rows = [r for r, per in zip(rows, samples) for _ in per]
         prompts, texts = [r["prompt"] for r in flat_rows], [s.text for per in samples for s in per]
         meta = [{k: v for k, v in r.items() if k != "prompt"} for r in flat_rows]

@@ -263,6 +263,8 @@ class PPO(Stage):
                  "time/sync": sync_s, "time/total": time.time() - t0}
         if c.dynamic_sampling:
             stats.update({f"dynamic/{k}": float(v) for k, v in counts.items()})
+        if self.anchor is not None:
+            stats["anchor_step"] = self.anchor_step
         stats = all_ranks_mean(stats)
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             if key in stats and not torch.isfinite(torch.tensor(stats[key])):
@@ -392,11 +394,20 @@ class PPO(Stage):
         full = self._served_weights()
         self._push_weights(full)
         if self.anchor is not None:
-            with torch.no_grad():
-                for name, anchor in self.anchor.items():
-                    anchor.copy_(ema_update(anchor, full[name], self.cfg.ema_rate))  # fp32: small steps count
-            self._anchor_to_reference()
+            self.anchor_step = self._move_anchor(full)
         return time.time() - t
+
+    @torch.no_grad()
+    def _move_anchor(self, full: dict) -> float:
+        """WARP's EMA step, accumulated in fp32 (in bf16 a step of mu = 0.01 times a small difference rounds
+        away and the anchor never moves); returns the L2 norm of the step."""
+        squared = 0.0
+        for name, anchor in self.anchor.items():
+            moved = ema_update(anchor, full[name], self.cfg.ema_rate)
+            squared += float((moved - anchor).pow(2).sum())
+            anchor.copy_(moved)
+        self._anchor_to_reference()
+        return squared ** 0.5
 
     @torch.no_grad()
     def _anchor_to_reference(self) -> None:

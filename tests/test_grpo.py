@@ -1,0 +1,93 @@
+"""The GRPO family in the RL stage: every variant trains through the stage, the single-step mode skips
+the rollout-policy forward, dynamic sampling refills groups, and GRPO raises the verifier reward on a
+task with headroom."""
+import json
+
+import pytest
+import torch
+
+from posttrain.pipeline import load_pipeline, run_pipeline
+from posttrain.stages import StageContext
+from posttrain.stages.ppo import PPO
+
+from .conftest import REPO, write_pipeline
+from .test_ppo import _setup
+
+GRPO = {"advantage": "grpo", "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4},
+        "rollout_batch_size": 4, "mini_batch_size": 16, "ppo_epochs": 1, "kl_mode": "loss", "kl_coef": 0.04,
+        "loss_aggregation": "sequence_mean", "eval_samples": 0, "updates": 2}
+
+
+def _stage(tmp_path, tiny_model_dir, **ppo):
+    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, ppo={**GRPO, **ppo}))
+    inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
+    stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
+    stage.ctx.dir.mkdir()
+    stage.setup()
+    return stage
+
+
+@pytest.mark.parametrize("variant", [
+    {},                                                                       # GRPO: std-scaled, sequence mean, k3 KL loss
+    {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off", "kl_coef": 0.0},  # Dr. GRPO
+    {"clip_low": 0.2, "clip_high": 0.28, "loss_aggregation": "token_mean", "overlong_cache": 4,
+     "dynamic_sampling": True},                                                # DAPO
+    {"ratio_level": "sequence", "clip_eps": 0.0004},                          # GSPO
+    {"kl_mode": "reward", "kl_estimator": "k3", "ppo_epochs": 2, "mini_batch_size": 8},  # KL in the reward
+])
+def test_every_variant_trains_through_the_stage(tmp_path, tiny_model_dir, variant):
+    stage = _stage(tmp_path, tiny_model_dir, **variant)
+    assert stage.value is None and set(stage.handles) == {"policy"}
+    assert (stage.reference is None) == (stage.cfg.kl_mode == "off")  # no KL term: no reference model loaded
+    before = {k: v.clone() for k, v in stage.policy.state_dict().items()}
+    stats = [stage._update(u) for u in range(2)]
+    after = stage.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    for s in stats:
+        assert all(torch.isfinite(torch.tensor(v)) for v in s.values())
+    if stage.cfg.kl_mode == "loss":
+        assert "kl_loss" in stats[0] and stats[1]["kl"] > 0  # the second update starts away from the reference
+    if variant.get("dynamic_sampling"):
+        assert stats[0]["dynamic/groups_sampled"] >= 4
+
+
+def test_single_step_skips_the_rollout_policy_forward(tmp_path, tiny_model_dir, monkeypatch):
+    """One optimiser step per rollout (1 epoch, one mini-batch) and no KL in the reward: the trainer's forward
+    gives the old logprobs (ratio exactly 1); with two epochs the no-grad forward runs again."""
+    from posttrain.stages.ppo import stage as stage_module
+
+    calls = []
+    real = stage_module.token_logprobs
+    monkeypatch.setattr(stage_module, "token_logprobs", lambda m, b, *a, **k: calls.append(torch.is_grad_enabled())
+                        or real(m, b, *a, **k))
+    single = _stage(tmp_path / "a", tiny_model_dir)
+    stats = single._update(0)
+    # one reference forward (no grad) and one training forward (grad): no separate rollout-policy pass
+    assert calls == [False, True] and stats["clip_fraction"] == 0.0 and stats["approx_kl"] == 0.0
+    calls.clear()
+    twice = _stage(tmp_path / "b", tiny_model_dir, ppo_epochs=2)
+    twice._update(0)
+    assert calls == [False, False, True, True]  # rollout policy + reference, then one forward per epoch
+
+
+@pytest.mark.slow
+def test_grpo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
+    """As the PPO test: SFT briefly on counting, then GRPO (group-normalised, k3 KL in the loss) with the
+    exact-match verifier: the sampled reward of the last updates is clearly above the first ones."""
+    (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: count\n")
+    sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0,
+           "eval_steps": 1000}
+    ppo = {"advantage": "grpo", "kl_mode": "loss", "kl_coef": 0.02, "loss_aggregation": "token_mean",
+           "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6, "n": 8},
+           "scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
+           "updates": 14, "rollout_batch_size": 16, "mini_batch_size": 32, "ppo_epochs": 2,
+           "learning_rate": 3e-4, "eval_samples": 0, "save_every": 100}
+    body = (f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
+            f"num_eval: 8}}\nbase: {json.dumps({'family': 'gemma2', 'hidden_size': 64, 'num_layers': 2, 'num_heads': 2, 'num_kv_heads': 1, 'head_dim': 32, 'intermediate_size': 128, 'vocab_size': 300})}\n"
+            f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n")
+    run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
+    history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [h["reward"] for h in history]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.1, rewards
+    assert max(h["kl"] for h in history) < 5.0

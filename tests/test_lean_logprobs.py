@@ -1,0 +1,102 @@
+"""Lean log-probabilities: chunked over tokens, they equal the full [batch, seq, vocab] computation (values,
+entropies, raw logprobs, gradients), for every family's output head (Gemma 2 and RecurrentGemma soft-cap)."""
+import pytest
+import torch
+
+from posttrain.algos.logits import chunk_tokens_for, chunked_token_logprobs, softcap
+from posttrain.config import LoraSection
+from posttrain.engines import Sample
+from posttrain.lora import add_adapters
+from posttrain.models import ModelConfig, build_tiny_model
+from posttrain.rollout import pack_rollout, token_logprobs
+
+from .conftest import TINY
+
+torch.set_num_threads(1)
+
+
+def full_stats(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """The plain computation: whole log-softmax over the vocabulary."""
+    z = logits.float() / temperature
+    logp = torch.log_softmax(z, -1)
+    picked = logp.gather(-1, labels[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    raw = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
+    return picked, entropy, raw
+
+
+@pytest.mark.parametrize("temperature,cap", [(1.0, None), (0.7, None), (1.0, 30.0), (0.5, 5.0)])
+def test_chunked_equals_full_values_and_gradients(temperature, cap):
+    torch.manual_seed(0)
+    n, hidden, vocab = 37, 16, 301
+    h = torch.randn(n, hidden, requires_grad=True)
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    labels = torch.randint(vocab, (n,))
+    logp, ent, raw = chunked_token_logprobs(h, labels, head, cap=cap, temperature=temperature, with_entropy=True,
+                                            with_raw=True, chunk_tokens=5)  # 8 chunks, the last one short
+    ref_logp, ref_ent, ref_raw = full_stats(softcap(head(h), cap), labels, temperature)
+    for got, want in ((logp, ref_logp), (ent, ref_ent), (raw, ref_raw)):
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+
+    weights = torch.randn(n)  # any downstream loss: gradients through the recomputed chunks are the same
+    (g_h, g_w) = torch.autograd.grad((logp * weights).sum(), [h, head.weight])
+    (r_h, r_w) = torch.autograd.grad((ref_logp * weights).sum(), [h, head.weight])
+    assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
+
+
+def test_chunk_size_follows_the_vocabulary():
+    assert chunk_tokens_for(262144) == 64 and chunk_tokens_for(512) == 32768
+    assert chunk_tokens_for(10 ** 9) == 16  # never below 16 tokens
+
+
+def test_no_tokens_and_bad_temperature():
+    head = torch.nn.Linear(4, 7)
+    assert chunked_token_logprobs(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), head)[0].shape == (0,)
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_token_logprobs(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), head, temperature=0.0)
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(6, vocab, (k,), generator=g).tolist() for k in (5, 9, 3)]
+    samples = [Sample(text="", token_ids=torch.randint(6, vocab, (k,), generator=g).tolist()) for k in (4, 1, 7)]
+    return pack_rollout(prompts, samples, pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "recurrent_gemma"])
+def test_token_logprobs_equal_the_models_own_logits(tiny_tokenizer, family):
+    """What the RL stage, the implicit reward and WARP's KL read: equal to log-softmax of model(...).logits
+    (soft-capping included) at response tokens, zero elsewhere, with and without grad."""
+    model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).eval()
+    batch = _batch(len(tiny_tokenizer))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    want_logp, want_ent, _ = (torch.nn.functional.pad(t.view(batch.input_ids.shape[0], -1), (1, 0)) for t in
+                              full_stats(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), 0.8))
+    mask = batch.response_mask
+    logp, ent = token_logprobs(model, batch, temperature=0.8, with_entropy=True)
+    assert torch.allclose(logp, want_logp * mask, atol=1e-5) and torch.allclose(ent, want_ent * mask, atol=1e-5)
+    assert (logp[mask == 0] == 0).all()
+    model.train()
+    with_grad = token_logprobs(model, batch, temperature=0.8)
+    assert with_grad.requires_grad
+    (with_grad * mask).sum().backward()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=2)
+    peft = add_adapters(model, LoraSection(enabled=True, r=4, alpha=8), "CAUSAL_LM")
+    with torch.no_grad():  # move the adapters off zero so that on and off differ
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    batch = _batch(len(tiny_tokenizer), seed=3)
+    mask = batch.response_mask
+    for adapters_on in (True, False):
+        ctx = torch.no_grad() if adapters_on else peft.disable_adapter()
+        with torch.no_grad(), ctx:
+            logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+            want = torch.nn.functional.pad(torch.log_softmax(logits.float(), -1).gather(
+                -1, batch.input_ids[:, 1:, None])[..., 0], (1, 0)) * mask
+            got = token_logprobs(peft, batch)
+        assert torch.allclose(got, want, atol=1e-5)
