@@ -6,6 +6,7 @@ loadable; older ones are pruned after a new one lands.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .manifest import atomic_dir
+from .paths import check_safetensors_file
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -69,7 +71,7 @@ def _jsonable(state):
     return [state[0], list(state[1]), state[2]]
 
 
-def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 1,
+def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 2,
                     extra_dir: Optional[Path] = None, tensors: Optional[dict[str, dict]] = None) -> Path:
     """Write folder/step-N atomically: each model's and optimizer's tensors, named tensor sets (e.g. an
     fp32 EMA anchor), RNG, and `meta` JSON.
@@ -100,9 +102,42 @@ def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, met
     return final
 
 
-def latest_checkpoint(folder: Path) -> Optional[Path]:
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the checkpoint directory `path` cannot be resumed from (a state file that does not parse, a
+    safetensors file cut short), or None when it looks whole. Reads headers only."""
+    for state in ("state.json", "trainer_state.json"):
+        if (path / state).is_file():
+            try:
+                json.loads((path / state).read_text())
+            except ValueError as err:
+                return f"{state} does not parse ({err})"
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            check_safetensors_file(file)
+        except ValueError as err:
+            return str(err)
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.stat().st_size == 0:
+            return f"{file.relative_to(path)} is empty"
+    return None
+
+
+def newest_whole(candidates: list[Path], log=None) -> Optional[Path]:
+    """The newest of `candidates` (ordered oldest first) that is whole; a broken one is skipped with a
+    warning naming it and why, and the one before it is used."""
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        (log or logging.getLogger("posttrain")).warning(
+            "checkpoint %s is damaged and is skipped: %s; resuming from the one before it", path, problem)
+    return None
+
+
+def latest_checkpoint(folder: Path, log=None) -> Optional[Path]:
+    """The newest whole step-N checkpoint of our own loops (state.json marks it complete)."""
     done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file()) if folder.is_dir() else []
-    return done[-1] if done else None
+    return newest_whole(done, log)
 
 
 def load_checkpoint(path: Path, models: dict, optimizers: dict, tensors: Optional[dict[str, dict]] = None) -> dict:
@@ -120,25 +155,91 @@ def load_checkpoint(path: Path, models: dict, optimizers: dict, tensors: Optiona
     return meta
 
 
-def last_trainer_checkpoint(folder: Path) -> Optional[str]:
-    """The newest complete HF Trainer checkpoint-N directory (one with trainer_state.json), if any."""
+def last_trainer_checkpoint(folder: Path, log=None) -> Optional[str]:
+    """The newest whole HF Trainer checkpoint-N directory (one with trainer_state.json), if any."""
     if not folder.is_dir():
         return None
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[1]))) if done else None
+    done = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+                  key=lambda p: int(p.name.split("-")[1]))
+    found = newest_whole(done, log)
+    return str(found) if found else None
+
+
+LOSS_FILE = "posttrain_loss.json"
+"""Written into each Trainer checkpoint: the sum of per-step training losses up to it, so that a resumed
+run reports the same mean training loss as an uninterrupted one (transformers averages only the steps it
+ran itself)."""
+
+
+class TrainingGuard:
+    """A Trainer callback that stops on a non-finite loss, naming the step, before a checkpoint of the
+    broken weights can be written; and that records the running loss sum in every checkpoint."""
+
+    def __init__(self, trainer, stage: str, loss_offset: float = 0.0):
+        self.trainer, self.stage, self.loss_offset = trainer, stage, loss_offset
+
+    def loss_sum(self) -> float:
+        """Sum over all steps so far of the per-step training loss (mean over ranks), this run and before."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        t = self.trainer
+        pending = nested_gather(t._tr_loss.detach(), t.args.parallel_mode).mean().item() if hasattr(t, "_tr_loss") else 0.0
+        return self.loss_offset + t._total_loss_scalar + pending
+
+    def on_step_end(self, args, state, control, **kwargs):
+        loss = getattr(self.trainer, "_tr_loss", None)
+        if loss is not None and not torch.isfinite(loss).all():
+            last = last_trainer_checkpoint(Path(args.output_dir))
+            raise FloatingPointError(
+                f"{self.stage}: the training loss is {loss.item()} at step {state.global_step}; stopped before "
+                f"saving anything from this step ({'the last good checkpoint is ' + last if last else 'no checkpoint yet'}). "
+                f"Lower {self.stage}.learning_rate, check the data, or use fp32")
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        total = self.loss_sum()  # every rank: the gather is collective
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / LOSS_FILE).write_text(json.dumps({"step": state.global_step, "loss_sum": total}))
+        return control
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda args, state, control, **kwargs: control
+        raise AttributeError(name)
+
+
+def _logged_loss_sum(trainer_state: Path, up_to_step: int) -> float:
+    """A checkpoint written without LOSS_FILE: the loss sum from its logged window means (exact when every
+    step up to the checkpoint was inside a logged window)."""
+    history = json.loads(trainer_state.read_text()).get("log_history", [])
+    total, prev = 0.0, 0
+    for entry in history:
+        if "loss" in entry and entry.get("step", 0) <= up_to_step:
+            total += entry["loss"] * (entry["step"] - prev)
+            prev = entry["step"]
+    return total
 
 
 def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
-    """Run an HF/TRL Trainer, resuming from its newest complete checkpoint in `folder` if there is one;
-    return the metrics every trainer stage reports (loss, steps, processes, ZeRO stage, resume point)."""
+    """Run an HF/TRL Trainer, resuming from its newest whole checkpoint in `folder` if there is one; stop on
+    a non-finite loss. Return the metrics every trainer stage reports (loss, steps, processes, ZeRO stage,
+    resume point); a resumed run reports the uninterrupted run's mean training loss."""
     metrics = {}
-    resume = last_trainer_checkpoint(folder)
+    resume = last_trainer_checkpoint(folder, log)
+    offset, resumed_step = 0.0, 0
     if resume:
         log.info("[%s] resuming from %s", stage, resume)
-        metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
+        resumed_step = metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
+        saved = Path(resume) / LOSS_FILE
+        offset = (json.loads(saved.read_text())["loss_sum"] if saved.is_file()
+                  else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step))
+    guard = TrainingGuard(trainer, stage, offset)
+    trainer.add_callback(guard)
     result = trainer.train(resume_from_checkpoint=resume)
     acc = trainer.accelerator
     zero = acc.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
-    metrics.update(train_loss=round(result.training_loss, 4), steps=trainer.state.global_step,
-                   processes=acc.num_processes, deepspeed_zero_stage=zero)
+    steps = trainer.state.global_step
+    loss = (offset + result.training_loss * (steps - resumed_step)) / max(steps, 1) if resume else result.training_loss
+    metrics.update(train_loss=round(loss, 4), steps=steps, processes=acc.num_processes, deepspeed_zero_stage=zero)
     return metrics

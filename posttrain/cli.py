@@ -74,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "show":
         print(dump_config(cfg), end="")
         return 0
-    run_dir = Path(cfg.run_dir).resolve()
+    from .paths import check_writable_dir
+
+    try:
+        run_dir = check_writable_dir(cfg.run_dir)
+    except ValueError as err:
+        print(f"posttrain: {args.config}: run_dir: {err}", file=sys.stderr)
+        return 2
     _setup_logging(run_dir)
     only = None if args.command == "run" else args.command
     try:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from .paths import check_file, check_model_dir
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any work starts."""
@@ -21,7 +23,9 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base for every config section: unknown keys are errors, every field has a doc."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    # inf and nan are never meaningful settings (an infinite learning rate trains a NaN model)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
 
 
 def _must_exist(value: Optional[str]) -> Optional[str]:
@@ -33,8 +37,33 @@ def _must_exist(value: Optional[str]) -> Optional[str]:
 InputPath = Annotated[Optional[str], AfterValidator(_must_exist)]
 """An optional path to something the user provides; it must exist when given."""
 
+
+def _model_dir(value: Optional[str]) -> Optional[str]:
+    if value is not None and not _is_reference(value):
+        check_model_dir(value)
+    return value
+
+
+def _file(value: Optional[str]) -> Optional[str]:
+    if value is not None:
+        check_file(value)
+    return value
+
+
+def _is_reference(value: str) -> bool:
+    """`stage.artifact` (e.g. sft.model): resolved by the runner, not a path."""
+    return not Path(value).exists() and "." in value and "/" not in value and not value.startswith(".")
+
+
+ModelDir = Annotated[Optional[str], AfterValidator(_model_dir)]
+"""An optional local model directory: a directory with config.json and whole safetensors weights."""
+FilePath = Annotated[Optional[str], AfterValidator(_file)]
+"""An optional path that must be an existing file (a recipe, a verifier file)."""
+
 Precision = Literal["fp32", "bf16", "fp16"]
 """Compute precision: fp32, or bf16/fp16 mixed precision (fp32 master weights)."""
+TrackingBackend = Literal["tensorboard", "wandb", "trackio", "mlflow"]
+"""An experiment tracker (posttrain/tracking.py)."""
 
 
 class DistributedConfig(Section):
@@ -119,6 +148,8 @@ class TrainerSection(Section):
     """Processes and DeepSpeed ZeRO settings."""
     precision: Optional[Precision] = None
     """fp32, bf16 or fp16 for this stage; None: the pipeline's `precision`."""
+    report_to: Optional[list[TrackingBackend]] = None
+    """Experiment trackers for this stage ([] = none); None: the pipeline's `report_to`."""
 
 
 # ----------------------------------------------------------------------------------------------

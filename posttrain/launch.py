@@ -37,7 +37,7 @@ def worker_main(spec_path: str) -> None:
     ctx = StageContext(name=spec["stage"], dir=Path(spec["dir"]), inputs=spec["inputs"], seed=spec["seed"],
                        pipeline=load_pipeline(spec["pipeline"]), rank=rank, world_size=world_size,
                        device=device, device_request=spec.get("device", "auto"),
-                       precision=spec.get("precision", "fp32"))
+                       precision=spec.get("precision", "fp32"), report_to=spec.get("report_to", []))
     stage = stage_cls(cfg, ctx)
     try:
         metrics = stage.run()

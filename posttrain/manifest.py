@@ -105,3 +105,54 @@ def write_manifest(stage_dir: str | Path, **fields: Any) -> dict:
     m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(Path(stage_dir) / MANIFEST, m)
     return m
+
+
+LOCK = ".posttrain.lock"
+
+
+class RunDirInUse(RuntimeError):
+    """Another live process is running a pipeline in this run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path, log=None) -> Iterator[None]:
+    """Hold run_dir/.posttrain.lock while a pipeline runs there: a second run on the same directory is
+    refused, naming the process holding it; a lock left by a process that no longer exists (a crash, a
+    SIGKILL) is taken over with a warning."""
+    import socket
+
+    path = Path(run_dir) / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid = holder.get("pid")
+            if isinstance(pid, int) and holder.get("host") == me["host"] and _alive(pid) and pid != me["pid"]:
+                raise RunDirInUse(f"run directory {run_dir} is in use by process {pid} (started {holder.get('started')}, "
+                                  f"lock file {path}); wait for it to finish or stop it, or set another run_dir") from None
+            if log is not None:
+                log.warning("taking over %s: the process that held it (%s) is gone", path, holder or "unknown")
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)

@@ -13,8 +13,9 @@ import torch
 from pydantic import Field
 
 from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, GEMMA_CHAT_TEMPLATE, PAD, START_OF_TURN, UNK
-from .config import InputPath, Section
+from .config import InputPath, ModelDir, Section
 from .manifest import atomic_dir
+from .paths import check_model_dir  # noqa: F401  (re-exported: callers check model dirs through models)
 
 Family = Literal["gemma", "gemma2", "recurrent_gemma", "llama"]
 
@@ -22,7 +23,7 @@ Family = Literal["gemma", "gemma2", "recurrent_gemma", "llama"]
 class ModelConfig(Section):
     """The base model: a local checkpoint directory, or a tiny model built from these fields."""
 
-    path: InputPath = None
+    path: ModelDir = None
     """Local Hugging Face model directory to start from; when set, the architecture fields are ignored."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped inside `path` (off: only built-in architectures load)."""
@@ -158,20 +159,6 @@ def count_parameters(model) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Loading and saving local model directories
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """Raise a clear error unless `path` is a local HF model directory with safetensors weights."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise ValueError(f"{path}: not a Hugging Face model directory (no config.json)")
-    if not list(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
-        raise ValueError(f"{path}: no *.safetensors weights{hint}")
-    return path
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

@@ -17,10 +17,13 @@ from typing import Optional
 import torch
 from pydantic import Field, create_model, field_validator
 
-from .config import ConfigError, Section, dump_config, load_config
+from .config import ConfigError, Section, TrackingBackend, dump_config, load_config
 from .dist.launcher import run_distributed
 from .dist.rank import Precision, resolve_device
-from .manifest import atomic_write_text, hash_json, hash_path, is_complete, read_manifest, write_manifest
+from .manifest import (atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock,
+                       write_manifest)
+from .paths import check_writable_dir
+from .tracking import missing_packages
 from .stages import STAGE_MODULES, StageContext, stage_class
 
 log = logging.getLogger("posttrain")
@@ -40,6 +43,9 @@ class PipelineBase(Section):
     precision: Precision = "fp32"
     """fp32, bf16 or fp16 (mixed precision: fp32 master weights; inference models and saved weights in
     this dtype); a stage's own `precision` key overrides it."""
+    report_to: list[TrackingBackend] = []
+    """Experiment trackers (tensorboard, wandb, trackio, mlflow) for the training stages; [] = nothing is
+    sent anywhere. A stage's own `report_to` overrides it."""
     stages: list[str]
     """Stages to run, in order (e.g. [synth, base, sft])."""
 
@@ -114,6 +120,25 @@ def stage_precision(cfg: PipelineBase, scfg) -> str:
     return getattr(scfg, "precision", None) or cfg.precision
 
 
+def stage_trackers(cfg: PipelineBase, scfg) -> list[str]:
+    """The stage's own report_to when its config sets one, else the pipeline's."""
+    own = getattr(scfg, "report_to", None)
+    return list(own if own is not None else cfg.report_to)
+
+
+def check_trackers(cfg: PipelineBase, names: list[str]) -> None:
+    """Every tracker a stage will report to is installed, before any work."""
+    for name in names:
+        scfg = getattr(cfg, name)
+        if not hasattr(scfg, "report_to"):
+            continue
+        missing = missing_packages(stage_trackers(cfg, scfg))
+        if missing:
+            key = f"{name}.report_to" if scfg.report_to is not None else "report_to"
+            raise ConfigError(f"{key}: {', '.join(stage_trackers(cfg, scfg))} needs the package(s) {', '.join(missing)}, "
+                              f"which are not installed (pip install {' '.join(missing)}), or remove them from {key}")
+
+
 def engine_layouts(scfg) -> dict[str, tuple]:
     """Dotted key of each vLLM sampling section in a stage config -> (tensor_parallel_size, processes)."""
     dist = getattr(scfg, "distributed", None)
@@ -152,8 +177,17 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
     """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs)."""
     names = list(cfg.stages) + ([only] if only and only not in cfg.stages else [])
     device = check_devices(cfg, names)
-    run_dir = Path(cfg.run_dir).resolve()
+    check_trackers(cfg, names)
+    try:
+        run_dir = check_writable_dir(cfg.run_dir)
+    except ValueError as err:
+        raise ConfigError(f"run_dir: {err}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(run_dir, log):
+        return _run_stages(cfg, names, run_dir, device, only, force)
+
+
+def _run_stages(cfg: PipelineBase, names: list[str], run_dir: Path, device, only: Optional[str], force: bool) -> dict:
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -176,8 +210,13 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg,
                                              device=device, device_request=cfg.device,
-                                             precision=stage_precision(cfg, scfg)))
-        if is_complete(sdir, fp) and not (force and name == only):
+                                             precision=stage_precision(cfg, scfg),
+                                             report_to=stage_trackers(cfg, scfg)))
+        outputs_there = all(Path(p).exists() for p in stage.artifacts().values())
+        if is_complete(sdir, fp) and not outputs_there:
+            log.warning("[%s] its manifest says complete but outputs are missing (%s): running it again", name,
+                        ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()))
+        if is_complete(sdir, fp) and outputs_there and not (force and name == only):
             log.info("[%s] complete, skipped (config and inputs unchanged)", name)
             summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
         elif target:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import Field
 
-from .config import InputPath, Section
+from .config import InputPath, ModelDir, Section
 from .dist.rank import torch_dtype
 from .implicit_rm import implicit_scores, read_reward_head
 from .models import load_model, load_tokenizer
@@ -41,7 +41,7 @@ class RuleSpec(Section):
 class ScoringConfig(Section):
     """How completions are scored."""
 
-    reward_model: InputPath = None
+    reward_model: ModelDir = None
     """Reward model directory; default: the rm stage's output when the pipeline has one."""
     use_reward_model: bool = True
     """Include the reward model's score (when one is available)."""
@@ -185,8 +185,13 @@ class Scorer:
         for spec, fn in self.rules:
             parts[spec.function] = call_rule(spec, fn, prompts, completions, columns)
             total += spec.weight * parts[spec.function]
-        if not torch.isfinite(total).all():
-            raise FloatingPointError("scoring produced a non-finite reward")
+        for name, values in parts.items():
+            bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+            if bad:
+                source = ("the reward model " + str(self.cfg.reward_model or "") if name == "reward_model" else
+                          next(f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules if spec.function == name))
+                raise FloatingPointError(f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
+                                         f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}")
         if self.cfg.normalize and training:
             self.moments.update(total)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)

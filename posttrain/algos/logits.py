@@ -69,11 +69,14 @@ def chunked_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Cal
     if hidden.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return tuple(empty for _ in range(n_out))
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(
-        p.requires_grad for p in getattr(head, "parameters", lambda: [])()))
+    params = list(getattr(head, "parameters", lambda: [])())
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    # DeepSpeed ZeRO-3 partitions the head's weight between forward passes and gathers it in the module's
+    # forward hooks: only the re-entrant recomputation runs the module again, hooks included.
+    reentrant = any(hasattr(p, "ds_id") for p in params)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens], head, cap, temperature,
                 with_entropy, with_raw)
-        parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if grad else _chunk_stats(*args))
+        parts.append(checkpoint(_chunk_stats, *args, use_reentrant=reentrant) if grad else _chunk_stats(*args))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(n_out))

@@ -32,7 +32,7 @@ def run_distributed(stage, scfg, run_dir: Path, num_processes: int) -> dict:
     result_path.unlink(missing_ok=True)
     atomic_write_json(spec_path, {"stage": stage.name, "kind": type(stage).name, "config": scfg.model_dump(mode="json"),
                                   "inputs": ctx.inputs, "seed": ctx.seed, "dir": str(ctx.dir),
-                                  "device": ctx.device_request, "precision": ctx.precision,
+                                  "device": ctx.device_request, "precision": ctx.precision, "report_to": ctx.report_to,
                                   "pipeline": str(run_dir / "config.yaml")})
     threads = ctx.pipeline.threads if ctx.pipeline is not None and ctx.pipeline.threads else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POSTTRAIN_THREADS": str(threads)}

@@ -41,6 +41,8 @@ class StageContext:
     """The pipeline's `device` setting the device was resolved from (ranks resolve it again)."""
     precision: str = "fp32"
     """fp32, bf16 or fp16: the stage's own `precision`, else the pipeline's."""
+    report_to: list = field(default_factory=list)
+    """Experiment trackers: the stage's own `report_to`, else the pipeline's (empty: none)."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain"))
 
     @property

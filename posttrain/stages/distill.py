@@ -30,7 +30,7 @@ from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
-from ..config import InputPath, TrainerSection
+from ..config import InputPath, ModelDir, TrainerSection
 from ..data import read_conversations
 from ..dist.rank import torch_dtype
 from ..manifest import atomic_write_json, atomic_write_text
@@ -43,9 +43,9 @@ from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, s
 class DistillConfig(TrainerSection):
     """Config of the distill stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Student model directory; default: the latest earlier stage's model."""
-    teacher: InputPath = None
+    teacher: ModelDir = None
     """Teacher model directory (required unless an earlier stage produces a 'teacher' artifact)."""
     train_data: InputPath = None
     """Conversational JSONL to distill on; default: the latest data stage's output."""
@@ -196,7 +196,7 @@ class Distill(Stage):
     def _training_args(self, config_cls, **extra):
         c, ctx, has_eval = self.cfg, self.ctx, bool(self.eval_examples)
         return config_cls(**training_arguments(c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision,
-                                               has_eval, max_length=c.max_length, eval_on_start=has_eval, **extra))
+                                               has_eval, report_to=ctx.report_to, stage_dir=ctx.dir, max_length=c.max_length, eval_on_start=has_eval, **extra))
 
     def _trainer(self):
         from datasets import Dataset

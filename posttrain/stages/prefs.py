@@ -26,7 +26,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import InputPath, Precision, ProcessesConfig, Section
+from ..config import InputPath, ModelDir, Precision, ProcessesConfig, Section
 from ..data import DataError, iter_conversations, prompt_of, write_jsonl
 from ..evaluation import DEFAULT_VERIFIERS
 from ..engines import Sample, SamplingConfig, VLLMOptions, generate_all, make_engine
@@ -77,7 +77,7 @@ class CorruptionConfig(Section):
 class PrefsConfig(Section):
     """Config of the prefs stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Policy model directory to sample from; default: the latest earlier stage's model."""
     train_data: InputPath = None
     """Conversational JSONL with task/answer metadata; default: the latest data stage's output."""

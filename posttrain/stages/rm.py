@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
 from ..checkpoint import train_from_last_checkpoint
-from ..config import InputPath, LoraSection, Section, TrainerSection
+from ..config import InputPath, ModelDir, LoraSection, Section, TrainerSection
 from ..data import DataError, iter_jsonl
 from ..evaluation import DEFAULT_VERIFIERS
 from ..dist.trainable import end_sharded_init
@@ -68,9 +68,9 @@ class AUCConfig(Section):
 class RMConfig(TrainerSection):
     """Config of the rm stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Checkpoint the reward model starts from; default: the latest earlier stage's model (e.g. SFT)."""
-    policy: InputPath = None
+    policy: ModelDir = None
     """Policy sampled for the AUC check; default: the latest earlier stage's model."""
     prefs_train: InputPath = None
     """Preference pairs to train on; default: the prefs stage's train.jsonl."""
@@ -181,11 +181,12 @@ def pairs_dataset(rows: list[dict], use_margin: bool):
 
 
 def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int,
-                  device: torch.device | str = "cpu", precision: str = "fp32"):
+                  device: torch.device | str = "cpu", precision: str = "fp32", report_to: Sequence[str] = ()):
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(**training_arguments(cfg, output_dir, seed, torch.device(device), precision, eval_ds is not None,
+                                             report_to=report_to, stage_dir=Path(output_dir).parent,
                                              max_length=cfg.max_length,
                                              center_rewards_coefficient=cfg.center_rewards_coefficient))
     peft_config = cfg.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
@@ -196,13 +197,14 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir
 
 def build_implicit_trainer(model, tokenizer, train_pairs: list, eval_pairs: list, cfg: RMConfig,
                            output_dir: str | Path, seed: int, device: torch.device | str = "cpu",
-                           precision: str = "fp32"):
+                           precision: str = "fp32", report_to: Sequence[str] = ()):
     """The implicit head's Trainer on `tokenize_pairs` output already filtered to max_length (also used
     by tests)."""
     from transformers import TrainingArguments
 
     args = TrainingArguments(**training_arguments(cfg, output_dir, seed, torch.device(device), precision,
-                                                  bool(eval_pairs), remove_unused_columns=False))
+                                                  bool(eval_pairs), report_to=report_to,
+                                                  stage_dir=Path(output_dir).parent, remove_unused_columns=False))
     peft_config = cfg.lora.peft_config("CAUSAL_LM")
     if peft_config is not None:
         from peft import get_peft_model
@@ -245,8 +247,13 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     diff = chosen - rejected
     return {"pairs": len(diff), "accuracy": round((diff > 0).float().mean().item(), 4),
             "mean_margin": round(diff.mean().item(), 4),
-            "chosen_mean": round(chosen.mean().item(), 4), "chosen_std": round(chosen.std().item(), 4),
-            "rejected_mean": round(rejected.mean().item(), 4), "rejected_std": round(rejected.std().item(), 4)}
+            "chosen_mean": round(chosen.mean().item(), 4), "chosen_std": _std(chosen),
+            "rejected_mean": round(rejected.mean().item(), 4), "rejected_std": _std(rejected)}
+
+
+def _std(values: torch.Tensor) -> Optional[float]:
+    """Sample standard deviation, None for fewer than two values."""
+    return round(values.std().item(), 4) if values.numel() > 1 else None
 
 
 def plot_histogram(chosen: list[float], rejected: list[float], out: Path, title: str) -> Path:
@@ -294,11 +301,11 @@ class RM(Stage):
             fits = [p for p in tokenize_pairs(self.tokenizer, self.train_rows) if p.length <= c.max_length]
             eval_fits = [p for p in tokenize_pairs(self.tokenizer, self.eval_rows) if p.length <= c.max_length]
             self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, ctx.seed,
-                                                  ctx.device, ctx.precision)
+                                                  ctx.device, ctx.precision, ctx.report_to)
         else:
             eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
             self.trainer = build_trainer(self.model, self.tokenizer, pairs_dataset(self.train_rows, c.use_margin),
-                                         eval_ds, c, out, ctx.seed, ctx.device, ctx.precision)
+                                         eval_ds, c, out, ctx.seed, ctx.device, ctx.precision, ctx.report_to)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
                    "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset)}
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "rm"))

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
-from ..config import InputPath, LoraSection, TrainerSection
+from ..config import InputPath, ModelDir, LoraSection, TrainerSection
 from ..data import read_conversations
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
@@ -33,7 +33,7 @@ class LoraConfig(LoraSection):
 class SFTConfig(TrainerSection):
     """Config of the sft stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Model directory to fine-tune; default: the latest earlier stage's model."""
     train_data: InputPath = None
     """Conversational JSONL to train on; default: the latest data stage's output."""
@@ -77,7 +77,8 @@ class SFT(Stage):
         c, ctx = self.cfg, self.ctx
         has_eval = self.eval_ds is not None
         args = TRLConfig(**training_arguments(
-            c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, has_eval, max_length=c.max_length,
+            c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, has_eval, report_to=ctx.report_to,
+            stage_dir=ctx.dir, max_length=c.max_length,
             packing=c.packing, assistant_only_loss=c.assistant_only_loss, eval_on_start=has_eval))
         return SFTTrainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
                           processing_class=self.tokenizer, peft_config=c.lora.peft_config("CAUSAL_LM"))

@@ -11,7 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from ..config import ConfigError, InputPath, Precision, ProcessesConfig, Section
+from ..config import ConfigError, FilePath, InputPath, ModelDir, Precision, ProcessesConfig, Section
 from ..data import write_jsonl
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
@@ -66,7 +66,7 @@ def eval_counts(sizes: list[int], num_eval: int) -> list[int]:
 class SynthConfig(Section):
     """Config of the synth stage."""
 
-    recipe: InputPath = None
+    recipe: FilePath = None
     """Recipe YAML naming tasks, weights and parameters (e.g. data/recipes/quickstart.yaml)."""
     num_train: int = Field(2000, ge=1)
     """Training examples to generate."""
@@ -74,7 +74,7 @@ class SynthConfig(Section):
     """Held-out examples (no prompt shared with train)."""
     seed: Optional[int] = None
     """Seed of the generator; default: the pipeline seed."""
-    teacher: InputPath = None
+    teacher: ModelDir = None
     """Local model directory that writes the training responses (the Gemma recipe: prompts in, a
     stronger model's answers out); default: the tasks' oracle answers. Held-out rows keep the oracle."""
     teacher_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=64)

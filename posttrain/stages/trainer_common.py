@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -16,12 +16,15 @@ from ..dist.trainable import end_sharded_init, trainer_kwargs
 from ..engines import greedy_texts
 from ..models import finish_model_dir, load_model, start_model_dir
 from ..tasks import answer_accuracy
+from ..tracking import trainer_settings
 
 
 def training_arguments(c: TrainerSection, output_dir: str | Path, seed: int, device: torch.device,
-                       precision: str, with_eval: bool, **extra) -> dict:
+                       precision: str, with_eval: bool, *, report_to: Sequence[str] = (),
+                       stage_dir: Optional[Path] = None, **extra) -> dict:
     """TrainingArguments fields from the stage config, placed on `device` in `precision` (bf16/fp16: mixed
-    precision over fp32 master weights), with DeepSpeed under several ranks. `extra` adds or overrides."""
+    precision over fp32 master weights), with DeepSpeed under several ranks, reporting to the `report_to`
+    trackers (runs named after `stage_dir`). `extra` adds or overrides."""
     args = dict(
         output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
         per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
@@ -30,7 +33,9 @@ def training_arguments(c: TrainerSection, output_dir: str | Path, seed: int, dev
         logging_steps=c.logging_steps, logging_first_step=True,
         eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
         save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+        logging_nan_inf_filter=False,  # transformers would average a NaN loss away; the guard must see it
         seed=seed, data_seed=seed, dataloader_num_workers=0, **trainer_kwargs(c.distributed, device, precision))
+    args.update(trainer_settings(list(report_to), Path(stage_dir or output_dir)))
     args.update(extra)
     return args
 

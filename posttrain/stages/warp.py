@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..chat import chat_prompt_ids
-from ..config import InputPath, Precision, Section
+from ..config import InputPath, ModelDir, Precision, Section
 from ..data import prompt_of, read_conversations
 from ..dist.rank import torch_dtype
 from ..engines import HFEngine, SamplingConfig, make_engine
@@ -63,9 +63,9 @@ class WarpPPOConfig(PPOConfig):
 class WarpConfig(Section):
     """Config of the warp stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Init of every run (the SFT policy); default: the latest earlier stage's model."""
-    reward_model: InputPath = None
+    reward_model: ModelDir = None
     """Reward model for scoring; default: the rm stage's output when the pipeline has one."""
     train_data: InputPath = None
     """PPO prompts (conversational JSONL); default: the data stage's train split."""

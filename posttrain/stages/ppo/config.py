@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ...config import DistributedConfig, InputPath, LoraSection, Precision, Section
+from ...config import DistributedConfig, InputPath, ModelDir, LoraSection, Precision, Section, TrackingBackend
 from ...engines import SamplingConfig, VLLMOptions
 from ...scoring import ScoringConfig
 
@@ -14,11 +14,11 @@ from ...scoring import ScoringConfig
 class PPOConfig(Section):
     """Config of the ppo stage."""
 
-    model: InputPath = None
+    model: ModelDir = None
     """Policy to start from; default: the latest earlier stage's model (SFT)."""
-    reference: InputPath = None
+    reference: ModelDir = None
     """Frozen reference for the KL penalty; default: the starting policy."""
-    value_model: InputPath = None
+    value_model: ModelDir = None
     """Value model init; default: the reward model if the pipeline has one, else the starting policy."""
     train_data: InputPath = None
     """Prompts (conversational JSONL; the final assistant turn is dropped); default: the data stage's train split."""
@@ -123,6 +123,8 @@ class PPOConfig(Section):
     """Processes and DeepSpeed ZeRO settings."""
     precision: Optional[Precision] = None
     """fp32, bf16 or fp16 for this stage; None: the pipeline's `precision`."""
+    report_to: Optional[list[TrackingBackend]] = None
+    """Experiment trackers logging every update's metrics ([] = none); None: the pipeline's `report_to`."""
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -40,6 +40,7 @@ from ...chat import chat_prompt_ids
 from ...plots import plot_curves
 from ...rollout import RolloutBatch, answer_batch, pack_rollout, token_logprobs, token_values
 from ...scoring import Scorer
+from ...tracking import Tracker
 from ..base import Stage
 from .config import PPOConfig
 from .update import Rollout, critic_free_advantages, policy_objective, sequence_rewards_with_kl
@@ -87,8 +88,9 @@ class PPO(Stage):
                        else F.FixedKLController(c.kl_coef))
         self.order = list(range(len(self.rows)))
         random.Random(self.seed).shuffle(self.order)
-        self.cursor, self.start_update, self.history = 0, 0, []
+        self.cursor, self.start_update, self.history, self.before = 0, 0, [], {}
         self._resume()
+        self.tracker = Tracker(self.ctx.report_to, self.ctx.dir, c.model_dump(mode="json"), enabled=self.ctx.is_main)
         self.engine = make_engine(inp["model"], c.sampling, dev, self.ctx.precision, vllm=c.vllm,
                                   model=self.rollout_model, tokenizer=self.tokenizer, seed=self.seed,
                                   shares_gpu_with_training=True)
@@ -156,25 +158,26 @@ class PPO(Stage):
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.scorer.moments.load_state_dict(meta["reward_moments"])
-        self.history = meta["history"]
+        self.history, self.before = meta["history"], meta.get("before", {})
         if self.ctx.is_main:
-            atomic_write_text(self.ctx.dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+            self._write_history()
         self.log.info("[ppo] resumed from %s (update %d)", ckpt, self.start_update)
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
         from tqdm import tqdm
 
-        metrics = {}
         if self.eval_rows and not self.start_update and self.ctx.is_main:
-            metrics["accuracy_before"] = self._evaluate()
+            self.before = {"accuracy_before": self._evaluate()}
+        metrics = dict(self.before)  # a resumed run reports what the interrupted one measured before updating
         bar = tqdm(range(self.start_update, self.cfg.updates), desc="ppo", initial=self.start_update,
                    total=self.cfg.updates, disable=not self.ctx.is_main)
         for update in bar:
             stats = self._update(update)
             self.history.append(stats)
             if self.ctx.is_main:
-                _append_jsonl(self.ctx.dir / "metrics.jsonl", stats)
+                self._write_history()
+                self.tracker.log(stats, update + 1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}", s=f"{stats['time/total']:.1f}")
             if (update + 1) % self.cfg.save_every == 0 and update + 1 < self.cfg.updates:
                 self._checkpoint(update + 1)
@@ -210,7 +213,11 @@ class PPO(Stage):
             idx = [i for i, group in zip(prompt_idx, groups) for _ in group]
             samples = [s for group in groups for s in group]
             rows = [self.rows[i] for i in idx]
-            scores = self.scorer.score([prompt_of(r) for r in rows], [s.text for s in samples], rows, training=True)
+            try:
+                scores = self.scorer.score([prompt_of(r) for r in rows], [s.text for s in samples], rows, training=True)
+            except FloatingPointError as err:
+                raise FloatingPointError(f"ppo update {update + 1}: {err}; stopping (the last good checkpoint in "
+                                         f"{self.ctx.dir / 'checkpoints'} is kept)") from None
             shaped = self._shaped(scores.total, samples)
             informative = (G.informative_groups(shaped, n) if c.dynamic_sampling
                            else torch.ones(len(prompt_idx), dtype=torch.bool))
@@ -416,7 +423,7 @@ class PPO(Stage):
 
     def _checkpoint(self, step: int) -> None:
         meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
-                "reward_moments": self.scorer.moments.state_dict(), "history": self.history}
+                "reward_moments": self.scorer.moments.state_dict(), "history": self.history, "before": self.before}
         folder = self.ctx.dir / "checkpoints"
         anchor = {"anchor": self.anchor} if self.anchor is not None else {}
         if not self.policy_h.distributed:
@@ -455,11 +462,22 @@ class PPO(Stage):
             out.update({f"sampled_{name}": round(v.mean().item(), 4) for name, v in sampled.parts.items()})
         return out
 
+    def cleanup(self) -> None:
+        super().cleanup()
+        tracker, self.tracker = getattr(self, "tracker", None), None
+        if tracker is not None:
+            tracker.close()
+
+    def _write_history(self) -> None:
+        """metrics.jsonl, one line per update, rewritten whole (atomically) so a crash never leaves half a
+        line or the lines of an abandoned attempt."""
+        atomic_write_text(self.ctx.dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+
     # ------------------------------------------------------------------ save
     def save(self) -> dict:
         if self.policy_h.distributed:
             self._push_weights(self._served_weights())  # collective: the rollout copy gets the final weights
-        self.cleanup()  # free the vLLM engine before evaluating (a later stage may start its own)
+        super().cleanup()  # free the vLLM engine before evaluating (a later stage may start its own)
         if not self.ctx.is_main:
             return {}
         metrics = {"accuracy_after": self._evaluate()} if self.eval_rows else {}
@@ -500,11 +518,6 @@ def _load_value_model(path: str, tokenizer, device: torch.device):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
-
-
-def _append_jsonl(path: Path, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
 
 
 STAGE = PPO
