@@ -186,7 +186,9 @@ def format_validation_error(err: ValidationError, lines: dict, origins: dict, so
     """Turn pydantic's error list into lines naming key, origin and expectation."""
     msgs = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        # Labels in angle brackets name the member of a union that was tried (e.g. a data source's
+        # "<mapping>"), not a key: leave them out so the key reads as the user wrote it.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("<") and p.endswith(">")))
         key = ".".join(str(p) for p in loc) or "<top level>"
         where = _where(loc, lines, origins, source)
         if e["type"] == "extra_forbidden":

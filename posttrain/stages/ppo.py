@@ -23,7 +23,7 @@ from ..algos.merge import ema_update
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..launch import all_ranks_masked_moments, all_ranks_mean, barrier, trainable
 from ..lora import add_adapters, lora_scalings, merged_state_dict
-from ..data import prompt_of, read_conversations
+from ..data import prompt_of, read_rows
 from ..manifest import atomic_write_json
 from ..plots import plot_curves
 from ..rollout import RolloutBatch, answer_batch, pack_rollout, token_logprobs, token_values
@@ -61,8 +61,8 @@ class PPO(Stage):
         plain_policy = self.ctx.world_size == 1 and not c.lora.enabled
         self.rollout_model = self.policy if plain_policy else copy.deepcopy(self.policy).eval()
         self._add_adapters()
-        self.rows = read_conversations(inp["train_data"])
-        self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
+        self.rows = read_rows(inp["train_data"], seed=self.ctx.seed)
+        self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
         self.handles = {"policy": trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed,
                                             c.mini_batch_size)}
