@@ -232,6 +232,8 @@ class ArrowBackedFile(DataFile):
         self._options: dict = {}
         if builder == "csv":
             self._options = {"features": self._csv_features(), "keep_default_na": False}
+        elif builder == "parquet":
+            self._options = {"batch_size": BATCH}  # datasets' default reads a whole row group (~1M rows) at once
         self._mapped = None
 
     def _csv_features(self):
