@@ -4,10 +4,13 @@
     posttrain run configs/quickstart.yaml sft.learning_rate=3e-4
     posttrain sft configs/quickstart.yaml --force            # one stage, inputs from earlier stages
     posttrain show configs/quickstart.yaml                   # the resolved config, validated
+    posttrain data preview my.parquet -n 3                   # a data set as posttrain reads it
+    posttrain data convert my.parquet train.jsonl --format alpaca
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -38,7 +41,59 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.learning_rate=3e-4")
         if name != "show":
             sp.add_argument("--force", action="store_true", help="re-run the stage even if it is complete")
+    _data_parser(sub)
     return p
+
+
+def _data_parser(sub) -> None:
+    data = sub.add_parser("data", help="preview a data set as posttrain reads it, or convert it to JSONL")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    preview = actions.add_parser("preview", help="print the first rows as posttrain's rows (JSON, one per line)")
+    convert = actions.add_parser("convert", help="write all rows as posttrain's JSONL (temp file + rename)")
+    for sp in (preview, convert):
+        sp.add_argument("source", help="a .jsonl/.json/.parquet/.csv/.arrow file, a save_to_disk or data-file "
+                                       "directory, or a data set name in the local Hugging Face cache")
+    convert.add_argument("out", help="the JSONL file to write")
+    for sp in (preview, convert):
+        sp.add_argument("--format", help="row layout: messages, sharegpt, alpaca, prompt_completion, prompt, "
+                                         "preference or hh (default: detected from the columns)")
+        sp.add_argument("--columns", default="", help="renames first, e.g. question=prompt,response=completion")
+        sp.add_argument("--split", help="the split of a DatasetDict, directory or cached data set")
+        sp.add_argument("--system", choices=["fold", "drop", "error"], default="fold",
+                        help="system turns: fold into the next user turn (default), drop, or reject the row")
+    preview.add_argument("-n", type=int, default=5, help="rows to print (default 5)")
+    convert.add_argument("--limit", type=int, help="write at most N rows")
+    convert.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                         help="a row that does not fit: stop (default), or skip it and count it")
+
+
+def _data_command(args) -> int:
+    """`posttrain data preview|convert`: exit 0, 1 on a data problem, 2 on a bad argument."""
+    from .data import DataError, SkipReport, convert_to_jsonl, iter_rows
+
+    try:
+        renames = dict(item.split("=", 1) for item in args.columns.split(",") if item.strip())
+    except ValueError:
+        print(f"posttrain data: --columns {args.columns!r}: expected OLD=NEW pairs separated by commas",
+              file=sys.stderr)
+        return 2
+    spec = {"path": args.source, "columns": {k.strip(): v.strip() for k, v in renames.items()}, "system": args.system,
+            **{k: v for k, v in (("format", args.format), ("split", args.split)) if v is not None}}
+    try:
+        if args.action == "preview":
+            for _, row in itertools.islice(iter_rows(spec, None, need_final_assistant=False), max(args.n, 0)):
+                print(json.dumps(row, ensure_ascii=False, default=str))
+            return 0
+        spec.update({"on_error": args.on_error, **({"limit": args.limit} if args.limit else {})})
+        report = SkipReport()
+        n = convert_to_jsonl(spec, args.out, skipped=report)
+    except DataError as err:
+        print(f"posttrain data: {err}", file=sys.stderr)
+        return 1
+    print(f"posttrain data: wrote {n} rows to {args.out} ({report.read} read, {report.skipped} skipped)")
+    if report.skipped:
+        print(json.dumps(report.as_dict(), indent=2, ensure_ascii=False))
+    return 0
 
 
 def print_summary(run_dir: Path, summary: dict) -> None:
@@ -62,6 +117,8 @@ def print_summary(run_dir: Path, summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "data":
+        return _data_command(args)
     from .config import ConfigError, dump_config
     from .data import DataError
     from .pipeline import load_pipeline, run_pipeline

@@ -40,6 +40,7 @@ InputPath = Annotated[Optional[str], AfterValidator(_must_exist)]
 
 def _model_dir(value: Optional[str]) -> Optional[str]:
     if value is not None and not _is_reference(value):
+        _must_exist(value)
         check_model_dir(value)
     return value
 
@@ -230,7 +231,9 @@ def format_validation_error(err: ValidationError, lines: dict, origins: dict, so
     """Turn pydantic's error list into lines naming key, origin and expectation."""
     msgs = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        # Labels in angle brackets name the member of a union that was tried (e.g. a data source's
+        # "<mapping>"), not a key: leave them out so the key reads as the user wrote it.
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("<") and p.endswith(">")))
         key = ".".join(str(p) for p in loc) or "<top level>"
         where = _where(loc, lines, origins, source)
         if e["type"] == "extra_forbidden":

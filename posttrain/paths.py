@@ -62,8 +62,8 @@ def check_model_dir(path: str | Path) -> Path:
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern) if p.name != "training_args.bin")
-        hint = (f": found {', '.join(pickles)}, pickle weights that are never loaded (unpickling runs code); "
-                f"convert them to safetensors first") if pickles else f"; found {describe(path)}"
+        hint = (f" (found {', '.join(pickles)}: pickle weights are never loaded, since unpickling runs code; "
+                f"convert them to safetensors first)") if pickles else f"; found {describe(path)}"
         raise ValueError(f"{path}: no *.safetensors weights{hint}")
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field, create_model, field_validator
 
 from .config import ConfigError, Section, TrackingBackend, dump_config, load_config
+from .data import is_spec, source_files, source_json
 from .dist.launcher import run_distributed
 from .dist.rank import Precision, resolve_device
 from .manifest import (atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock,
@@ -80,11 +81,20 @@ class MissingInput(ConfigError):
 
 
 def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict) -> tuple[dict, dict]:
-    """Input name -> path and -> fingerprint: an explicit config path wins over earlier artifacts."""
+    """Input name -> path and -> fingerprint: an explicit config path wins over earlier artifacts.
+
+    A data source given as a mapping or a list of them (a mixture), or as the name of a data set in the hub
+    cache, is handed on as JSON and fingerprinted by its settings plus the files it reads.
+    """
     inputs, input_fps = {}, {}
     for inp, key in stage_cls.consumes.items():
         explicit = getattr(cfg, inp, None)
-        if explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
+        hub_name = isinstance(explicit, str) and not Path(explicit).exists() and explicit not in artifacts
+        if is_spec(explicit) or hub_name:
+            inputs[inp] = source_json(explicit)
+            input_fps[inp] = hash_json({"source": inputs[inp],
+                                        "files": {p: hash_path(p) for p in source_files(explicit)}})
+        elif explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
             inputs[inp], input_fps[inp] = artifacts[str(explicit)], fps[str(explicit)]  # a "stage.kind" reference
         elif explicit:
             inputs[inp], input_fps[inp] = str(explicit), hash_path(explicit)

@@ -181,7 +181,7 @@ def test_prefs_reports_malformed_rows_with_file_and_line(tmp_path):
         read_prompt_rows(str(tmp_path / "b.jsonl"), ["task", "answer"])
     (tmp_path / "c.jsonl").write_text('{"chosen": [{"role": "user", "content": "q"}, '
                                       '{"role": "assistant", "content": "a"}], "rejected": "nope"}\n')
-    with pytest.raises(DataError, match=r"c\.jsonl:1: missing 'rejected'"):
+    with pytest.raises(DataError, match=r"c\.jsonl:1: a string answer needs a 'prompt' column.*column 'rejected'"):
         read_pairs(str(tmp_path / "c.jsonl"))
 
 

@@ -123,10 +123,10 @@ def test_results_table_plot_and_released_model(warp_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_config_defaults_and_refusals():
+def test_config_defaults_and_refusals(tiny_model_dir):
     assert WarpConfig().ppo.reference_mode == "ema"  # WARP's EMA anchor unless told otherwise
     assert WarpConfig(ppo={"reference_mode": "fixed"}).ppo.reference_mode == "fixed"
-    refused = [({"ppo": {"seed": 3}}, "warp.ppo.seed"), ({"ppo": {"model": "."}}, "warp.ppo.model"),
+    refused = [({"ppo": {"seed": 3}}, "warp.ppo.seed"), ({"ppo": {"model": str(tiny_model_dir)}}, "warp.ppo.model"),
                ({"seeds": [1, 1]}, "warp.seeds"), ({"runs": 3, "slerp_t": 0.3}, "warp.slerp_t"),
                ({"eta": 0.3}, "warp.eta"), ({"choose": "max_reward_under_kl"}, "warp.kl_budget"),
                ({"kl_budget": 1.0}, "warp.kl_budget"), ({"sampling": {"temperature": 0}}, "warp.sampling"),

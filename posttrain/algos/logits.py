@@ -71,12 +71,13 @@ def chunked_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Cal
         return tuple(empty for _ in range(n_out))
     params = list(getattr(head, "parameters", lambda: [])())
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
-    # DeepSpeed ZeRO-3 partitions the head's weight between forward passes and gathers it in the module's
-    # forward hooks: only the re-entrant recomputation runs the module again, hooks included.
-    reentrant = any(hasattr(p, "ds_id") for p in params)
+    # A frozen head whose weight DeepSpeed ZeRO-3 has partitioned (LoRA under ZeRO-3) is not gathered again
+    # for a recomputation in the backward pass: its chunks keep their logits for the backward instead
+    # (response tokens only, still no [batch, seq, vocab] tensor). Trained heads are recomputed as usual.
+    recompute = grad and not any(hasattr(p, "ds_id") and not p.requires_grad for p in params)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         args = (hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens], head, cap, temperature,
                 with_entropy, with_raw)
-        parts.append(checkpoint(_chunk_stats, *args, use_reentrant=reentrant) if grad else _chunk_stats(*args))
+        parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if recompute else _chunk_stats(*args))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(n_out))

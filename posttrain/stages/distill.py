@@ -31,7 +31,7 @@ from pydantic import Field
 from ..checkpoint import train_from_last_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
 from ..config import InputPath, ModelDir, TrainerSection
-from ..data import read_conversations
+from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
 from ..manifest import atomic_write_json, atomic_write_text
 from ..models import load_model, load_tokenizer
@@ -47,10 +47,10 @@ class DistillConfig(TrainerSection):
     """Student model directory; default: the latest earlier stage's model."""
     teacher: ModelDir = None
     """Teacher model directory (required unless an earlier stage produces a 'teacher' artifact)."""
-    train_data: InputPath = None
-    """Conversational JSONL to distill on; default: the latest data stage's output."""
-    eval_data: InputPath = None
-    """Held-out conversational JSONL; default: the data stage's held-out split."""
+    train_data: DataSource = None
+    """Conversations to distill on (a path, a source mapping or a mixture); default: the latest data stage's output."""
+    eval_data: DataSource = None
+    """Held-out conversations (path, mapping or mixture); default: the data stage's held-out split."""
     mode: Literal["offline", "online", "on_policy"] = "offline"
     """offline: cached teacher top-k; online: teacher forward each step; on_policy: GKD on student samples."""
     temperature: float = Field(1.0, gt=0)
@@ -168,8 +168,8 @@ class Distill(Stage):
         check_same_vocab(inp["model"], inp["teacher"], self.tokenizer, load_tokenizer(inp["teacher"]),
                          self.model.get_output_embeddings().weight.shape[0],
                          self.teacher.get_output_embeddings().weight.shape[0])
-        self.train_rows = read_conversations(inp["train_data"])
-        self.eval_rows = read_conversations(inp["eval_data"]) if inp.get("eval_data") else []
+        self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
+        self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.train_examples = tokenize_for_loss(self.tokenizer, self.train_rows, c.max_length)
         self.eval_examples = tokenize_for_loss(self.tokenizer, self.eval_rows, c.max_length)
         self.cache = None

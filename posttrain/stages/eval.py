@@ -20,7 +20,7 @@ from typing import Optional
 from pydantic import Field, field_validator
 
 from ..config import ConfigError, InputPath, Precision, ProcessesConfig, Section
-from ..data import DataError, iter_conversations, prompt_of, read_conversations, write_jsonl
+from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
                           memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
 from ..dist.rank import torch_dtype
@@ -56,10 +56,12 @@ class EvalConfig(Section):
     every complete sft, distill, ppo and merge stage of this run."""
     baseline: Optional[str] = None
     """Name (a key of models) the others are compared against; default: sft when present, else the first."""
-    eval_data: InputPath = None
-    """Held-out conversational JSONL with task and answer columns; default: the data stage's held-out split."""
-    train_data: InputPath = None
-    """Training JSONL probed for memorisation; default: the latest training split of the run."""
+    eval_data: DataSource = None
+    """Held-out conversations with task and answer columns (path, mapping or mixture); default: the data stage's
+    held-out split."""
+    train_data: DataSource = None
+    """Training conversations probed for memorisation (path, mapping or mixture); default: the latest training
+    split of the run."""
     num_prompts: Optional[int] = Field(200, ge=1)
     """Held-out prompts to answer (the first N rows); None = all."""
     sampling: SamplingConfig = SamplingConfig()
@@ -89,13 +91,13 @@ class EvalConfig(Section):
         return sampling
 
 
-def read_eval_rows(path: str, limit: Optional[int] = None) -> list[dict]:
+def read_eval_rows(path, limit: Optional[int] = None, seed: int = 0) -> list[dict]:
     """Held-out rows (the first `limit`): complete conversations with task and answer columns."""
     rows = []
-    for lineno, row in iter_conversations(path):
+    for where, row in iter_rows(path, "conversation", seed=seed):
         missing = [k for k in ("task", "answer") if k not in row]
         if missing:
-            raise DataError(f"{path}:{lineno}: eval row has no {' or '.join(missing)} column: held-out rows need "
+            raise DataError(f"{where}: eval row has no {' or '.join(missing)} column: held-out rows need "
                             f"task and answer (as the synth stage writes them)")
         rows.append(row)
         if limit and len(rows) >= limit:
@@ -117,9 +119,9 @@ class Eval(Stage):
         c, inp = self.cfg, self.ctx.inputs
         self.models = self._resolve_models()
         self.baseline = self._baseline()
-        self.rows = read_eval_rows(inp["eval_data"], c.num_prompts)
+        self.rows = read_eval_rows(inp["eval_data"], c.num_prompts, self.ctx.seed)
         probe = inp.get("train_data") and c.memorisation.num_examples
-        self.train_rows = read_conversations(inp["train_data"]) if probe else []
+        self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed) if probe else []
         self.release_name = c.release_name or recipe_identity(self.ctx.pipeline).get("name")
         self.verifiers = load_verifiers(c.verifiers)
         self.scorer = Scorer(self._scoring(), reward_model_dir=inp.get("reward_model"), device=self.ctx.device,

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from ..config import InputPath, Section
-from ..data import DataError
+from ..data import DataError, DataSource, SkipReport, iter_rows, source_format
 from ..dedup import HashIndex, NearDupIndex
 from ..filters import (DEFAULT_OTHER_NAMES, DEFAULT_TERMS_FILE, PLACEHOLDERS, IdentityChecker, PIIDetector,
                        TermMatcher, hash64, load_hook, normalise, read_terms, score_texts, shape_error,
@@ -162,10 +162,10 @@ class DedupConfig(Section):
 class FilterConfig(Section):
     """Config of the filter stage."""
 
-    train_data: InputPath = None
-    """Conversational JSONL to filter; default: the latest data stage's train split."""
-    eval_data: InputPath = None
-    """Held-out JSONL whose prompts train rows must not repeat; default: the data stage's eval split."""
+    train_data: DataSource = None
+    """Conversations to filter (path, mapping or mixture); default: the latest data stage's train split."""
+    eval_data: DataSource = None
+    """Held-out conversations whose prompts train rows must not repeat; default: the data stage's eval split."""
     on_error: Literal["raise", "skip"] = "raise"
     """Malformed rows (bad JSON, no messages list): stop naming file:line, or skip and count them."""
     batch_size: int = Field(1024, ge=1)
@@ -216,6 +216,28 @@ def _texts(row: dict, roles) -> list[str]:
 
 def _row_text(row: dict) -> str:
     return "\n".join(m["content"] for m in row["messages"])
+
+
+def _messages_jsonl(source) -> bool:
+    """A JSONL path of messages rows: read line by line here, so kept rows are copied byte for byte."""
+    if not (isinstance(source, (str, os.PathLike)) and str(source).endswith(".jsonl")):
+        return False
+    try:
+        return source_format(str(source), "conversation") == "messages"
+    except DataError:
+        return True  # a malformed first line: the line reader reports it (or counts it, on_error: skip)
+
+
+class _TallySkips(SkipReport):
+    """Rows the data reader skips, counted as malformed in the filter report."""
+
+    def __init__(self, tally: Tally):
+        super().__init__(max_examples=0)
+        self.tally = tally
+
+    def add(self, where, reason: str, error: str) -> None:
+        super().add(where, reason, error)
+        self.tally.note(where.row, reason, error)
 
 
 class FilterStream:
@@ -271,8 +293,12 @@ class FilterStream:
 
     # ------------------------------------------------------------------------------------ reading
 
-    def _parse(self, path: str | Path, count: bool = True):
-        """Yield (line number, raw line, row) for each well-shaped row; malformed ones raise or are counted."""
+    def _parse(self, path, count: bool = True):
+        """Yield (line number, raw line, row) for each well-shaped row; malformed ones raise or are counted.
+        Sources other than a JSONL of messages (formats, mappings, mixtures) are read through posttrain.data."""
+        if not _messages_jsonl(path):
+            yield from self._parse_source(path, count)
+            return
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -288,6 +314,13 @@ class FilterStream:
                     raise DataError(f"{path}:{lineno}: {problem}")
                 elif count:  # reason without the column, so the count of reasons stays small
                     self.malformed.note(lineno, problem.split(" (column")[0], f"[{problem}] {line.strip()}")
+
+    def _parse_source(self, source, count: bool):
+        tally = self.malformed if count else Tally(0, 0)
+        skipped = _TallySkips(tally)
+        for n, (_, row) in enumerate(iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped,
+                                               on_error=self.cfg.on_error), 1):
+            yield n, json.dumps(row, ensure_ascii=False), row
 
     # ---------------------------------------------------------------------------------- judging
 

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..config import InputPath, ModelDir, Precision, ProcessesConfig, Section
-from ..data import DataError, iter_conversations, prompt_of, write_jsonl
+from ..data import DataError, DataSource, iter_rows, prompt_of, write_jsonl
 from ..evaluation import DEFAULT_VERIFIERS
 from ..engines import Sample, SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
@@ -79,10 +79,10 @@ class PrefsConfig(Section):
 
     model: ModelDir = None
     """Policy model directory to sample from; default: the latest earlier stage's model."""
-    train_data: InputPath = None
-    """Conversational JSONL with task/answer metadata; default: the latest data stage's output."""
-    eval_data: InputPath = None
-    """Held-out conversational JSONL; held-out pairs come from its prompts only."""
+    train_data: DataSource = None
+    """Conversations with task/answer metadata (path, mapping or mixture); default: the latest data stage's output."""
+    eval_data: DataSource = None
+    """Held-out conversations (path, mapping or mixture); held-out pairs come from its prompts only."""
     max_train_prompts: Optional[int] = Field(None, ge=1)
     """Use at most this many train prompts (a seeded random subset); None: all."""
     max_eval_prompts: Optional[int] = Field(None, ge=1)
@@ -125,13 +125,13 @@ class PrefsConfig(Section):
 # Reading data
 
 
-def read_prompt_rows(path: str, require_columns: list[str]) -> list[dict]:
-    """Rows of a conversational JSONL, each checked; errors name file:line and what was expected."""
+def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[dict]:
+    """Rows of a conversational data source, each checked; errors name file, row and what was expected."""
     rows = []
-    for lineno, row in iter_conversations(path):
+    for where, row in iter_rows(path, "conversation", seed=seed):
         missing = [c for c in require_columns if not isinstance(row.get(c), str)]
         if missing:
-            raise DataError(f"{path}:{lineno}: missing metadata {missing} (expected string values; "
+            raise DataError(f"{where}: missing metadata {missing} (expected string values; "
                             f"prefs.require_columns lists what every row needs)")
         rows.append(row)
     return rows
@@ -338,8 +338,8 @@ class Prefs(Stage):
 
     def setup(self) -> None:
         inp, c = self.ctx.inputs, self.cfg
-        train = read_prompt_rows(inp["train_data"], c.require_columns)
-        evals = read_prompt_rows(inp["eval_data"], c.require_columns)
+        train = read_prompt_rows(inp["train_data"], c.require_columns, self.ctx.seed)
+        evals = read_prompt_rows(inp["eval_data"], c.require_columns, self.ctx.seed)
         eval_keys = {prompt_key(r) for r in evals}
         self.train_rows = [r for r in train if prompt_key(r) not in eval_keys]
         self.train_in_eval = len(train) - len(self.train_rows)

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, ModelDir, LoraSection, Section, TrainerSection
-from ..data import DataError, iter_jsonl
+from ..data import DataSource, read_rows
 from ..evaluation import DEFAULT_VERIFIERS
 from ..dist.trainable import end_sharded_init
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
@@ -72,10 +72,10 @@ class RMConfig(TrainerSection):
     """Checkpoint the reward model starts from; default: the latest earlier stage's model (e.g. SFT)."""
     policy: ModelDir = None
     """Policy sampled for the AUC check; default: the latest earlier stage's model."""
-    prefs_train: InputPath = None
-    """Preference pairs to train on; default: the prefs stage's train.jsonl."""
-    prefs_eval: InputPath = None
-    """Held-out preference pairs; default: the prefs stage's eval.jsonl."""
+    prefs_train: DataSource = None
+    """Preference pairs to train on (a path, a source mapping or a mixture); default: the prefs stage's train.jsonl."""
+    prefs_eval: DataSource = None
+    """Held-out preference pairs (path, mapping or mixture); default: the prefs stage's eval.jsonl."""
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate (AdamW)."""
     epochs: float = Field(1.0, gt=0)
@@ -115,30 +115,10 @@ class RMConfig(TrainerSection):
 # Inputs
 
 
-def read_pairs(path: str) -> list[dict]:
-    """Preference rows {chosen, rejected, margin?}; errors name file:line and what was expected."""
-    from ..chat import validate_roles
-
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        try:
-            for key in ("chosen", "rejected"):
-                msgs = row.get(key)
-                if not isinstance(msgs, list):
-                    raise ValueError(f"missing {key!r}: expected a list of messages")
-                validate_roles(msgs)
-                if msgs[-1]["role"] != "assistant":
-                    raise ValueError(f"{key!r} must end with an assistant turn")
-            if row["chosen"][:-1] != row["rejected"][:-1]:
-                raise ValueError("'chosen' and 'rejected' must share the same prompt turns")
-            if "margin" in row and not isinstance(row["margin"], (int, float)):
-                raise ValueError(f"'margin' must be a number, got {row['margin']!r}")
-        except ValueError as err:
-            raise DataError(f"{path}:{lineno}: {err}") from None
-        rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: no preference pairs")
-    return rows
+def read_pairs(path, seed: int = 0) -> list[dict]:
+    """Preference rows {chosen, rejected, margin?} of any preference format (posttrain.data.formats checks that
+    both end on the answer after the same prompt turns); errors name file, row and what was expected."""
+    return read_rows(path, "preference", seed=seed)
 
 
 def check_reward_family(path: str | Path, key: str = "rm.model", head: str = "sequence_classification") -> None:
@@ -290,8 +270,8 @@ class RM(Stage):
 
     def setup(self) -> None:
         inp, ctx = self.ctx.inputs, self.ctx
-        self.train_rows = read_pairs(inp["prefs_train"])
-        self.eval_rows = read_pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else []
+        self.train_rows = read_pairs(inp["prefs_train"], ctx.seed)
+        self.eval_rows = read_pairs(inp["prefs_eval"], ctx.seed) if inp.get("prefs_eval") else []
         self.tokenizer = load_tokenizer(inp["model"])
         self.model = load_reward_init(inp["model"], ctx.seed, self.cfg.head, ctx.device)
 

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import InputPath, ModelDir, LoraSection, TrainerSection
-from ..data import read_conversations
+from ..data import DataSource, read_rows
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
@@ -35,10 +35,10 @@ class SFTConfig(TrainerSection):
 
     model: ModelDir = None
     """Model directory to fine-tune; default: the latest earlier stage's model."""
-    train_data: InputPath = None
-    """Conversational JSONL to train on; default: the latest data stage's output."""
-    eval_data: InputPath = None
-    """Held-out conversational JSONL; default: the data stage's held-out split."""
+    train_data: DataSource = None
+    """Conversations to train on (a path, a source mapping or a mixture); default: the latest data stage's output."""
+    eval_data: DataSource = None
+    """Held-out conversations (path, mapping or mixture); default: the data stage's held-out split."""
     packing: bool = False
     """Pack several conversations into each sequence (TRL best-fit packing)."""
     assistant_only_loss: bool = True
@@ -65,8 +65,8 @@ class SFT(Stage):
         inp = self.ctx.inputs
         self.tokenizer = load_tokenizer(inp["model"])
         self.model = load_model(inp["model"], device=self.ctx.device, dtype=torch.float32)  # fp32 master weights
-        self.train_rows = read_conversations(inp["train_data"])
-        self.eval_rows = read_conversations(inp["eval_data"]) if inp.get("eval_data") else []
+        self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
+        self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
         self.eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
 

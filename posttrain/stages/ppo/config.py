@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ...config import DistributedConfig, InputPath, ModelDir, LoraSection, Precision, Section, TrackingBackend
+from ...data import DataSource
 from ...engines import SamplingConfig, VLLMOptions
 from ...scoring import ScoringConfig
 
@@ -20,9 +21,10 @@ class PPOConfig(Section):
     """Frozen reference for the KL penalty; default: the starting policy."""
     value_model: ModelDir = None
     """Value model init; default: the reward model if the pipeline has one, else the starting policy."""
-    train_data: InputPath = None
-    """Prompts (conversational JSONL; the final assistant turn is dropped); default: the data stage's train split."""
-    eval_data: InputPath = None
+    train_data: DataSource = None
+    """Prompts (conversations: path, mapping or mixture; the final assistant turn is dropped); default: the data
+    stage's train split."""
+    eval_data: DataSource = None
     """Held-out prompts for accuracy before/after; default: the data stage's held-out split."""
     scoring: ScoringConfig = ScoringConfig()
     """Reward: reward model and/or rule rewards (weighted sum)."""

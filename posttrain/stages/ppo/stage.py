@@ -29,7 +29,7 @@ from ...algos import grpo as G
 from ...algos import ppo as F
 from ...algos.merge import ema_update
 from ...checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ...data import prompt_of, read_conversations
+from ...data import prompt_of, read_rows
 from ...dist.rank import all_ranks_masked_moments, all_ranks_mean, autocast, barrier, torch_dtype
 from ...dist.trainable import trainable
 from ...engines import generate_own, greedy_texts, make_engine, HFEngine
@@ -73,8 +73,8 @@ class PPO(Stage):
         self.rollout_model = (self.policy if plain_policy else
                               copy.deepcopy(self.policy).to(self.dtype).eval() if wants_copy else None)
         self._add_adapters()
-        self.rows = read_conversations(inp["train_data"])
-        self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_samples] if inp.get("eval_data") else []
+        self.rows = read_rows(inp["train_data"], seed=self.ctx.seed)
+        self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
         self.handles = {"policy": trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed,
                                             c.mini_batch_size, self.ctx.precision)}

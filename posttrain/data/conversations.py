@@ -9,9 +9,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
-from .chat import validate_roles
+from ..chat import validate_roles
 
 
 class DataError(ValueError):
@@ -81,8 +81,9 @@ def iter_conversations(
         yield lineno, obj
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows to `path` atomically (temp file + rename); return the row count."""
+def write_jsonl(path: str | Path, rows: Iterable[dict], default: Optional[Callable[[Any], Any]] = None) -> int:
+    """Write rows to `path` atomically (temp file + rename); return the row count. `default` is json.dumps'
+    fallback for values JSON has no type for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -90,7 +91,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     try:
         with os.fdopen(fd, "w") as f:
             for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
                 n += 1
         os.replace(tmp, path)
     except BaseException:
