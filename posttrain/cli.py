@@ -41,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.learning_rate=3e-4")
         if name != "show":
             sp.add_argument("--force", action="store_true", help="re-run the stage even if it is complete")
+        if name == "run":
+            sp.add_argument("--only", metavar="NAME", help="run only this stage (earlier stages' finished outputs "
+                                                            "are its inputs)")
+            sp.add_argument("--from", dest="start", metavar="NAME", help="run this stage and every later one, "
+                                                                          "even if complete")
     _data_parser(sub)
     return p
 
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         return _data_command(args)
     from .config import ConfigError, dump_config
     from .data import DataError
-    from .pipeline import load_pipeline, run_pipeline
+    from .pipeline import graph_lines, load_pipeline, run_pipeline
 
     try:
         cfg = load_pipeline(args.config, args.overrides)
@@ -130,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "show":
         print(dump_config(cfg), end="")
+        print("\n# stage graph: instance (kind) <- inputs")
+        for line in graph_lines(cfg):
+            print(f"#   {line}")
         return 0
     from .paths import check_writable_dir
 
@@ -139,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: {args.config}: run_dir: {err}", file=sys.stderr)
         return 2
     _setup_logging(run_dir)
-    only = None if args.command == "run" else args.command
+    only = args.only if args.command == "run" else args.command
     try:
-        summary = run_pipeline(cfg, only=only, force=args.force)
+        summary = run_pipeline(cfg, only=only, force=args.force, start=getattr(args, "start", None))
     except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:
         logging.getLogger("posttrain").error("error: %s", err)
         return 1

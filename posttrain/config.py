@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -38,11 +40,22 @@ InputPath = Annotated[Optional[str], AfterValidator(_must_exist)]
 """An optional path to something the user provides; it must exist when given."""
 
 
+ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
+"""`NAME.ARTIFACT`: an artifact of an earlier stage instance of the same pipeline (e.g. sft.model)."""
+
+
 def _model_dir(value: Optional[str]) -> Optional[str]:
     if value is not None and not _is_reference(value):
         _must_exist(value)
         check_model_dir(value)
     return value
+
+
+def _path_or_reference(value: Optional[str]) -> Optional[str]:
+    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model' "
+                     f"(relative paths are read from {os.getcwd()})")
 
 
 def _file(value: Optional[str]) -> Optional[str]:
@@ -52,12 +65,24 @@ def _file(value: Optional[str]) -> Optional[str]:
 
 
 def _is_reference(value: str) -> bool:
-    """`stage.artifact` (e.g. sft.model): resolved by the runner, not a path."""
-    return not Path(value).exists() and "." in value and "/" not in value and not value.startswith(".")
+    """`NAME.ARTIFACT` (e.g. sft.model): resolved by the runner (graph.resolve_references), not a path."""
+    return not Path(value).exists() and bool(ARTIFACT_REF.fullmatch(value))
 
 
 ModelDir = Annotated[Optional[str], AfterValidator(_model_dir)]
-"""An optional local model directory: a directory with config.json and whole safetensors weights."""
+"""An optional local model directory (config.json and whole safetensors weights) or a reference NAME.ARTIFACT."""
+ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
+"""An existing path of any kind (model, adapter or checkpoint folder) or a reference NAME.ARTIFACT."""
+
+
+def is_reference_field(info) -> bool:
+    """Whether a pydantic field (or the items of a list/dict field) is typed ModelDir or ModelRef."""
+    validators = {_model_dir, _path_or_reference}
+    metadata = list(info.metadata)
+    for arg in typing.get_args(info.annotation):
+        if typing.get_origin(arg) is Annotated:
+            metadata += list(typing.get_args(arg)[1:])
+    return any(getattr(m, "func", None) in validators for m in metadata)
 FilePath = Annotated[Optional[str], AfterValidator(_file)]
 """An optional path that must be an existing file (a recipe, a verifier file)."""
 
@@ -247,11 +272,14 @@ def format_validation_error(err: ValidationError, lines: dict, origins: dict, so
     return "invalid configuration:\n" + "\n".join(msgs)
 
 
-def load_config(model_cls: type[BaseModel], path: str | Path, overrides: list[str] = ()) -> Any:
-    """Load `path` (YAML) into `model_cls`, applying dotted overrides; raise ConfigError naming keys."""
+def load_config(model_cls, path: str | Path, overrides: list[str] = ()) -> Any:
+    """Load `path` (YAML) into `model_cls` (or `model_cls(data)`, a callable choosing the class from the raw
+    data), applying dotted overrides; raise ConfigError naming keys."""
     data, lines = read_yaml(path)
     data = copy.deepcopy(data)
     origins = apply_overrides(data, list(overrides))
+    if not isinstance(model_cls, type):
+        model_cls = model_cls(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as err:

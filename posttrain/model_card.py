@@ -9,59 +9,21 @@ eval and release stages both accept them).
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import AfterValidator
 
 from .manifest import read_manifest
 
-ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
-"""`<stage>.<kind>`, e.g. `sft.model`: an artifact of a stage of the same run."""
-MODEL_STAGES = ("sft", "distill", "ppo", "warp", "merge")
-"""Stages whose `model` artifact is a candidate for evaluation by default, in pipeline order."""
+MODEL_STAGES = ("sft", "distill", "dpo", "ppo", "warp", "merge")
+"""Stage kinds whose `model` artifact is a trained policy (what eval compares by default)."""
 
 
-def _path_or_reference(value: Optional[str]) -> Optional[str]:
-    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
-        return value
-    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model'")
-
-
-ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
-"""An existing path, or `<stage>.<kind>` naming an artifact of a stage of the same run."""
-
-
-def resolve_artifact(run_dir: str | Path, value: str, key: str) -> str:
-    """A path as given; `<stage>.<kind>` from that stage's complete manifest in `run_dir`.
-
-    `key` is the config key the value came from, named in the error.
-    """
-    if Path(value).exists() or not ARTIFACT_REF.fullmatch(value):
-        return value
-    stage, kind = ARTIFACT_REF.fullmatch(value).groups()
-    manifest = read_manifest(Path(run_dir) / stage) or {}
-    path = (manifest.get("artifacts") or {}).get(kind)
-    if manifest.get("status") != "complete" or not path:
-        status = manifest.get("status", "not run")
-        raise ValueError(f"{key}={value!r}: stage {stage!r} has no complete {kind!r} artifact in {run_dir} "
-                         f"(its status: {status}); run that stage first, or give a model directory")
-    return path
-
-
-def completed_models(run_dir: str | Path, stages: Optional[list[str]] = None) -> dict[str, str]:
-    """Stage name -> model path for every complete stage of MODEL_STAGES (restricted to `stages`)."""
-    found = {}
-    for name in MODEL_STAGES:
-        if stages is not None and name not in stages:
-            continue
-        manifest = read_manifest(Path(run_dir) / name) or {}
-        path = (manifest.get("artifacts") or {}).get("model")
-        if manifest.get("status") == "complete" and path:
-            found[name] = path
-    return found
+def completed_models(artifacts: dict, kinds: dict) -> dict[str, str]:
+    """Instance name -> model path of every earlier instance of a MODEL_STAGES kind that finished."""
+    return {name: artifacts[f"{name}.model"] for name, kind in kinds.items()
+            if kind in MODEL_STAGES and f"{name}.model" in artifacts}
 
 
 def recipe_identity(pipeline: Any) -> dict:

@@ -12,13 +12,16 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from pydantic import Field, create_model, field_validator
 
 from .config import ConfigError, Section, TrackingBackend, dump_config, load_config
 from .data import is_spec, source_files, source_json
+from .graph import (StageEntry, artifact_keys, check_entries, check_references, check_rule_files, entries,
+                    resolve_references)
+from .graph import references as references_in
 from .dist.launcher import run_distributed
 from .dist.rank import Precision, resolve_device
 from .manifest import (atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock,
@@ -47,40 +50,53 @@ class PipelineBase(Section):
     report_to: list[TrackingBackend] = []
     """Experiment trackers (tensorboard, wandb, trackio, mlflow) for the training stages; [] = nothing is
     sent anywhere. A stage's own `report_to` overrides it."""
-    stages: list[str]
-    """Stages to run, in order (e.g. [synth, base, sft])."""
+    stages: list[Union[str, StageEntry]]
+    """Stages to run, in order: a kind (e.g. [synth, base, sft]), or {name: NAME, kind: KIND} for a named
+    instance, so that a kind can run several times (each instance's settings are the section NAME)."""
 
     @field_validator("stages")
     @classmethod
-    def _known_unique(cls, names: list[str]) -> list[str]:
-        for n in names:
-            if n not in STAGE_MODULES:
-                raise ValueError(f"unknown stage {n!r}; known stages: {', '.join(STAGE_MODULES)}")
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"stage(s) listed twice: {sorted(dup)}")
-        return names
+    def _known_unique(cls, stages: list) -> list:
+        return check_entries(stages)
+
+    def instances(self) -> list[tuple[str, str]]:
+        """(name, kind) of every stage instance, in order."""
+        return entries(self.stages)
 
 
 @functools.cache
-def pipeline_model() -> type[PipelineBase]:
-    """PipelineBase plus one optional section per registered stage (its defaults apply when absent)."""
+def pipeline_model(named: tuple[tuple[str, str], ...] = ()) -> type[PipelineBase]:
+    """PipelineBase plus one optional section per stage kind and per named instance `(name, kind)` (its
+    kind's defaults apply when absent)."""
     fields = {}
-    for name in STAGE_MODULES:
-        cfg_cls = stage_class(name).Config
-        fields[name] = (cfg_cls, Field(default_factory=cfg_cls, description=f"Settings of the {name} stage."))
+    for name, kind in [(k, k) for k in STAGE_MODULES] + list(named):
+        cfg_cls = stage_class(kind).Config
+        fields[name] = (cfg_cls, Field(default_factory=cfg_cls, description=f"Settings of the {name} stage ({kind})."))
     return create_model("PipelineConfig", __base__=PipelineBase, **fields)
 
 
+def _named_instances(data: dict) -> tuple[tuple[str, str], ...]:
+    """The {name, kind} entries of a raw config's `stages` whose name is not a kind (well-formed ones only:
+    anything else is left to validation, which names the key and line)."""
+    found = []
+    for item in data.get("stages") or [] if isinstance(data.get("stages"), list) else []:
+        if isinstance(item, dict) and isinstance(item.get("name"), str) and item.get("kind") in STAGE_MODULES:
+            if item["name"] not in STAGE_MODULES:
+                found.append((item["name"], item["kind"]))
+    return tuple(found)
+
+
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineBase:
-    return load_config(pipeline_model(), path, overrides)
+    """Read and validate a pipeline config: unknown keys, wrong types and bad paths name the key and line."""
+    return load_config(lambda data: pipeline_model(_named_instances(data)), path, overrides)
 
 
 class MissingInput(ConfigError):
     """A stage input that no earlier stage produced and the config does not name."""
 
 
-def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict) -> tuple[dict, dict]:
+def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict, refs: Optional[dict] = None,
+                    check_only: bool = False) -> tuple[dict, dict]:
     """Input name -> path and -> fingerprint: an explicit config path wins over earlier artifacts.
 
     A data source given as a mapping or a list of them (a mixture), or as the name of a data set in the hub
@@ -89,15 +105,19 @@ def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict) -> tu
     inputs, input_fps = {}, {}
     for inp, key in stage_cls.consumes.items():
         explicit = getattr(cfg, inp, None)
+        if inp in (refs or {}):  # a reference NAME.ARTIFACT, already resolved to that artifact's path
+            inputs[inp], input_fps[inp] = artifacts[refs[inp]], fps[refs[inp]]
+            continue
         hub_name = isinstance(explicit, str) and not Path(explicit).exists() and explicit not in artifacts
         if is_spec(explicit) or hub_name:
             inputs[inp] = source_json(explicit)
-            input_fps[inp] = hash_json({"source": inputs[inp],
-                                        "files": {p: hash_path(p) for p in source_files(explicit)}})
+            if not check_only:
+                input_fps[inp] = hash_json({"source": inputs[inp],
+                                            "files": {p: hash_path(p) for p in source_files(explicit)}})
         elif explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
             inputs[inp], input_fps[inp] = artifacts[str(explicit)], fps[str(explicit)]  # a "stage.kind" reference
         elif explicit:
-            inputs[inp], input_fps[inp] = str(explicit), hash_path(explicit)
+            inputs[inp], input_fps[inp] = str(explicit), "" if check_only else hash_path(explicit)
         elif key in artifacts:
             inputs[inp], input_fps[inp] = artifacts[key], fps[key]
         elif inp not in stage_cls.optional_inputs:
@@ -183,59 +203,122 @@ def check_devices(cfg: PipelineBase, names: list[str]):
     return device
 
 
-def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = False) -> dict[str, dict]:
-    """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs)."""
-    names = list(cfg.stages) + ([only] if only and only not in cfg.stages else [])
-    device = check_devices(cfg, names)
-    check_trackers(cfg, names)
+def graph_lines(cfg: PipelineBase) -> list[str]:
+    """One line per stage instance: its kind and where each input comes from (`posttrain show`)."""
+    producers: dict[str, str] = {}
+    lines = []
+    for name, kind in cfg.instances():
+        stage_cls, scfg = stage_class(kind), getattr(cfg, name)
+        refs = dict(references_in(scfg))
+        sources = []
+        for inp, key in stage_cls.consumes.items():
+            explicit = getattr(scfg, inp, None)
+            origin = (refs.get(inp) or (source_json(explicit) if explicit is not None else None)
+                      or producers.get(key) or ("(none)" if inp in stage_cls.optional_inputs else "MISSING"))
+            sources.append(f"{inp}={origin}")
+        sources += [f"{key}={ref}" for key, ref in refs.items() if key not in stage_cls.consumes]
+        lines.append(f"{name} ({kind}) <- {', '.join(sources) or 'nothing'}")
+        for art in stage_cls.produces:
+            producers[art] = f"{name}.{art}"
+    return lines
+
+
+def plan(cfg: PipelineBase, only: Optional[str] = None, start: Optional[str] = None) -> list[tuple[str, str]]:
+    """The instances a run visits, in order: all of them; with `only` (an instance, or a kind not listed,
+    which is appended), that one with the earlier ones' finished outputs as inputs; with `start`, that one and
+    every later one. Raises ConfigError for a name that is not a stage of the pipeline."""
+    pairs = cfg.instances()
+    names = [n for n, _ in pairs]
+    for flag, value in (("--only", only), ("--from", start)):
+        if value is not None and value not in names and not (flag == "--only" and value in STAGE_MODULES):
+            raise ConfigError(f"{flag} {value}: not a stage of this pipeline (stages: {', '.join(names)})")
+    if only is not None and only not in names:
+        pairs = pairs + [(only, only)]
+    return pairs
+
+
+def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]) -> None:
+    """Everything that can be known before any work: every input of a stage that will run is produced by an
+    earlier stage or named by its config, every reference NAME.ARTIFACT names an earlier instance's artifact,
+    and every rule reward and hook file defines its function."""
+    artifacts: dict = {}
+    for name, kind in pairs:
+        stage_cls, scfg = stage_class(kind), getattr(cfg, name)
+        if name in targets:
+            refs = check_references(scfg, name, artifacts)
+            _resolve_inputs(name, stage_cls, scfg, artifacts, {k: "" for k in artifacts}, refs, check_only=True)
+            check_rule_files(scfg, name)
+        for key in artifact_keys(name, stage_cls.produces):
+            artifacts[key] = f"<{name} output>"
+
+
+def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = False,
+                 start: Optional[str] = None) -> dict[str, dict]:
+    """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs; or
+    `start` and everything after it, re-run even if complete)."""
+    pairs = plan(cfg, only, start)
+    names = [n for n, _ in pairs]
+    targets = set(names[names.index(start):] if start else [only] if only else names)
     try:
         run_dir = check_writable_dir(cfg.run_dir)
     except ValueError as err:
         raise ConfigError(f"run_dir: {err}") from None
+    device = check_devices(cfg, [n for n in names if n in targets])
+    check_trackers(cfg, [n for n in names if n in targets])
+    if only is None:
+        preflight(cfg, pairs, targets)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, log):
-        return _run_stages(cfg, names, run_dir, device, only, force)
+        return _run_stages(cfg, pairs, targets, run_dir, device, force=force or start is not None,
+                           forced=set(targets) if start else {only} if only else set())
 
 
-def _run_stages(cfg: PipelineBase, names: list[str], run_dir: Path, device, only: Optional[str], force: bool) -> dict:
+def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, device, force: bool,
+                forced: set) -> dict:
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     artifacts, fps, summary = {}, {}, {}
+    kinds = dict(pairs)
     prev = hash_json({"seed": cfg.seed})
-    for name in names:
-        stage_cls, scfg = stage_class(name), getattr(cfg, name)
-        target = only is None or name == only
+    for name, kind in pairs:
+        stage_cls, scfg = stage_class(kind), getattr(cfg, name)
+        target = name in targets
         try:
-            inputs, input_fps = _resolve_inputs(name, stage_cls, scfg, artifacts, fps)
-        except MissingInput:
+            scfg, refs = resolve_references(scfg, name, artifacts)
+            inputs, input_fps = _resolve_inputs(name, stage_cls, scfg, artifacts, fps, refs)
+        except ConfigError:
             if target:
                 raise
             continue  # an earlier stage that has not run: its artifacts are simply not available
+        input_fps.update({f"ref:{key}": fps[ref] for key, ref in refs.items() if key not in input_fps})
         # Defaults are left out of the hash so that a new config field (whose default keeps the old
-        # behaviour) does not invalidate finished runs; any value a config sets is hashed.
+        # behaviour) does not invalidate finished runs; any value a config sets is hashed. A named instance
+        # hashes its kind too; an unnamed one hashes as it always did.
         config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
-        fp = hash_json({"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
+        stage_id = name if name == kind else {"name": name, "kind": kind}
+        fp = hash_json({"stage": stage_id, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
                         "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev})
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg,
                                              device=device, device_request=cfg.device,
                                              precision=stage_precision(cfg, scfg),
-                                             report_to=stage_trackers(cfg, scfg)))
+                                             report_to=stage_trackers(cfg, scfg),
+                                             artifacts={k: v for k, v in artifacts.items() if "." in k},
+                                             kinds=kinds))
         outputs_there = all(Path(p).exists() for p in stage.artifacts().values())
         if is_complete(sdir, fp) and not outputs_there:
             log.warning("[%s] its manifest says complete but outputs are missing (%s): running it again", name,
                         ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()))
-        if is_complete(sdir, fp) and outputs_there and not (force and name == only):
+        if is_complete(sdir, fp) and outputs_there and not (force and name in forced):
             log.info("[%s] complete, skipped (config and inputs unchanged)", name)
             summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
         elif target:
             summary[name] = {"status": "ran", **_execute(stage, scfg, fp, inputs, run_dir)}
         else:
             continue
-        for kind, path in stage.artifacts().items():
-            for key in (kind, f"{name}.{kind}"):
-                artifacts[key], fps[key] = path, fp
+        for key in artifact_keys(name, stage_cls.produces):
+            artifacts[key], fps[key] = stage.artifacts()[key.split(".")[-1]], fp
         prev = fp
     return summary
 

@@ -445,8 +445,10 @@ def test_stage_reference_to_a_stage_that_has_not_run_is_refused(zoo, tmp_path):
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     path = _pipeline(tmp_path, {"models": [str(zoo["m0"]), "sft.model"]})
-    with pytest.raises(ValueError, match=r"merge.models\[1\]='sft.model': stage 'sft' has no complete 'model'"):
+    # refused before any work: the runner checks every reference against the stages before it
+    with pytest.raises(ValueError, match=r"merge.models.1='sft.model': no earlier stage produces this artifact"):
         run_pipeline(load_pipeline(path))
+    assert not (tmp_path / "run" / "merge").exists()
 
 
 def test_config_refuses_a_path_that_is_neither_file_nor_reference(tmp_path):

@@ -43,6 +43,10 @@ class StageContext:
     """fp32, bf16 or fp16: the stage's own `precision`, else the pipeline's."""
     report_to: list = field(default_factory=list)
     """Experiment trackers: the stage's own `report_to`, else the pipeline's (empty: none)."""
+    artifacts: dict = field(default_factory=dict)
+    """`NAME.KIND` -> path of every earlier instance's artifact in this run (what references resolve to)."""
+    kinds: dict = field(default_factory=dict)
+    """Instance name -> stage kind, for every stage of the pipeline."""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("posttrain"))
 
     @property

@@ -19,7 +19,7 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from ..config import ConfigError, InputPath, Precision, ProcessesConfig, Section
+from ..config import ConfigError, ModelRef, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
                           memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
@@ -27,7 +27,7 @@ from ..dist.rank import torch_dtype
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..models import check_model_dir, load_model
 from ..manifest import atomic_write_json, atomic_write_text
-from ..model_card import ModelRef, completed_models, recipe_identity, resolve_artifact
+from ..model_card import completed_models, recipe_identity
 from ..scoring import RuleSpec, Scorer, ScoringConfig
 from .base import Stage
 
@@ -131,10 +131,9 @@ class Eval(Stage):
     def _resolve_models(self) -> dict[str, str]:
         run_dir = self.ctx.dir.parent
         if self.cfg.models:
-            models = {name: resolve_artifact(run_dir, ref, f"eval.models.{name}")
-                      for name, ref in self.cfg.models.items()}
+            models = dict(self.cfg.models)  # references (sft.model) were resolved to paths by the runner
         else:
-            models = completed_models(run_dir, list(getattr(self.ctx.pipeline, "stages", None) or []) or None)
+            models = completed_models(self.ctx.artifacts, self.ctx.kinds)
             if not models:
                 raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, ppo or merge stage is complete "
                                   f"in {run_dir}; name model directories or references in eval.models")

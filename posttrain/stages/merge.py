@@ -12,29 +12,13 @@ the stage's metrics: method, backend taken, inputs with their hashes, weights an
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Literal, Optional
 
-from pydantic import AfterValidator, Field
+from pydantic import Field
 
-from ..config import Section
-from ..manifest import read_manifest
+from ..config import ModelRef, Section
 from ..merging import METHODS, merge_models
 from .base import Stage
-
-ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
-
-
-def _path_or_reference(value: Optional[str]) -> Optional[str]:
-    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
-        return value
-    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model'")
-
-
-ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
-"""An existing path, or `<stage>.<kind>` naming an artifact of an earlier stage of the same run."""
-
 
 class MergeConfig(Section):
     """Config of the merge stage."""
@@ -86,25 +70,13 @@ class Merge(Stage):
     def setup(self) -> None:
         c = self.cfg
         latest = self.ctx.inputs.get("model") if c.use_latest_model else None
-        self.inputs = ([latest] if latest else []) + [self._resolve(m, f"merge.models[{i}]")
-                                                      for i, m in enumerate(c.models)]
-        self.base = self._resolve(c.base, "merge.base") if c.base else None
+        # references (sft.model) were resolved to paths by the runner
+        self.inputs = ([latest] if latest else []) + list(c.models)
+        self.base = c.base
         if not self.inputs:
             raise ValueError("merge: no models to merge: list them in merge.models (no earlier stage produced a model)")
         self.log.info("[merge] %s of %s%s", c.method, ", ".join(self.inputs),
                       f" with base {self.base}" if self.base else "")
-
-    def _resolve(self, value: str, key: str) -> str:
-        """A path as given; `<stage>.<kind>` from that stage's complete manifest in this run dir."""
-        if Path(value).exists() or not ARTIFACT_REF.fullmatch(value):
-            return value
-        stage, kind = ARTIFACT_REF.fullmatch(value).groups()
-        manifest = read_manifest(self.ctx.dir.parent / stage) or {}
-        path = (manifest.get("artifacts") or {}).get(kind)
-        if manifest.get("status") != "complete" or not path:
-            raise ValueError(f"{key}={value!r}: stage {stage!r} has no complete {kind!r} artifact in "
-                             f"{self.ctx.dir.parent} (run that stage first, or give a path)")
-        return path
 
     def train(self) -> dict:
         c = self.cfg

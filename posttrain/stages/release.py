@@ -22,9 +22,9 @@ from typing import Optional
 
 from pydantic import field_validator
 
-from ..config import ConfigError, Section
+from ..config import ConfigError, ModelRef, Section
 from ..manifest import atomic_dir, atomic_write_text, read_manifest
-from ..model_card import ModelRef, data_summary, read_lineage, recipe_identity, render_model_card, resolve_artifact
+from ..model_card import data_summary, read_lineage, recipe_identity, render_model_card
 from .base import Stage
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -86,7 +86,7 @@ class Release(Stage):
 
         self.token = self._push_token()  # before anything is written
         run_dir = self.ctx.dir.parent
-        self.model_dir = str(check_model_dir(resolve_artifact(run_dir, self.ctx.inputs["model"], "release.model")))
+        self.model_dir = str(check_model_dir(self.ctx.inputs["model"]))
         self.release_name = (self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name)
 
     def _push_token(self) -> Optional[str]:

@@ -1,0 +1,183 @@
+"""A pipeline as a graph of named stage instances, and everything about it that can be checked before work.
+
+`stages:` lists instances in order. An entry is a stage kind (`sft`: an instance named after its kind) or
+`{name: teacher_sft, kind: sft}`; a kind may appear any number of times, and each instance's settings
+live in the section named after the instance. An instance reads its inputs from the latest earlier
+producer of each artifact kind (the rule of a plain list), or from what its config names: a path, or a
+reference `NAME.ARTIFACT` to an earlier instance's artifact (`model: teacher_sft.model`).
+
+`references` finds the fields that may hold such references (typed ModelDir or ModelRef in config.py);
+`resolve_references` replaces them by paths — the only place references are resolved. `check_rule_files`
+finds every rule reward and hook a config names and checks that its file defines the function (by
+reading the file, without running it).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, Field, field_validator
+
+from .config import ARTIFACT_REF, ConfigError, Section, is_reference_field
+
+TOP_LEVEL = {"run_dir", "seed", "threads", "device", "precision", "report_to", "stages"}
+"""Keys of the pipeline itself, which no instance may be named."""
+
+
+class StageEntry(Section):
+    """One named instance of a stage kind."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    """Instance name: its config section, its directory under run_dir, and NAME in references NAME.ARTIFACT."""
+    kind: str
+    """Stage kind (synth, base, sft, distill, prefs, rm, dpo, ppo, warp, merge, eval, release, ...)."""
+
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, kind: str) -> str:
+        from .stages import STAGE_MODULES
+
+        if kind not in STAGE_MODULES:
+            raise ValueError(f"unknown stage kind {kind!r}; known kinds: {', '.join(STAGE_MODULES)}")
+        return kind
+
+
+def entries(stages: list) -> list[tuple[str, str]]:
+    """(name, kind) of each `stages:` entry, in order; a plain kind names itself."""
+    return [(s, s) if isinstance(s, str) else (s.name, s.kind) for s in stages]
+
+
+def check_entries(stages: list) -> list:
+    """Known kinds, unique names that do not shadow a pipeline key."""
+    from .stages import STAGE_MODULES
+
+    pairs = entries(stages)
+    for name, kind in pairs:
+        if kind not in STAGE_MODULES:
+            raise ValueError(f"unknown stage {kind!r}; known stages: {', '.join(STAGE_MODULES)} "
+                             f"(or an entry {{name: NAME, kind: KIND}})")
+        if name in TOP_LEVEL:
+            raise ValueError(f"stage name {name!r} is a pipeline key; choose another name")
+        if name in STAGE_MODULES and name != kind:
+            raise ValueError(f"stage name {name!r} is the name of another stage kind; choose another name")
+    names = [n for n, _ in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"stage name(s) listed twice: {dup}; give repeated kinds their own names: "
+                         f"{{name: NAME, kind: KIND}}")
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------
+# References NAME.ARTIFACT
+
+
+def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every reference `NAME.ARTIFACT` in fields that may hold one (recursively)."""
+    for field_name, info in type(section).model_fields.items():
+        value = getattr(section, field_name)
+        key = f"{prefix}{field_name}"
+        if isinstance(value, BaseModel):
+            yield from references(value, key + ".")
+        elif is_reference_field(info):
+            items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list)
+                     else [(None, value)])
+            for sub, item in items:
+                if _is_reference(item):
+                    yield (key if sub is None else f"{key}.{sub}"), item
+
+
+def _is_reference(value) -> bool:
+    return isinstance(value, str) and bool(ARTIFACT_REF.fullmatch(value)) and not Path(value).exists()
+
+
+def check_references(section: BaseModel, stage: str, artifacts: dict) -> dict[str, str]:
+    """Dotted key -> reference of every reference in `section`; one that no earlier instance produces is a
+    ConfigError naming the key and the artifacts that do exist."""
+    found = dict(references(section))
+    for key, ref in found.items():
+        if ref not in artifacts:
+            known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
+            raise ConfigError(f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
+                              f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path")
+    return found
+
+
+def resolve_references(section: BaseModel, stage: str, artifacts: dict) -> tuple[BaseModel, dict[str, str]]:
+    """A copy of `section` with every reference replaced by the artifact's path, and key -> reference of
+    each (for fingerprints)."""
+    found = check_references(section, stage, artifacts)
+    if not found:
+        return section, {}
+    data = section.model_dump()
+    for key, ref in found.items():
+        _set(data, key.split("."), artifacts[ref])
+    return type(section).model_validate(data), found
+
+
+def _set(tree, path: list[str], value) -> None:
+    for part in path[:-1]:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    last = path[-1]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# Rule rewards and hooks named by file and function
+
+
+def _function_names(path: Path) -> set[str]:
+    """Top-level functions and callables assigned at top level in a Python file, read without running it."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid Python: {err.msg}") from None
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+def function_specs(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """(dotted key, file, function) of every rule reward (`{path, function}`) and hook ('file.py:function')."""
+    for field_name in type(section).model_fields:
+        value = getattr(section, field_name)
+        key = f"{prefix}{field_name}"
+        if isinstance(value, BaseModel):
+            if {"path", "function"} <= set(type(value).model_fields):
+                yield key, value.path, value.function
+            else:
+                yield from function_specs(value, key + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from function_specs(item, f"{key}.{i}.") if not {"path", "function"} <= set(
+                        type(item).model_fields) else [(f"{key}.{i}", item.path, item.function)]
+        elif isinstance(value, str) and ".py:" in value:
+            path, function = value.rsplit(":", 1)
+            yield key, path, function
+
+
+def check_rule_files(section: BaseModel, stage: str) -> None:
+    """Every rule reward and hook names an existing file that defines the function."""
+    for key, path, function in function_specs(section):
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{stage}.{key}: file not found: {path} (relative paths are read from {Path.cwd()})")
+        if function not in _function_names(file):
+            raise ConfigError(f"{stage}.{key}: {path} defines no function {function!r} at its top level")
+
+
+def artifact_keys(name: str, produces: dict) -> list[str]:
+    """The keys an instance's artifacts are found under: the kind (latest producer) and NAME.KIND."""
+    return [k for kind in produces for k in (kind, f"{name}.{kind}")]

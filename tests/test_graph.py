@@ -1,0 +1,92 @@
+"""Recipes as a graph: a stage kind several times under its own names, inputs by reference NAME.ARTIFACT,
+everything checked before any work, --only / --from, and `posttrain show` printing the graph."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from posttrain.config import ConfigError
+from posttrain.data import write_jsonl
+from posttrain.manifest import read_manifest
+from posttrain.pipeline import load_pipeline, run_pipeline
+
+from .conftest import make_rows, write_pipeline
+
+TWO_SFTS = """stages: [{{name: first, kind: sft}}, {{name: second, kind: sft}}]
+first: {{model: {model}, train_data: {data}, max_steps: 2, batch_size: 8, eval_samples: 0}}
+second: {{model: first.model, train_data: {data}, max_steps: 2, batch_size: 8, eval_samples: 0, learning_rate: 5.0e-4}}
+"""
+
+
+def _two_sfts(tmp_path, model_dir, extra: str = "") -> str:
+    write_jsonl(tmp_path / "train.jsonl", make_rows(32, seed=1))
+    return write_pipeline(tmp_path, TWO_SFTS.format(model=model_dir, data=tmp_path / "train.jsonl") + extra)
+
+
+def test_a_kind_twice_with_a_reference_between_them(tmp_path, tiny_model_dir):
+    cfg = load_pipeline(_two_sfts(tmp_path, tiny_model_dir))
+    assert cfg.instances() == [("first", "sft"), ("second", "sft")] and cfg.second.learning_rate == 5e-4
+    summary = run_pipeline(cfg)
+    assert set(summary) == {"first", "second"} and all(s["status"] == "ran" for s in summary.values())
+    second = read_manifest(tmp_path / "run" / "second")
+    assert second["inputs"]["model"] == str(tmp_path / "run" / "first" / "model")
+    # unchanged: both skipped; a change to the first re-runs both (the second's input changed)
+    assert all(s["status"] == "skipped" for s in run_pipeline(load_pipeline(_two_sfts(tmp_path, tiny_model_dir))).values())
+    again = run_pipeline(load_pipeline(_two_sfts(tmp_path, tiny_model_dir), ["first.max_steps=3"]))
+    assert again["first"]["status"] == again["second"]["status"] == "ran"
+
+
+BAD = {
+    "a reference to a stage that does not exist": (
+        "stages: [{name: first, kind: sft}]\nfirst: {model: third.model}\n",
+        r"first.model='third.model': no earlier stage produces this artifact"),
+    "a reference to a later stage": (
+        "stages: [{name: first, kind: sft}, {name: second, kind: sft}]\nfirst: {model: second.model}\n",
+        r"first.model='second.model': no earlier stage produces this artifact"),
+    "a name twice": ("stages: [{name: first, kind: sft}, {name: first, kind: sft}]\n",
+                     r"stage name\(s\) listed twice: \['first'\]"),
+    "an unknown kind": ("stages: [{name: first, kind: sfx}]\n", r"unknown stage kind 'sfx'"),
+    "a pipeline key as a name": ("stages: [{name: seed, kind: sft}]\n", r"stage name 'seed' is a pipeline key"),
+    "a typo in a named section": ("stages: [{name: first, kind: sft}]\nfirst: {max_step: 3}\n",
+                                  r"first.max_step: unknown key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_graph_errors_name_the_key_before_any_work(tmp_path, case):
+    body, message = BAD[case]
+    with pytest.raises(ConfigError, match=message):
+        run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
+    assert not (tmp_path / "run" / "first").exists()
+
+
+def test_missing_rule_function_of_a_later_stage_stops_the_run_before_the_first_stage(tmp_path, tiny_model_dir):
+    (tmp_path / "r.py").write_text("def longer(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    extra = (f"ppo: {{train_data: {tmp_path / 'train.jsonl'}, scoring: {{rules: "
+             f"[{{path: {tmp_path / 'r.py'}, function: shorter}}]}}}}\n")
+    path = _two_sfts(tmp_path, tiny_model_dir, extra)
+    (tmp_path / "pipeline.yaml").write_text(open(path).read().replace(
+        "stages: [{name: first, kind: sft}, {name: second, kind: sft}]",
+        "stages: [{name: first, kind: sft}, {name: second, kind: sft}, ppo]"))
+    with pytest.raises(ConfigError, match=r"ppo.scoring.rules.0: .*r.py defines no function 'shorter'"):
+        run_pipeline(load_pipeline(tmp_path / "pipeline.yaml"))
+    assert not (tmp_path / "run" / "first").exists()
+
+
+def test_only_and_from_and_show(tmp_path, tiny_model_dir):
+    path = _two_sfts(tmp_path, tiny_model_dir)
+    cli = [sys.executable, "-m", "posttrain.cli"]
+    shown = subprocess.run(cli + ["show", path], capture_output=True, text=True, check=True).stdout
+    assert "#   second (sft) <- model=first.model" in shown
+    out = subprocess.run(cli + ["run", path, "--only", "second"], capture_output=True, text=True)
+    assert out.returncode == 1 and "second.model='first.model'" in out.stderr  # first has not run
+    subprocess.run(cli + ["run", path, "--only", "first"], check=True, capture_output=True)
+    assert not (tmp_path / "run" / "second").exists()
+    subprocess.run(cli + ["run", path, "--only", "second"], check=True, capture_output=True)
+    started = {n: read_manifest(tmp_path / "run" / n)["started"] for n in ("first", "second")}
+    out = subprocess.run(cli + ["run", path, "--from", "second"], capture_output=True, text=True, check=True)
+    assert read_manifest(tmp_path / "run" / "first")["started"] == started["first"]  # before --from: kept
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["second"]["status"] == "ran"
+    bad = subprocess.run(cli + ["run", path, "--from", "third"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--from third: not a stage of this pipeline" in bad.stderr
