@@ -20,7 +20,7 @@ from .manifest import read_manifest
 
 ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
 """`<stage>.<kind>`, e.g. `sft.model`: an artifact of a stage of the same run."""
-MODEL_STAGES = ("sft", "distill", "ppo", "warp", "merge")
+MODEL_STAGES = ("sft", "distill", "dpo", "ppo", "warp", "merge")
 """Stages whose `model` artifact is a candidate for evaluation by default, in pipeline order."""
 
 

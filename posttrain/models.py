@@ -244,6 +244,18 @@ def start_model_dir(stage_dir: Path, trainer, is_main: bool) -> tuple[Path, Path
     return final, partial
 
 
+def save_trainer_weights(trainer, partial: Path, merge_lora: bool, is_main: bool) -> None:
+    """Write a Trainer's trained weights into `partial` (from `start_model_dir`; every rank calls this):
+    LoRA adapters merged into the weights (rank 0 writes), or the model as trained, which
+    `save_model` gathers from ZeRO-3 shards on every rank."""
+    if merge_lora:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if is_main:
+            merged.save_pretrained(partial, safe_serialization=True)
+    else:
+        trainer.save_model(str(partial))
+
+
 def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True) -> Path:
     """Complete a directory a Trainer saved weights into, then move it into place in one rename:
     tokenizer, generation config (for models that generate), and no `training_args.bin` pickle."""
