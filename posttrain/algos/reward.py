@@ -8,7 +8,8 @@ References
 - Touvron et al. 2023 (Llama 2), section 3.2.2: a margin m inside the sigmoid, −log σ(r_c − r_r − m).
 - Eisenstein et al. 2023, "Helping or Herding?": the reward-centring penalty mean((r_c + r_r)²).
 - Meng, Xia, Chen 2024, "SimPO", eq. 4: the reference-free implicit reward
-  r(x, y) = β/|y| · log π(y|x), the length-normalised log-likelihood of the answer.
+  r(x, y) = β/|y| · log π(y|x), the length-normalised log-likelihood of the answer; eq. 6: the SimPO loss
+  −log σ(r(x, y_w) − r(x, y_l) − γ), a Bradley-Terry loss with a fixed target reward margin γ.
 """
 from __future__ import annotations
 
@@ -32,3 +33,11 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
+
+
+def simpo_loss(chosen_logp: torch.Tensor, chosen_mask: torch.Tensor, rejected_logp: torch.Tensor,
+               rejected_mask: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6) from per-token logprobs: mean over pairs of
+    −log σ(β/|y_w| · log π(y_w|x) − β/|y_l| · log π(y_l|x) − γ). No reference model."""
+    return bradley_terry_loss(implicit_reward(chosen_logp, chosen_mask, beta),
+                              implicit_reward(rejected_logp, rejected_mask, beta), torch.tensor(gamma))

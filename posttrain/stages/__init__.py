@@ -12,6 +12,7 @@ STAGE_MODULES = {
     "sft": "posttrain.stages.sft",
     "prefs": "posttrain.stages.prefs",
     "rm": "posttrain.stages.rm",
+    "dpo": "posttrain.stages.dpo",
     "distill": "posttrain.stages.distill",
     "ppo": "posttrain.stages.ppo",
     "warp": "posttrain.stages.warp",

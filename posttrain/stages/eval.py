@@ -53,7 +53,7 @@ class EvalConfig(Section):
 
     models: dict[str, ModelRef] = {}
     """Name -> model directory or artifact reference (e.g. {sft: sft.model, ppo: ppo.model}); default:
-    every complete sft, distill, ppo and merge stage of this run."""
+    every complete sft, distill, dpo, ppo, warp and merge stage of this run."""
     baseline: Optional[str] = None
     """Name (a key of models) the others are compared against; default: sft when present, else the first."""
     eval_data: DataSource = None
@@ -135,8 +135,8 @@ class Eval(Stage):
         else:
             models = completed_models(self.ctx.artifacts, self.ctx.kinds)
             if not models:
-                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, ppo or merge stage is complete "
-                                  f"in {run_dir}; name model directories or references in eval.models")
+                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, dpo, ppo, warp or merge stage is "
+                                  f"complete in {run_dir}; name model directories or references in eval.models")
         for name, path in models.items():
             try:
                 check_model_dir(path)
