@@ -188,7 +188,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 
 def load_model(path: str | Path, trust_remote_code: bool = False, dtype: Optional[str] = None, kind: str = "causal_lm"):
-    """Load a local model directory (safetensors only). `kind`: causal_lm or reward (sequence scorer).
+    """Load a local model directory (safetensors only). `kind`: causal_lm, reward (a one-output sequence
+    scorer, its head new if `path` holds a causal LM) or classifier (a sequence classifier with the labels
+    its config names).
 
     A LoRA adapter directory is loaded onto its recorded base model and merged.
     """

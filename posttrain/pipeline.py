@@ -124,10 +124,14 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
         # Defaults are left out of the hash so that a new config field (whose default keeps the old
         # behaviour) does not invalidate finished runs; any value a config sets is hashed.
         config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
-        fp = hash_json({"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
-                        "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev})
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg))
+        payload = {"stage": name, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
+                   "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev}
+        extra = stage.fingerprint_extra()
+        if extra:  # only when there is any: stages without it keep the fingerprints of finished runs
+            payload["derived"] = extra
+        fp = hash_json(payload)
         if is_complete(sdir, fp) and not (force and name == only):
             log.info("[%s] complete, skipped (config and inputs unchanged)", name)
             summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
