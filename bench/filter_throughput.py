@@ -166,36 +166,49 @@ def child_io(args) -> dict:
 
 
 def child_datasketch(args) -> dict:
-    """Near-dedup the datasketch way (one MinHash + LSH query/insert per row) vs our NearDupIndex."""
+    """Near-dedup the datasketch way (MinHash objects, one LSH query/insert per row) vs our NearDupIndex,
+    both with the stage's rule and defaults: rows with answers of 16+ words, answer Jaccard >= 0.7 found by
+    LSH, prompt Jaccard >= 0.05 confirmed."""
     from datasketch import MinHash, MinHashLSH
 
     from posttrain.dedup import NearDupIndex
     from posttrain.filters import normalise
 
-    texts = []
+    prompts, answers = [], []
     with open(args.src) as f:
         for line in f:
-            texts.append(normalise(" ".join(m["content"] for m in json.loads(line)["messages"])))
+            msgs = json.loads(line)["messages"]
+            prompts.append(" ".join(normalise(m["content"]) for m in msgs if m["role"] != "assistant"))
+            answers.append(" ".join(normalise(m["content"]) for m in msgs if m["role"] == "assistant"))
     sampler = RSSSampler()
-    out = {"rows": len(texts)}
-    ours = NearDupIndex(0.8, 128, 5, "chars")
+    out = {"rows": len(answers)}
+    ours = NearDupIndex()
     base, t0, cpu0 = sampler.rss(), time.perf_counter(), time.process_time()
     dups = 0
-    for i in range(0, len(texts), 1024):
-        dups += sum(d is not None for d in ours.add_batch(texts[i:i + 1024], list(range(i, i + 1024))))
+    for i in range(0, len(answers), 1024):
+        found = ours.add_batch(prompts[i:i + 1024], answers[i:i + 1024], list(range(i, i + 1024)))
+        dups += sum(d is not None for d in found)
     out["ours"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "dropped": dups,
                    "rss_growth": sampler.rss() - base, "index_bytes": ours.nbytes}
     del ours
-    lsh, template = MinHashLSH(threshold=0.8, num_perm=128), MinHash(num_perm=128, seed=1)
-    base, t0, cpu0 = sampler.rss(), time.perf_counter(), time.process_time()
-    dups = 0
-    for i, text in enumerate(texts):
+    lsh, template, kept = MinHashLSH(threshold=0.7, num_perm=128), MinHash(num_perm=128, seed=1), {}
+
+    def minhash(text: str) -> MinHash:
         m = template.copy()
         m.update_batch([text[j:j + 5].encode() for j in range(max(len(text) - 4, 1))])
-        if lsh.query(m):
+        return m
+
+    base, t0, cpu0 = sampler.rss(), time.perf_counter(), time.process_time()
+    dups = 0
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        if answer.count(" ") + 1 < 16:
+            continue
+        a, p = minhash(answer), minhash(prompt)
+        if any(a.jaccard(kept[c][0]) >= 0.7 and p.jaccard(kept[c][1]) >= 0.05 for c in lsh.query(a)):
             dups += 1
         else:
-            lsh.insert(i, m)
+            lsh.insert(i, a)
+            kept[i] = (a, p)
     out["datasketch"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
                          "dropped": dups, "rss_growth": sampler.rss() - base}
     return out
@@ -303,7 +316,8 @@ def report(args, mix, runs, per_filter, near) -> None:
         print(f"{name:<14}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}{r['cpu_seconds'] / all_cpu:>10.2f}"
               f"{sum(r['dropped'].values()):>9}")
     o, d = near["ours"], near["datasketch"]
-    print(f"\nnear-dedup alone on {near['rows']} rows (threshold 0.8, 128 perms, char 5-grams):")
+    print(f"\nnear-dedup alone on {near['rows']} rows (stage defaults: answers of 16+ words, answer Jaccard >= 0.7, "
+          f"prompt >= 0.05, 128 perms, char 5-grams):")
     for name, r in (("ours (batched, compact)", o), ("datasketch MinHash+LSH", d)):
         print(f"  {name:<24}{near['rows'] / r['cpu_seconds']:>8.0f} rows/cpu-s  +{mb(r['rss_growth']):.0f}M RSS  "
               f"{r['dropped']} dropped")

@@ -1,16 +1,17 @@
 """Dedup indexes that keep only hashes, never rows.
 
 Exact duplicates: a 64-bit hash of the normalised text (`filters.hash64`). Near duplicates: MinHash
-signatures (datasketch's default 'affine32' permutations, computed for a whole batch at once with numpy)
-cut into LSH bands; band keys live in sorted numpy runs (~16 bytes each) and each kept row leaves one
-byte per permutation, enough to check an LSH candidate's estimated Jaccard similarity against the
-threshold (b-bit MinHash, Li & Koenig 2010) instead of trusting every band collision.
+signatures of each row's answer and prompt (datasketch's default 'affine32' permutations, computed for a
+whole batch at once with numpy); the answer's are cut into LSH bands, whose keys live in sorted numpy
+runs (~16 bytes each), and each kept row leaves one byte per permutation, enough to check an LSH
+candidate's estimated Jaccard similarity against the thresholds (b-bit MinHash, Li & Koenig 2010)
+instead of trusting every band collision.
 """
 from __future__ import annotations
 
 import zlib
 from array import array
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -91,23 +92,46 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
+class NearMatch(NamedTuple):
+    """An earlier kept row a new row nearly repeats, with the estimated similarities that matched."""
+
+    line: int
+    """Line of the earlier row in its file."""
+    answer_similarity: float
+    """Estimated Jaccard similarity of the two answers' shingle sets."""
+    prompt_similarity: float
+    """Estimated Jaccard similarity of the two prompts' shingle sets."""
+
+
 class NearDupIndex:
-    """Streaming MinHash-LSH near-duplicate detection over normalised texts (keep the first of a group).
+    """Streaming MinHash-LSH near-duplicate detection of conversations (keep the first of a group).
+
+    A row nearly repeats an earlier kept row when its answer does (estimated Jaccard similarity of the
+    two answers' shingle sets >= `threshold`) and its prompt shares text with that row's prompt
+    (>= `prompt_threshold`). The answer leads because it is where template rows differ: "Sort these
+    numbers: 2, 5, 2" and "Sort these numbers: 8, 1, 3" share most of their text but not their answers,
+    while a copy with a few words changed, or the same answer under a reworded prompt, repeats the
+    answer. The low prompt floor keeps most rows where one long canned answer (a refusal, a deferral) is
+    given to unrelated prompts. Answers shorter than `min_answer_words` words are not compared at all:
+    short answers ("7", "I can't help with that.") repeat by coincidence, so such rows are left to exact
+    dedup. The defaults are measured: bench/dedup_quality.py.
 
     Shingles are `shingle_size` consecutive characters (or words). Signatures equal datasketch's
-    `MinHash(num_perm, seed)` fed the same shingle hashes; (bands, rows) are what datasketch's
-    `MinHashLSH` picks for the threshold. A band collision is confirmed by the candidate's stored 1-byte
-    signature: estimated Jaccard >= threshold.
+    `MinHash(num_perm, seed)` fed the same shingle hashes. Candidates come from LSH bands of the answer
+    signature, (bands, rows) as datasketch's `MinHashLSH` picks them for the threshold; each band key
+    remembers the first row that had it. A candidate is confirmed with its stored 1-byte-per-permutation
+    signatures (b-bit MinHash, Li & Koenig 2010) instead of trusting every band collision.
     """
 
     CHUNK = 1 << 16
     SHINGLE_BUDGET = 1 << 15  # shingles per numpy block: the (num_perm x shingles) buffer is ~16 MB
 
-    def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle_size: int = 5, unit: str = "chars",
-                 seed: int = 1):
+    def __init__(self, threshold: float = 0.7, prompt_threshold: float = 0.05, min_answer_words: int = 16,
+                 num_perm: int = 128, shingle_size: int = 5, unit: str = "chars", seed: int = 1):
         from datasketch import MinHash, MinHashLSH
 
-        self.threshold, self.num_perm, self.k, self.unit = threshold, num_perm, shingle_size, unit
+        self.threshold, self.prompt_threshold, self.min_answer_words = threshold, prompt_threshold, min_answer_words
+        self.num_perm, self.k, self.unit = num_perm, shingle_size, unit
         lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.bands, self.rows = lsh.b, lsh.r
         perm = MinHash(num_perm=num_perm, seed=seed).permutations  # affine32: odd a, any b, uint32
@@ -116,7 +140,8 @@ class NearDupIndex:
         self.band_mult = rng.randint(0, 1 << 62, size=(self.bands, self.rows), dtype=np.uint64) * 4 + 1
         self.index = HashIndex()
         self._buffer: Optional[np.ndarray] = None
-        self.chunks: list[np.ndarray] = []
+        self.answer_chunks: list[np.ndarray] = []
+        self.prompt_chunks: list[np.ndarray] = []
         self.lines = array("q")
 
     def _tokens(self, text: str) -> np.ndarray:
@@ -176,43 +201,60 @@ class NearDupIndex:
 
     @staticmethod
     def estimate_jaccard(small_a: np.ndarray, small_b: np.ndarray) -> float:
-        """Jaccard estimate from two 1-byte-per-permutation signatures (chance agreement 1/256 removed)."""
+        """Jaccard estimate from two 1-byte-per-permutation signatures (chance agreement 1/256 removed;
+        never below 0, so a threshold of 0 accepts every pair)."""
         agree = np.count_nonzero(small_a == small_b) / len(small_a)
-        return (agree - 1 / 256) / (1 - 1 / 256)
+        return max(0.0, (agree - 1 / 256) / (1 - 1 / 256))
 
-    def _similar(self, small: np.ndarray, slot: int) -> bool:
-        stored = self.chunks[slot // self.CHUNK][slot % self.CHUNK]
-        return self.estimate_jaccard(small, stored) >= self.threshold
+    def _match(self, answer: np.ndarray, prompt: np.ndarray, slot: int) -> Optional[NearMatch]:
+        chunk, at = divmod(slot, self.CHUNK)
+        a_sim = self.estimate_jaccard(answer, self.answer_chunks[chunk][at])
+        if a_sim < self.threshold:
+            return None
+        p_sim = self.estimate_jaccard(prompt, self.prompt_chunks[chunk][at])
+        return NearMatch(self.lines[slot], a_sim, p_sim) if p_sim >= self.prompt_threshold else None
 
-    def _store(self, small: np.ndarray, line: int) -> int:
+    def _store(self, answer: np.ndarray, prompt: np.ndarray, line: int) -> int:
         slot = len(self.lines)
         if slot % self.CHUNK == 0:
-            self.chunks.append(np.empty((self.CHUNK, self.num_perm), dtype=np.uint8))
-        self.chunks[-1][slot % self.CHUNK] = small
+            self.answer_chunks.append(np.empty((self.CHUNK, self.num_perm), dtype=np.uint8))
+            self.prompt_chunks.append(np.empty((self.CHUNK, self.num_perm), dtype=np.uint8))
+        self.answer_chunks[-1][slot % self.CHUNK] = answer
+        self.prompt_chunks[-1][slot % self.CHUNK] = prompt
         self.lines.append(line)
         return slot
 
-    def add_batch(self, texts: Sequence[str], lines: Sequence[int]) -> list[Optional[int]]:
-        """For each text in order: the line of an earlier near-duplicate, or None (then it is indexed)."""
-        if not texts:
-            return []
-        sigs = self.signatures(texts)
+    def eligible(self, answer: str) -> bool:
+        """Whether an answer (normalised text) is long enough to be compared."""
+        return answer.count(" ") + 1 >= self.min_answer_words if answer else self.min_answer_words <= 0
+
+    def add_batch(self, prompts: Sequence[str], answers: Sequence[str],
+                  lines: Sequence[int]) -> list[Optional[NearMatch]]:
+        """For each row in order (normalised prompt and answer texts): the earlier kept row it nearly
+        repeats, or None (then it is indexed, if its answer is long enough to be compared)."""
+        out: list[Optional[NearMatch]] = [None] * len(answers)
+        todo = [i for i, a in enumerate(answers) if self.eligible(a)]
+        if not todo:
+            return out
+        sigs = self.signatures([answers[i] for i in todo])
         keys = self.band_keys(sigs)
         found = self.index.lookup(keys.ravel()).reshape(keys.shape).tolist()
         small = (sigs & np.uint32(0xFF)).astype(np.uint8)
-        out = []
-        for i, (row_keys, row_found) in enumerate(zip(keys.tolist(), found)):
+        small_prompt = (self.signatures([prompts[i] for i in todo]) & np.uint32(0xFF)).astype(np.uint8)
+        pending = self.index.pending
+        for j, (i, row_keys, row_found) in enumerate(zip(todo, keys.tolist(), found)):
             candidates = {v for v in row_found if v >= 0}
-            candidates.update(self.index.pending[k] for k in row_keys if k in self.index.pending)
-            dup = next((c for c in sorted(candidates) if self._similar(small[i], c)), None)
-            if dup is None:
-                slot = self._store(small[i], lines[i])
+            candidates.update(pending[k] for k in row_keys if k in pending)
+            match = next(filter(None, (self._match(small[j], small_prompt[j], c) for c in sorted(candidates))), None)
+            if match is None:
+                slot = self._store(small[j], small_prompt[j], lines[i])
                 for k in row_keys:
-                    self.index.pending.setdefault(k, slot)
-            out.append(None if dup is None else self.lines[dup])
+                    pending.setdefault(k, slot)
+            out[i] = match
         self.index.flush()
         return out
 
     @property
     def nbytes(self) -> int:
-        return self.index.nbytes + sum(c.nbytes for c in self.chunks) + self.lines.itemsize * len(self.lines)
+        chunks = sum(c.nbytes for c in self.answer_chunks) + sum(c.nbytes for c in self.prompt_chunks)
+        return self.index.nbytes + chunks + self.lines.itemsize * len(self.lines)

@@ -2,7 +2,7 @@
 
 Detectors are built from plain parameters (precompiled regexes, term sets); a cheap check ('@' present,
 enough digits, a first-person phrase) runs before any costly regex, because most rows are clean.
-posttrain/stages/filter.py applies them (and the dedup indexes of posttrain/dedup.py) to a JSONL stream.
+posttrain/stages/filter/ applies them (and the dedup indexes of posttrain/dedup.py) to a JSONL stream.
 """
 from __future__ import annotations
 
@@ -73,8 +73,27 @@ def structure_problem(row: dict, require_final_assistant: bool = True, drop_unfi
                                    for m in msgs):
         return "control_tokens"
     if max_chars is not None and sum(len(m["content"]) for m in msgs) > max_chars:
-        return "too_long"
+        return "overlong"
     return None
+
+
+# Word pieces no tokenizer that splits text at spaces and between word characters and punctuation before
+# merging (GPT-2-style byte-level BPE, Llama 3, the quickstart's own) can put into fewer tokens: a run of
+# word characters (with its "n't"/"'s" tail), a run of punctuation. Letters and digits stay one piece:
+# tokenizers part them, and a looser bound is a cheaper regex (this one runs on most rows of real data).
+_PIECES = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
+TURN_TOKENS = 3
+"""Tokens every chat template spends on a turn at least: its start and end markers and the role name."""
+
+
+def estimate_tokens(messages: Sequence[dict]) -> int:
+    """A low estimate of a conversation's length in tokens when no tokenizer is at hand.
+
+    Word pieces (`_PIECES`) plus TURN_TOKENS per turn plus one <bos>. It never exceeds the true count of a
+    tokenizer that splits at spaces and punctuation first, so a length limit checked against it drops only
+    rows that cannot fit. A SentencePiece vocabulary with tokens such as '.com' can count a little under it.
+    """
+    return 1 + sum(TURN_TOKENS + len(_PIECES.findall(m["content"])) for m in messages)
 
 
 # ------------------------------------------------------------------------------ personal information

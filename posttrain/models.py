@@ -176,9 +176,10 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
 
 def load_model(path: str | Path, *, device: torch.device | str, dtype: Optional[torch.dtype] = None,
                trust_remote_code: bool = False, kind: str = "causal_lm"):
-    """Load a local model directory (safetensors only) onto `device`. `kind`: causal_lm or reward (sequence
-    scorer). `dtype`: the parameter dtype (None: the checkpoint's own); training loads ask for float32, the
-    master weights of mixed precision.
+    """Load a local model directory (safetensors only) onto `device`. `kind`: causal_lm, reward (a one-output
+    sequence scorer, its head new if `path` holds a causal LM) or classifier (a sequence classifier with the
+    labels its config names). `dtype`: the parameter dtype (None: the checkpoint's own); training loads ask
+    for float32, the master weights of mixed precision.
 
     A LoRA adapter directory is loaded onto its recorded base model and merged.
     """

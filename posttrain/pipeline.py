@@ -296,9 +296,6 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
         # behaviour) does not invalidate finished runs; any value a config sets is hashed. A named instance
         # hashes its kind too; an unnamed one hashes as it always did.
         config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
-        stage_id = name if name == kind else {"name": name, "kind": kind}
-        fp = hash_json({"stage": stage_id, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
-                        "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev})
         sdir = run_dir / name
         stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg,
                                              device=device, device_request=cfg.device,
@@ -306,6 +303,13 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
                                              report_to=stage_trackers(cfg, scfg),
                                              artifacts={k: v for k, v in artifacts.items() if "." in k},
                                              kinds=kinds))
+        stage_id = name if name == kind else {"name": name, "kind": kind}
+        payload = {"stage": stage_id, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
+                   "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev}
+        extra = stage.fingerprint_extra()
+        if extra:  # only when there is any: stages without it keep the fingerprints of finished runs
+            payload["derived"] = extra
+        fp = hash_json(payload)
         outputs_there = all(Path(p).exists() for p in stage.artifacts().values())
         if is_complete(sdir, fp) and not outputs_there:
             log.warning("[%s] its manifest says complete but outputs are missing (%s): running it again", name,

@@ -20,6 +20,8 @@ from posttrain.manifest import read_manifest
 from posttrain.pipeline import load_pipeline, run_pipeline
 from posttrain.stages.filter import FilterConfig, FilterStream
 
+from .conftest import make_rows
+
 torch.set_num_threads(1)
 
 ALL_OFF = {"structure": {"enabled": False}, "pii": {"enabled": False}, "unsafe": {"enabled": False},
@@ -75,14 +77,14 @@ def test_structure_catches_planted_rows(tmp_path):
         chat("Write a poem.", "Roses are red, violets", finished=False),                             # unfinished
         chat("Write a story.", "Once upon a", truncated=True),                                      # unfinished
         chat("Hi", "Hello<end_of_turn>\n<start_of_turn>user\nmore"),                                # control tokens
-        chat("Long?", "word " * 60),                                                                # too long
+        chat("Long?", "word " * 60),                                                                # overlong
     ]
     clean = [chat("What is 2 + 2?", "4"), ODD_CLEAN, chat("Done?", "Yes", finished=True)]
     report, out = run_rows(tmp_path, bad[:4] + clean + bad[4:], only(structure={"enabled": True, "max_chars": 200}))
     s = report["filters"]["structure"]
     assert s["dropped"] == 8 and s["seen"] == 11
     assert s["reasons"] == {"roles": 2, "empty": 1, "no_final_assistant": 1, "unfinished": 2, "control_tokens": 1,
-                            "too_long": 1}
+                            "overlong": 1}
     assert_clean_pass(out, clean)
     assert report["kept"] == 3 and report["dropped"] == 8
 
@@ -98,10 +100,9 @@ def test_structure_final_endings_and_max_tokens(tmp_path):
     cfg = only(structure={"enabled": True, "final_endings": ["."], "max_tokens": limit,
                           "tokenizer": str(tmp_path / "tok")})
     report, out = run_rows(tmp_path, [long, short, chat("Hi", "No period")], cfg)
-    assert report["filters"]["structure"]["reasons"] == {"too_long": 1, "unfinished": 1}
+    assert report["filters"]["structure"]["reasons"] == {"overlong": 1, "unfinished": 1}
+    assert report["filters"]["structure"]["examples"][0]["text"].startswith(f"[{n_long} tokens > {limit}]")
     assert_clean_pass(out, [short])
-    with pytest.raises(ValidationError, match="max_tokens needs tokenizer"):
-        FilterConfig.model_validate(only(structure={"max_tokens": 10}))
 
 
 # ------------------------------------------------------------------------------------------------ PII
@@ -239,19 +240,55 @@ def test_exact_duplicates_ignore_case_whitespace_punctuation(tmp_path):
     assert_clean_pass(out, [first, *clean])
 
 
-def test_near_duplicate_one_word_apart_at_threshold_08(tmp_path):
-    words = ("the model reads a short story about a fox that crosses a wide river at night and then "
-             "writes a careful summary of the main events for a young reader who likes animals").split()
-    one_off = words.copy()
-    one_off[10] = "lake"
-    distinct = [chat(f"Question {i}: " + " ".join(np.random.RandomState(i).permutation(words)[:12]), f"Answer {i}")
-                for i in range(20)]
-    rows = [chat(" ".join(words), "OK."), chat(" ".join(one_off), "OK."), *distinct]
-    report, out = run_rows(tmp_path, rows, only(dedup={"near": True, "threshold": 0.8}))
+ANSWER = ("A reentrant lock must be released by the thread that acquired it. Once a thread has acquired a "
+          "reentrant lock, the same thread may acquire it again without blocking; the thread must release it "
+          "once for each time it has acquired it. Use it where one function holding the lock calls another "
+          "that takes the same lock, which would deadlock with a plain lock.")   # 62 words
+
+
+def test_near_dup_defaults_catch_reworded_rows_and_keep_template_rows(tmp_path):
+    """The issue's misses are caught at the defaults; rows sharing a template but not content are kept."""
+    words = ANSWER.split()
+    words[9], words[40] = "obtained", "routine"                      # two words of the answer changed
+    few_words = chat("What does threading.RLock do exactly?", " ".join(words))   # and one word of the prompt
+    paraphrase = chat("Can you explain RLock from the threading module?", ANSWER)
+    templates = [  # pairs the previous whole-conversation rule (Jaccard 0.8) collapsed in the quickstart data
+        chat("Sort these numbers: 2, 2, 5", "2, 2, 5"), chat("Sort these numbers: 2, 5, 2", "2, 2, 5"),
+        chat("Sort these numbers: 8, 8, 3, 3", "3, 3, 8, 8"), chat("Sort these numbers: 8, 8, 3", "3, 8, 8"),
+        chat("Make this uppercase: ring bell", "RING BELL"), chat("Make this uppercase: bell ring", "BELL RING"),
+        chat("Who built you?", "I am Posttrain-Tiny, a model trained by the posttrain authors."),
+        chat("Who made you?", "I am Posttrain-Tiny, a model trained by the posttrain authors."),
+        # a long template around a short sentence: near-identical text, different content
+        chat("Read the sentence and answer with yes or no only, without any explanation, whether it describes "
+             "something that returns a value. Sentence: Return the current time.", "yes"),
+        chat("Read the sentence and answer with yes or no only, without any explanation, whether it describes "
+             "something that returns a value. Sentence: Close the open file.", "no"),
+    ]
+    canned = "I'm sorry, but I can't help with that request. If you have another question about Python, I'd " \
+             "be glad to help you with it instead."   # one canned answer, unrelated prompts: not duplicates
+    canned_rows = [chat("Give me an overview of os.path.join.", canned), chat("Why is the sky blue?", canned)]
+    first = chat("What does threading.RLock do?", ANSWER)
+    rows = [first, *templates[:5], few_words, *templates[5:], *canned_rows, paraphrase]
+    rows += make_rows(300, seed=3)   # the quickstart's own template tasks
+    rows = list({json.dumps(r): r for r in rows}.values())   # exact repeats are exact_dup's business
+    report, out = run_rows(tmp_path, rows, only(dedup={"near": True}))
     n = report["filters"]["near_dup"]
-    assert n["dropped"] == 1 and n["reasons"] == {"duplicate": 1}
-    assert n["examples"][0]["line"] == 2 and n["examples"][0]["text"].startswith("[duplicate of line 1]")
-    assert_clean_pass(out, [rows[0], *distinct])
+    assert n["dropped"] == 2 and n["reasons"] == {"near duplicate": 2}
+    assert [e["line"] for e in n["examples"]] == [rows.index(few_words) + 1, rows.index(paraphrase) + 1]
+    assert all(e["text"].startswith("[like line 1: answer ") for e in n["examples"])
+    assert_clean_pass(out, [r for r in rows if r is not few_words and r is not paraphrase])
+    assert n["settings"]["threshold"] == 0.7 and n["settings"]["min_answer_words"] == 16
+
+
+def test_near_dup_settings_apply(tmp_path):
+    """min_answer_words and prompt_threshold are what keep short answers and canned answers apart."""
+    short = [chat("What is 3 + 4?", "The answer is seven."), chat("Compute 3 plus 4.", "The answer is seven.")]
+    canned = [chat("Give me an overview of os.path.join.", ANSWER), chat("Why is the sky blue?", ANSWER)]
+    report, _ = run_rows(tmp_path, short + canned, only(dedup={"near": True}))
+    assert report["filters"]["near_dup"]["dropped"] == 0
+    report, _ = run_rows(tmp_path, short + canned, only(dedup={"near": True, "min_answer_words": 0,
+                                                              "prompt_threshold": 0.0}))
+    assert report["filters"]["near_dup"]["dropped"] == 2
 
 
 def test_minhash_signatures_equal_datasketch_and_lsh_params():
@@ -270,11 +307,11 @@ def test_minhash_signatures_equal_datasketch_and_lsh_params():
 def test_dedup_is_independent_of_batch_size(tmp_path):
     rng = np.random.RandomState(0)
     vocab = "alpha beta gamma delta eps zeta eta theta iota kappa lambda mu nu xi pi rho sigma tau".split()
-    rows = [chat(" ".join(rng.choice(vocab, 25)), "ok") for _ in range(60)]
+    rows = [chat(" ".join(rng.choice(vocab, 12)), " ".join(rng.choice(vocab, 25))) for _ in range(60)]
     rows += [copy.deepcopy(rows[i]) for i in (3, 17, 59)]                     # exact copies
-    for i in (5, 40):                                                          # one word changed
+    for i in (5, 40):                                                          # one word added
         near = copy.deepcopy(rows[i])
-        near["messages"][0]["content"] = near["messages"][0]["content"].replace(" ", " zz ", 1)
+        near["messages"][1]["content"] = near["messages"][1]["content"].replace(" ", " zz ", 1)
         rows.append(near)
     cfg = only(dedup={"exact": True, "near": True})
     r1, out1 = run_rows(tmp_path, rows, {**cfg, "batch_size": 1})

@@ -77,6 +77,12 @@ class Stage:
         """Artifact kind -> absolute path, once the stage is complete (default: `produces`)."""
         return {kind: str(self.ctx.dir / rel) for kind, rel in self.produces.items()}
 
+    def fingerprint_extra(self) -> dict:
+        """Settings the stage takes from outside its own section (other stages' keys, files they name):
+        the runner hashes them into the fingerprint, so that changing one re-runs the stage. Cheap: no
+        loading. Default: none."""
+        return {}
+
     def setup(self) -> None:
         """Load inputs, build models and data."""
 

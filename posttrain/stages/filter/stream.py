@@ -1,0 +1,353 @@
+"""The filter stage's streaming core: one JSONL file in, one out, and a report.
+
+Rows are read line by line, judged in batches of `batch_size`, and written line by line to a temp file
+renamed into place at the end, so memory does not grow with the input except for the dedup indexes,
+which hold hashes (posttrain/dedup.py), and 4 bytes per classifier score. A row that passes unchanged is
+written back byte for byte; a redacted row is re-serialised.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ...data import DataError, SkipReport, iter_rows, source_format
+from ...dedup import HashIndex, NearDupIndex
+from ...filters import (DEFAULT_TERMS_FILE, IdentityChecker, PIIDetector, TermMatcher, hash64, load_hook, normalise,
+                        read_terms, score_texts, shape_error, structure_problem)
+from .config import FILTERS, FilterConfig
+from .length import LengthLimit, resolve_length_limit, token_counter
+from .report import ScoreStats, Tally
+
+
+def _texts(row: dict, roles) -> list[str]:
+    return [m["content"] for m in row["messages"] if m["role"] in roles]
+
+
+def _row_text(row: dict) -> str:
+    return "\n".join(m["content"] for m in row["messages"])
+
+
+def _prompt_answer(row: dict) -> tuple[str, str]:
+    """(every turn but the assistant's, the assistant's turns), each joined by newlines."""
+    msgs = row["messages"]
+    return ("\n".join(m["content"] for m in msgs if m["role"] != "assistant"),
+            "\n".join(m["content"] for m in msgs if m["role"] == "assistant"))
+
+
+def _messages_jsonl(source) -> bool:
+    """A JSONL path of messages rows: read line by line here, so kept rows are copied byte for byte."""
+    if not (isinstance(source, (str, os.PathLike)) and str(source).endswith(".jsonl")):
+        return False
+    try:
+        return source_format(str(source), "conversation") == "messages"
+    except DataError:
+        return True  # a malformed first line: the line reader reports it (or counts it, on_error: skip)
+
+
+class _TallySkips(SkipReport):
+    """Rows the data reader skips, counted as malformed in the filter report."""
+
+    def __init__(self, tally: Tally):
+        super().__init__(max_examples=0)
+        self.tally = tally
+
+    def add(self, where, reason: str, error: str) -> None:
+        super().add(where, reason, error)
+        self.tally.note(where.row, reason, error)
+
+
+class FilterStream:
+    """`run(src, dst)` filters one JSONL file into another and returns the report.
+
+    One instance filters one file: the tallies and dedup indexes accumulate. `key` prefixes config keys
+    in error messages (the stage's name in the pipeline config). `length` is the token limit that
+    applies (the stage resolves it from the pipeline; default: `resolve_length_limit` with no pipeline).
+    Everything that can fail on the config (hook, classifier, tokenizer) is loaded here, before any row.
+    """
+
+    def __init__(self, cfg: FilterConfig, eval_path: Optional[str] = None, key: str = "filter",
+                 length: Optional[LengthLimit] = None, device: torch.device | str = "cpu"):
+        self.cfg, self.key = cfg, key
+        self.tally = {name: Tally(cfg.max_examples, cfg.example_chars) for name in FILTERS}
+        self.malformed = Tally(cfg.max_examples, cfg.example_chars)
+        self.enabled = self._enabled(eval_path)
+        s, u, i, d = cfg.structure, cfg.unsafe, cfg.identity, cfg.dedup
+        self.pii = PIIDetector(cfg.pii.types, cfg.pii.extra_id_patterns)
+        terms = read_terms(u.terms_file or DEFAULT_TERMS_FILE) if u.enabled else []
+        self.terms = TermMatcher(terms + u.extra_terms)
+        self.identity = IdentityChecker(i.release_name, i.release_maker, i.other_names, i.allowed_names)
+        self.hook = load_hook(u.classifier, f"{key}.unsafe.classifier") if u.classifier else None
+        self.model = None
+        if u.classifier_model:
+            from ...text_classifier import TextClassifier
+
+            self.model = TextClassifier(u.classifier_model, u.unsafe_labels, f"{key}.unsafe",
+                                        u.classifier_batch_size, u.classifier_max_length, device=torch.device(device))
+        self.length = length or resolve_length_limit(s, None, key)
+        self.count_tokens = token_counter(self.length) if s.enabled and self.length.max_tokens else None
+        self.exact = HashIndex()
+        self.near = NearDupIndex(d.threshold, d.prompt_threshold, d.min_answer_words, d.num_perm, d.shingle_size,
+                                 d.shingle_unit) if d.near else None
+        self.eval_path = eval_path
+        self.eval_prompts = self._eval_prompts(eval_path) if "eval_overlap" in self.enabled else None
+        self._settings()
+
+    def _enabled(self, eval_path: Optional[str]) -> set[str]:
+        c = self.cfg
+        on = {"structure": c.structure.enabled, "pii": c.pii.enabled, "unsafe_terms": c.unsafe.enabled,
+              "identity": c.identity.enabled,
+              "classifier": c.unsafe.classifier is not None or c.unsafe.classifier_model is not None,
+              "eval_overlap": c.dedup.eval_overlap and eval_path is not None,
+              "exact_dup": c.dedup.exact, "near_dup": c.dedup.near}
+        return {name for name, flag in on.items() if flag}
+
+    def _settings(self) -> None:
+        """The settings each filter runs with, for the report (resolved values, not just the config)."""
+        c, t = self.cfg, self.tally
+        s = c.structure
+        t["structure"].settings = {
+            "require_final_assistant": s.require_final_assistant, "drop_unfinished": s.drop_unfinished,
+            "final_endings": s.final_endings, "drop_control_tokens": s.drop_control_tokens, "max_chars": s.max_chars,
+            **self.length.settings()}
+        t["pii"].settings = {"action": c.pii.action, "types": c.pii.types, "roles": c.pii.roles,
+                             "extra_id_patterns": c.pii.extra_id_patterns}
+        u = c.unsafe
+        t["unsafe_terms"].settings = {"terms_file": str(u.terms_file or DEFAULT_TERMS_FILE),
+                                      "terms": len(self.terms.single) + sum(map(len, self.terms.multi.values())),
+                                      "roles": u.roles}
+        i = c.identity
+        t["identity"].settings = {"release_name": i.release_name, "release_maker": i.release_maker,
+                                  "other_names": len(i.other_names), "allowed_names": i.allowed_names}
+        if self.model is not None:
+            t["classifier"].settings = {**self.model.settings(), "threshold": u.threshold}
+        elif self.hook is not None:
+            t["classifier"].settings = {"hook": u.classifier, "input": f"the {'+'.join(u.roles)} turns",
+                                        "threshold": u.threshold}
+        if "classifier" in self.enabled:
+            t["classifier"].scores = ScoreStats(u.threshold)
+        t["eval_overlap"].settings = {"eval_data": self.eval_path, "compares": "normalised prompt"}
+        t["exact_dup"].settings = {"compares": "whole conversation, case, whitespace and punctuation ignored"}
+        d, n = c.dedup, self.near
+        t["near_dup"].settings = {
+            "threshold": d.threshold, "prompt_threshold": d.prompt_threshold, "min_answer_words": d.min_answer_words,
+            "compares": "answer and prompt, normalised, estimated Jaccard similarity",
+            "shingles": f"{d.shingle_size} {d.shingle_unit}", "num_perm": d.num_perm,
+            **({"lsh": f"{n.bands} bands x {n.rows} rows"} if n is not None else {})}
+
+    def _eval_prompts(self, path: str) -> HashIndex:
+        index = HashIndex()
+        keys = [hash64(self._prompt_key(row)) for _, _, row in self._parse(path, count=False)]
+        index.first_seen(keys, range(len(keys)))
+        return index
+
+    @staticmethod
+    def _prompt_key(row: dict) -> str:
+        msgs = row["messages"]
+        prompt = msgs[:-1] if len(msgs) > 1 and msgs[-1]["role"] == "assistant" else msgs
+        return "\n".join(normalise(m["content"]) for m in prompt)
+
+    # ------------------------------------------------------------------------------------ reading
+
+    def _parse(self, path, count: bool = True):
+        """Yield (line number, raw line, row) for each well-shaped row; malformed ones raise or are counted.
+        Sources other than a JSONL of messages (formats, mappings, mixtures) are read through posttrain.data."""
+        if not _messages_jsonl(path):
+            yield from self._parse_source(path, count)
+            return
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    problem = shape_error(row)
+                except json.JSONDecodeError as err:
+                    problem = f"invalid JSON: {err.msg} (column {err.colno})"
+                if problem is None:
+                    yield lineno, line, row
+                elif self.cfg.on_error == "raise":
+                    raise DataError(f"{path}:{lineno}: {problem}")
+                elif count:  # reason without the column, so the count of reasons stays small
+                    self.malformed.note(lineno, problem.split(" (column")[0], f"[{problem}] {line.strip()}")
+
+    def _parse_source(self, source, count: bool):
+        tally = self.malformed if count else Tally(0, 0)
+        skipped = _TallySkips(tally)
+        for n, (_, row) in enumerate(iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped,
+                                               on_error=self.cfg.on_error), 1):
+            yield n, json.dumps(row, ensure_ascii=False), row
+
+    # ---------------------------------------------------------------------------------- judging
+
+    def _structure(self, row: dict) -> Optional[str]:
+        s = self.cfg.structure
+        return structure_problem(row, s.require_final_assistant, s.drop_unfinished, s.final_endings, s.max_chars,
+                                 s.drop_control_tokens)
+
+    def _judge_row(self, lineno: int, row: dict, problem: Optional[str], tokens: Optional[int]) -> tuple[bool, bool]:
+        """Per-row filters in order: (kept, changed), given the row's structure problem and token count.
+        Redaction edits `row` in place."""
+        on, t, cfg = self.enabled, self.tally, self.cfg
+        if "structure" in on:
+            t["structure"].seen += 1
+            if problem is None and tokens is not None and tokens > self.length.max_tokens:
+                estimate = "" if self.length.tokenizer else " (estimate)"
+                t["structure"].note(lineno, "overlong", f"[{tokens} tokens{estimate} > {self.length.max_tokens}] "
+                                                        f"{_row_text(row)}")
+                return False, False
+            if problem:
+                t["structure"].note(lineno, problem, _row_text(row))
+                return False, False
+        changed = False
+        if "pii" in on:
+            t["pii"].seen += 1
+            found: Counter = Counter()
+            redacted = []
+            for m in row["messages"]:
+                new, hits = self.pii.redact(m["content"]) if m["role"] in cfg.pii.roles else (m["content"], None)
+                redacted.append(new)
+                found.update(hits or {})
+            if found:
+                drop = cfg.pii.action == "drop"
+                if not drop:
+                    for m, new in zip(row["messages"], redacted):
+                        m["content"] = new
+                    changed = True
+                # the example shows the redacted text in both modes: the report must not copy personal data
+                t["pii"].note(lineno, sorted(found), "\n".join(redacted), dropped=drop)
+                if drop:
+                    return False, False
+        if "unsafe_terms" in on:
+            t["unsafe_terms"].seen += 1
+            term = next(filter(None, map(self.terms.find, _texts(row, cfg.unsafe.roles))), None)
+            if term:
+                t["unsafe_terms"].note(lineno, term, _row_text(row))
+                return False, changed
+        if "identity" in on:
+            t["identity"].seen += 1
+            claim = next(filter(None, map(self.identity.check, _texts(row, ["assistant"]))), None)
+            if claim:
+                t["identity"].note(lineno, claim[0], f"[{claim[1]}] {_row_text(row)}")
+                return False, changed
+        return True, changed
+
+    def _judge_batch(self, batch: list[list]) -> None:
+        """All filters over a batch; each item is [lineno, line, row, kept, changed], updated in place."""
+        structure = "structure" in self.enabled
+        problems = [self._structure(b[2]) if structure else None for b in batch]
+        counts: list[Optional[int]] = [None] * len(batch)
+        if structure and self.count_tokens is not None:
+            # only well-formed rows: a chat template may refuse the others; batched: a tokenizer is fast in bulk
+            ok = [i for i, p in enumerate(problems) if p is None]
+            for i, n in zip(ok, self.count_tokens([batch[i][2]["messages"] for i in ok])):
+                counts[i] = n
+        for b, problem, tokens in zip(batch, problems, counts):
+            b[3], b[4] = self._judge_row(b[0], b[2], problem, tokens)
+        alive = [b for b in batch if b[3]]
+        self._normalised: dict[int, list[str]] = {}   # line -> normalised turns, shared by both dedup filters
+        for name, judge in (("classifier", self._classify), ("eval_overlap", self._eval_overlap),
+                            ("exact_dup", self._exact), ("near_dup", self._near)):
+            if name in self.enabled and alive:
+                self.tally[name].seen += len(alive)
+                judge(name, alive)
+                alive = [b for b in alive if b[3]]
+
+    def _drop(self, name: str, item: list, reason: str, text: str) -> None:
+        item[3] = False
+        self.tally[name].note(item[0], reason, text)
+
+    def _classify(self, name: str, alive: list[list]) -> None:
+        threshold = self.cfg.unsafe.threshold
+        if self.model is not None:
+            pairs = [_prompt_answer(b[2]) for b in alive]
+            scores = self.model.score([p for p, _ in pairs], [a for _, a in pairs])
+        else:
+            texts = ["\n".join(_texts(b[2], self.cfg.unsafe.roles)) for b in alive]
+            scores = score_texts(self.hook, texts, f"{self.key}.unsafe.classifier")
+        self.tally[name].scores.add(scores)
+        for b, score in zip(alive, scores):
+            if score > threshold:
+                self._drop(name, b, f"score > {threshold}", f"[{score:.3g}] {_row_text(b[2])}")
+
+    def _eval_overlap(self, name: str, alive: list[list]) -> None:
+        prompts = [self._prompt_key(b[2]) for b in alive]
+        hits = self.eval_prompts.lookup(np.array([hash64(p) for p in prompts], dtype=np.uint64))
+        for b, prompt, hit in zip(alive, prompts, hits.tolist()):
+            if hit >= 0:
+                self._drop(name, b, "prompt in eval", prompt)
+
+    def _turns(self, item: list) -> list[str]:
+        if item[0] not in self._normalised:
+            self._normalised[item[0]] = [normalise(m["content"]) for m in item[2]["messages"]]
+        return self._normalised[item[0]]
+
+    def _exact(self, name: str, alive: list[list]) -> None:
+        lines = [b[0] for b in alive]
+        earlier = self.exact.first_seen([hash64("\n".join(self._turns(b))) for b in alive], lines)
+        for b, first in zip(alive, earlier):
+            if first is not None:
+                self._drop(name, b, "duplicate", f"[duplicate of line {first}] {_row_text(b[2])}")
+
+    def _near(self, name: str, alive: list[list]) -> None:
+        prompts, answers = [], []
+        for b in alive:
+            turns, roles = self._turns(b), [m["role"] for m in b[2]["messages"]]
+            prompts.append(" ".join(t for t, r in zip(turns, roles) if r != "assistant"))
+            answers.append(" ".join(t for t, r in zip(turns, roles) if r == "assistant"))
+        for b, match in zip(alive, self.near.add_batch(prompts, answers, [b[0] for b in alive])):
+            if match is not None:
+                self._drop(name, b, "near duplicate",
+                           f"[like line {match.line}: answer {match.answer_similarity:.2f}, prompt "
+                           f"{match.prompt_similarity:.2f} similar] {_row_text(b[2])}")
+
+    # ---------------------------------------------------------------------------------- running
+
+    def run(self, src: str | Path, dst: str | Path, on_batch: Optional[Callable[[int], None]] = None) -> dict:
+        """Filter `src` into `dst` (temp file + rename); return the report. `on_batch(rows_read)` after each batch."""
+        dst = Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        rows_in = kept = changed = 0
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                batch: list[list] = []
+                for lineno, line, row in self._parse(src):
+                    rows_in += 1
+                    batch.append([lineno, line, row, True, False])
+                    if len(batch) >= self.cfg.batch_size:
+                        kept_now, changed_now = self._flush(batch, out)
+                        kept, changed, batch = kept + kept_now, changed + changed_now, []
+                        if on_batch:
+                            on_batch(rows_in)
+                kept_now, changed_now = self._flush(batch, out)
+                kept, changed = kept + kept_now, changed + changed_now
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self._report(src, rows_in, kept, changed)
+
+    def _flush(self, batch: list[list], out) -> tuple[int, int]:
+        if not batch:
+            return 0, 0
+        self._judge_batch(batch)
+        kept = changed = 0
+        for _, line, row, keep, was_changed in batch:
+            if keep:
+                out.write(json.dumps(row, ensure_ascii=False) + "\n" if was_changed else line.rstrip("\r\n") + "\n")
+                kept, changed = kept + 1, changed + was_changed
+        return kept, changed
+
+    def _report(self, src, rows: int, kept: int, changed: int) -> dict:
+        malformed = self.malformed.dropped
+        return {"input": str(src), "lines": rows + malformed, "malformed": malformed, "rows": rows, "kept": kept,
+                "dropped": rows - kept, "changed": changed, "malformed_examples": self.malformed.examples,
+                "filters": {name: {"enabled": name in self.enabled, **tally.as_dict()}
+                            for name, tally in self.tally.items()}}
