@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from .chat import rendered_ids
+from .resources import VERIFIERS
 from .tasks import answer_accuracy
 
-DEFAULT_VERIFIERS = str(Path(__file__).resolve().parent.parent / "reward" / "verifiers.py")
+DEFAULT_VERIFIERS = VERIFIERS
 """The shipped verifier file (task_correct, refusal, identity), by absolute path."""
 
 # ----------------------------------------------------------------------------------------------

@@ -15,10 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from .resources import UNSAFE_TERMS
 from .chat import CONTROL_TOKENS
 from .config import ConfigError
 
-DEFAULT_TERMS_FILE = Path(__file__).resolve().parents[1] / "data" / "filters" / "unsafe_terms.txt"
+DEFAULT_TERMS_FILE = Path(UNSAFE_TERMS)
 """The shipped unsafe-term list (a source checkout or editable install has it)."""
 
 # ----------------------------------------------------------------------------------- rows and text

@@ -329,7 +329,7 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
 
 def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
     """Run one stage with its manifest kept truthful: running -> complete, or failed with the error."""
-    sdir, name = stage.ctx.dir, stage.name
+    sdir, name = stage.ctx.dir, stage.ctx.name
     old = read_manifest(sdir)
     if old and old.get("fingerprint") != fp and sdir.exists():
         log.info("[%s] config or inputs changed: clearing %s", name, sdir)

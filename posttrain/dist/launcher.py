@@ -30,7 +30,7 @@ def run_distributed(stage, scfg, run_dir: Path, num_processes: int) -> dict:
     ctx = stage.ctx
     spec_path, result_path = ctx.dir / "launch.json", ctx.dir / "result.json"
     result_path.unlink(missing_ok=True)
-    atomic_write_json(spec_path, {"stage": stage.name, "kind": type(stage).name, "config": scfg.model_dump(mode="json"),
+    atomic_write_json(spec_path, {"stage": stage.ctx.name, "kind": type(stage).name, "config": scfg.model_dump(mode="json"),
                                   "inputs": ctx.inputs, "seed": ctx.seed, "dir": str(ctx.dir),
                                   "device": ctx.device_request, "precision": ctx.precision, "report_to": ctx.report_to,
                                   "pipeline": str(run_dir / "config.yaml")})
@@ -40,9 +40,9 @@ def run_distributed(stage, scfg, run_dir: Path, num_processes: int) -> dict:
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "posttrain.launch", str(spec_path)]
     dist = getattr(scfg, "distributed", None)
     zero = f" (ZeRO-{dist.zero_stage})" if dist is not None and getattr(stage, "trains", False) else ""
-    log.info("[%s] launching %d processes%s: %s", stage.name, num_processes, zero, " ".join(cmd))
+    log.info("[%s] launching %d processes%s: %s", stage.ctx.name, num_processes, zero, " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage.name!r}: distributed run exited with code {proc.returncode} "
+        raise RuntimeError(f"stage {stage.ctx.name!r}: distributed run exited with code {proc.returncode} "
                            f"(see the log above; spec in {spec_path})")
     return json.loads(result_path.read_text())

@@ -235,7 +235,7 @@ class Distill(Stage):
             if self.cfg.eval_samples:
                 metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "distill"))
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         if "heldout_before" in metrics:
             metrics["eval_loss_before"] = metrics["heldout_before"]["nll"]  # token-weighted NLL, as sft reports
         self.train_metrics = metrics

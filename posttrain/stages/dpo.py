@@ -293,7 +293,7 @@ class DPO(Stage):
         ctx = self.ctx
         self.trainer = build_trainer(self.model, self.ref_model, self.tokenizer, self.train_pairs, self.eval_pairs, c,
                                      ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, ctx.report_to)
-        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "dpo"))
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         self.train_metrics = metrics
         return metrics
 

@@ -288,7 +288,7 @@ class RM(Stage):
                                          eval_ds, c, out, ctx.seed, ctx.device, ctx.precision, ctx.report_to)
         metrics = {"train_pairs": len(self.trainer.train_dataset),
                    "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset)}
-        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "rm"))
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         evals = [e for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
             metrics["trainer_eval_accuracy"] = round(evals[-1].get("eval_accuracy", float("nan")), 4)

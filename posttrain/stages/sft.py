@@ -88,7 +88,7 @@ class SFT(Stage):
         if self.ctx.is_main and self.cfg.eval_samples and self.eval_rows:
             metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
-        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, "sft"))
+        metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         evals = [e["eval_loss"] for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
             metrics["eval_loss_before"] = round(evals[0], 4)

@@ -73,7 +73,7 @@ class UnsafeConfig(Section):
     enabled: bool = True
     """Drop rows containing a listed term (whole words, any case)."""
     terms_file: InputPath = None
-    """Term list, one per line ('#' comments); None: the shipped data/filters/unsafe_terms.txt."""
+    """Term list, one per line ('#' comments); None: the shipped list (posttrain/resources/unsafe_terms.txt)."""
     extra_terms: list[str] = []
     """Terms added to the file's."""
     roles: list[Role] = ["assistant"]
