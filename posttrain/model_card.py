@@ -54,23 +54,37 @@ def key_metrics(metrics: dict, limit: int = 8) -> dict:
             for k, v in value.items():
                 visit(f"{prefix}.{k}" if prefix else str(k), v)
         elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            if not (isinstance(value, str) and len(value) > 60):
+            if prefix in ("device", "precision"):  # columns of their own
+                return
+            if not (isinstance(value, str) and (len(value) > 60 or Path(value).is_absolute())):
                 out[prefix] = round(value, 4) if isinstance(value, float) else value
 
     visit("", metrics or {})
     return out
 
 
+def relative_to_run(path: str | Path, run_dir: str | Path) -> str:
+    """`path` as the card shows it: relative to the run directory when inside it, else only its last part
+    (a card never carries the training machine's absolute paths)."""
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:
+        return f"{path.name} (outside the run directory)"
+
+
 def read_lineage(run_dir: str | Path, stages: list[str]) -> list[dict]:
-    """One record per stage of `stages` that has a manifest: name, status, hashes, seconds, metrics."""
+    """One record per stage of `stages` that has a manifest: name, status, hashes, seconds, metrics, and the
+    device and precision it computed with (the stages that compute record them)."""
     records = []
     for name in stages:
         m = read_manifest(Path(run_dir) / name)
         if m is None:
             continue
+        metrics = m.get("metrics") or {}
         records.append({"stage": name, "status": m.get("status"), "config_hash": m.get("config_hash"),
-                        "fingerprint": m.get("fingerprint"), "seconds": m.get("seconds"),
-                        "metrics": m.get("metrics") or {}})
+                        "fingerprint": m.get("fingerprint"), "seconds": m.get("seconds"), "metrics": metrics,
+                        "device": m.get("device"), "precision": m.get("precision")})
     return records
 
 
@@ -81,21 +95,28 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def data_summary(run_dir: str | Path, pipeline: Any) -> list[str]:
-    """Markdown bullet lines: base model source, data recipe and card counts, filter report totals."""
+def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = None) -> list[str]:
+    """Markdown bullet lines: base model source, data recipe and card counts, filter report totals (of the
+    first instance of each kind; `kinds`: instance name -> kind, default: the plain kind names)."""
     run_dir, lines = Path(run_dir), []
-    base = read_manifest(run_dir / "base")
+    first = {}
+    for name, kind in (kinds or {k: k for k in ("base", "synth", "filter")}).items():
+        first.setdefault(kind, name)
+    base = read_manifest(run_dir / first.get("base", "base"))
     if base and base.get("status") == "complete":
         m = base.get("metrics") or {}
-        lines.append(f"- Base model: {m.get('source', 'unknown')}"
+        source = m.get("source", "unknown")
+        source = relative_to_run(source, run_dir) if Path(source).is_absolute() else source
+        lines.append(f"- Base model: {source}"
                      + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else ""))
-    card = _read_json(run_dir / "synth" / "card.json")
+    synth = first.get("synth", "synth")
+    card = _read_json(run_dir / synth / "card.json")
     if card:
-        recipe = getattr(getattr(pipeline, "synth", None), "recipe", None)
+        recipe = getattr(getattr(pipeline, synth, None), "recipe", None)
         per_task = ", ".join(f"{t} {n}" for t, n in sorted(card["train"]["per_task"].items()))
-        lines.append(f"- Data: synthetic recipe `{card.get('recipe')}`" + (f" ({recipe})" if recipe else "")
+        lines.append(f"- Data: synthetic recipe `{card.get('recipe')}`" + (f" ({Path(recipe).name})" if recipe else "")
                      + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows")
-    report = _read_json(run_dir / "filter" / "report.json")
+    report = _read_json(run_dir / first.get("filter", "filter") / "report.json")
     if report:
         dropped = ", ".join(f"{n} {f['dropped']}" for n, f in report.get("filters", {}).items() if f.get("dropped"))
         lines.append(f"- Filtering: {report['rows']} rows in, {report['kept']} kept ({report['changed']} changed), "
@@ -116,10 +137,12 @@ def metadata_header(license_id: str, tags: list[str], base_model: Optional[str])
 
 
 def lineage_table(records: list[dict]) -> list[str]:
-    out = ["| stage | status | config hash | fingerprint | seconds | key metrics |", "|---|---|---|---|---|---|"]
+    out = ["| stage | status | device | precision | config hash | fingerprint | seconds | key metrics |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in records:
         metrics = ", ".join(f"{k}={v}" for k, v in key_metrics(r["metrics"]).items())
-        out.append(f"| {r['stage']} | {r['status']} | `{r['config_hash']}` | `{r['fingerprint']}` "
+        out.append(f"| {r['stage']} | {r['status']} | {r.get('device') or '-'} | {r.get('precision') or '-'} "
+                   f"| `{r['config_hash']}` | `{r['fingerprint']}` "
                    f"| {r['seconds'] if r['seconds'] is not None else ''} | {metrics} |")
     return out
 

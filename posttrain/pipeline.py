@@ -339,13 +339,16 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sdir / "config.yaml", dump_config(scfg))
     started = time.time()
-    write_manifest(sdir, stage=name, status="running", fingerprint=fp, config_hash=hash_json(scfg.model_dump(mode="json")),
-                   inputs=inputs, started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+    dist = getattr(scfg, "distributed", None)
+    ranks = dist.num_processes if dist is not None else 1
+    device = stage.ctx.device.type + (f" x {ranks}" if ranks > 1 else "")
+    write_manifest(sdir, stage=name, kind=type(stage).name, status="running", fingerprint=fp,
+                   config_hash=hash_json(scfg.model_dump(mode="json")), inputs=inputs, device=device,
+                   precision=stage.ctx.precision, started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
     log.info("[%s] running -> %s", name, sdir)
     try:
-        dist = getattr(scfg, "distributed", None)
-        if dist is not None and dist.num_processes > 1:
-            metrics = run_distributed(stage, scfg, run_dir, dist.num_processes)
+        if ranks > 1:
+            metrics = run_distributed(stage, scfg, run_dir, ranks)
         else:
             try:
                 metrics = stage.run()

@@ -264,7 +264,7 @@ def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
     with pytest.raises(ConfigError, match=r"eval.models.x: .*empty: not a Hugging Face model directory"):
         run_pipeline(cfg)
     cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"x": "sft.model"}))
-    with pytest.raises(ValueError, match=r"eval.models.x='sft.model': stage 'sft' has no complete 'model'"):
+    with pytest.raises(ValueError, match=r"eval.models.x='sft.model': no earlier stage produces this artifact"):
         run_pipeline(cfg)
     cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"a": str(zoo["random"])}), ["eval.baseline=sft"])
     with pytest.raises(ConfigError, match=r"eval.baseline='sft' is not one of the evaluated models \['a'\]"):
@@ -274,17 +274,18 @@ def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
 
 
 def test_eval_stage_defaults_to_the_complete_model_stages_of_the_run(tmp_path, zoo):
+    """No eval.models: every earlier stage instance of a model kind that finished, in pipeline order (two
+    named merge instances here, each a linear merge of a model with itself: a copy)."""
     run_dir = tmp_path / "run"
-    write_manifest(run_dir / "sft", status="complete", artifacts={"model": str(zoo["random"])})
-    write_manifest(run_dir / "distill", status="failed", artifacts={})
-    write_manifest(run_dir / "ppo", status="complete", artifacts={"model": str(zoo["llama"])})
-    write_manifest(run_dir / "merge", status="complete", artifacts={"model": str(zoo["gemma2"])})  # not in stages
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {}), ["stages=[sft, distill, ppo, eval]"])
-    run_pipeline(cfg, only="eval")
+    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {}), [
+        "stages=[{name: first, kind: merge}, {name: second, kind: merge}, eval]",
+        f"first={{models: [{zoo['random']}, {zoo['random']}], use_latest_model: false}}",
+        f"second={{models: [{zoo['llama']}, {zoo['llama']}], use_latest_model: false}}"])
+    run_pipeline(cfg)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
-    assert list(results["models"]) == ["sft", "ppo"] and results["baseline"] == "sft"
-    assert results["models"]["ppo"]["path"] == str(zoo["llama"])
-    assert results["models"]["ppo"]["win_rate"]["verifiers"]["win_rate"] == 1.0
+    assert list(results["models"]) == ["first", "second"] and results["baseline"] == "first"
+    assert results["models"]["second"]["path"] == str(run_dir / "second" / "model")
+    assert results["models"]["second"]["win_rate"]["verifiers"]["win_rate"] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,8 +342,9 @@ def test_model_card_has_metadata_lineage_and_eval_table(release_run):
     assert "# Posttrain-Tiny" in card
     for stage in ("synth", "base", "eval"):
         m = read_manifest(run_dir / stage)
-        assert f"| {stage} | complete | `{m['config_hash']}` | `{m['fingerprint']}` | {m['seconds']} |" in card
+        assert f"| {stage} | complete | cpu | fp32 | `{m['config_hash']}` | `{m['fingerprint']}` | {m['seconds']} |" in card
     assert "| release |" not in card
+    assert str(run_dir.parent) not in card and "/tmp" not in card  # no path of the machine that trained
     card_json = json.loads((run_dir / "synth" / "card.json").read_text())
     assert f"{card_json['train']['rows']} train rows" in card and "synthetic recipe `quickstart`" in card
     eval_rows = (run_dir / "eval" / "results.md").read_text().splitlines()

@@ -24,7 +24,7 @@ from pydantic import field_validator
 
 from ..config import ConfigError, ModelRef, Section
 from ..manifest import atomic_dir, atomic_write_text, read_manifest
-from ..model_card import data_summary, read_lineage, recipe_identity, render_model_card
+from ..model_card import data_summary, read_lineage, recipe_identity, relative_to_run, render_model_card
 from .base import Stage
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -120,7 +120,8 @@ class Release(Stage):
                     "max_positions": getattr(model.config, "max_position_embeddings", None)}
             atomic_write_text(tmp / "README.md", self._card(info))
         shards = sorted(p.name for p in out.glob("*.safetensors"))
-        metrics = {"name": self.release_name, "source": self.model_dir, "shards": len(shards),
+        metrics = {"name": self.release_name, "source": relative_to_run(self.model_dir, self.ctx.dir.parent),
+                   "shards": len(shards),
                    "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
         if self.token:
             metrics["pushed"] = self._push(out)
@@ -128,13 +129,16 @@ class Release(Stage):
 
     def _card(self, info: dict) -> str:
         run_dir, pipeline = self.ctx.dir.parent, self.ctx.pipeline
-        stages = [s for s in (getattr(pipeline, "stages", None) or []) if s != self.ctx.name]
-        results = run_dir / "eval" / "results.md"
-        eval_ran = (read_manifest(run_dir / "eval") or {}).get("status") == "complete" and results.is_file()
-        data_lines = data_summary(run_dir, pipeline) + [f"- Weights released from: {self.model_dir}"]
+        kinds = {name: kind for name, kind in pipeline.instances() if name != self.ctx.name} if pipeline else {}
+        evals = [name for name, kind in kinds.items() if kind == "eval"]
+        results = run_dir / evals[-1] / "results.md" if evals else None
+        eval_ran = bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" \
+            and results.is_file()
+        data_lines = data_summary(run_dir, pipeline, kinds) + [
+            f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"]
         return render_model_card(
             name=self.release_name, license_id=self.cfg.license,
-            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model, model_info=info, records=read_lineage(run_dir, stages),
+            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model, model_info=info, records=read_lineage(run_dir, list(kinds)),
             data_lines=data_lines, eval_markdown=results.read_text() if eval_ran else None,
             description=self.cfg.description)
 
