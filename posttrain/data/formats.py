@@ -136,6 +136,9 @@ def to_canonical(row: dict, fmt: str, kind: Optional[Kind] = None, system: Syste
     must suit `kind` (`check_format`, once per source).
     """
     layout = FORMATS[fmt]
+    missing = [c for c in layout.required if c not in row]
+    if missing:  # the format was detected from other rows: this one lacks what it needs
+        raise RowError(missing[0], f"missing column(s) {missing} that format {fmt!r} needs", "missing column")
     consumed = layout.columns
     meta = {k: v for k, v in row.items() if k not in consumed}
     if layout.kind == "preference":

@@ -19,7 +19,7 @@ from typing import Optional
 
 from pydantic import Field, field_validator
 
-from ..config import ConfigError, ModelRef, Precision, ProcessesConfig, Section
+from ..config import ConfigError, FilePath, ModelRef, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
                           memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
@@ -74,7 +74,7 @@ class EvalConfig(Section):
     """Dtype the evaluated models and the reward model run in; None: the pipeline's `precision`."""
     scoring: ScoringConfig = ScoringConfig()
     """Judges: the reward model (scoring.reward_model, else the rm stage's) and rules; no rules = the verifiers."""
-    verifiers: str = DEFAULT_VERIFIERS
+    verifiers: FilePath = DEFAULT_VERIFIERS
     """Python file with the task_correct, refusal and identity verifiers (the slices and the default rules)."""
     release_name: Optional[str] = None
     """Name identity answers must give; default: the synth recipe's identity name."""

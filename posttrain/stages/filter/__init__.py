@@ -15,6 +15,9 @@ changed, reasons, the settings that applied, examples; the classifier's score di
 """
 from __future__ import annotations
 
+import json
+
+from ...data import DataError
 from ...manifest import atomic_write_json, atomic_write_text
 from ..base import Stage
 from .config import FILTERS, DedupConfig, FilterConfig, IdentityConfig, PIIConfig, StructureConfig, UnsafeConfig
@@ -44,9 +47,17 @@ class Filter(Stage):
                                    device=self.ctx.device)
 
     def train(self) -> dict:
-        src = self.ctx.inputs["train_data"]
-        self.report = self.stream.run(src, self.ctx.dir / "train.jsonl")
+        src, out = self.ctx.inputs["train_data"], self.ctx.dir / "train.jsonl"
+        self.report = self.stream.run(src, out)
         r = self.report
+        if r["kept"] == 0:  # an empty train.jsonl marked complete would only fail a later stage
+            out.unlink(missing_ok=True)
+            where = src if isinstance(src, str) else json.dumps(src)
+            if r["rows"] == 0 and not r["malformed"]:
+                raise DataError(f"{where}: no rows (the file is empty or holds only blank lines); nothing to filter")
+            raise DataError(f"{self.ctx.name}: none of the {r['rows']} rows of {where} is left ({r['malformed']} "
+                            f"malformed; dropped: {json.dumps({n: f['dropped'] for n, f in r['filters'].items() if f['dropped']})}); "
+                            f"see report.md's examples, and loosen the filter that drops them")
         self.log.info("[%s] %d rows: %d kept (%d changed), %d dropped, %d malformed", self.ctx.name, r["rows"],
                       r["kept"], r["changed"], r["dropped"], r["malformed"])
         return {"rows": r["rows"], "kept": r["kept"], "changed": r["changed"], "malformed": r["malformed"],

@@ -8,6 +8,7 @@ written back byte for byte; a redacted row is re-serialised.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -96,6 +97,10 @@ class FilterStream:
         self.near = NearDupIndex(d.threshold, d.prompt_threshold, d.min_answer_words, d.num_perm, d.shingle_size,
                                  d.shingle_unit) if d.near else None
         self.eval_path = eval_path
+        if self.cfg.dedup.eval_overlap and eval_path is None:
+            logging.getLogger("posttrain").warning(
+                "[%s] dedup.eval_overlap is on but no eval_data was given: training rows are not checked against "
+                "held-out prompts (set %s.eval_data, or %s.dedup.eval_overlap: false to say so)", key, key, key)
         self.eval_prompts = self._eval_prompts(eval_path) if "eval_overlap" in self.enabled else None
         self._settings()
 
