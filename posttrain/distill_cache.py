@@ -24,7 +24,9 @@ from typing import Callable, Optional
 import torch
 
 from .algos.kd import forward_kl, topk_teacher
+from .algos.logits import chunk_tokens_for, softcap
 from .manifest import atomic_dir, hash_json, hash_path
+from .rollout import hidden_at
 
 log = logging.getLogger("posttrain")
 
@@ -148,10 +150,23 @@ def find_cache(root: Path, key: dict) -> Optional[Path]:
     return folder if (folder / "index.json").is_file() and (folder / "topk.safetensors").is_file() else None
 
 
+def _loss_mask(batch: dict) -> torch.Tensor:
+    """(B, T-1) bool: the positions whose logits are trained (the next token is an assistant token)."""
+    return batch["labels"][:, 1:] != -100
+
+
+def _chunks(hidden: torch.Tensor, head, cap, vocab: int):
+    """(start, fp32 logits) of `hidden`'s positions, one chunk of the output head at a time."""
+    step = chunk_tokens_for(vocab)
+    for start in range(0, hidden.shape[0], step):
+        yield start, softcap(head(hidden[start:start + step]).float(), cap)
+
+
 @torch.no_grad()
 def compute_topk(teacher, examples: list[dict], num_rows: int, k: int, temperature: float, pad_id: int,
                  batch_size: int = 32) -> TopKCache:
-    """Teacher top-k (renormalised, at `temperature`) at each loss position of each example.
+    """Teacher top-k (renormalised, at `temperature`) at each loss position of each example, from chunks of
+    the teacher's output head (no [batch, seq, vocab] logits).
 
     `num_rows` is the number of rows in the data file: rows that tokenization dropped get no entries.
     """
@@ -161,13 +176,17 @@ def compute_topk(teacher, examples: list[dict], num_rows: int, k: int, temperatu
     device = next(teacher.parameters()).device
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        batch = pad_batch(chunk, pad_id)
-        logits = teacher(input_ids=batch["input_ids"].to(device),
-                         attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
-        for i, ex in enumerate(chunk):
+        batch = {key: v.to(device) for key, v in pad_batch(chunk, pad_id).items()}
+        where = _loss_mask(batch)
+        hidden, head, cap, vocab = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], where)
+        parts = [topk_teacher(logits, k, temperature) for _, logits in _chunks(hidden, head, cap, vocab)]
+        idx = torch.cat([p[0] for p in parts]).cpu() if parts else torch.zeros(0, k, dtype=torch.long)
+        lp = torch.cat([p[1] for p in parts]).cpu() if parts else torch.zeros(0, k)
+        offset = 0
+        for ex, count in zip(chunk, where.sum(1).tolist()):
             pos = torch.tensor(loss_positions(ex["labels"]), dtype=torch.long)
-            idx, lp = topk_teacher(logits[i, pos], k, temperature)
-            by_row[ex["row_id"]] = (pos, idx, lp)
+            by_row[ex["row_id"]] = (pos, idx[offset:offset + count], lp[offset:offset + count])
+            offset += count
     teacher.train(was_training)
     empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
     parts = [by_row.get(r, empty) for r in range(num_rows)]
@@ -237,7 +256,8 @@ class TopKCollator:
 @torch.no_grad()
 def heldout_metrics(student, teacher, examples: list[dict], pad_id: int, batch_size: int = 32) -> dict:
     """Token-weighted held-out NLL and perplexity of the student on the reference answers, and its
-    forward KL(teacher || student) at T=1 over the full vocabulary at the same positions (if a teacher)."""
+    forward KL(teacher || student) at T=1 over the full vocabulary at the same positions (if a teacher),
+    from chunks of the output heads (no [batch, seq, vocab] logits)."""
     models = [m for m in (student, teacher) if m is not None]
     modes = [m.training for m in models]
     for m in models:
@@ -246,15 +266,19 @@ def heldout_metrics(student, teacher, examples: list[dict], pad_id: int, batch_s
     nll_sum, kl_sum, tokens = 0.0, 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != -100
-        n = int(mask.sum())
-        nll_sum += float(torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum"))
+        where = _loss_mask(batch)
+        targets = batch["labels"][:, 1:][where]
+        s_hidden, s_head, s_cap, vocab = hidden_at(student, batch["input_ids"], batch["attention_mask"], where)
         if teacher is not None:
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            kl_sum += float(forward_kl(logits, t_logits, mask)) * n
-        tokens += n
+            t_hidden, t_head, t_cap, _ = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], where)
+        for first, logits in _chunks(s_hidden, s_head, s_cap, vocab):
+            n = logits.shape[0]
+            nll_sum += float(torch.nn.functional.cross_entropy(logits, targets[first:first + n], reduction="sum"))
+            if teacher is not None:
+                t_logits = softcap(t_head(t_hidden[first:first + n]).float(), t_cap)
+                ones = torch.ones(1, n, dtype=torch.bool, device=logits.device)
+                kl_sum += float(forward_kl(logits[None], t_logits[None], ones)) * n
+        tokens += int(where.sum())
     for m, mode in zip(models, modes):
         m.train(mode)
     nll = nll_sum / max(tokens, 1)

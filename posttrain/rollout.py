@@ -97,7 +97,7 @@ def _shift(per_position: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(per_position, (1, 0))
 
 
-def _lm_parts(model):
+def lm_parts(model):
     """(body, head, soft-cap, vocabulary size) of a causal LM (inside a peft wrapper), or None when its
     family's logits are not known to be softcap(head(body)) exactly."""
     base = unwrap(model)
@@ -111,6 +111,22 @@ def _lm_parts(model):
 _warned: set[str] = set()
 
 
+def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor):
+    """(hidden (N, H), head, soft-cap, vocabulary) at the positions `where` (B, T-1) that predict a next
+    token, so that softcap(head(hidden)) are their logits. A family outside LEAN_FAMILIES gives its full
+    logits there with an identity head (computed whole, with a warning once)."""
+    parts = lm_parts(model)
+    if parts is None:
+        kind = getattr(unwrap(model).config, "model_type", "?")
+        if kind not in _warned:
+            _warned.add(kind)
+            log.warning("model type %r: scoring from full-vocabulary logits (not a known lean family)", kind)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        return logits[where], (lambda h: h), None, logits.shape[-1]
+    body, head, cap, vocab = parts
+    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][where], head, cap, vocab
+
+
 def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
                    with_raw: bool = False):
     """Log-probability of each response token under `model` with logits divided by `temperature` (the
@@ -119,17 +135,7 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_en
     temperature = temperature if temperature not in (0, None) else 1.0
     labels = batch.input_ids[:, 1:]
     where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
-    parts = _lm_parts(model)
-    if parts is None:
-        kind = getattr(unwrap(model).config, "model_type", "?")
-        if kind not in _warned:
-            _warned.add(kind)
-            log.warning("model type %r: scoring from full-vocabulary logits (not a known lean family)", kind)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        hidden, head, cap, vocab = logits[where], (lambda h: h), None, logits.shape[-1]
-    else:
-        body, head, cap, vocab = parts
-        hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[:, :-1][where]
+    hidden, head, cap, vocab = hidden_at(model, batch.input_ids, batch.attention_mask, where)
     stats = chunked_token_logprobs(hidden, labels[where], head, cap=cap, temperature=temperature,
                                    with_entropy=with_entropy, with_raw=with_raw, chunk_tokens=chunk_tokens_for(vocab))
     zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)

@@ -100,3 +100,54 @@ def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
                 -1, batch.input_ids[:, 1:, None])[..., 0], (1, 0)) * mask
             got = token_logprobs(peft, batch)
         assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_lean_distillation_loss_equals_the_full_logits_one(tiny_tokenizer, mode):
+    """The distill stage's chunked loss (student and online-teacher heads on chunks of the loss positions)
+    equals distill_loss on full [batch, seq, vocab] logits, value and gradient."""
+    from posttrain.algos.kd import topk_teacher
+    from posttrain.stages.distill import DistillConfig, distill_loss, lean_distill_loss
+
+    student = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=3)
+    teacher = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=4).eval()
+    batch = _batch(len(tiny_tokenizer), seed=5)
+    labels = torch.where(batch.response_mask.bool(), batch.input_ids, torch.full_like(batch.input_ids, -100))[:, 1:]
+    cfg = DistillConfig(mode=mode, alpha=0.5, beta=0.3, temperature=1.5, top_k=8)
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    topk = topk_teacher(t_logits, cfg.top_k, cfg.temperature) if mode == "offline" else (None, None)
+
+    full = distill_loss(student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
+                        labels, cfg, None if mode == "offline" else t_logits, *topk)
+    full_grad = torch.autograd.grad(full[0], student.get_output_embeddings().weight)[0]
+    lean = lean_distill_loss(student, batch.input_ids, batch.attention_mask, labels, cfg,
+                             None if mode == "offline" else teacher, *topk)
+    lean_grad = torch.autograd.grad(lean[0], student.get_output_embeddings().weight)[0]
+    for got, want in zip(lean, full):
+        assert torch.allclose(got, want, atol=1e-5), (got, want)
+    assert torch.allclose(lean_grad, full_grad, atol=1e-5)
+
+
+def test_heldout_metrics_equal_the_full_computation(tiny_tokenizer):
+    from posttrain.algos.kd import forward_kl
+    from posttrain.distill_cache import heldout_metrics, pad_batch
+
+    student = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=6).eval()
+    teacher = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=7).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n, k in ((9, 4), (5, 6), (12, 2)):
+        ids = torch.randint(6, len(tiny_tokenizer), (n + k,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * n + ids[n:]})
+    got = heldout_metrics(student, teacher, examples, pad_id=0, batch_size=2)
+    batch = pad_batch(examples, 0)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    nll = torch.nn.functional.cross_entropy(s[mask], labels[mask]).item()
+    assert got["tokens"] == int(mask.sum()) == 12
+    assert got["nll"] == pytest.approx(round(nll, 4), abs=1e-4)
+    assert got["kl_to_teacher"] == pytest.approx(round(forward_kl(s, t, mask).item(), 4), abs=1e-4)

@@ -27,15 +27,18 @@ from typing import Literal, Optional
 
 import torch
 from pydantic import Field
+from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import train_from_last_checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
-from ..config import InputPath, ModelDir, TrainerSection
+from ..algos.logits import chunk_tokens_for, softcap
+from ..checkpoint import train_from_last_checkpoint
+from ..config import ModelDir, TrainerSection
 from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
 from ..manifest import atomic_write_json, atomic_write_text
 from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
+from ..rollout import hidden_at
 from .base import Stage
 from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
 
@@ -104,6 +107,52 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: Distil
     return mixed_loss(kd, nll, cfg.alpha), kd, nll
 
 
+def lean_distill_loss(student, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                      cfg: DistillConfig, teacher=None, topk_indices: Optional[torch.Tensor] = None,
+                      topk_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`distill_loss` without `[batch, seq, vocab]` logits: the student's (and the online teacher's) output
+    heads run on chunks of the loss positions only, each chunk recomputed in the backward pass
+    (algos/logits.py). `labels` are shifted (labels[:, t] is the token predicted at position t)."""
+    where = labels != -100
+    n = int(where.sum())
+    hidden, head, cap, vocab = hidden_at(student, input_ids, attention_mask, where)
+    if n == 0:
+        zero = hidden.sum() * 0.0  # keeps the graph when a batch has no target token
+        return zero, zero, zero
+    if topk_indices is None:
+        if teacher is None:
+            raise ValueError("distillation needs either the teacher or its cached top-k targets")
+        with torch.no_grad():
+            t_hidden, t_head, t_cap, _ = hidden_at(teacher, input_ids, attention_mask, where)
+    targets, step = labels[where], chunk_tokens_for(vocab)
+    if topk_indices is not None:
+        topk_indices, topk_logprobs = topk_indices[where], topk_logprobs[where]  # (N, k): the loss positions
+
+    def chunk(start: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(NLL sum, KD sum) of the positions [start, start + len(h))."""
+        end = start + h.shape[0]
+        logits = softcap(head(h).float(), cap)[None]  # (1, n, V): the algos' (B, T, V) layout
+        ones = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        nll = torch.nn.functional.cross_entropy(logits[0], targets[start:end], reduction="sum")
+        if topk_indices is not None:
+            kd = forward_kl_topk(logits, topk_indices[start:end][None], topk_logprobs[start:end][None], ones,
+                                 cfg.temperature, cfg.scale_by_t2)
+        else:
+            with torch.no_grad():
+                t_logits = softcap(t_head(t_hidden[start:end]).float(), t_cap)[None]
+            kd = generalized_jsd(logits, t_logits, ones, cfg.beta, cfg.temperature, cfg.scale_by_t2)
+        return nll, kd * (end - start)  # the algos return means over the chunk: back to sums
+
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    nll_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, step):
+        h = hidden[start:start + step]
+        nll, kd = checkpoint(chunk, start, h, use_reentrant=False) if grad else chunk(start, h)
+        nll_sum, kd_sum = nll_sum + nll, kd_sum + kd
+    kd, nll = kd_sum / n, nll_sum / n
+    return mixed_loss(kd, nll, cfg.alpha), kd, nll
+
+
 @functools.cache
 def distill_trainer_class():
     """The SFTTrainer subclass with the distillation loss (built on first use: importing trl is slow)."""
@@ -127,16 +176,13 @@ def distill_trainer_class():
             if not model.training:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             ids, attention = inputs["input_ids"], inputs["attention_mask"]
-            outputs = model(input_ids=ids, attention_mask=attention, use_cache=False)
-            teacher_logits = None
-            if not topk:
-                if self.teacher is None:
-                    raise ValueError("offline distillation batch without cached teacher top-k (collator not wired)")
-                with torch.no_grad():
-                    teacher_logits = self.teacher(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            if not topk and self.teacher is None:
+                raise ValueError("offline distillation batch without cached teacher top-k (collator not wired)")
             labels = inputs["labels"][:, 1:]
-            loss, kd, nll = distill_loss(outputs.logits[:, :-1], labels, self.distill_cfg, teacher_logits,
-                                         topk.get("topk_indices"), topk.get("topk_logprobs"))
+            loss, kd, nll = lean_distill_loss(model, ids, attention, labels, self.distill_cfg,
+                                              None if topk else self.teacher, topk.get("topk_indices"),
+                                              topk.get("topk_logprobs"))
+            outputs = None  # no full logits exist: the loss was computed chunk by chunk
             self._metrics["train"]["kd_loss"].append(kd.item())
             self._metrics["train"]["nll"].append(nll.item())
             if num_items_in_batch is not None:
