@@ -123,3 +123,20 @@ def test_grpo_quickstart_differs_from_the_quickstart_only_in_rl(monkeypatch):
     grpo = load_pipeline("configs/quickstart-grpo.yaml").model_dump()
     assert {k for k in ppo if ppo[k] != grpo[k]} == {"run_dir", "ppo"}
     assert grpo["ppo"]["advantage"] == "grpo" and grpo["ppo"]["kl_mode"] == "loss"
+
+
+def test_gpu_check_overrides_are_valid_keys(monkeypatch):
+    """scripts/gpu_check.py runs the quickstart with these overrides on a GPU machine: they must stay valid
+    keys of the config (this machine cannot run the check itself)."""
+    import importlib.util
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    cfg = load_pipeline("configs/quickstart.yaml", ["run_dir=/tmp/unused", *gpu_check.COMMON, *gpu_check.ranks_overrides(4)])
+    assert cfg.precision == "bf16" and cfg.ppo.sampling.backend == cfg.eval.sampling.backend == "vllm"
+    assert cfg.ppo.distributed.num_processes == cfg.prefs.distributed.num_processes == 4
+    assert cfg.sft.distributed.zero_stage == 3
