@@ -10,8 +10,7 @@ from posttrain.pipeline import load_pipeline, run_pipeline
 from posttrain.stages import StageContext
 from posttrain.stages.ppo import PPO
 
-from .conftest import REPO, write_pipeline
-from .test_ppo import _setup
+from .test_ppo import _setup, headroom_rewards
 
 GRPO = {"advantage": "grpo", "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4},
         "rollout_batch_size": 4, "mini_batch_size": 16, "ppo_epochs": 1, "kl_mode": "loss", "kl_coef": 0.04,
@@ -72,22 +71,12 @@ def test_single_step_skips_the_rollout_policy_forward(tmp_path, tiny_model_dir, 
 
 @pytest.mark.slow
 def test_grpo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
-    """As the PPO test: SFT briefly on counting, then GRPO (group-normalised, k3 KL in the loss) with the
-    exact-match verifier: the sampled reward of the last updates is clearly above the first ones."""
-    (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: count\n")
-    sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0,
-           "eval_steps": 1000}
-    ppo = {"advantage": "grpo", "kl_mode": "loss", "kl_coef": 0.02, "loss_aggregation": "token_mean",
-           "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6, "n": 8},
-           "scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
-           "updates": 14, "rollout_batch_size": 16, "mini_batch_size": 32, "ppo_epochs": 2,
-           "learning_rate": 3e-4, "eval_samples": 0, "save_every": 100}
-    body = (f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
-            f"num_eval: 8}}\nbase: {json.dumps({'family': 'gemma2', 'hidden_size': 64, 'num_layers': 2, 'num_heads': 2, 'num_kv_heads': 1, 'head_dim': 32, 'intermediate_size': 128, 'vocab_size': 300})}\n"
-            f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n")
-    run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
-    history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    rewards = [h["reward"] for h in history]
+    """As the PPO test: GRPO (group-normalised, k3 KL in the loss) with the exact-match verifier on a briefly
+    SFT-ed counting model: the sampled reward of the last updates is clearly above the first ones."""
+    rewards, kls = headroom_rewards(tmp_path, {
+        "advantage": "grpo", "kl_mode": "loss", "kl_coef": 0.02, "loss_aggregation": "token_mean",
+        "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6, "n": 8}, "updates": 14,
+        "rollout_batch_size": 16, "mini_batch_size": 32, "ppo_epochs": 2, "learning_rate": 3e-4})
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
-    assert max(h["kl"] for h in history) < 5.0
+    assert max(kls) < 5.0

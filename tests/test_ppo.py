@@ -182,24 +182,31 @@ def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tin
     assert summary["resumed_from_update"] == 2
 
 
-@pytest.mark.slow
-def test_ppo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
-    """SFT a tiny model briefly on the count task, then PPO with the exact-match verifier: the sampled
-    reward of the last updates is clearly above the first ones, and KL to the reference stays bounded."""
+def headroom_rewards(tmp_path, ppo: dict) -> tuple[list[float], list[float]]:
+    """SFT a tiny model briefly on the count task, then the RL stage with the exact-match verifier and `ppo`'s
+    settings; the per-update rewards and KLs."""
     from .conftest import REPO
 
     (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: count\n")
     sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0, "eval_steps": 1000}
-    ppo = {"sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6},
-           "scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
-           "updates": 14, "value_warmup_updates": 2, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 4,
-           "learning_rate": 3e-4, "kl_coef": 0.02, "eval_samples": 0, "save_every": 100}
+    ppo = {"scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
+           "eval_samples": 0, "save_every": 100, **ppo}
     body = (f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
             f"num_eval: 8}}\nbase: {json.dumps({'family': 'gemma2', 'hidden_size': 64, 'num_layers': 2, 'num_heads': 2, 'num_kv_heads': 1, 'head_dim': 32, 'intermediate_size': 128, 'vocab_size': 300})}\n"
             f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n")
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    rewards = [h["reward"] for h in history]
+    return [h["reward"] for h in history], [h["kl"] for h in history]
+
+
+@pytest.mark.slow
+def test_ppo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
+    """PPO with the exact-match verifier: the sampled reward of the last updates is clearly above the first
+    ones, and KL to the reference stays bounded."""
+    rewards, kls = headroom_rewards(tmp_path, {
+        "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6}, "updates": 14,
+        "value_warmup_updates": 2, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 4,
+        "learning_rate": 3e-4, "kl_coef": 0.02})
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
-    assert max(h["kl"] for h in history) < 5.0
+    assert max(kls) < 5.0
