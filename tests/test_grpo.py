@@ -1,12 +1,11 @@
 """The GRPO family in the RL stage: every variant trains through the stage, the single-step mode skips
 the rollout-policy forward, dynamic sampling refills groups, and GRPO raises the verifier reward on a
 task with headroom."""
-import json
 
 import pytest
 import torch
 
-from posttrain.pipeline import load_pipeline, run_pipeline
+from posttrain.pipeline import load_pipeline
 from posttrain.stages import StageContext
 from posttrain.stages.ppo import PPO
 
