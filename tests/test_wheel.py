@@ -24,8 +24,9 @@ def test_wheel_installs_and_runs_a_pipeline_from_elsewhere(tmp_path):
     # posttrain finder is not run), posttrain itself only from the wheel
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-                   check=True, capture_output=True)
+    # --ignore-installed: pip must not uninstall the posttrain it sees through deps.pth (this environment's)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)], check=True, capture_output=True)
     where = subprocess.run([str(python), "-c", "import posttrain, posttrain.resources as r; print(posttrain.__file__);"
                             "print(r.VERIFIERS); print(r.UNSAFE_TERMS)"], capture_output=True, text=True, check=True,
                            cwd=tmp_path)
