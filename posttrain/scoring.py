@@ -185,11 +185,13 @@ class Scorer:
                 out[f"{spec.path}:{spec.function}"] = missing
         return out
 
-    def check_rows(self, rows: list[dict], what: str = "the rows", key: str = "scoring") -> None:
+    def check_rows(self, rows: list[dict], what: str = "the rows", key: str = "scoring",
+                   rm_stage: bool = False) -> None:
         """Raise MissingColumnError, before any scoring, when a rule needs a column some of `rows` lack.
 
         The message names each rule (`path:function`), the columns it needs and how many rows lack them, the
-        columns the rows do have, and what to configure instead (`key` is the stage's scoring section)."""
+        columns the rows do have, and what to configure instead (`key` is the stage's scoring section;
+        `rm_stage`: the stage also takes the reward model of an rm stage run before it)."""
         have = common_columns(rows)
         missing = self.missing_columns(have)
         if not missing:
@@ -201,7 +203,8 @@ class Scorer:
         raise MissingColumnError(
             f"{needs} (columns every row has: {', '.join(sorted(have)) or 'none'}). Such columns come with the data "
             f"(synth recipes write task and answer for the built-in tasks). To judge rows without them, score with "
-            f"a reward model ({key}.reward_model, or an rm stage earlier in the pipeline) and/or rule rewards that "
+            f"a reward model ({key}.reward_model{', or an rm stage earlier in the pipeline' if rm_stage else ''}) "
+            f"and/or rule rewards that "
             f"read no metadata ({key}.rules, e.g. {{path: reward/style.py, function: well_formed}}); "
             f"{key}.rules: [] leaves the reward model alone")
 

@@ -166,7 +166,7 @@ class Eval(Stage):
         if s.rules:
             self.rule_judge, self.rule_rows = "rules", list(range(len(self.rows)))
             self.rule_scorer = Scorer(s.model_copy(update={"use_reward_model": False}))
-            self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring")
+            self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring", rm_stage=True)
             return
         name = {"release_name": self.release_name} if self.release_name else {}
         rules = [RuleSpec(path=self.cfg.verifiers, function=f, kwargs=name if f == "identity" else {})

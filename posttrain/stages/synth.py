@@ -113,7 +113,8 @@ class SynthConfig(Section):
         if self.prompts and self.teacher_error_rate:
             raise ValueError("teacher_error_rate simulates mistakes of recipe answers; with prompts the teacher "
                              "model makes its own: remove it")
-        if self.prompts and "num_train" in self.model_fields_set:
+        # compared with the default, not with model_fields_set: ranks re-validate a full dump of the config
+        if self.prompts and self.num_train != type(self).model_fields["num_train"].default:
             raise ValueError("num_train applies to recipes; with prompts every prompt not held out is trained on "
                              "(take fewer with a source limit, e.g. prompts: {path: ..., limit: 1000})")
         if self.eval_fraction is not None and not self.prompts:

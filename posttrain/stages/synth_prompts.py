@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..config import ConfigError
 from ..data import SkipReport, read_rows, write_jsonl
 from ..data.prompts import dedup_prompts, held_out_count, prompt_text_key, split_held_out
 from ..dist.rank import all_gather_objects
@@ -34,7 +35,10 @@ def read_prompt_set(source, num_eval: Optional[int], eval_fraction: Optional[flo
     skipped = SkipReport()
     rows = read_rows(source, "prompt", skipped=skipped, seed=seed)
     distinct, duplicates = dedup_prompts(rows)
-    n_eval = held_out_count(len(distinct), num_eval, eval_fraction)
+    try:
+        n_eval = held_out_count(len(distinct), num_eval, eval_fraction)
+    except ValueError as err:
+        raise ConfigError(f"synth.{err} ({len(rows)} prompts read, {duplicates} duplicates dropped)") from None
     _, held = split_held_out(list(range(len(distinct))), n_eval, seed)
     held_set = set(held)
     counts = {"read": skipped.read, "skipped_unreadable": skipped.skipped, "duplicates_dropped": duplicates,
