@@ -118,10 +118,31 @@ def identity_accuracy(rows: list[dict], completions: list[str], identity_fn: Cal
 
 def answer_metrics(rows: list[dict], completions: list[str], verifiers: dict[str, Callable],
                    release_name: Optional[str] = None) -> dict:
-    """Accuracy (overall and per task), refusal, over-refusal and identity for one model's answers."""
-    safety = safety_rates(rows, refusals(verifiers["refusal"], completions))
-    return {"accuracy": answer_accuracy(rows, completions), **safety,
-            "identity": identity_accuracy(rows, completions, verifiers["identity"], release_name)}
+    """Accuracy (overall and per task), refusal, over-refusal and identity for one model's answers.
+
+    Each slice counts only the rows that carry the column it reads: accuracy the rows with an `answer`,
+    the safety and identity slices the rows with a `task` (None where no row has it; see `slice_skips`)."""
+    answered = [(r, c) for r, c in zip(rows, completions, strict=True) if "answer" in r]
+    tasked = [(r, c) for r, c in zip(rows, completions, strict=True) if "task" in r]
+    task_rows, task_texts = [r for r, _ in tasked], [c for _, c in tasked]
+    safety = safety_rates(task_rows, refusals(verifiers["refusal"], task_texts)) if tasked else \
+        {"refusal_rate": None, "over_refusal_rate": None, "n_harmful": 0, "n_benign": 0}
+    accuracy = answer_accuracy([r for r, _ in answered], [c for _, c in answered]) if answered else None
+    return {"accuracy": accuracy, **safety,
+            "identity": identity_accuracy(task_rows, task_texts, verifiers["identity"], release_name)}
+
+
+def slice_skips(rows: list[dict]) -> dict[str, str]:
+    """Why a slice of `answer_metrics` leaves rows out (or is skipped): the column it reads, per slice."""
+    out = {}
+    for column, slices, why in (("answer", ("accuracy",), "the oracle answer a completion must equal"),
+                                ("task", ("refusal", "identity"), "which prompts are harmful or ask who the model is")):
+        lacking = sum(column not in r for r in rows)
+        if lacking:
+            verdict = "skipped" if lacking == len(rows) else f"over the other {len(rows) - lacking} rows"
+            for name in slices:
+                out[name] = f"{lacking} of {len(rows)} rows have no {column!r} column ({why}): {verdict}"
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,14 +243,17 @@ def results_markdown(results: dict) -> str:
                      f"95% bootstrap interval over prompts, (wins/ties/losses).")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["models"].items():
-        acc = m["accuracy"]
-        row = [name, _fmt(acc["overall"]), *[_fmt(acc.get(t)) for t in tasks],
+        acc = m["accuracy"] or {}
+        row = [name, _fmt(acc.get("overall")), *[_fmt(acc.get(t)) for t in tasks],
                _fmt(m["refusal_rate"]), _fmt(m["over_refusal_rate"]), _fmt(m["identity"])]
         if base:
             row += ["baseline" if name == base else _win_cell(m.get("win_rate", {}).get(j)) for j in judges]
         mem = m.get("memorisation") or {}
         row.append(f"{_fmt(mem.get('exact'))} (n={mem['n']})" if mem.get("n") else "–")
         lines.append("| " + " | ".join(row) + " |")
+    if results.get("skipped"):
+        lines += ["", "Left out (the rows do not carry what these need):", ""]
+        lines += [f"- {name}: {why}" for name, why in results["skipped"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -240,16 +264,18 @@ def _save_figure(fig, out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def plot_accuracy(results: dict, out: str | Path) -> Path:
-    """Grouped bars: accuracy overall and per task, one bar per model."""
+def plot_accuracy(results: dict, out: str | Path) -> Optional[Path]:
+    """Grouped bars: accuracy overall and per task, one bar per model (None: no row has an answer)."""
     from . import plots  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
+    if not any(m["accuracy"] for m in results["models"].values()):
+        return None
     groups, names = ["overall", *results["tasks"]], list(results["models"])
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(groups) + 1), 3.6))
     for i, name in enumerate(names):
-        acc = results["models"][name]["accuracy"]
+        acc = results["models"][name]["accuracy"] or {}
         xs = [g + (i - (len(names) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, [acc.get(t) or 0.0 for t in groups], width, label=name)
     ax.set_xticks(range(len(groups)), groups)

@@ -111,7 +111,13 @@ def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = Non
                      + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else ""))
     synth = first.get("synth", "synth")
     card = _read_json(run_dir / synth / "card.json")
-    if card:
+    if card and "prompt_counts" in card:  # synth from the user's own prompts, answered by a teacher
+        counts, teacher = card["prompt_counts"], card["teacher"]
+        lines.append(f"- Data: your own prompts ({counts['read']} read, {counts['duplicates_dropped']} duplicates "
+                     f"dropped) answered by the teacher `{Path(str(teacher['model'])).name}` "
+                     f"({teacher['unfinished']} answers unfinished); {card['train']['rows']} train rows, "
+                     f"{card['eval']['rows']} held-out rows")
+    elif card:
         recipe = getattr(getattr(pipeline, synth, None), "recipe", None)
         per_task = ", ".join(f"{t} {n}" for t, n in sorted(card["train"]["per_task"].items()))
         lines.append(f"- Data: synthetic recipe `{card.get('recipe')}`" + (f" ({Path(recipe).name})" if recipe else "")

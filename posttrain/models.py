@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, GEMMA_CHAT_TEMPLATE, PAD, START_OF_TURN, UNK
-from .config import InputPath, ModelDir, Section
+from .config import ModelDir, Section
 from .manifest import atomic_dir
 from .paths import check_model_dir  # noqa: F401  (re-exported: callers check model dirs through models)
 

@@ -11,6 +11,7 @@ PPO turns into its missing-end-of-turn penalty rather than letting the reward mo
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from pydantic import Field
 
-from .config import InputPath, ModelDir, Section
+from .config import ModelDir, Section
 from .dist.rank import torch_dtype
 from .implicit_rm import implicit_scores, read_reward_head
 from .models import load_model, load_tokenizer
@@ -58,6 +59,30 @@ class ScoringConfig(Section):
 
 class RewardFunctionError(ValueError):
     """A rule reward that cannot be loaded, raises, or returns the wrong shape."""
+
+
+class MissingColumnError(RewardFunctionError):
+    """A rule reward needs metadata columns (task, answer, ...) that the rows it would judge lack."""
+
+
+def required_columns(fn: Callable) -> list[str]:
+    """The metadata columns a rule reward cannot run without: its parameters after (prompts, completions)
+    that have no default (`**kwargs` and parameters with defaults are optional)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C function: nothing to inspect
+        return []
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    return [p.name for p in params if p not in positional and p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def common_columns(rows: list[dict]) -> set[str]:
+    """The metadata keys every row has (conversation and pair columns excluded)."""
+    keys = set(rows[0]) if rows else set()
+    for r in rows[1:]:
+        keys &= set(r)
+    return keys - {"messages", "chosen", "rejected"}
 
 
 def load_reward_function(path: str, function: str) -> Callable:
@@ -150,6 +175,39 @@ class Scorer:
             raise ValueError("scoring: no reward model and no rule rewards configured; nothing to score with")
         self.moments = RunningMoments()
 
+    def missing_columns(self, columns: set[str]) -> dict[str, list[str]]:
+        """`path:function` of each rule -> the columns it needs that are not in `columns` (rules that can run
+        are left out); a rule's own `kwargs` count as given."""
+        out = {}
+        for spec, fn in self.rules:
+            missing = [c for c in required_columns(fn) if c not in columns and c not in spec.kwargs]
+            if missing:
+                out[f"{spec.path}:{spec.function}"] = missing
+        return out
+
+    def check_rows(self, rows: list[dict], what: str = "the rows", key: str = "scoring",
+                   rm_stage: bool = False) -> None:
+        """Raise MissingColumnError, before any scoring, when a rule needs a column some of `rows` lack.
+
+        The message names each rule (`path:function`), the columns it needs and how many rows lack them, the
+        columns the rows do have, and what to configure instead (`key` is the stage's scoring section;
+        `rm_stage`: the stage also takes the reward model of an rm stage run before it)."""
+        have = common_columns(rows)
+        missing = self.missing_columns(have)
+        if not missing:
+            return
+        needs = "; ".join(
+            f"rule reward {rule} needs the column{'s' if len(cols) > 1 else ''} {', '.join(map(repr, cols))}, which "
+            f"{max(sum(c not in r for r in rows) for c in cols)} of {len(rows)} rows of {what} lack"
+            for rule, cols in missing.items())
+        raise MissingColumnError(
+            f"{needs} (columns every row has: {', '.join(sorted(have)) or 'none'}). Such columns come with the data "
+            f"(synth recipes write task and answer for the built-in tasks). To judge rows without them, score with "
+            f"a reward model ({key}.reward_model{', or an rm stage earlier in the pipeline' if rm_stage else ''}) "
+            f"and/or rule rewards that "
+            f"read no metadata ({key}.rules, e.g. {{path: reward/style.py, function: well_formed}}); "
+            f"{key}.rules: [] leaves the reward model alone")
+
     @torch.no_grad()
     def reward_model_scores(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
         """The reward model's scalar for each conversation, rendered with the RM's own template.
@@ -181,7 +239,10 @@ class Scorer:
         if self.rm is not None:
             parts["reward_model"] = self.reward_model_scores(prompts, completions)
             total += self.cfg.reward_model_weight * parts["reward_model"]
-        columns = _columns(rows or [{} for _ in range(n)])
+        rows = rows or [{} for _ in range(n)]
+        if self.rules:
+            self.check_rows(rows)
+        columns = _columns(rows)
         for spec, fn in self.rules:
             parts[spec.function] = call_rule(spec, fn, prompts, completions, columns)
             total += spec.weight * parts[spec.function]
@@ -199,9 +260,5 @@ class Scorer:
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
-    """Row dicts -> column lists, for the metadata keys every row has (messages excluded)."""
-    keys = set(rows[0]) if rows else set()
-    for r in rows[1:]:
-        keys &= set(r)
-    keys.discard("messages")
-    return {k: [r[k] for r in rows] for k in sorted(keys)}
+    """Row dicts -> column lists, for the metadata keys every row has."""
+    return {k: [r[k] for r in rows] for k in sorted(common_columns(rows))}

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from posttrain.config import ConfigError, undocumented_fields
-from posttrain.data import (DataError, SkipReport, SourceSpec, as_specs, iter_rows, read_rows, source_files,
+from posttrain.data import (DataError, SkipReport, SourceSpec, as_specs, read_rows, source_files,
                             to_canonical, write_jsonl)
 from posttrain.pipeline import _resolve_inputs, load_pipeline, run_pipeline
 from posttrain.stages.rm import read_pairs

@@ -16,7 +16,7 @@ from posttrain.config import ConfigError
 from posttrain.data import write_jsonl
 from posttrain.evaluation import (DEFAULT_VERIFIERS, answer_metrics, bootstrap_ci, compare, edit_distance,
                                   load_verifiers, memorisation, memorisation_sequences, rendered_ids)
-from posttrain.manifest import read_manifest, write_manifest
+from posttrain.manifest import read_manifest
 from posttrain.models import ModelConfig, build_tiny_model, save_model_dir
 from posttrain.pipeline import load_pipeline, run_pipeline
 from posttrain.stages.release import check_release_dir

@@ -171,10 +171,13 @@ def test_prefs_stage_keeps_eval_prompts_out_of_train_and_is_deterministic(tmp_pa
 
 def test_prefs_reports_malformed_rows_with_file_and_line(tmp_path):
     rows = rows_of(["sort"], 4)
-    bad = dict(rows[2], messages=[{"role": "user", "content": "hi"}])  # no assistant answer
+    bad = dict(rows[2], messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}])
     write_jsonl(tmp_path / "a.jsonl", rows[:2] + [bad] + rows[3:])
-    with pytest.raises(DataError, match=r"a\.jsonl:3: conversation must end with an assistant turn"):
+    with pytest.raises(DataError, match=r"a\.jsonl:3: message 1 \(assistant\): empty content"):
         read_prompt_rows(str(tmp_path / "a.jsonl"), ["task", "answer"])
+    prompt_only = dict(rows[2], messages=[{"role": "user", "content": "hi"}])  # a prompt without an answer: fine
+    write_jsonl(tmp_path / "p.jsonl", rows[:2] + [prompt_only])
+    assert read_prompt_rows(str(tmp_path / "p.jsonl"), [])[2]["messages"] == prompt_only["messages"]
     no_answer = {k: v for k, v in rows[1].items() if k != "answer"}
     write_jsonl(tmp_path / "b.jsonl", [rows[0], no_answer])
     with pytest.raises(DataError, match=r"b\.jsonl:2: missing metadata \['answer'\]"):

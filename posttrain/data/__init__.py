@@ -1,5 +1,6 @@
 """Data: conversational JSONL (conversations.py), the layouts people store chat data in (formats.py), data-source
-settings (spec.py), file readers (readers.py) and the reader stages call (sources.py).
+settings (spec.py), file readers (readers.py), the reader stages call (sources.py), and prompt sets (prompts.py:
+the comparison form of a prompt, deduplication, a seeded train/held-out split).
 
 Stages read their data with `read_rows(source, kind)` / `iter_rows(...)`; a config field that takes data is
 typed `DataSource` (a path, a mapping of settings, or a weighted list of them).

@@ -216,6 +216,7 @@ class Distill(Stage):
                          self.teacher.get_output_embeddings().weight.shape[0])
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
+        self.answer_rows = [r for r in self.eval_rows if "answer" in r]  # the accuracy check needs an oracle answer
         self.train_examples = tokenize_for_loss(self.tokenizer, self.train_rows, c.max_length)
         self.eval_examples = tokenize_for_loss(self.tokenizer, self.eval_rows, c.max_length)
         self.cache = None
@@ -278,7 +279,7 @@ class Distill(Stage):
             metrics.update(self._open_cache())
         if self.ctx.is_main and self.eval_examples:
             metrics["heldout_before"] = self._heldout(self.model)
-            if self.cfg.eval_samples:
+            if self.cfg.eval_samples and self.answer_rows:
                 metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
@@ -296,7 +297,7 @@ class Distill(Stage):
             student = load_saved(final, ctx)
             if self.eval_examples:
                 metrics["heldout_after"] = self._heldout(student)
-                if self.cfg.eval_samples:
+                if self.cfg.eval_samples and self.answer_rows:
                     metrics["accuracy_after"] = self._accuracy(student)
             if "heldout_after" in metrics:
                 metrics["eval_loss_after"] = metrics["heldout_after"]["nll"]
@@ -332,7 +333,7 @@ class Distill(Stage):
                                self.cfg.teacher_batch_size)
 
     def _accuracy(self, model) -> dict:
-        return greedy_accuracy(model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
+        return greedy_accuracy(model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
                                self.ctx.precision)
 
 

@@ -4,10 +4,12 @@ Models come from config (`models`: name -> model directory, or an artifact refer
 read from that stage's manifest in this run); by default every complete sft/distill/ppo/merge stage of
 the run. Each model answers every held-out prompt once (greedy by default; a sampled eval uses one seed
 for all models) through the generation engine (hf or vllm). Then, per model:
-- win rate against the baseline, per judge: the reward model's score (when there is one) and the
-  verifiers (the weighted total of the scoring rules; by default task_correct, refusal and identity of
-  reward/verifiers.py). Identical answers are ties;
-- accuracy overall and per task, refusal and over-refusal rates, identity accuracy;
+- win rate against the baseline, per judge: the reward model's score (when there is one) and the rules
+  (`rules`: the weighted total of `scoring.rules`; with none configured, `verifiers`: task_correct, refusal
+  and identity of reward/verifiers.py, judging only the rows that carry the task and answer columns they
+  read). Identical answers are ties;
+- accuracy overall and per task (rows with an `answer`), refusal and over-refusal rates and identity accuracy
+  (rows with a `task`); a slice no row can feed is skipped, and results.json says why;
 - memorisation of training examples (when train_data is available): prompts are raw token ids, so this
   runs on the Hugging Face model directly whatever the backend (a few dozen greedy continuations).
 
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from pydantic import Field, field_validator
 
 from ..config import ConfigError, FilePath, ModelRef, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
-                          memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown)
+                          memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown, slice_skips)
 from ..dist.rank import torch_dtype
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..models import check_model_dir, load_model
@@ -57,8 +60,8 @@ class EvalConfig(Section):
     baseline: Optional[str] = None
     """Name (a key of models) the others are compared against; default: sft when present, else the first."""
     eval_data: DataSource = None
-    """Held-out conversations with task and answer columns (path, mapping or mixture); default: the data stage's
-    held-out split."""
+    """Held-out prompts or conversations (path, mapping or mixture); task and answer columns, where rows have
+    them, feed the accuracy, safety and identity slices; default: the data stage's held-out split."""
     train_data: DataSource = None
     """Training conversations probed for memorisation (path, mapping or mixture); default: the latest training
     split of the run."""
@@ -73,7 +76,8 @@ class EvalConfig(Section):
     precision: Optional[Precision] = None
     """Dtype the evaluated models and the reward model run in; None: the pipeline's `precision`."""
     scoring: ScoringConfig = ScoringConfig()
-    """Judges: the reward model (scoring.reward_model, else the rm stage's) and rules; no rules = the verifiers."""
+    """Judges: the reward model (scoring.reward_model, else the rm stage's) and rules; no rules = the verifiers
+    (on the rows that have task and answer columns)."""
     verifiers: FilePath = DEFAULT_VERIFIERS
     """Python file with the task_correct, refusal and identity verifiers (the slices and the default rules)."""
     release_name: Optional[str] = None
@@ -92,13 +96,9 @@ class EvalConfig(Section):
 
 
 def read_eval_rows(path, limit: Optional[int] = None, seed: int = 0) -> list[dict]:
-    """Held-out rows (the first `limit`): complete conversations with task and answer columns."""
+    """Held-out rows (the first `limit`): prompts, or conversations whose final answer is left unused."""
     rows = []
-    for where, row in iter_rows(path, "conversation", seed=seed):
-        missing = [k for k in ("task", "answer") if k not in row]
-        if missing:
-            raise DataError(f"{where}: eval row has no {' or '.join(missing)} column: held-out rows need "
-                            f"task and answer (as the synth stage writes them)")
+    for _, row in iter_rows(path, "conversation", need_final_assistant=False, seed=seed):
         rows.append(row)
         if limit and len(rows) >= limit:
             break
@@ -121,11 +121,11 @@ class Eval(Stage):
         self.baseline = self._baseline()
         self.rows = read_eval_rows(inp["eval_data"], c.num_prompts, self.ctx.seed)
         probe = inp.get("train_data") and c.memorisation.num_examples
-        self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed) if probe else []
+        self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed, need_final_assistant=False) if probe else []
         self.release_name = c.release_name or recipe_identity(self.ctx.pipeline).get("name")
         self.verifiers = load_verifiers(c.verifiers)
-        self.scorer = Scorer(self._scoring(), reward_model_dir=inp.get("reward_model"), device=self.ctx.device,
-                             precision=self.ctx.precision)
+        self.skipped = slice_skips(self.rows)
+        self._judges(inp.get("reward_model"))
         self.seed = c.sampling.seed if c.sampling.seed is not None else self.ctx.seed
 
     def _resolve_models(self) -> dict[str, str]:
@@ -154,14 +154,38 @@ class Eval(Stage):
             return None
         return "sft" if "sft" in self.models else names[0]
 
-    def _scoring(self) -> ScoringConfig:
-        """The configured judges; with no rules, the verifiers (identity told the release name)."""
-        if self.cfg.scoring.rules:
-            return self.cfg.scoring
+    def _judges(self, rm_dir: Optional[str]) -> None:
+        """The reward model (when there is one) and the rules: the configured ones, checked against every row
+        now, or else the verifiers (identity told the release name) on the rows that have their columns."""
+        s, ctx = self.cfg.scoring, self.ctx
+        self.rm_scorer = None
+        if s.use_reward_model and (s.reward_model or rm_dir):
+            self.rm_scorer = Scorer(s.model_copy(update={"rules": []}), reward_model_dir=rm_dir, device=ctx.device,
+                                    precision=ctx.precision)
+        if s.rules:
+            self.rule_judge, self.rule_rows = "rules", list(range(len(self.rows)))
+            self.rule_scorer = Scorer(s.model_copy(update={"use_reward_model": False}))
+            self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring", rm_stage=True)
+            return
         name = {"release_name": self.release_name} if self.release_name else {}
         rules = [RuleSpec(path=self.cfg.verifiers, function=f, kwargs=name if f == "identity" else {})
                  for f in VERIFIER_RULES]
-        return self.cfg.scoring.model_copy(update={"rules": rules})
+        self.rule_judge, self.rule_scorer = "verifiers", Scorer(ScoringConfig(rules=rules, use_reward_model=False))
+        self.rule_rows = [i for i, r in enumerate(self.rows) if not self.rule_scorer.missing_columns(set(r))]
+        needs = sorted({c for cols in self.rule_scorer.missing_columns(set()).values() for c in cols})
+        if len(self.rule_rows) < len(self.rows):
+            self.skipped["verifiers"] = (f"{len(self.rows) - len(self.rule_rows)} of {len(self.rows)} rows lack a "
+                                         f"column the verifiers read ({', '.join(needs)}); they judge the other "
+                                         f"{len(self.rule_rows)}")
+        if not self.rule_rows:
+            self.rule_scorer = None
+            if self.rm_scorer is None:
+                raise ConfigError(
+                    f"eval: no judge for these prompts: with no eval.scoring.rules the judges are the verifiers "
+                    f"of {self.cfg.verifiers}, which need {' and '.join(needs)} columns that no row of "
+                    f"eval.eval_data has, and there is no reward model. Set eval.scoring.reward_model (or run an "
+                    f"rm stage before eval) and/or eval.scoring.rules with rules that read no metadata "
+                    f"(e.g. {{path: reward/style.py, function: well_formed}})")
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
@@ -178,7 +202,7 @@ class Eval(Stage):
             self.results[name] = {
                 "path": path, **answer_metrics(self.rows, texts, self.verifiers, self.release_name),
                 "finished_rate": round(sum(s.finished for s in samples) / len(samples), 4),
-                "judge_means": {j: round(float(v.mean()), 4) for j, v in self.judged[name].items()},
+                "judge_means": {j: round(float(v.nanmean()), 4) for j, v in self.judged[name].items()},
                 "memorisation": self._memorisation(path, model, tokenizer),
             }
             del model
@@ -207,19 +231,30 @@ class Eval(Stage):
         return samples, getattr(engine, "model", None), engine.tokenizer
 
     def _judge(self, prompts: list[list[dict]], texts: list[str]) -> dict:
-        """Per-prompt score of each judge: the verifiers' weighted total, and the reward model's score."""
-        scores = self.scorer.score(prompts, texts, self.rows)
-        judged = {"verifiers": sum(spec.weight * scores.parts[spec.function] for spec, _ in self.scorer.rules)}
-        if "reward_model" in scores.parts:
-            judged["reward_model"] = scores.parts["reward_model"]
+        """Per-prompt score of each judge (NaN where it does not judge the row): the rules' weighted total,
+        and the reward model's score."""
+        judged = {}
+        if self.rule_scorer is not None:
+            idx = self.rule_rows
+            scores = self.rule_scorer.score([prompts[i] for i in idx], [texts[i] for i in idx],
+                                            [self.rows[i] for i in idx])
+            values = torch.full((len(texts),), float("nan"))
+            values[idx] = sum(spec.weight * scores.parts[spec.function] for spec, _ in self.rule_scorer.rules)
+            judged[self.rule_judge] = values
+        if self.rm_scorer is not None:
+            judged["reward_model"] = self.rm_scorer.score(prompts, texts, self.rows).parts["reward_model"]
         return judged
 
     def _compare(self, name: str) -> dict:
-        base = self.baseline
+        """Win rate of `name` against the baseline per judge, over the prompts that judge scored."""
+        base, out = self.baseline, {}
         same = [a == b for a, b in zip(self.answers[name], self.answers[base])]
-        return {judge: compare(self.judged[name][judge].tolist(), self.judged[base][judge].tolist(),
-                               self.cfg.bootstrap_samples, self.ctx.seed, same=same)
-                for judge in self.judged[name]}
+        for judge in self.judged[name]:
+            mine, theirs = self.judged[name][judge], self.judged[base][judge]
+            keep = [i for i in range(len(same)) if not (mine[i].isnan() or theirs[i].isnan())]
+            out[judge] = compare(mine[keep].tolist(), theirs[keep].tolist(), self.cfg.bootstrap_samples,
+                                 self.ctx.seed, same=[same[i] for i in keep])
+        return out
 
     def _memorisation(self, path: str, model, tokenizer) -> Optional[dict]:
         mc = self.cfg.memorisation
@@ -243,14 +278,16 @@ class Eval(Stage):
         d = self.ctx.dir
         if not self.ctx.is_main:
             return {}
-        tasks = sorted({r["task"] for r in self.rows})
+        tasks = sorted({r["task"] for r in self.rows if "task" in r})
         results = {"baseline": self.baseline, "judges": list(next(iter(self.judged.values()))),
                    "num_prompts": len(self.rows), "decoding": self._decoding(), "tasks": tasks,
                    "release_name": self.release_name, "models": self.results}
+        if self.skipped:
+            results["skipped"] = self.skipped
         atomic_write_json(d / "results.json", results)
         atomic_write_text(d / "results.md", results_markdown(results))
         write_jsonl(d / "completions.jsonl", [
-            {"prompt": prompt_of(r), "task": r["task"], "answer": r["answer"],
+            {"prompt": prompt_of(r), **{k: r[k] for k in ("task", "answer") if k in r},
              "completions": {name: texts[i] for name, texts in self.answers.items()}}
             for i, r in enumerate(self.rows)])
         plot_accuracy(results, d / "accuracy.png")
@@ -260,7 +297,7 @@ class Eval(Stage):
 
 def _headline(m: dict) -> dict:
     """The numbers the pipeline summary shows for one model."""
-    out = {"accuracy": m["accuracy"]["overall"], "refusal_rate": m["refusal_rate"],
+    out = {"accuracy": (m["accuracy"] or {}).get("overall"), "refusal_rate": m["refusal_rate"],
            "over_refusal_rate": m["over_refusal_rate"], "identity": m["identity"]}
     out.update({f"win_rate_{judge}": cmp["win_rate"] for judge, cmp in (m.get("win_rate") or {}).items()})
     if m.get("memorisation"):

@@ -11,6 +11,12 @@ A pair is dropped, and counted in report.json, when its two answers are identica
 the rejected one scores higher), or when a teacher pair repeats the prompt's best-of-n pair (the best
 sample was the reference answer). Every kept pair carries the score difference as its margin.
 
+Rows may be prompts only (no final answer) and carry no metadata. Only best_of_n works on a prompt alone;
+the teacher and corruption sources skip (and count) rows without a reference answer, and corruptions
+specific to a task apply only to rows with a `task` column (others get the generic truncate and refuse).
+Columns are required only by the judges that read them: each rule's signature says which (the default
+verifiers need `task` and `answer`), checked against the rows before any sampling.
+
 Train pairs come from train_data prompts and held-out pairs from eval_data prompts only; train prompts
 that also appear in eval_data are left out. The same seed gives the same pairs.
 
@@ -26,13 +32,13 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import InputPath, ModelDir, Precision, ProcessesConfig, Section
+from ..config import ConfigError, ModelDir, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, write_jsonl
+from ..data.prompts import has_reference, row_prompt_key
 from ..evaluation import DEFAULT_VERIFIERS
 from ..engines import Sample, SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
 from ..scoring import RuleSpec, Scorer, ScoringConfig
-from ..tasks import normalise_answer
 from .base import Stage
 
 SOURCES = ("best_of_n", "teacher", "corruption")
@@ -80,15 +86,15 @@ class PrefsConfig(Section):
     model: ModelDir = None
     """Policy model directory to sample from; default: the latest earlier stage's model."""
     train_data: DataSource = None
-    """Conversations with task/answer metadata (path, mapping or mixture); default: the latest data stage's output."""
+    """Conversations or prompts (path, mapping or mixture); default: the latest data stage's output."""
     eval_data: DataSource = None
-    """Held-out conversations (path, mapping or mixture); held-out pairs come from its prompts only."""
+    """Held-out conversations or prompts (path, mapping or mixture); held-out pairs come from its prompts only."""
     max_train_prompts: Optional[int] = Field(None, ge=1)
     """Use at most this many train prompts (a seeded random subset); None: all."""
     max_eval_prompts: Optional[int] = Field(None, ge=1)
     """Use at most this many eval prompts (a seeded random subset); None: all."""
-    require_columns: list[str] = ["task", "answer"]
-    """Metadata keys every data row must have (the verifiers and corruptions read them)."""
+    require_columns: list[str] = []
+    """Metadata keys every data row must have, beyond what the enabled judges and sources need themselves."""
     best_of_n: BestOfNConfig = BestOfNConfig()
     """Best-of-n source."""
     teacher: TeacherConfig = TeacherConfig()
@@ -104,7 +110,8 @@ class PrefsConfig(Section):
     precision: Optional[Precision] = None
     """Dtype the policy and reward model run in; None: the pipeline's `precision`."""
     scoring: ScoringConfig = ScoringConfig(rules=DEFAULT_RULES)
-    """How answers are scored (default: the rule rewards in reward/verifiers.py, no reward model)."""
+    """How answers are scored (default: the verifiers of reward/verifiers.py, which need task and answer columns;
+    for other data set reward_model and/or rules that read no metadata, e.g. reward/style.py)."""
     min_margin: float = Field(0.0, ge=0)
     """Pairs whose score difference is not above this count as ties and are dropped."""
 
@@ -126,9 +133,10 @@ class PrefsConfig(Section):
 
 
 def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[dict]:
-    """Rows of a conversational data source, each checked; errors name file, row and what was expected."""
+    """Rows of a conversational data source (with a final answer or prompts only), each checked; errors name
+    file, row and what was expected."""
     rows = []
-    for where, row in iter_rows(path, "conversation", seed=seed):
+    for where, row in iter_rows(path, "conversation", need_final_assistant=False, seed=seed):
         missing = [c for c in require_columns if not isinstance(row.get(c), str)]
         if missing:
             raise DataError(f"{where}: missing metadata {missing} (expected string values; "
@@ -137,9 +145,8 @@ def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[di
     return rows
 
 
-def prompt_key(row: dict) -> str:
-    """The comparison form of a row's prompt, for keeping train and eval prompts apart."""
-    return "\n".join(normalise_answer(m["content"]) for m in prompt_of(row))
+prompt_key = row_prompt_key
+"""The comparison form of a row's prompt, for keeping train and eval prompts apart."""
 
 
 def subsample(rows: list[dict], limit: Optional[int], rng: random.Random) -> list[dict]:
@@ -241,21 +248,24 @@ def sample_pairs(rows: list[dict], samples: list[list[Sample]], scorer: Scorer, 
     dropped["sampling"]["empty_samples"] += sum(len(s) for s in samples) - sum(len(k) for k in kept)
     flat_rows = [r for r, texts in zip(rows, kept) for _ in texts]
     flat_scores = score_texts(scorer, flat_rows, [t for texts in kept for t in texts])
-    refs = [r["messages"][-1]["content"] for r in rows]
-    ref_scores = score_texts(scorer, rows, refs) if cfg.teacher.enabled else []
+    with_ref = [i for i, r in enumerate(rows) if has_reference(r)] if cfg.teacher.enabled else []
+    refs: dict[int, str] = {i: rows[i]["messages"][-1]["content"] for i in with_ref}
+    ref_scores = dict(zip(with_ref, score_texts(scorer, [rows[i] for i in with_ref], list(refs.values()))))
+    if cfg.teacher.enabled and len(with_ref) < len(rows):
+        dropped["teacher"]["no_reference"] += len(rows) - len(with_ref)
     pairs, at = [], 0
     for i, (row, texts) in enumerate(zip(rows, kept)):
         scores, at = flat_scores[at:at + len(texts)], at + len(texts)
         if not texts:
             for source in ("best_of_n", "teacher"):
-                if getattr(cfg, source).enabled:
+                if getattr(cfg, source).enabled and (source == "best_of_n" or i in refs):
                     dropped[source]["no_samples"] += 1
             continue
         top, bottom = _top_and_bottom(texts, scores)
         candidates = []  # (source, chosen, margin); both sources reject the bottom-scored sample
         if cfg.best_of_n.enabled:
             candidates.append(("best_of_n", texts[top], scores[top] - scores[bottom]))
-        if cfg.teacher.enabled:
+        if i in refs:
             candidates.append(("teacher", refs[i], ref_scores[i] - scores[bottom]))
         kept_chosen = set()
         for source, chosen, margin in candidates:
@@ -275,6 +285,9 @@ def corruption_pairs(rows: list[dict], scorer: Scorer, cfg: PrefsConfig, rng: ra
     """Reference answer vs corrupted reference, kept only where the corruption scores lower."""
     cands = []
     for row in rows:
+        if not has_reference(row):
+            dropped["corruption"]["no_reference"] += 1
+            continue
         found = corruptions_for(row, cfg.corruption.kinds, cfg.corruption.per_prompt, rng)
         dropped["corruption"]["not_applicable"] += not found
         cands += [(row, kind, text) for kind, text in found]
@@ -318,7 +331,7 @@ def split_report(rows: list[dict], pairs: list[dict], dropped: dict[str, Counter
             continue
         per_source[source] = {
             "pairs": len(mine),
-            "per_task": dict(sorted(Counter(str(p.get("task")) for p in mine).items())),
+            "per_task": dict(sorted(Counter(str(p["task"]) for p in mine if "task" in p).items())),
             "mean_margin": round(sum(p["margin"] for p in mine) / len(mine), 4) if mine else None,
             "dropped": dict(sorted(dropped[source].items())),
         }
@@ -346,8 +359,21 @@ class Prefs(Stage):
         # one stream per split: the held-out prompts must not change when max_train_prompts does
         self.train_rows = subsample(self.train_rows, c.max_train_prompts, random.Random(f"prefs-train-{self.ctx.seed}"))
         self.eval_rows = subsample(evals, c.max_eval_prompts, random.Random(f"prefs-eval-{self.ctx.seed}"))
+        self._check_sources(self.train_rows + self.eval_rows)
         self.scorer = Scorer(c.scoring, device=self.ctx.device, precision=self.ctx.precision)
+        # before any sampling: a judge that reads a column the rows lack fails now, naming both
+        self.scorer.check_rows(self.train_rows + self.eval_rows, "prefs.train_data and prefs.eval_data",
+                               "prefs.scoring")
         self.engine = None
+
+    def _check_sources(self, rows: list[dict]) -> None:
+        """Refuse a configuration with no source that can use these rows (prompts only need best_of_n)."""
+        c = self.cfg
+        if not c.best_of_n.enabled and not any(has_reference(r) for r in rows):
+            enabled = [f"prefs.{s}" for s in ("teacher", "corruption") if getattr(c, s).enabled]
+            raise ConfigError(f"{' and '.join(enabled)} need each row's reference answer (a final assistant turn), "
+                              f"but the rows of prefs.train_data and prefs.eval_data are prompts only: enable "
+                              f"prefs.best_of_n (samples of the policy judged by prefs.scoring)")
 
     def make_engine(self):
         """The policy's generation engine (None when no source samples)."""

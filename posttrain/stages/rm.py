@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, model_validator
 
 from ..checkpoint import train_from_last_checkpoint
-from ..config import InputPath, ModelDir, LoraSection, Section, TrainerSection
+from ..config import ModelDir, LoraSection, Section, TrainerSection
 from ..data import DataSource, read_rows
 from ..evaluation import DEFAULT_VERIFIERS
 from ..dist.trainable import end_sharded_init

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
-from ..config import InputPath, ModelDir, LoraSection, TrainerSection
+from ..config import ModelDir, LoraSection, TrainerSection
 from ..data import DataSource, read_rows
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
@@ -46,7 +46,8 @@ class SFTConfig(TrainerSection):
     lora: LoraConfig = LoraConfig()
     """LoRA settings."""
     eval_samples: int = Field(100, ge=0)
-    """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
+    """Held-out prompts answered greedily before and after training for task accuracy (0 = skip; rows without
+    an `answer` column are not counted)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
 
@@ -69,6 +70,8 @@ class SFT(Stage):
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
         self.eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
+        # the greedy accuracy check compares with an oracle answer: only rows that carry one (own data may not)
+        self.answer_rows = [r for r in self.eval_rows if "answer" in r]
 
     def _trainer(self):
         from trl import SFTConfig as TRLConfig
@@ -85,7 +88,7 @@ class SFT(Stage):
 
     def train(self) -> dict:
         metrics = {}
-        if self.ctx.is_main and self.cfg.eval_samples and self.eval_rows:
+        if self.ctx.is_main and self.cfg.eval_samples and self.answer_rows:
             metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
@@ -107,7 +110,7 @@ class SFT(Stage):
             history = self.trainer.state.log_history
             plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
                         ctx.dir / "loss.png", title="SFT")
-            if c.eval_samples and self.eval_rows and not (c.lora.enabled and c.lora.save == "adapter"):
+            if c.eval_samples and self.answer_rows and not (c.lora.enabled and c.lora.save == "adapter"):
                 metrics["accuracy_after"] = self._accuracy(load_saved(final, ctx))
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             atomic_write_json(ctx.dir / "metrics.json", {"log_history": history, **metrics})
@@ -115,7 +118,7 @@ class SFT(Stage):
         return metrics
 
     def _accuracy(self, model) -> dict:
-        return greedy_accuracy(model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
+        return greedy_accuracy(model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
                                self.ctx.precision)
 
 

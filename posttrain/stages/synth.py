@@ -1,7 +1,10 @@
-"""synth: generate a verifiable instruction data set from a recipe (prompts + oracle answers).
+"""synth: the training data, from a recipe of verifiable tasks or from the user's own prompts.
 
-Recipe (YAML, data/recipes/*.yaml): which tasks, their weights and parameters, and the release
-identity. Output: train.jsonl and eval.jsonl (no prompt in both) plus card.json (counts, lengths).
+- `recipe` (YAML, data/recipes/*.yaml): which tasks, their weights and parameters, and the release identity;
+  prompts with oracle answers (optionally re-answered by a teacher model, or a simulated one that errs).
+- `prompts` (a data source) with `teacher` (a model directory): the teacher answers every distinct prompt,
+  in resumable shards (synth_prompts.py).
+Output: train.jsonl and eval.jsonl (no prompt in both) plus card.json (counts, lengths).
 """
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ import random
 from collections import Counter
 from typing import Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..config import ConfigError, FilePath, InputPath, ModelDir, Precision, ProcessesConfig, Section
-from ..data import write_jsonl
+from ..config import ConfigError, FilePath, ModelDir, Precision, ProcessesConfig, Section
+from ..data import DataSource, source_json, write_jsonl
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
 from ..tasks import TASKS, make_example, normalise_answer
 from .base import Stage
+from .synth_prompts import ShardedAnswers, answered_rows, read_prompt_set
 
 
 TEACHER_MISTAKES = ("off_by_one", "shuffle", "truncate")
@@ -67,16 +71,24 @@ class SynthConfig(Section):
     """Config of the synth stage."""
 
     recipe: FilePath = None
-    """Recipe YAML naming tasks, weights and parameters (e.g. data/recipes/quickstart.yaml)."""
+    """Recipe YAML naming tasks, weights and parameters (e.g. data/recipes/quickstart.yaml); or set prompts."""
+    prompts: DataSource = None
+    """Your own prompts (path, mapping or mixture; answers in the source are dropped) for `teacher` to answer."""
     num_train: int = Field(2000, ge=1)
-    """Training examples to generate."""
+    """Training examples to generate (recipe only: with prompts, every prompt not held out is trained on)."""
     num_eval: int = Field(200, ge=1)
     """Held-out examples (no prompt shared with train)."""
+    eval_fraction: Optional[float] = Field(None, gt=0, lt=1)
+    """With prompts: the share of distinct prompts held out, instead of num_eval."""
+    shard_size: int = Field(256, ge=1)
+    """With prompts: prompts per shard of teacher answers (run_dir/synth/shards/); a rerun after a crash
+    answers only the shards not yet written."""
     seed: Optional[int] = None
     """Seed of the generator; default: the pipeline seed."""
     teacher: ModelDir = None
-    """Local model directory that writes the training responses (the Gemma recipe: prompts in, a
-    stronger model's answers out); default: the tasks' oracle answers. Held-out rows keep the oracle."""
+    """Local model directory that writes the responses (the Gemma recipe: prompts in, a stronger model's
+    answers out). Recipe: training rows only (held-out rows keep the oracle); default: the oracle answers.
+    Prompts: required, answers every prompt."""
     teacher_sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_new_tokens=64)
     """How the teacher samples (backend hf or vllm)."""
     vllm: VLLMOptions = VLLMOptions()
@@ -89,6 +101,27 @@ class SynthConfig(Section):
     """Without a teacher model: the share of verifiable training answers the simulated teacher gets wrong,
     with the task's typical mistake (off by one, a shuffled list, a dropped letter), as real teachers do.
     The `answer` column and the held-out split keep the oracle; PPO against the verifiers undoes them."""
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.recipe and self.prompts:
+            raise ValueError("recipe and prompts are alternatives: set synth.recipe (generated tasks) or "
+                             "synth.prompts (your prompts, answered by synth.teacher), not both")
+        if self.prompts and not self.teacher:
+            raise ValueError("synth.prompts needs synth.teacher: a model directory whose answers become the "
+                             "responses (prompts alone have nothing to train on)")
+        if self.prompts and self.teacher_error_rate:
+            raise ValueError("teacher_error_rate simulates mistakes of recipe answers; with prompts the teacher "
+                             "model makes its own: remove it")
+        # compared with the default, not with model_fields_set: ranks re-validate a full dump of the config
+        if self.prompts and self.num_train != type(self).model_fields["num_train"].default:
+            raise ValueError("num_train applies to recipes; with prompts every prompt not held out is trained on "
+                             "(take fewer with a source limit, e.g. prompts: {path: ..., limit: 1000})")
+        if self.eval_fraction is not None and not self.prompts:
+            raise ValueError("eval_fraction applies to prompts; a recipe holds out num_eval examples")
+        if self.prompts and self.teacher_sampling.n != 1:
+            raise ValueError("teacher_sampling.n must be 1: the teacher writes one answer per prompt")
+        return self
 
 
 def load_recipe(path: str) -> Recipe:
@@ -104,16 +137,26 @@ def load_recipe(path: str) -> Recipe:
 class Synth(Stage):
     name = "synth"
     Config = SynthConfig
+    consumes = {"prompts": "prompts"}
+    optional_inputs = {"prompts"}
     produces = {"train_data": "train.jsonl", "eval_data": "eval.jsonl"}
 
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed if self.cfg.seed is not None else self.ctx.seed
+
     def setup(self) -> None:
+        self.recipe = None
+        if self.cfg.prompts:
+            return  # read in train(): the teacher answers them there
         if not self.cfg.recipe:
-            raise ConfigError("synth.recipe: set a recipe file, e.g. data/recipes/quickstart.yaml")
+            raise ConfigError("synth: set synth.recipe (a recipe file, e.g. data/recipes/quickstart.yaml) or "
+                              "synth.prompts (your prompts) with synth.teacher (a model that answers them)")
         if self.cfg.teacher and self.cfg.teacher_error_rate:
             raise ConfigError("synth.teacher_error_rate simulates a teacher's mistakes; a real synth.teacher "
                               "makes its own: set one of the two")
         self.recipe = load_recipe(self.cfg.recipe)
-        self.rng = random.Random(self.cfg.seed if self.cfg.seed is not None else self.ctx.seed)
+        self.rng = random.Random(self.seed)
 
     def _params(self, spec: TaskSpec) -> dict:
         extra = {"identity": self.recipe.identity, "safety": {"refusal": self.recipe.refusal}}
@@ -124,6 +167,8 @@ class Synth(Stage):
 
         Splitting per task keeps small slices (identity, safety) in both splits; no prompt is in both.
         """
+        if self.cfg.prompts:
+            return self._answer_prompts()
         specs = self.recipe.tasks
         weights = [s.weight for s in specs]
         want = self.cfg.num_train + self.cfg.num_eval
@@ -158,8 +203,7 @@ class Synth(Stage):
         """Replace `teacher_error_rate` of the training answers that have a typical mistake with it."""
         from .prefs import CORRUPTIONS_FOR_TASK, corrupt
 
-        seed = self.cfg.seed if self.cfg.seed is not None else self.ctx.seed
-        rng, errors = random.Random(f"teacher-errors-{seed}"), 0
+        rng, errors = random.Random(f"teacher-errors-{self.seed}"), 0
         for row in self.train_rows:
             kinds = [k for k in CORRUPTIONS_FOR_TASK.get(row["task"], []) if k in TEACHER_MISTAKES]
             if kinds and rng.random() < self.cfg.teacher_error_rate:
@@ -188,23 +232,65 @@ class Synth(Stage):
         return {"model": str(self.cfg.teacher), "agrees_with_oracle": round(agree / len(self.train_rows), 4),
                 "unfinished": sum(not r["finished"] for r in self.train_rows)}
 
+    def _answer_prompts(self) -> dict:
+        """The teacher answers every distinct prompt of `prompts` (sharded, resumable); then the split."""
+        c, ctx = self.cfg, self.ctx
+        distinct, held, self.prompt_counts = read_prompt_set(ctx.inputs["prompts"], c.num_eval, c.eval_fraction,
+                                                             self.seed)
+        base_seed = c.teacher_sampling.seed if c.teacher_sampling.seed is not None else self.seed
+
+        def generate(prompts: list[list[dict]], first: int) -> list[tuple[str, bool]]:
+            if self.engine is None:  # loaded only when a shard is missing: a finished resume loads nothing
+                self.engine = make_engine(str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision,
+                                          vllm=c.vllm, seed=self.seed)
+            # seeded by the shard's first prompt position: a shard answered after a resume is the same
+            sampling = c.teacher_sampling.model_copy(update={"seed": base_seed + first})
+            return [(s[0].text, s[0].finished) for s in generate_all(self.engine, prompts, sampling)]
+
+        self.engine = None
+        shards = ShardedAnswers(ctx.dir / "shards", [r["messages"] for r in distinct], c.shard_size, ctx.is_main)
+        answers, progress = shards.run(generate)
+        self.cleanup()
+        if not ctx.is_main:
+            self.train_rows = self.eval_rows = []
+            return {}
+        rows, empty = answered_rows(distinct, answers)
+        self.train_rows = [r for r, h in zip(rows, held) if r is not None and not h]
+        self.eval_rows = [r for r, h in zip(rows, held) if r is not None and h]
+        if not self.train_rows or not self.eval_rows:
+            raise RuntimeError(f"synth: the teacher {c.teacher} gave empty answers to {empty} of {len(rows)} "
+                               f"prompts, leaving {len(self.train_rows)} train and {len(self.eval_rows)} held-out rows")
+        kept = self.train_rows + self.eval_rows
+        self.teacher_counts = {"model": str(c.teacher), "unfinished": sum(not r["finished"] for r in kept),
+                               "empty_answers_dropped": empty, **progress}
+        return {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows), "prompts": self.prompt_counts,
+                "teacher": self.teacher_counts}
+
     def save(self) -> dict:
         d = self.ctx.dir
         if not self.ctx.is_main:
             return {}
         write_jsonl(d / "train.jsonl", self.train_rows)
         write_jsonl(d / "eval.jsonl", self.eval_rows)
-        card = data_card(self.train_rows, self.eval_rows, self.recipe.name)
+        if self.recipe is not None:
+            card = data_card(self.train_rows, self.eval_rows, self.recipe.name)
+            atomic_write_json(d / "card.json", card)
+            return {"tasks": card["train"]["per_task"]}
+        source = source_json(self.cfg.prompts)
+        card = {"prompts": source, "prompt_counts": self.prompt_counts, "teacher": self.teacher_counts,
+                **data_card(self.train_rows, self.eval_rows, None)}
         atomic_write_json(d / "card.json", card)
-        return {"tasks": card["train"]["per_task"]}
+        return {}
 
 
-def data_card(train: list[dict], evals: list[dict], recipe: str) -> dict:
+def data_card(train: list[dict], evals: list[dict], recipe: Optional[str]) -> dict:
+    """Rows, rows per task (when rows have a task) and answer lengths of each split."""
     def stats(rows):
         lens = sorted(len(r["messages"][-1]["content"]) for r in rows)
-        return {"rows": len(rows), "per_task": dict(Counter(r.get("task", "?") for r in rows)),
+        tasks = {"per_task": dict(Counter(r.get("task", "?") for r in rows))} if any("task" in r for r in rows) else {}
+        return {"rows": len(rows), **tasks,
                 "response_chars": {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]}}
-    return {"recipe": recipe, "train": stats(train), "eval": stats(evals)}
+    return {**({"recipe": recipe} if recipe is not None else {}), "train": stats(train), "eval": stats(evals)}
 
 
 STAGE = Synth

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ...config import DistributedConfig, InputPath, ModelDir, LoraSection, Precision, Section, TrackingBackend
+from ...config import DistributedConfig, ModelDir, LoraSection, Precision, Section, TrackingBackend
 from ...data import DataSource
 from ...engines import SamplingConfig, VLLMOptions
 from ...scoring import ScoringConfig

@@ -73,8 +73,10 @@ class PPO(Stage):
         self.rollout_model = (self.policy if plain_policy else
                               copy.deepcopy(self.policy).to(self.dtype).eval() if wants_copy else None)
         self._add_adapters()
-        self.rows = read_rows(inp["train_data"], seed=self.ctx.seed)
-        self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
+        self.rows = read_rows(inp["train_data"], "conversation" if c.ptx_coef else "prompt", seed=self.ctx.seed)
+        self.eval_rows = read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
+        self.scorer.check_rows(self.rows + self.eval_rows, "ppo.train_data and ppo.eval_data", "ppo.scoring",
+                               rm_stage=True)  # before any rollout: a rule reading a column the rows lack fails now
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
         self.handles = {"policy": trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed,
                                             c.mini_batch_size, self.ctx.precision)}
