@@ -2,8 +2,7 @@
 
 Averages 3 checkpoints of a ~100M-parameter Llama (fp32, ~381 MB each, random weights built from config
 and cached under --models-dir). Each merge runs in its own child process; its peak RSS is the kernel's
-high-water mark reset after the imports (ru_maxrss of the child is reported too). A third row runs our
-engine with an in-place `linear` (the fix to posttrain.algos.merge.linear proposed in the merge report).
+high-water mark reset after the imports (ru_maxrss of the child is reported too).
 Inputs are read once beforehand so every merge finds them in the page cache, and the order of the runs
 alternates between repeats.
 
@@ -61,24 +60,6 @@ def _status_mb(key: str) -> float:
     return float("nan")
 
 
-def _inplace_linear(tensors, weights, normalize=True, allow_negative=False):
-    """What posttrain.algos.merge.linear would do with in-place adds (the fix proposed in the report)."""
-    w = [float(x) for x in weights]
-    if normalize:
-        w = [x / sum(w) for x in w]
-    dtype = torch_dtype_for(tensors[0])
-    out = tensors[0].to(dtype) * w[0]
-    for wi, t in zip(w[1:], tensors[1:]):
-        out.add_(t.to(dtype), alpha=wi)
-    return out.to(tensors[0].dtype)
-
-
-def torch_dtype_for(x):
-    import torch
-
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def child(kind: str, inputs: list[str], out: str, threads: int) -> dict:
     """Run one merge in this process; report its time and its peak RSS.
 
@@ -102,11 +83,7 @@ def child(kind: str, inputs: list[str], out: str, threads: int) -> dict:
     except OSError:
         hwm_reset = False
     started = time.perf_counter()
-    if kind in ("ours", "ours_inplace"):
-        if kind == "ours_inplace":
-            import posttrain.algos.merge as algos
-
-            algos.linear = _inplace_linear
+    if kind == "ours":
         merge_models("linear", inputs, out, backend="streaming")
     else:
         cfg = MergeConfiguration.model_validate({
@@ -148,7 +125,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=10)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--child", choices=["ours", "ours_inplace", "mergekit"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "mergekit"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--inputs", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -167,7 +144,7 @@ def main() -> None:
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
-    kinds = {"ours": "ours (streaming)", "ours_inplace": "ours, in-place add", "mergekit": "mergekit linear"}
+    kinds = {"ours": "ours (streaming)", "mergekit": "mergekit linear"}
     outs = {k: work / f"out_{k}" for k in kinds}
     runs = {k: [] for k in kinds}
     for rep in range(args.repeats):
@@ -177,7 +154,7 @@ def main() -> None:
             r = runs[kind][-1]
             print(f"  repeat {rep + 1} {kind:<13} {r['seconds']:.2f} s  peak {r['peak_rss_mb']:.0f} MB "
                   f"(start {r['start_rss_mb']:.0f} MB, ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
-    diffs = {k: max_abs_diff(outs[k], outs["mergekit"]) for k in ("ours", "ours_inplace")}
+    diffs = {"ours": max_abs_diff(outs["ours"], outs["mergekit"])}
 
     rows = {}
     for kind, rs in runs.items():
@@ -193,12 +170,12 @@ def main() -> None:
     print(f"\nlinear average of 3 x {input_bytes / 3 / 1e6:.0f} MB fp32 checkpoints (largest tensor "
           f"{args.vocab * args.hidden * 4 / 1e6:.0f} MB), {args.threads} thread(s), median of {args.repeats}")
     print(f"{'':<24}" + "".join(f"{label:>20}" for label in kinds.values())
-          + "".join(f"{label:>16}" for label in ("ours/mk", "in-place/mk")))
+          + f"{'ours/mk':>16}")
     for key, label in [("seconds_median", "seconds"), ("input_gb_per_s", "input GB/s"),
                        ("peak_rss_mb", "peak RSS MB"), ("peak_above_start_mb", "peak above start MB"),
                        ("ru_maxrss_mb", "ru_maxrss MB")]:
         print(f"{label:<24}" + "".join(f"{rows[k][key]:>20}" for k in kinds)
-              + "".join(f"{rows[k][key] / base[key]:>16.2f}" for k in ("ours", "ours_inplace")))
+              + f"{rows['ours'][key] / base[key]:>16.2f}")
     for k, d in diffs.items():
         print(f"max abs diff {kinds[k]} vs mergekit: {d:.3g}")
     if not base["hwm_reset"]:
@@ -210,7 +187,7 @@ def main() -> None:
               "input_bytes": input_bytes, **rows,
               "ratio_over_mergekit": {k: {m: round(rows[k][m] / base[m], 3) for m in
                                           ("seconds_median", "input_gb_per_s", "peak_rss_mb", "peak_above_start_mb")}
-                                      for k in ("ours", "ours_inplace")},
+                                      for k in ("ours",)},
               "max_abs_diff_vs_mergekit": diffs, "torch": torch.__version__,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     (RESULTS / "merge_throughput.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -19,6 +19,7 @@ imported only by the TRL child, so the venv's trl stays untouched:
     .venv/bin/python -m pip install --no-deps --target bench/.trl112 trl==1.12.0   # or pass --install-trl
     .venv/bin/python bench/ppo_step.py            # tiny + ~26M models, ~4 min idle, ~8 min under load
     .venv/bin/python bench/ppo_step.py --quick    # tiny model, 3 configurations, ~1.5 min
+    .venv/bin/python bench/ppo_step.py --repeats 3   # each configuration 3 times, interleaved: medians, min-max
 
 Results: bench/results/ppo_step.json (--quick: ppo_step_quick.json); each child's log:
 bench/results/ppo_step_logs/<config>.log.
@@ -61,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, 3 configurations, fewer updates (< 2 minutes)")
     p.add_argument("--no-large", action="store_true", help="skip the ~26M-parameter runs")
     p.add_argument("--only", help="comma-separated configuration names to run (e.g. ours-vllm-large)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="child processes per configuration, interleaved (medians and min-max reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--install-trl", action="store_true", help=f"pip install trl=={TRL_VERSION} into {TRL_DIR}")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/ppo_step[_quick].json)")
@@ -163,8 +166,12 @@ def print_table(report: dict) -> None:
         s = r["summary"]
         gen_share = f"{100 * s['generate_share_wall']:.1f}%/{100 * s['generate_share_cpu']:.1f}%"
         sync_share = f"{100 * s['sync_share_wall']:.2f}%/{100 * s['sync_share_cpu']:.2f}%"
+        cpu = f"{s['cpu_step_s']:.2f}"
+        if r.get("spread"):
+            lo, hi = r["spread"]["cpu_step_s"]
+            cpu += f" [{lo:.2f}-{hi:.2f}]"
         rows.append((name, f"{r['parameters'] / 1e6:.2f}M", f"{s['step_s']:.2f} ±{s['step_s_stdev']:.2f}",
-                     f"{s['cpu_step_s']:.2f}", gen_share, sync_share,
+                     cpu, gen_share, sync_share,
                      f"{s['tokens_per_update']:.0f}", f"{s['tokens_per_cpu_s']:.0f}",
                      f"{s['generate_tokens_per_cpu_s']:.0f}", f"{r['peak_rss_mib']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -210,6 +217,21 @@ def ratios(runs: dict) -> dict:
     return out
 
 
+def combine(results: list[dict]) -> dict:
+    """One configuration's repeats as one record: the median of every summary figure and of peak RSS, the
+    min-max of CPU and wall seconds per update, and each repeat's own record."""
+    good = [r for r in results if "error" not in r]
+    if not good:
+        return results[-1]
+    if len(results) == 1:
+        return good[0]
+    summary = {k: statistics.median(r["summary"][k] for r in good) for k in good[0]["summary"]}
+    spread = {k: [min(r["summary"][k] for r in good), max(r["summary"][k] for r in good)] for k in ("cpu_step_s", "step_s")}
+    return {"summary": summary, "spread": spread, "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good),
+            "parameters": good[0]["parameters"], "repeats": results, "failed_repeats": len(results) - len(good),
+            "load_avg_1m_after": good[-1]["load_avg_1m_after"]}
+
+
 def run_configuration(cfg: dict, inputs: dict, work: Path, log_dir: Path, args) -> dict:
     """One configuration in its own process, with its summary (or the reason it did not run)."""
     size = inputs[cfg["size"]]
@@ -246,9 +268,13 @@ def parent(args) -> None:
         inputs = {**build_inputs(work, sizes, args.seed), "trl_problem": ensure_trl(args.install_trl)}
         report.update(vocab=inputs["vocab"], models={s: {k: v for k, v in inputs[s].items()
                                                          if k not in ("policy", "rm")} for s in sizes})
-        for cfg in configs:
-            report["runs"][cfg["name"]] = run_configuration(cfg, inputs, work, log_dir, args)
-            loads.append(report["runs"][cfg["name"]]["load_avg_1m_after"])
+        repeats: dict[str, list[dict]] = {c["name"]: [] for c in configs}
+        for rep in range(args.repeats):  # interleaved: every configuration once, then again
+            for cfg in configs:
+                run = {**cfg, "name": cfg["name"] + (f"-r{rep}" if args.repeats > 1 else "")}
+                repeats[cfg["name"]].append(run_configuration(run, inputs, work, log_dir, args))
+                loads.append(repeats[cfg["name"]][-1]["load_avg_1m_after"])
+        report["runs"] = {name: combine(results) for name, results in repeats.items()}
     report["load_average_1m"] = [round(x, 2) for x in loads]
     report["ratios"] = ratios(report["runs"])
     print_table(report)

@@ -325,3 +325,25 @@ def test_vllm_environment_keeps_user_values(monkeypatch):
 def test_engine_records_thread_count(engine):
     # vLLM turns torch.set_num_threads into a no-op; the count in force at start-up is recorded
     assert engine.num_threads == 1 == torch.get_num_threads()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
+def test_hf_engine_leaves_the_model_trainable(tiny_tokenizer, family):
+    """HF generation runs under inference mode; the live policy it samples from must train right after
+    (no parameter or buffer turned into an inference tensor), and sampling stays seeded."""
+    from posttrain.rollout import pack_rollout, token_logprobs
+
+    from .conftest import TINY
+
+    model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=0)
+    engine = HFEngine(model, tiny_tokenizer)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=3)
+    groups = engine.generate(PROMPTS[:2], sampling)
+    assert [[s.token_ids for s in g] for g in groups] == [[s.token_ids for s in g] for g in
+                                                          engine.generate(PROMPTS[:2], sampling)]
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    prompts = [chat_prompt_ids(tiny_tokenizer, p) for p in PROMPTS[:2] for _ in range(2)]
+    batch = pack_rollout(prompts, [s for g in groups for s in g], tiny_tokenizer.pad_token_id)
+    model.train()
+    token_logprobs(model, batch).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -44,6 +44,42 @@ def test_chunked_equals_full_values_and_gradients(temperature, cap):
     assert torch.allclose(g_h, r_h, atol=1e-5) and torch.allclose(g_w, r_w, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias,frozen", [(True, False), (False, True), (True, True)])
+def test_linear_head_backward_with_bias_and_frozen_parts(bias, frozen):
+    """The linear head's own backward: gradients for the bias too, and only for what requires them (a frozen
+    head, as in a reference model; hidden states that need none, as when only the head trains)."""
+    torch.manual_seed(1)
+    n, hidden, vocab = 23, 8, 97
+    head = torch.nn.Linear(hidden, vocab, bias=bias).requires_grad_(not frozen)
+    h = torch.randn(n, hidden, requires_grad=frozen)
+    labels = torch.randint(vocab, (n,))
+    logp, = chunked_token_logprobs(h, labels, head, cap=10.0, temperature=0.9, chunk_tokens=6)
+    ref_logp, _, _ = full_stats(softcap(head(h), 10.0), labels, 0.9)
+    assert torch.allclose(logp, ref_logp, atol=1e-5)
+    wanted = [h] if frozen else [p for p in head.parameters()]
+    got = torch.autograd.grad(logp.square().sum(), wanted)
+    want = torch.autograd.grad(ref_logp.square().sum(), wanted)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
+def test_linear_head_matches_the_generic_path_under_autocast():
+    """bf16 autocast (mixed precision): the linear head's own backward and autograd through checkpointed
+    chunks of the same head (seen as an arbitrary callable) agree within bf16 rounding."""
+    torch.manual_seed(2)
+    n, hidden, vocab = 19, 16, 211
+    head = torch.nn.Linear(hidden, vocab, bias=False)
+    h = torch.randn(n, hidden, requires_grad=True)
+    labels = torch.randint(vocab, (n,))
+    results = []
+    for as_callable in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, ent = chunked_token_logprobs(h, labels, (lambda x: head(x)) if as_callable else head, cap=30.0,
+                                               temperature=0.7, with_entropy=True, chunk_tokens=4)
+        results.append((logp, ent, *torch.autograd.grad(logp.sum(), [h, head.weight])))
+    for fused, generic in zip(*results):
+        assert torch.allclose(fused, generic, atol=2e-2, rtol=2e-2)
+
+
 def test_chunk_size_follows_the_vocabulary():
     assert chunk_tokens_for(262144) == 64 and chunk_tokens_for(512) == 32768
     assert chunk_tokens_for(10 ** 9) == 16  # never below 16 tokens
