@@ -280,7 +280,8 @@ def main() -> None:
           f"categories ({', '.join(distinct)})")
     for s in sorted(sweep, key=lambda s: -f1(s))[:15]:
         print(f"{s['threshold']:>9}{s['prompt_threshold']:>7}{s['min_answer_words']:>6}{s['precision']:>7.3f}"
-              f"{s['recall']:>7.3f}{f1(s):>7.3f}{s['fp']:>5}  " + " ".join(f"{s['dropped_share'][c]:.2f}" for c in distinct))
+              f"{s['recall']:>7.3f}{f1(s):>7.3f}{s['fp']:>5}  "
+              + " ".join(f"{s['dropped_share'][c]:.2f}" for c in distinct))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"counts": counts, "results": results, "sweep": sweep,

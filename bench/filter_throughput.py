@@ -313,8 +313,8 @@ def report(args, mix, runs, per_filter, near) -> None:
     print(f"\neach filter alone vs all, {n} rows (each run includes the read/parse/write floor)")
     print(f"{'filter':<14}{'wall s':>8}{'cpu s':>8}{'rows/cpu-s':>11}{'cpu / all':>10}{'dropped':>9}")
     for name, r in per_filter.items():
-        print(f"{name:<14}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}{r['cpu_seconds'] / all_cpu:>10.2f}"
-              f"{sum(r['dropped'].values()):>9}")
+        print(f"{name:<14}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}"
+              f"{r['cpu_seconds'] / all_cpu:>10.2f}{sum(r['dropped'].values()):>9}")
     o, d = near["ours"], near["datasketch"]
     print(f"\nnear-dedup alone on {near['rows']} rows (stage defaults: answers of 16+ words, answer Jaccard >= 0.7, "
           f"prompt >= 0.05, 128 perms, char 5-grams):")

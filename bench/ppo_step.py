@@ -7,7 +7,8 @@ length and temperature, fp32, no gradient checkpointing, one optimiser step per 
 side). `trl-nogc` is TRL with its two `gc.collect()` calls per update made no-ops (a diagnostic). Then
 our stage with vLLM rollouts: the share of the step spent in generation and in weight sync, at the tiny
 size and at ~26M parameters; and at ~26M our stage with LoRA policy and value (`ours-lora-*`: one model
-copy fewer, optimiser state for the adapters only, adapters folded into the weights pushed to vLLM). Each configuration runs in its own child process (peak RSS = its VmHWM).
+copy fewer, optimiser state for the adapters only, adapters folded into the weights pushed to vLLM).
+Each configuration runs in its own child process (peak RSS = its VmHWM).
 
 Times are means over the updates after the first (warm-up), as wall seconds and as process CPU seconds.
 With one torch thread on an idle machine the two agree; on a shared machine wall time stretches with
@@ -226,7 +227,8 @@ def combine(results: list[dict]) -> dict:
     if len(results) == 1:
         return good[0]
     summary = {k: statistics.median(r["summary"][k] for r in good) for k in good[0]["summary"]}
-    spread = {k: [min(r["summary"][k] for r in good), max(r["summary"][k] for r in good)] for k in ("cpu_step_s", "step_s")}
+    spread = {k: [min(r["summary"][k] for r in good), max(r["summary"][k] for r in good)]
+              for k in ("cpu_step_s", "step_s")}
     return {"summary": summary, "spread": spread, "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good),
             "parameters": good[0]["parameters"], "repeats": results, "failed_repeats": len(results) - len(good),
             "load_avg_1m_after": good[-1]["load_avg_1m_after"]}
@@ -412,7 +414,8 @@ def child_trl(spec: dict) -> dict:
     dataset = Dataset.from_dict({"input_ids": [chat_prompt_ids(tokenizer, prompt_of(r))
                                                for r in read_conversations(spec["train_data"])]})
     policy, reference = load_model(spec["policy"], device="cpu"), load_model(spec["policy"], device="cpu")
-    reward, value = load_model(spec["rm"], kind="reward", device="cpu"), load_model(spec["rm"], kind="reward", device="cpu")
+    reward = load_model(spec["rm"], kind="reward", device="cpu")
+    value = load_model(spec["rm"], kind="reward", device="cpu")
     gen = clock_generate(policy, eot)
     if spec["side"] == "trl-nogc":
         import gc

@@ -53,7 +53,8 @@ def main() -> int:
         m = json.loads(manifest.read_text())
         stages[m["stage"]] = m.get("seconds")
     result = {"threads": args.threads, "total_wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-              "budget_s": BUDGET_S, "share_of_budget": round(wall / BUDGET_S, 3), "rerun_noop_wall_s": round(rerun_wall, 1),
+              "budget_s": BUDGET_S, "share_of_budget": round(wall / BUDGET_S, 3),
+              "rerun_noop_wall_s": round(rerun_wall, 1),
               "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
               "stages_s": stages, "summary": json.loads((run_dir / "summary.json").read_text())}
     print(f"{'stage':<10} seconds")

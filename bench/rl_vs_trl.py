@@ -264,8 +264,8 @@ def parent(args) -> None:
               "trl": trl.__version__, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="rl_vs_trl_") as tmp:
         work = Path(tmp)
-        inputs = build_inputs(work, sorted({r["vocab"] for r in runs}), [s for s in SIZES if s in {r["size"] for r in runs}],
-                              args.seed)
+        inputs = build_inputs(work, sorted({r["vocab"] for r in runs}),
+                              [s for s in SIZES if s in {r["size"] for r in runs}], args.seed)
         report["inputs"] = {k: v for k, v in inputs.items() if k != "train_data"}
         for key, m in inputs["models"].items():
             print(f"model {key}: body {m['body'] / 1e6:.2f}M + embedding {m['embedding'] / 1e6:.2f}M "
@@ -288,7 +288,8 @@ def parent(args) -> None:
                 print(f"  {s['cpu_total']:.2f} CPU s/update (gen {s['cpu_generate']:.2f}, score {s['cpu_score']:.2f}, "
                       f"train {s['cpu_train']:.2f}), {s['wall_total']:.2f} s wall, peak RSS "
                       f"{result['peak_rss_mib']:.0f} MiB (updates {result['update_peak_rss_mib']:.0f}), load "
-                      f"{result['load_avg_1m_after']:.1f}; peak RSS by phase {result['phase_peak_rss_mib']}", flush=True)
+                      f"{result['load_avg_1m_after']:.1f}; peak RSS by phase {result['phase_peak_rss_mib']}",
+                      flush=True)
             else:
                 print(f"  FAILED: {result['error'][:300]}", flush=True)
             report["runs"][spec["name"]] = result
@@ -415,7 +416,6 @@ def child_ours(spec: dict) -> dict:
     import torch
 
     import posttrain.rollout as rollout
-    from posttrain.engines import HFEngine
     from posttrain.pipeline import load_pipeline, run_pipeline
     from posttrain.stages.ppo import PPO as PPOStage
 

@@ -183,7 +183,8 @@ class TrainingGuard:
         from transformers.trainer_pt_utils import nested_gather
 
         t = self.trainer
-        pending = nested_gather(t._tr_loss.detach(), t.args.parallel_mode).mean().item() if hasattr(t, "_tr_loss") else 0.0
+        pending = (nested_gather(t._tr_loss.detach(), t.args.parallel_mode).mean().item()
+                   if hasattr(t, "_tr_loss") else 0.0)
         return self.loss_offset + t._total_loss_scalar + pending
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -192,7 +193,8 @@ class TrainingGuard:
             last = last_trainer_checkpoint(Path(args.output_dir))
             raise FloatingPointError(
                 f"{self.stage}: the training loss is {loss.item()} at step {state.global_step}; stopped before "
-                f"saving anything from this step ({'the last good checkpoint is ' + last if last else 'no checkpoint yet'}). "
+                f"saving anything from this step "
+                f"({'the last good checkpoint is ' + last if last else 'no checkpoint yet'}). "
                 f"Lower {self.stage}.learning_rate, check the data, or use fp32")
         return control
 

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("posttrain").error("error: %s", err)
         return 1
     except KeyboardInterrupt:
-        logging.getLogger("posttrain").error("interrupted: finished stages are kept; re-run the same command to continue")
+        logging.getLogger("posttrain").error(
+            "interrupted: finished stages are kept; re-run the same command to continue")
         return 130
     print_summary(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

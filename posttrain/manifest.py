@@ -143,8 +143,9 @@ def run_dir_lock(run_dir: Path, log=None) -> Iterator[None]:
                 holder = {}
             pid = holder.get("pid")
             if isinstance(pid, int) and holder.get("host") == me["host"] and _alive(pid) and pid != me["pid"]:
-                raise RunDirInUse(f"run directory {run_dir} is in use by process {pid} (started {holder.get('started')}, "
-                                  f"lock file {path}); wait for it to finish or stop it, or set another run_dir") from None
+                raise RunDirInUse(
+                    f"run directory {run_dir} is in use by process {pid} (started {holder.get('started')}, "
+                    f"lock file {path}); wait for it to finish or stop it, or set another run_dir") from None
             if log is not None:
                 log.warning("taking over %s: the process that held it (%s) is gone", path, holder or "unknown")
             path.unlink(missing_ok=True)

@@ -167,7 +167,8 @@ def check_settings(method: str, n_models: int, has_base: bool, weights, t, eta, 
     if method in BASE_METHODS and not has_base:
         raise MergeError(f"method {method} needs a base model (task vectors are taken relative to it): set base")
     if method not in BASE_METHODS and has_base:
-        raise MergeError(f"method {method} does not use a base model; remove base (or use task_arithmetic/ties/dare/liti)")
+        raise MergeError(f"method {method} does not use a base model; "
+                         f"remove base (or use task_arithmetic/ties/dare/liti)")
     given = {"t": t, "eta": eta, "density": density, "ema_rate": ema_rate, "scale": None if scale == 1.0 else scale}
     for key, value in given.items():
         if value is not None and method not in PARAM_USERS[key]:
@@ -176,7 +177,8 @@ def check_settings(method: str, n_models: int, has_base: bool, weights, t, eta, 
         if given[key] is None and method in PARAM_USERS[key]:
             raise MergeError(f"method {method} needs {key} to be set")
     if weights is not None and method in ("ema", "slerp", "liti"):
-        raise MergeError(f"weights are not used by {method} (it has {'ema_rate' if method == 'ema' else 't'}); remove them")
+        raise MergeError(
+            f"weights are not used by {method} (it has {'ema_rate' if method == 'ema' else 't'}); remove them")
     return _check_weights(method, n_models, weights, normalize, allow_negative_weights)
 
 
@@ -342,7 +344,8 @@ def mergekit_merge(p: MergeParams, models: list[Path], base: Optional[Path], out
         from mergekit.merge import run_merge
         from mergekit.options import MergeOptions
     except ImportError as err:
-        raise MergeError(f"backend mergekit: mergekit is not installed ({err}); pip install 'posttrain[merge]'") from None
+        raise MergeError(
+            f"backend mergekit: mergekit is not installed ({err}); pip install 'posttrain[merge]'") from None
     entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, p.weights)]
     cfg: dict = {"merge_method": p.method, "models": entries, "dtype": "float32"}
     if p.method == "linear":
@@ -370,7 +373,8 @@ def copy_side_files(ref: Path, out: Path, out_dtype: Optional[torch.dtype]) -> l
             copied.append(name)
     if out_dtype is not None:  # the config names the new dtype (torch_dtype too, if an old config has it)
         cfg = json.loads((out / "config.json").read_text())
-        cfg.update({k: str(out_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"})
+        cfg.update({k: str(out_dtype).removeprefix("torch.")
+                    for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"})
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return copied
 
@@ -465,7 +469,8 @@ def _open_inputs(paths: list[Path], tmp_root: Path) -> tuple[list[dict], list[Mo
         if (p / "adapter_config.json").is_file():
             adapter_base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
             entry.update(kind="lora_adapter (merged into its base first)", adapter_base=adapter_base,
-                         adapter_base_hash=hash_path(adapter_base) if adapter_base and Path(adapter_base).is_dir() else None)
+                         adapter_base_hash=(hash_path(adapter_base)
+                                            if adapter_base and Path(adapter_base).is_dir() else None))
             sources.append(ModelSource.open(materialize_adapter(p, tmp_root), origin=p))
         else:
             sources.append(ModelSource.open(p))
@@ -479,7 +484,8 @@ def _check_mergekit_output(out: Path, ref: ModelSource, out_dtype: Optional[torc
     for name, (st_dtype, shape) in ref.specs.items():
         want = ST_DTYPES[out_dtype] if out_dtype and TORCH_DTYPES[st_dtype].is_floating_point else st_dtype
         if got.specs.get(name) != (want, shape):
-            raise MergeError(f"mergekit output differs from the inputs at {name}: {got.specs.get(name)} vs {(want, shape)}")
+            raise MergeError(
+                f"mergekit output differs from the inputs at {name}: {got.specs.get(name)} vs {(want, shape)}")
     if set(got.specs) != set(ref.specs):
         raise MergeError(f"mergekit wrote extra tensors {sorted(set(got.specs) - set(ref.specs))[:5]}")
     return {"bytes_written": got.nbytes(), "shards": len(set(got.files.values()))}

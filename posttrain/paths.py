@@ -21,7 +21,8 @@ def describe(path: Path) -> str:
         return "nothing (the path does not exist)"
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
-        return f"a directory holding {entries[:8]}{' ...' if len(entries) > 8 else ''}" if entries else "an empty directory"
+        return (f"a directory holding {entries[:8]}{' ...' if len(entries) > 8 else ''}"
+                if entries else "an empty directory")
     return f"a file of {path.stat().st_size} bytes"
 
 
@@ -61,7 +62,8 @@ def check_model_dir(path: str | Path) -> Path:
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json); found {describe(path)}")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern) if p.name != "training_args.bin")
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern)
+                         if p.name != "training_args.bin")
         hint = (f" (found {', '.join(pickles)}: pickle weights are never loaded, since unpickling runs code; "
                 f"convert them to safetensors first)") if pickles else f"; found {describe(path)}"
         raise ValueError(f"{path}: no *.safetensors weights{hint}")

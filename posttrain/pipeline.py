@@ -165,8 +165,9 @@ def check_trackers(cfg: PipelineBase, names: list[str]) -> None:
         missing = missing_packages(stage_trackers(cfg, scfg))
         if missing:
             key = f"{name}.report_to" if scfg.report_to is not None else "report_to"
-            raise ConfigError(f"{key}: {', '.join(stage_trackers(cfg, scfg))} needs the package(s) {', '.join(missing)}, "
-                              f"which are not installed (pip install {' '.join(missing)}), or remove them from {key}")
+            raise ConfigError(f"{key}: {', '.join(stage_trackers(cfg, scfg))} needs the package(s) "
+                              f"{', '.join(missing)}, which are not installed (pip install {' '.join(missing)}), "
+                              f"or remove them from {key}")
 
 
 def engine_layouts(scfg) -> dict[str, tuple]:

@@ -108,11 +108,13 @@ def call_rule(spec: RuleSpec, fn: Callable, prompts, completions, columns: dict)
     try:
         out = fn(prompts, completions, **columns, **spec.kwargs)
     except Exception as err:
-        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}") from err
+        raise RewardFunctionError(
+            f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}") from err
     try:
         values = torch.tensor([float(v) for v in out], dtype=torch.float32)
     except (TypeError, ValueError) as err:
-        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}") from None
+        raise RewardFunctionError(
+            f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}") from None
     if values.shape != (len(completions),):
         raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} returned {values.numel()} values "
                                   f"for {len(completions)} completions")
@@ -250,7 +252,8 @@ class Scorer:
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             if bad:
                 source = ("the reward model " + str(self.cfg.reward_model or "") if name == "reward_model" else
-                          next(f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules if spec.function == name))
+                          next(f"rule reward {spec.path}:{spec.function}"
+                               for spec, _ in self.rules if spec.function == name))
                 raise FloatingPointError(f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
                                          f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}")
         if self.cfg.normalize and training:

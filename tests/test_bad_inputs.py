@@ -101,8 +101,9 @@ def _ppo(rule: str, fn: str, expect: str, source: str | None = None):
         if source is not None:
             (d / rule).write_text(source)
         (d / "train.jsonl").write_text(_jsonl(make_rows(16)))
-        return (f"stages: [ppo]\nppo: {{model: {model}, train_data: {d}/train.jsonl, updates: 1, rollout_batch_size: 2, "
-                f"mini_batch_size: 2, eval_samples: 0, sampling: {{backend: hf, max_new_tokens: 4, temperature: 1.0}}, "
+        return (f"stages: [ppo]\nppo: {{model: {model}, train_data: {d}/train.jsonl, updates: 1, "
+                f"rollout_batch_size: 2, mini_batch_size: 2, eval_samples: 0, "
+                f"sampling: {{backend: hf, max_new_tokens: 4, temperature: 1.0}}, "
                 f"scoring: {{rules: [{{path: {d / rule}, function: {fn}}}]}}}}\n")
     return build, expect
 
@@ -114,7 +115,8 @@ CASES = {
     "wrong type": _plain("stages: [sft]\nsft: {{epochs: many}}\n", r"sft.epochs: .*number.*'many'"),
     "infinite learning rate": _plain("stages: [sft]\nsft: {{learning_rate: .inf}}\n", r"sft.learning_rate: .*finite"),
     "nan kl coefficient": _plain("stages: [ppo]\nppo: {{kl_coef: .nan}}\n", r"ppo.kl_coef: .*finite"),
-    "zero batch size": _plain("stages: [sft]\nsft: {{batch_size: 0}}\n", r"sft.batch_size: .*greater than or equal to 1"),
+    "zero batch size": _plain("stages: [sft]\nsft: {{batch_size: 0}}\n",
+                              r"sft.batch_size: .*greater than or equal to 1"),
     "unknown stage kind": _plain("stages: [sft, rlhf]\n", r"stages.*unknown stage 'rlhf'"),
     "a stage name twice": _plain("stages: [{{name: a, kind: sft}}, {{name: a, kind: sft}}]\n",
                                  r"stage name\(s\) listed twice: \['a'\]"),
@@ -122,26 +124,32 @@ CASES = {
     "top level not a mapping": _plain("- sft\n- ppo\n", r"pipeline.yaml: the top level must be a mapping"),
     "run_dir under a file": _plain("run_dir: {d}/afile/run\nstages: [sft]\nsft: {{model: {model}}}\n",
                                    r"run_dir: .*afile is a file", {"afile": "x"}),
-    "cuda on a cpu machine": _plain("stages: [sft]\ndevice: cuda\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
+    "cuda on a cpu machine": _plain("stages: [sft]\ndevice: cuda\n"
+                                    "sft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
                                     r"device: device 'cuda' was asked for.*no CUDA"),
     "fp16 on cpu": _plain("stages: [sft]\nprecision: fp16\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
                           r"precision: fp16 mixed precision needs a CUDA device"),
     "tp does not divide ranks": _plain(
-        "stages: [eval]\neval: {{models: {{m: {model}}}, eval_data: {d}/train.jsonl, distributed: {{num_processes: 2}}, "
+        "stages: [eval]\neval: {{models: {{m: {model}}}, eval_data: {d}/train.jsonl, "
+        "distributed: {{num_processes: 2}}, "
         "sampling: {{backend: vllm, tensor_parallel_size: 3}}}}\n",
         r"eval.sampling.tensor_parallel_size=3 does not divide eval.distributed.num_processes=2"),
-    "unknown vllm option": _plain("stages: [ppo]\nppo: {{vllm: {{tensor_paralel: 2}}}}\n", r"ppo.vllm.tensor_paralel: unknown key"),
+    "unknown vllm option": _plain("stages: [ppo]\nppo: {{vllm: {{tensor_paralel: 2}}}}\n",
+                                  r"ppo.vllm.tensor_paralel: unknown key"),
     # model directories
     "model path missing": _model_case(lambda d, m: d / "nowhere", r"sft.model: .*path does not exist"),
     "model is a file": _model_case(_a_file, r"sft.model: .*expected a model directory, found a file"),
     "model dir empty": _model_case(_empty_dir, r"sft.model: .*no config.json.*an empty directory"),
-    "model dir pickle only": _model_case(_pickle_only, r"sft.model: .*pytorch_model.bin: pickle weights are never loaded"),
+    "model dir pickle only": _model_case(_pickle_only,
+                                         r"sft.model: .*pytorch_model.bin: pickle weights are never loaded"),
     "model dir config only": _model_case(_config_only, r"sft.model: .*no \*.safetensors weights"),
     "model weights truncated": _model_case(_truncated, r"sft.model: .*truncated safetensors file"),
     # recipes and rule files
-    "recipe missing": _plain("stages: [synth]\nsynth: {{recipe: {d}/nope.yaml}}\n", r"synth.recipe: .*path does not exist"),
+    "recipe missing": _plain("stages: [synth]\nsynth: {{recipe: {d}/nope.yaml}}\n",
+                             r"synth.recipe: .*path does not exist"),
     "recipe is a directory": _plain("stages: [synth]\nsynth: {{recipe: {d}}}\n", r"synth.recipe: .*expected a file"),
-    "recipe unknown task": _plain("stages: [synth]\nsynth: {{recipe: {d}/r.yaml}}\n", r"r.yaml: unknown task\(s\) \['juggle'\]",
+    "recipe unknown task": _plain("stages: [synth]\nsynth: {{recipe: {d}/r.yaml}}\n",
+                                  r"r.yaml: unknown task\(s\) \['juggle'\]",
                                   {"r.yaml": "tasks:\n  - task: juggle\n"}),
     "recipe not yaml": _plain("stages: [synth]\nsynth: {{recipe: {d}/r.yaml}}\n", r"r.yaml: not valid YAML",
                               {"r.yaml": "tasks: [\n"}),
@@ -171,7 +179,8 @@ CASES = {
     "roles not alternating": _sft_case(_jsonl([{"messages": [{"role": "user", "content": "a"},
                                                               {"role": "user", "content": "b"}]}]), r"train.jsonl:1"),
     "empty content": _sft_case(_jsonl([{"messages": [{"role": "user", "content": " "},
-                                                      {"role": "assistant", "content": "b"}]}]), r"train.jsonl:1.*empty"),
+                                                      {"role": "assistant", "content": "b"}]}]),
+                               r"train.jsonl:1.*empty"),
     "alpaca csv missing output": _sft_case("instruction,input\nsay hi,\n", r"train.csv.*(output|column)", "train.csv"),
     "preference row without rejected": _plain(
         "stages: [rm]\nrm: {{model: {model}, prefs_train: {d}/p.jsonl}}\n",

@@ -97,7 +97,8 @@ def test_gpu_config_is_laid_out_for_one_node_of_eight(monkeypatch, tiny_model_di
 
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the checks below need no GPU
-    cfg = load_pipeline("configs/gemma2-2b-gpu.yaml", [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}"])
+    cfg = load_pipeline("configs/gemma2-2b-gpu.yaml",
+                        [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}"])
     generating = {"synth", "prefs", "ppo", "eval"}
     for name in ("synth", "sft", "prefs", "rm", "ppo", "eval"):
         scfg = getattr(cfg, name)
@@ -136,7 +137,8 @@ def test_gpu_check_overrides_are_valid_keys(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    cfg = load_pipeline("configs/quickstart.yaml", ["run_dir=/tmp/unused", *gpu_check.COMMON, *gpu_check.ranks_overrides(4)])
+    cfg = load_pipeline("configs/quickstart.yaml",
+                        ["run_dir=/tmp/unused", *gpu_check.COMMON, *gpu_check.ranks_overrides(4)])
     assert cfg.precision == "bf16" and cfg.ppo.sampling.backend == cfg.eval.sampling.backend == "vllm"
     assert cfg.ppo.distributed.num_processes == cfg.prefs.distributed.num_processes == 4
     assert cfg.sft.distributed.zero_stage == 3

@@ -126,7 +126,8 @@ def test_detection_names_candidates_or_formats(tmp_path):
     assert read_rows({"path": str(tmp_path / "both.jsonl"), "format": "messages"}) == [
         {"messages": [U("q"), A("a")], "conversations": [], "x": 1}]
     write_jsonl(tmp_path / "none.jsonl", [{"question": "q", "response": "a"}])
-    with pytest.raises(DataError, match=r"no known format has these columns.*alpaca \(instruction, output\[, input\]\).*"
+    with pytest.raises(DataError, match=r"no known format has these columns.*"
+                                        r"alpaca \(instruction, output\[, input\]\).*"
                                         r"columns found: question, response"):
         read_rows(str(tmp_path / "none.jsonl"))
     renamed = {"path": str(tmp_path / "none.jsonl"), "columns": {"question": "prompt", "response": "completion"}}
@@ -280,7 +281,8 @@ def test_a_malformed_row_names_file_row_column_and_columns(tmp_path, fmt):
     kind = "preference" if fmt in ("preference", "hh") else ("prompt" if fmt == "prompt" else "conversation")
     cols = ", ".join(bad)
     path = write_rows(tmp_path / "d.jsonl", [good, good, bad, good])
-    with pytest.raises(DataError, match=rf"d\.jsonl:3: {message}.* \(row 3; column '{column}'; columns found: {cols}\)"):
+    with pytest.raises(DataError,
+                       match=rf"d\.jsonl:3: {message}.* \(row 3; column '{column}'; columns found: {cols}\)"):
         read_rows({"path": path, "format": fmt}, kind)
     if fmt == "alpaca":  # flat rows also go in a Parquet file: rows, not lines
         path = write_rows(tmp_path / "d.parquet", [good, good, bad, good])
@@ -352,7 +354,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_model_dir):
         (f"{{path: {data}, limit: lots}}", r"sft\.train_data\.limit: .*integer.*'lots'"),
         ("{path: /no/such.parquet}", r"sft\.train_data\.path: .*path does not exist: '/no/such\.parquet'"),
         ("/no/such.parquet", r"sft\.train_data: .*path does not exist: '/no/such\.parquet'.*Nothing is downloaded"),
-        (f"[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0}}]", r"sft\.train_data\.1\.weight: .*greater than 0"),
+        (f"[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0}}]",
+         r"sft\.train_data\.1\.weight: .*greater than 0"),
         (f"{{path: {data}, weight: 2}}", r"sft\.train_data: .*weight applies to the entries of a list"),
         ("5", r"sft\.train_data: .*expected a path, a mapping"),
         (f"{{path: {data}, split: test}}", r"sft\.train_data: .*split 'test' is set but .* is a single file"),
@@ -364,7 +367,8 @@ def test_config_errors_name_the_key(tmp_path, tiny_model_dir):
 
 def test_sources_are_fingerprinted_by_files_and_settings_and_win_over_artifacts(tmp_path, tiny_model_dir):
     data = write_rows(tmp_path / "d.parquet", ALPACA)
-    artifacts, fps = {"train_data": "/run/synth/train.jsonl", "model": str(tmp_path)}, {"train_data": "f1", "model": "f2"}
+    artifacts = {"train_data": "/run/synth/train.jsonl", "model": str(tmp_path)}
+    fps = {"train_data": "f1", "model": "f2"}
 
     def resolve(train_data):
         cfg = SFT.Config(model=str(tiny_model_dir), train_data=train_data)
@@ -396,7 +400,8 @@ def test_cli_preview_and_convert(tmp_path, capsys):
                                            {"messages": [U("q1"), A("r1")], "task": "t"}]
     dst = tmp_path / "out" / "train.jsonl"
     args = ["data", "convert", src, str(dst), "--columns", "question=prompt,response=completion"]
-    assert main(args) == 1 and "qa.parquet: row 5: expected a non-empty list of messages, got null" in capsys.readouterr().err
+    assert main(args) == 1
+    assert "qa.parquet: row 5: expected a non-empty list of messages, got null" in capsys.readouterr().err
     assert not dst.exists() and not list(dst.parent.glob("*.tmp"))  # nothing half-written
     assert main(args + ["--on-error", "skip"]) == 0
     printed = capsys.readouterr().out

@@ -231,8 +231,9 @@ def test_offline_distillation_moves_student_toward_teacher(tmp_path, tiny_model_
     examples = tokenize_for_loss(tok, read_conversations(tmp_path / "run" / "synth" / "eval.jsonl"), 64)
     batch = pad_batch(examples, tok.pad_token_id)
     with torch.no_grad():
-        s = load_model(out / "model", device="cpu")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t = load_model(teacher_dir, device="cpu")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        s = load_model(out / "model", device="cpu")(**model_inputs).logits
+        t = load_model(teacher_dir, device="cpu")(**model_inputs).logits
     kl = forward_kl(s[:, :-1], t[:, :-1], batch["labels"][:, 1:] != -100)
     assert float(kl) == pytest.approx(after["kl_to_teacher"], abs=2e-4)
 

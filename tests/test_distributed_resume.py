@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow
 
 def _body(sft: dict, base=None) -> str:
     base = base or {**TINY, "family": "llama"}
-    return (f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 300, num_eval: 30}}\n"
+    return (f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\n"
+            f"synth: {{recipe: {QUICKSTART_RECIPE}, num_train: 300, num_eval: 30}}\n"
             f"base: {json.dumps(base)}\nsft: {json.dumps(sft)}\n")
 
 
@@ -33,7 +34,8 @@ def test_sft_under_deepspeed_two_processes(tmp_path, zero_stage):
     assert m["processes"] == 2 and m["deepspeed_zero_stage"] == zero_stage
     assert m["eval_loss_after"] < m["eval_loss_before"] - 0.5
     out = tmp_path / "run" / "sft" / "model"
-    trained, base = load_file(out / "model.safetensors"), load_file(tmp_path / "run" / "base" / "model" / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    base = load_file(tmp_path / "run" / "base" / "model" / "model.safetensors")
     assert not torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     from posttrain.models import load_model
 
@@ -60,7 +62,8 @@ def test_sigkill_during_sft_then_resume(tmp_path):
     assert not (run / "sft" / "model").exists()  # nothing that looks finished
 
     summary = run_pipeline(load_pipeline(path))
-    assert (summary["synth"]["status"], summary["base"]["status"], summary["sft"]["status"]) == ("skipped", "skipped", "ran")
+    assert (summary["synth"]["status"], summary["base"]["status"],
+            summary["sft"]["status"]) == ("skipped", "skipped", "ran")
     assert summary["sft"]["steps"] == 150
     assert summary["sft"]["resumed_from_step"] >= 10  # continued from the checkpoint, not from step 0
     assert read_manifest(run / "sft")["status"] == "complete"

@@ -35,8 +35,10 @@ def test_simpo_loss_by_hand():
     got = simpo_loss(chosen, c_mask, rejected, r_mask, beta=2.0, gamma=0.5)
     assert got.item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-6)
     # two pairs: the mean; the second has mean log p -1 vs -1 and only gamma left: log(1 + e^0.5)
-    two = simpo_loss(torch.cat([chosen, torch.tensor([[-1.0, 0, 0]])]), torch.cat([c_mask, torch.tensor([[1.0, 0, 0]])]),
-                     torch.cat([rejected, torch.tensor([[-1.0, -1.0, 0]])]), torch.cat([r_mask, torch.tensor([[1.0, 1, 0]])]),
+    two = simpo_loss(torch.cat([chosen, torch.tensor([[-1.0, 0, 0]])]),
+                     torch.cat([c_mask, torch.tensor([[1.0, 0, 0]])]),
+                     torch.cat([rejected, torch.tensor([[-1.0, -1.0, 0]])]),
+                     torch.cat([r_mask, torch.tensor([[1.0, 1, 0]])]),
                      beta=2.0, gamma=0.5)
     assert two.item() == pytest.approx((math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5))) / 2, abs=1e-6)
 
@@ -155,14 +157,16 @@ def test_dpo_stage_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, 
     assert not list(model_dir.glob("*.bin")) and (model_dir / "tokenizer.json").is_file()
     gen = json.loads((model_dir / "generation_config.json").read_text())
     assert stage.tokenizer.convert_tokens_to_ids("<end_of_turn>") in gen["eos_token_id"]
-    trained, init = load_model(model_dir, device="cpu").state_dict(), load_model(tiny_model_dir, device="cpu").state_dict()
+    trained = load_model(model_dir, device="cpu").state_dict()
+    init = load_model(tiny_model_dir, device="cpu").state_dict()
     assert any(not torch.equal(trained[k], init[k]) for k in init)
 
 
 def test_lora_uses_the_adapter_free_base_as_reference_saves_merged_and_resumes(tmp_path, tiny_model_dir,
                                                                               corruption_prefs):
     def stage(**kw) -> DPO:
-        return _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs}, lora={"enabled": True, "r": 4, "alpha": 8},
+        return _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs},
+                      lora={"enabled": True, "r": 4, "alpha": 8},
                       batch_size=8, save_steps=2, logging_steps=1, learning_rate=1e-2, max_length=96, eval_samples=0,
                       **kw)
 
@@ -235,7 +239,8 @@ def test_config_mistakes_are_named(cfg, message):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust", "simpo"])
 def test_config_survives_the_launchers_round_trip(loss_type):
     """Ranks rebuild the config from its full dump (defaults filled in), which must validate again."""
-    cfg = DPOConfig.model_validate({"loss_type": loss_type, **({"label_smoothing": 0.1} if loss_type == "robust" else {})})
+    extra = {"label_smoothing": 0.1} if loss_type == "robust" else {}
+    cfg = DPOConfig.model_validate({"loss_type": loss_type, **extra})
     assert DPOConfig.model_validate(cfg.model_dump(mode="json")) == cfg
     assert (cfg.beta, cfg.simpo_gamma) == ((2.0, 0.5) if loss_type == "simpo" else (0.1, None))
 
@@ -291,7 +296,8 @@ def test_eval_compares_dpo_with_sft_and_ppo(tmp_path, tiny_model_dir):
         assert sorted(results["models"]) == names
         assert results["models"]["dpo"]["path"] == str(run_dir / "dpo" / "model")
         if len(names) > 1:
-            assert results["baseline"] == "sft" and 0 <= results["models"]["dpo"]["win_rate"]["verifiers"]["win_rate"] <= 1
+            win_rate = results["models"]["dpo"]["win_rate"]["verifiers"]["win_rate"]
+            assert results["baseline"] == "sft" and 0 <= win_rate <= 1
 
 
 @pytest.mark.slow

@@ -342,7 +342,8 @@ def test_model_card_has_metadata_lineage_and_eval_table(release_run):
     assert "# Posttrain-Tiny" in card
     for stage in ("synth", "base", "eval"):
         m = read_manifest(run_dir / stage)
-        assert f"| {stage} | complete | cpu | fp32 | `{m['config_hash']}` | `{m['fingerprint']}` | {m['seconds']} |" in card
+        row = f"| {stage} | complete | cpu | fp32 | `{m['config_hash']}` | `{m['fingerprint']}` | {m['seconds']} |"
+        assert row in card
     assert "| release |" not in card
     assert str(run_dir.parent) not in card and "/tmp" not in card  # no path of the machine that trained
     card_json = json.loads((run_dir / "synth" / "card.json").read_text())

@@ -83,7 +83,8 @@ def test_length_limit_comes_from_the_pipeline(tmp_path, tiny_model_dir):
     lim = _limit(tmp_path, {"stages": ["synth", "filter", "base", "sft"], "synth": synth,
                             "base": {"path": str(tiny_model_dir)}, "sft": {"max_length": 96}})
     assert (lim.max_tokens, lim.tokenizer, lim.tokenizer_source) == (96, str(tiny_model_dir), "base.path")
-    lim = _limit(tmp_path, {"stages": ["synth", "filter", "sft"], "synth": synth, "sft": {"model": str(tiny_model_dir)}})
+    lim = _limit(tmp_path, {"stages": ["synth", "filter", "sft"], "synth": synth,
+                            "sft": {"model": str(tiny_model_dir)}})
     assert (lim.max_tokens, lim.tokenizer_source) == (256, "sft.model")
     # a model stage that ran before the filter: its output exists
     lim = _limit(tmp_path, {"stages": ["synth", "base", "filter", "sft"], "synth": synth},
@@ -274,7 +275,8 @@ def test_report_shows_settings_and_truncated_examples(tmp_path):
     (tmp_path / "hook.py").write_text(HOOK)
     long_answer = ("The quick brown fox jumps over the lazy dog while the farmer watches from the old wooden "
                    "gate and counts the sheep that wander across the green hill at dusk.")
-    rows = [chat("Mail me at jane@example.com about the plans for the weekend trip", "ok"), chat("Call +44 20 7946 0958", "ok"),
+    rows = [chat("Mail me at jane@example.com about the plans for the weekend trip", "ok"),
+            chat("Call +44 20 7946 0958", "ok"),
             chat("Tell a story about a fox.", long_answer),
             chat("Tell a short story about a fox.", long_answer.replace("farmer", "miller")),
             chat("Essay?", "word " * 400), chat("Say it.", "This is forbidden knowledge."), chat("Hi", "Hello.")]

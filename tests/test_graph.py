@@ -32,7 +32,8 @@ def test_a_kind_twice_with_a_reference_between_them(tmp_path, tiny_model_dir):
     second = read_manifest(tmp_path / "run" / "second")
     assert second["inputs"]["model"] == str(tmp_path / "run" / "first" / "model")
     # unchanged: both skipped; a change to the first re-runs both (the second's input changed)
-    assert all(s["status"] == "skipped" for s in run_pipeline(load_pipeline(_two_sfts(tmp_path, tiny_model_dir))).values())
+    unchanged = run_pipeline(load_pipeline(_two_sfts(tmp_path, tiny_model_dir)))
+    assert all(s["status"] == "skipped" for s in unchanged.values())
     again = run_pipeline(load_pipeline(_two_sfts(tmp_path, tiny_model_dir), ["first.max_steps=3"]))
     assert again["first"]["status"] == again["second"]["status"] == "ran"
 

@@ -26,7 +26,7 @@ def _stage(tmp_path, tiny_model_dir, **ppo):
 
 
 @pytest.mark.parametrize("variant", [
-    {},                                                                       # GRPO: std-scaled, sequence mean, k3 KL loss
+    {},  # GRPO: std-scaled, sequence mean, k3 KL loss
     {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off", "kl_coef": 0.0},  # Dr. GRPO
     {"clip_low": 0.2, "clip_high": 0.28, "loss_aggregation": "token_mean", "overlong_cache": 4,
      "dynamic_sampling": True},                                                # DAPO

@@ -101,7 +101,8 @@ def test_one_run_per_run_directory(tmp_path):
     try:
         (run_dir / LOCK).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": "now"}))
         (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: sort\n")
-        path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 4, num_eval: 2}}\n")
+        path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, "
+                                        f"num_train: 4, num_eval: 2}}\n")
         out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", path], capture_output=True, text=True)
         assert out.returncode != 0 and f"in use by process {holder.pid}" in out.stderr and "Traceback" not in out.stderr
         assert not (run_dir / "synth").exists()

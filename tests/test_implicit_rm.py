@@ -112,7 +112,8 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     assert not (out / "training_args.bin").exists() and not (ctx.dir / "checkpoints").exists()
     saved = load_model(out, device="cpu")  # a plain causal LM
     assert type(saved).__name__.endswith("ForCausalLM")
-    value = _load_value_model(str(out), load_tokenizer(out), torch.device("cpu"))  # PPO's value init: the RM's body, a new head
+    # PPO's value init: the RM's body, a new head
+    value = _load_value_model(str(out), load_tokenizer(out), torch.device("cpu"))
     assert torch.equal(value.model.embed_tokens.weight, saved.model.embed_tokens.weight)
 
 

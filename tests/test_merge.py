@@ -157,7 +157,8 @@ def test_liti_of_two_models_is_warp_slerp_of_task_vectors(zoo, tmp_path):
 
 def test_ties_applies_algos_ties_per_tensor(zoo, tmp_path):
     base, m1, m2 = sd(zoo["m0"]), sd(zoo["m1"]), sd(zoo["m2"])
-    _, out = merged(tmp_path, "ties", [zoo["m1"], zoo["m2"]], base=zoo["m0"], density=0.3, weights=[1.0, 0.5], scale=0.8)
+    _, out = merged(tmp_path, "ties", [zoo["m1"], zoo["m2"]], base=zoo["m0"], density=0.3, weights=[1.0, 0.5],
+                    scale=0.8)
     expected = {k: algos.ties(base[k], [m1[k] - base[k], m2[k] - base[k]], [1.0, 0.5], 0.3, scale=0.8) for k in base}
     assert_state_close(out, expected, atol=1e-6)
 
@@ -177,7 +178,8 @@ def test_dare_drops_and_rescales_reproducibly(zoo, tmp_path):
     assert abs(kept / total - 0.25) < 0.02
     again = merge_models("dare", [zoo["m1"]], tmp_path / "again", base=zoo["m0"], density=0.25, seed=3)
     other = merge_models("dare", [zoo["m1"]], tmp_path / "other", base=zoo["m0"], density=0.25, seed=4)
-    assert sd(tmp_path / "again").keys() == out.keys() and all(torch.equal(sd(tmp_path / "again")[k], out[k]) for k in out)
+    again_weights = sd(tmp_path / "again")
+    assert again_weights.keys() == out.keys() and all(torch.equal(again_weights[k], out[k]) for k in out)
     assert any(not torch.equal(sd(tmp_path / "other")[k], out[k]) for k in out)
     assert recipe["seed"] == 3 and again["seed"] == 3 and other["seed"] == 4
 
@@ -336,7 +338,8 @@ def test_lora_adapter_is_merged_into_its_base_first(zoo, tmp_path):
 
     from posttrain.models import load_model
 
-    peft_model = get_peft_model(load_model(zoo["m0"], device="cpu"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model = get_peft_model(load_model(zoo["m0"], device="cpu"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     torch.manual_seed(0)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
@@ -392,7 +395,8 @@ def test_mergekit_backend_equals_ours(zoo, tmp_path, family, method, kw):
 def test_auto_backend_uses_mergekit_only_where_it_is_identical(zoo, tmp_path):
     pytest.importorskip("mergekit")
     assert merge_models("linear", [zoo["m0"], zoo["m1"]], tmp_path / "a", backend="auto")["backend"] == "mergekit"
-    assert merge_models("ema", [zoo["m0"], zoo["m1"]], tmp_path / "b", backend="auto", ema_rate=0.1)["backend"] == "streaming"
+    assert merge_models("ema", [zoo["m0"], zoo["m1"]], tmp_path / "b", backend="auto",
+                        ema_rate=0.1)["backend"] == "streaming"
     with pytest.raises(MergeError, match="backend mergekit cannot do liti"):
         merge_models("liti", [zoo["m1"]], tmp_path / "c", base=zoo["m0"], eta=0.5, backend="mergekit")
 

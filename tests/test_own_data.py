@@ -132,7 +132,8 @@ def test_synth_from_prompts_split_by_fraction_and_config_errors(tmp_path, inputs
 def test_synth_held_out_count_larger_than_the_prompts_is_refused(tmp_path, inputs):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(_synth_body(inputs, tmp_path / "run", num_eval=185))
-    with pytest.raises(ConfigError, match=r"synth.num_eval 185 holds out 185 of 185 distinct prompts.*200 prompts read, 15 dup"):
+    with pytest.raises(ConfigError,
+                       match=r"synth.num_eval 185 holds out 185 of 185 distinct prompts.*200 prompts read, 15 dup"):
         run_pipeline(load_pipeline(cfg))
 
 
@@ -222,7 +223,8 @@ def test_scorer_names_the_rule_and_the_column_the_rows_lack():
     with pytest.raises(MissingColumnError) as err:
         scorer.check_rows(rows, "my.jsonl", "ppo.scoring")
     message = str(err.value)
-    assert f"rule reward {VERIFIERS}:task_correct needs the column 'answer', which 2 of 2 rows of my.jsonl lack" in message
+    assert (f"rule reward {VERIFIERS}:task_correct needs the column 'answer', "
+            f"which 2 of 2 rows of my.jsonl lack") in message
     assert f"{VERIFIERS}:refusal needs the column 'task', which 1 of 2 rows" in message
     assert "well_formed" not in message.split("(columns")[0]  # a rule that needs nothing is not blamed
     assert "columns every row has: id)" in message and "ppo.scoring.reward_model" in message
@@ -295,7 +297,8 @@ def test_prefs_best_of_n_on_prompt_only_rows_judged_by_a_reward_model(tmp_path, 
     stage.setup()
     rows = stage.train_rows
     engine = make_engine(str(inputs["teacher"]), SamplingConfig(), torch.device("cpu"))
-    teacher_says = [s[0].text for s in engine.generate([r["messages"] for r in rows], SamplingConfig(max_new_tokens=24))]
+    samples = engine.generate([r["messages"] for r in rows], SamplingConfig(max_new_tokens=24))
+    teacher_says = [s[0].text for s in samples]
     answers = {r["messages"][-1]["content"]: ["Bananas fly purple tonight.", t] for r, t in zip(rows, teacher_says)}
     pairs, report = build_pairs(rows, FakeEngine(answers), stage.scorer, stage.cfg, seed=0)
     assert len(pairs) == 4 and report["per_source"]["best_of_n"]["pairs"] == 4
@@ -363,14 +366,16 @@ def test_eval_win_rate_on_prompt_only_rows(tmp_path, inputs, tiny_model_dir):
 
     # default judges: the verifiers judge only the rows with task and answer; with none and no reward model the
     # error says what to configure
-    with pytest.raises(ConfigError, match=r"no judge for these prompts.*need answer and task columns.*eval.scoring.reward_model"):
+    with pytest.raises(ConfigError,
+                       match=r"no judge for these prompts.*need answer and task columns.*eval.scoring.reward_model"):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, _eval_body(tmp_path, rows, models))))
     mixed = make_rows(4, seed=2) + rows
     run_pipeline(load_pipeline(write_pipeline(tmp_path, _eval_body(tmp_path, mixed, models))))
     results = json.loads((out / "results.json").read_text())
     assert results["judges"] == ["verifiers"] and results["models"]["teacher"]["win_rate"]["verifiers"]["n"] == 4
     assert results["models"]["teacher"]["accuracy"]["n"] == 4 and "10 of 14 rows" in results["skipped"]["verifiers"]
-    assert "4 of 14 rows" not in results["skipped"]["accuracy"] and "over the other 4 rows" in results["skipped"]["accuracy"]
+    assert ("4 of 14 rows" not in results["skipped"]["accuracy"]
+            and "over the other 4 rows" in results["skipped"]["accuracy"])
 
 
 # ----------------------------------------------------------------------------------------------

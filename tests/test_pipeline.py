@@ -9,8 +9,8 @@ from posttrain.pipeline import MissingInput, load_pipeline, run_pipeline
 
 from .conftest import QUICKSTART_RECIPE, TINY, write_pipeline
 
-BODY = f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 200, num_eval: 20}}\nbase: " + json.dumps(
-    {**TINY, "family": "llama"}) + "\n"
+BODY = (f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 200, num_eval: 20}}\n"
+        "base: " + json.dumps({**TINY, "family": "llama"}) + "\n")
 
 
 def _run(path, overrides=(), **kw):
@@ -66,7 +66,8 @@ def test_failed_stage_records_error_and_keeps_earlier_results(tmp_path):
 
 
 def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
-    path = write_pipeline(tmp_path, f"stages: [synth, base, sft]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 50, num_eval: 10}}\n")
+    path = write_pipeline(tmp_path, f"stages: [synth, base, sft]\n"
+                                    f"synth: {{recipe: {QUICKSTART_RECIPE}, num_train: 50, num_eval: 10}}\n")
     with pytest.raises(MissingInput, match=r"stage 'sft' needs input 'model': set sft.model"):
         _run(path, only="sft")
     s = _run(path, only="synth")

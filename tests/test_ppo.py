@@ -188,11 +188,14 @@ def headroom_rewards(tmp_path, ppo: dict) -> tuple[list[float], list[float]]:
     from .conftest import REPO
 
     (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: count\n")
-    sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0, "eval_steps": 1000}
+    sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0,
+           "eval_steps": 1000}
     ppo = {"scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
            "eval_samples": 0, "save_every": 100, **ppo}
+    base = {"family": "gemma2", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 32,
+            "intermediate_size": 128, "vocab_size": 300}
     body = (f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
-            f"num_eval: 8}}\nbase: {json.dumps({'family': 'gemma2', 'hidden_size': 64, 'num_layers': 2, 'num_heads': 2, 'num_kv_heads': 1, 'head_dim': 32, 'intermediate_size': 128, 'vocab_size': 300})}\n"
+            f"num_eval: 8}}\nbase: {json.dumps(base)}\n"
             f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n")
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]

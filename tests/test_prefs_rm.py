@@ -189,7 +189,8 @@ def test_prefs_reports_malformed_rows_with_file_and_line(tmp_path):
 
 
 def test_split_report_counts_per_source_and_task():
-    pairs = [{"source": "corruption", "task": "sort", "margin": 1.0}, {"source": "corruption", "task": "add", "margin": 3.0},
+    pairs = [{"source": "corruption", "task": "sort", "margin": 1.0},
+             {"source": "corruption", "task": "add", "margin": 3.0},
              {"source": "teacher", "task": "sort", "margin": 2.0}]
     from collections import Counter
 
@@ -262,7 +263,8 @@ def test_recurrent_gemma_cannot_be_a_reward_model_and_says_so(tmp_path, tiny_tok
     with pytest.raises(ValueError):  # what the check guards against
         AutoModelForSequenceClassification.from_config(tiny_config(cfg, tiny_tokenizer))
     out = save_model_dir(build_tiny_model(cfg, tiny_tokenizer), tiny_tokenizer, tmp_path / "rg")
-    with pytest.raises(ValueError, match=r"'recurrent_gemma' has no sequence-classification.*rm\.head to implicit.*rm\.model"):
+    with pytest.raises(ValueError, match=r"'recurrent_gemma' has no sequence-classification.*"
+                                         r"rm\.head to implicit.*rm\.model"):
         check_reward_family(out)
     check_reward_family(out, head="implicit")  # the implicit head takes any causal LM
 
@@ -320,7 +322,8 @@ def test_reward_model_with_another_tokenizer_scores_the_text(tmp_path, tiny_toke
     torch.manual_seed(0)
     rm_dir = save_model_dir(AutoModelForSequenceClassification.from_config(config), rm_tok, tmp_path / "rm")
     rows = rows_of(["sort", "count"], 5)
-    prompts, answers = [prompt_of(r) for r in rows], [r["answer"] + " extra words" * (i % 3) for i, r in enumerate(rows)]
+    prompts = [prompt_of(r) for r in rows]
+    answers = [r["answer"] + " extra words" * (i % 3) for i, r in enumerate(rows)]
     conv0 = prompts[0] + [{"role": "assistant", "content": answers[0]}]
     policy_ids = tiny_tokenizer.apply_chat_template(conv0, tokenize=True, return_dict=True)["input_ids"]
     rm_ids = rm_tok.apply_chat_template(conv0, tokenize=True, return_dict=True)["input_ids"]
@@ -393,7 +396,8 @@ def test_rm_lora_saves_merged_weights_and_resumes_from_its_checkpoint(tmp_path, 
     init = load_reward_init(tiny_model_dir, seed=0).state_dict()
     assert saved.keys() == init.keys()  # a plain sequence classifier: adapters merged away
     assert not torch.equal(saved["score.weight"], init["score.weight"])  # the new head is trained in full
-    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], init["model.layers.0.self_attn.q_proj.weight"])
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(saved[q_proj], init[q_proj])
     assert torch.equal(saved["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
     _, again = _rm_stage(tmp_path, tiny_model_dir, prefs_dir, lora=lora, max_steps=6, save_steps=2, learning_rate=1e-2)
     second = again.run()

@@ -73,4 +73,5 @@ def test_eval_shares_prompts_over_two_ranks(tmp_path, tiny_model_dir, backend, t
     shared.mkdir()
     run_pipeline(load_pipeline(_eval_pipeline(shared, tiny_model_dir, backend, 2, tp)))
     assert _answers(shared / "run") == _answers(single / "run")
-    assert json.loads((shared / "run" / "eval" / "launch.json").read_text())["config"]["distributed"]["num_processes"] == 2
+    launch = json.loads((shared / "run" / "eval" / "launch.json").read_text())
+    assert launch["config"]["distributed"]["num_processes"] == 2

@@ -30,7 +30,8 @@ def run_distributed(stage, scfg, run_dir: Path, num_processes: int) -> dict:
     ctx = stage.ctx
     spec_path, result_path = ctx.dir / "launch.json", ctx.dir / "result.json"
     result_path.unlink(missing_ok=True)
-    atomic_write_json(spec_path, {"stage": stage.ctx.name, "kind": type(stage).name, "config": scfg.model_dump(mode="json"),
+    atomic_write_json(spec_path, {"stage": stage.ctx.name, "kind": type(stage).name,
+                                  "config": scfg.model_dump(mode="json"),
                                   "inputs": ctx.inputs, "seed": ctx.seed, "dir": str(ctx.dir),
                                   "device": ctx.device_request, "precision": ctx.precision, "report_to": ctx.report_to,
                                   "pipeline": str(run_dir / "config.yaml")})

@@ -43,7 +43,8 @@ def make_engine(model_dir: str, sampling: SamplingConfig, device: torch.device, 
     """
     if sampling.backend == "hf":
         if vllm is not None and vllm.model_dump(exclude_defaults=True):
-            raise ValueError(f"backend 'hf' takes no vLLM options, got {sorted(vllm.model_dump(exclude_defaults=True))}")
+            raise ValueError(
+                f"backend 'hf' takes no vLLM options, got {sorted(vllm.model_dump(exclude_defaults=True))}")
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         if model is None:
             model = load_model(model_dir, device=device, dtype=torch_dtype(precision)).eval()

@@ -95,7 +95,8 @@ def _is_fp32(model) -> bool:
     return next(model.parameters()).dtype == torch.float32
 
 
-def greedy_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, precision: str = "fp32") -> list[str]:
+def greedy_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
+                 precision: str = "fp32") -> list[str]:
     """One greedy completion per prompt (a message list) from a model in memory: held-out checks."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     return [s[0].text for s in HFEngine(model, tokenizer, precision).generate(prompts, sampling)]

@@ -210,7 +210,8 @@ class Distill(Stage):
         self.tokenizer = load_tokenizer(inp["model"])
         dev = self.ctx.device
         self.model = load_model(inp["model"], device=dev, dtype=torch.float32)  # fp32 master weights
-        self.teacher = load_model(inp["teacher"], device=dev, dtype=torch_dtype(self.ctx.precision)).eval().requires_grad_(False)
+        self.teacher = load_model(inp["teacher"], device=dev,
+                                  dtype=torch_dtype(self.ctx.precision)).eval().requires_grad_(False)
         check_same_vocab(inp["model"], inp["teacher"], self.tokenizer, load_tokenizer(inp["teacher"]),
                          self.model.get_output_embeddings().weight.shape[0],
                          self.teacher.get_output_embeddings().weight.shape[0])
@@ -243,7 +244,8 @@ class Distill(Stage):
     def _training_args(self, config_cls, **extra):
         c, ctx, has_eval = self.cfg, self.ctx, bool(self.eval_examples)
         return config_cls(**training_arguments(c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision,
-                                               has_eval, report_to=ctx.report_to, stage_dir=ctx.dir, max_length=c.max_length, eval_on_start=has_eval, **extra))
+                                               has_eval, report_to=ctx.report_to, stage_dir=ctx.dir,
+                                               max_length=c.max_length, eval_on_start=has_eval, **extra))
 
     def _trainer(self):
         from datasets import Dataset

@@ -131,7 +131,8 @@ class _PreferenceCollator:
     stop_ids: frozenset
 
     def __call__(self, examples: list[dict]) -> dict:
-        return self.collator([{**e, "chosen_ids": self._cut(e["chosen_ids"]), "rejected_ids": self._cut(e["rejected_ids"])}
+        return self.collator([{**e, "chosen_ids": self._cut(e["chosen_ids"]),
+                               "rejected_ids": self._cut(e["rejected_ids"])}
                               for e in examples])
 
     def _cut(self, ids: list[int]) -> list[int]:
@@ -305,7 +306,8 @@ class DPO(Stage):
         if ctx.is_main:
             history = self.trainer.state.log_history
             for png, keys in CURVES.items():
-                plot_curves(curves_from_log_history(history, keys), self.ctx.dir / png, title=f"dpo ({self.cfg.loss_type})")
+                plot_curves(curves_from_log_history(history, keys), self.ctx.dir / png,
+                            title=f"dpo ({self.cfg.loss_type})")
             metrics = self._evaluate(final)
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             atomic_write_json(ctx.dir / "metrics.json", {**self.train_metrics, **metrics, "log_history": history})
@@ -316,7 +318,8 @@ class DPO(Stage):
         """Held-out pair metrics before and after, and greedy task accuracy after, of the saved model."""
         model, c, metrics = load_saved(model_dir, self.ctx), self.cfg, {}
         if self.eval_pairs:
-            after = answer_logps(model, [p for _, p in self.eval_pairs], self.tokenizer.pad_token_id, c.score_batch_size)
+            after = answer_logps(model, [p for _, p in self.eval_pairs], self.tokenizer.pad_token_id,
+                                 c.score_batch_size)
             ref = self.ref_logps
 
             def held(logps, keep):
@@ -329,7 +332,8 @@ class DPO(Stage):
             for src in sorted(set(sources)):
                 keep = torch.tensor([s == src for s in sources])
                 metrics["heldout"]["per_source"][src] = {
-                    "pairs": int(keep.sum()), "likelihood_accuracy_before": held(self.before, keep)["likelihood_accuracy"],
+                    "pairs": int(keep.sum()),
+                    "likelihood_accuracy_before": held(self.before, keep)["likelihood_accuracy"],
                     "implicit_reward_accuracy_after": held(after, keep)["implicit_reward_accuracy"]}
         if self.eval_rows:
             metrics["accuracy_after"] = self._accuracy(model)

@@ -135,8 +135,9 @@ class Eval(Stage):
         else:
             models = completed_models(self.ctx.artifacts, self.ctx.kinds)
             if not models:
-                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, dpo, ppo, warp or merge stage is "
-                                  f"complete in {run_dir}; name model directories or references in eval.models")
+                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, dpo, ppo, warp or merge "
+                                  f"stage is complete in {run_dir}; name model directories or references in "
+                                  f"eval.models")
         for name, path in models.items():
             try:
                 check_model_dir(path)

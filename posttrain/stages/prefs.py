@@ -312,7 +312,8 @@ def build_pairs(rows: list[dict], engine, scorer: Scorer, cfg: PrefsConfig, seed
     dropped: dict[str, Counter] = {s: Counter() for s in ("sampling",) + SOURCES}
     pairs = []
     if cfg.best_of_n.enabled or cfg.teacher.enabled:
-        sampling = cfg.sampling.model_copy(update={"seed": cfg.sampling.seed if cfg.sampling.seed is not None else seed})
+        sampling_seed = cfg.sampling.seed if cfg.sampling.seed is not None else seed
+        sampling = cfg.sampling.model_copy(update={"seed": sampling_seed})
         samples = generate_all(engine, [prompt_of(r) for r in rows], sampling)
         if len(samples) != len(rows):
             raise RuntimeError(f"the generation engine returned {len(samples)} sample lists for {len(rows)} prompts")
@@ -385,7 +386,8 @@ class Prefs(Stage):
     def train(self) -> dict:
         self.engine = self.make_engine()
         self.train_pairs, train_report = build_pairs(self.train_rows, self.engine, self.scorer, self.cfg, self.ctx.seed)
-        self.eval_pairs, eval_report = build_pairs(self.eval_rows, self.engine, self.scorer, self.cfg, self.ctx.seed + 1)
+        self.eval_pairs, eval_report = build_pairs(self.eval_rows, self.engine, self.scorer, self.cfg,
+                                                   self.ctx.seed + 1)
         self.cleanup()
         self.report = {"seed": self.ctx.seed, "train_prompts_also_in_eval_dropped": self.train_in_eval,
                        "train": train_report, "eval": eval_report}

@@ -138,7 +138,8 @@ class Release(Stage):
             f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"]
         return render_model_card(
             name=self.release_name, license_id=self.cfg.license,
-            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model, model_info=info, records=read_lineage(run_dir, list(kinds)),
+            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model,
+            model_info=info, records=read_lineage(run_dir, list(kinds)),
             data_lines=data_lines, eval_markdown=results.read_text() if eval_ran else None,
             description=self.cfg.description)
 

@@ -165,7 +165,8 @@ def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(**training_arguments(cfg, output_dir, seed, torch.device(device), precision, eval_ds is not None,
+    args = RewardConfig(**training_arguments(cfg, output_dir, seed, torch.device(device), precision,
+                                             eval_ds is not None,
                                              report_to=report_to, stage_dir=Path(output_dir).parent,
                                              max_length=cfg.max_length,
                                              center_rewards_coefficient=cfg.center_rewards_coefficient))

@@ -69,7 +69,8 @@ class SFT(Stage):
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
-        self.eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
+        self.eval_ds = (Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows])
+                        if self.eval_rows else None)
         # the greedy accuracy check compares with an oracle answer: only rows that carry one (own data may not)
         self.answer_rows = [r for r in self.eval_rows if "answer" in r]
 
@@ -103,7 +104,8 @@ class SFT(Stage):
         c, ctx = self.cfg, self.ctx
         merged = c.lora.enabled and c.lora.save == "merged"
         if merged and c.distributed.num_processes > 1 and c.distributed.zero_stage == 3:
-            raise ValueError("sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
+            raise ValueError(
+                "sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
         final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=merged)
         metrics = {}
         if ctx.is_main:

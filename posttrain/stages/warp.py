@@ -299,7 +299,8 @@ def results_markdown(rows: list[dict], check: dict, chosen: float, why: str) -> 
             noise += " Its KL is beyond the runs' mean, so the line is extrapolated there."
         verdict = (f"The merged policy at eta = {check['eta']:g} has reward {check['reward']:.4g} at KL "
                    f"{check['kl']:.4g}; the line from the init to the runs' mean point gives "
-                   f"{check['line_reward']:.4g} there: it lies {where} the line (margin {check['margin']:+.4g}).{noise}")
+                   f"{check['line_reward']:.4g} there: it lies {where} the line "
+                   f"(margin {check['margin']:+.4g}).{noise}")
     return (f"# WARP: KL-reward table\n\n{head}{body}\n'vs line': reward minus the init-to-runs-mean line at the "
             f"row's KL (± columns: standard errors over samples).\n\n{verdict}\n\nReleased: eta = {chosen:g} "
             f"({why}).\n")

@@ -55,8 +55,9 @@ class Filter(Stage):
             where = src if isinstance(src, str) else json.dumps(src)
             if r["rows"] == 0 and not r["malformed"]:
                 raise DataError(f"{where}: no rows (the file is empty or holds only blank lines); nothing to filter")
+            dropped = {n: f["dropped"] for n, f in r["filters"].items() if f["dropped"]}
             raise DataError(f"{self.ctx.name}: none of the {r['rows']} rows of {where} is left ({r['malformed']} "
-                            f"malformed; dropped: {json.dumps({n: f['dropped'] for n, f in r['filters'].items() if f['dropped']})}); "
+                            f"malformed; dropped: {json.dumps(dropped)}); "
                             f"see report.md's examples, and loosen the filter that drops them")
         self.log.info("[%s] %d rows: %d kept (%d changed), %d dropped, %d malformed", self.ctx.name, r["rows"],
                       r["kept"], r["changed"], r["dropped"], r["malformed"])

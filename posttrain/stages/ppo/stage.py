@@ -74,7 +74,8 @@ class PPO(Stage):
                               copy.deepcopy(self.policy).to(self.dtype).eval() if wants_copy else None)
         self._add_adapters()
         self.rows = read_rows(inp["train_data"], "conversation" if c.ptx_coef else "prompt", seed=self.ctx.seed)
-        self.eval_rows = read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
+        self.eval_rows = (read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples]
+                          if inp.get("eval_data") else [])
         self.scorer.check_rows(self.rows + self.eval_rows, "ppo.train_data and ppo.eval_data", "ppo.scoring",
                                rm_stage=True)  # before any rollout: a rule reading a column the rows lack fails now
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
@@ -264,7 +265,8 @@ class PPO(Stage):
         self.kl_ctl.update(all_ranks_mean({"kl": kl})["kl"], len(idx) * self.ctx.world_size)
         sync_s = self._sync_engine()
         finished = batch.finished.float()
-        stats = {"update": update + 1, "reward": reward.mean().item(), "score": score.mean().item(), **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+        stats = {"update": update + 1, "reward": reward.mean().item(), "score": score.mean().item(),
+                 **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
                  "kl": kl, "kl_coef": self.kl_ctl.value,
                  "response_length": batch.response_mask.sum(1).float().mean().item(),
                  "finished": finished.mean().item(), "logprob_gap": roll.logprob_gap, **train_stats,
