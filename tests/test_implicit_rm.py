@@ -85,7 +85,7 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     """Corruption pairs -> implicit RM: held-out accuracy rises well above the untrained LM's, the saved
     dir is a causal LM the Scorer recognises, and PPO can start its value model from it."""
     from posttrain.models import load_model, load_tokenizer
-    from posttrain.stages.ppo.stage import _load_value_model
+    from posttrain.stages.ppo.value import load_value_model
 
     tasks = ["sort", "count", "safety", "identity", "reverse"]
     write_jsonl(tmp_path / "train.jsonl", rows_of(tasks, 400, seed=11))
@@ -113,7 +113,7 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     saved = load_model(out, device="cpu")  # a plain causal LM
     assert type(saved).__name__.endswith("ForCausalLM")
     # PPO's value init: the RM's body, a new head
-    value = _load_value_model(str(out), load_tokenizer(out), torch.device("cpu"))
+    value = load_value_model(str(out), load_tokenizer(out), torch.device("cpu"))
     assert torch.equal(value.model.embed_tokens.weight, saved.model.embed_tokens.weight)
 
 

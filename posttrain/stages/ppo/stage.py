@@ -21,7 +21,6 @@ import copy
 import json
 import random
 import time
-from pathlib import Path
 
 import torch
 
@@ -44,6 +43,7 @@ from ...tracking import Tracker
 from ..base import Stage
 from .config import PPOConfig
 from .update import Rollout, critic_free_advantages, policy_objective, sequence_rewards_with_kl
+from .value import ValueModel, load_value_model
 
 
 class PPO(Stage):
@@ -63,7 +63,7 @@ class PPO(Stage):
         self._load_reference()
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
         # RLOO's and GRPO's baselines are the other samples of the same prompt: no value model at all.
-        self.value = _load_value_model(value_init, self.tokenizer, dev) if c.advantage == "gae" else None
+        self.value = load_value_model(value_init, self.tokenizer, dev) if c.advantage == "gae" else None
         self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"), device=dev,
                              precision=self.ctx.precision)
         # Sharded or LoRA-wrapped training samples (HF) and evaluates from a plain copy refreshed after every
@@ -496,32 +496,6 @@ class PPO(Stage):
         metrics["device"], metrics["precision"] = str(self.ctx.device), self.ctx.precision
         atomic_write_json(self.ctx.dir / "summary.json", {**metrics, "history": self.history})
         return metrics
-
-
-class ValueModel(torch.nn.Module):
-    """A backbone with a scalar head, for families transformers has no sequence-classification
-    class for (RecurrentGemma). Same attribute names as those classes: `base_model`, `score`."""
-
-    def __init__(self, backbone, hidden_size: int):
-        super().__init__()
-        self.base_model = backbone
-        self.score = torch.nn.Linear(hidden_size, 1, bias=False)
-        torch.nn.init.zeros_(self.score.weight)
-
-
-def _load_value_model(path: str, tokenizer, device: torch.device):
-    """Per-token value model (fp32 master weights on `device`): a reward model (its head kept) or an LM
-    with a new scalar head."""
-    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type", "")
-    if model_type == "recurrent_gemma":
-        from transformers import AutoModel
-
-        backbone = AutoModel.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
-        return ValueModel(backbone, backbone.config.hidden_size).to(device)
-    model = load_model(path, device=device, dtype=torch.float32, kind="reward")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 STAGE = PPO
