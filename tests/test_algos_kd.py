@@ -142,8 +142,9 @@ def test_topk_renormalisation_by_hand():
     assert idx.tolist() == [[[0, 1]]]
     # teacher top-2 renormalised: [0.4, 0.3] / 0.7
     assert_close(lp.exp(), torch.tensor([[[4 / 7, 3 / 7]]], dtype=torch.float64))
-    # student restricted to {0, 1} and renormalised: [0.1, 0.2] / 0.3
-    expected = kl([4 / 7, 3 / 7], [1 / 3, 2 / 3])
+    # the student keeps its full-vocabulary probabilities on {0, 1}: [0.1, 0.2], not renormalised
+    expected = kl([4 / 7, 3 / 7], [0.1, 0.2])
+    assert expected > kl([4 / 7, 3 / 7], [1 / 3, 2 / 3])  # mass outside the top-k costs something
     assert_close(kd.forward_kl_topk(s, idx, lp, ONE), torch.tensor(expected, dtype=torch.float64))
 
 

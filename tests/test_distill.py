@@ -69,7 +69,7 @@ def _hand_loss(stage, examples, kind, temperature, alpha, k=None, beta=0.0):
             p, q = torch.softmax(t_logits[t] / temperature, -1), torch.softmax(s_logits[t] / temperature, -1)
             if kind == "topk":
                 top = torch.argsort(p, descending=True)[:k]
-                p, q = p[top] / p[top].sum(), q[top] / q[top].sum()
+                p, q = p[top] / p[top].sum(), q[top]  # teacher renormalised over its top-k, student not
                 kd = (p * (p / q).log()).sum()
             elif beta == 0.0:
                 kd = (p * (p / q).log()).sum()

@@ -2,8 +2,9 @@
 
 Modes (`distill.mode`):
 - offline: the teacher's top-k log-probs at every assistant position of the training set are computed
-  once and cached (distill_cache.py); the student trains on forward KL against the renormalised top-k
-  (algos.kd.forward_kl_topk), as in Gemma 2's distillation from stored teacher distributions.
+  once and cached (distill_cache.py); the student trains on forward KL from the teacher's top-k,
+  renormalised, to its own full-vocabulary log-probs at those tokens (algos.kd.forward_kl_topk), as in
+  Gemma 2's distillation from stored teacher distributions.
 - online: the teacher runs beside the student each step; full-vocabulary generalized JSD with `beta`
   (beta 0 = forward KL, 1 = reverse KL; algos.kd.generalized_jsd).
 - on_policy: GKD (Agarwal et al. 2024) through TRL's `trl.experimental.gkd.GKDTrainer`: with
