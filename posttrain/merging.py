@@ -11,10 +11,10 @@
   on Llama, Gemma 2, RecurrentGemma). Its TIES keeps int(density*n) entries where ours keeps
   round(density*n), so a few entries per tensor differ; its DARE rescales to the L1 norm instead of by
   1/density, so it is not offered. `backend: auto` takes mergekit only where it equals ours.
-Why streaming is the default (bench/merge_throughput.py, averaging 3 x 381 MB): its peak memory above
-the start is 0.39x mergekit's and grows with the largest tensor, not the model; it covers every method
-with the tested formulas; mergekit is an optional extra. mergekit was 1.7-2.1x faster there, all of it
-from temporaries in algos.merge.linear (an in-place add made ours 0.98x mergekit's time).
+Why streaming is the default (bench/merge_throughput.py, averaging 3 x 381 MB, 1 thread): its peak
+memory above the start is 0.26x mergekit's and grows with the largest tensor, not the model; it covers
+every method with the tested formulas; mergekit is an optional extra. mergekit took 0.79x our time there
+(3.2 vs 4.0 s, median of 2); we re-open each input file per tensor to keep memory flat (above).
 
 The math is posttrain.algos.merge, done in float32 (float64 stays float64) and cast to the dtype of
 the reference model: the base for task-vector methods, else the first input. LoRA adapter dirs are
