@@ -10,7 +10,10 @@ from posttrain.pipeline import check_devices, load_pipeline, stage_precision
 
 from .conftest import write_pipeline
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+def gpu(test):
+    """Marked `gpu` (scripts/gpu_check.sh runs `pytest -m gpu`) and skipped where CUDA is absent."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
 def test_device_rule_on_a_machine_without_cuda(monkeypatch):
@@ -79,7 +82,8 @@ def test_autocast_context():
 
 @gpu
 def test_one_process_on_a_gpu_machine_uses_the_gpu(tmp_path, tiny_model_dir):
-    """SFT and the RL stage place every model and batch on cuda:0 when CUDA is present (device auto)."""
+    """The RL stage places its models on cuda:0 when CUDA is present, and a pipeline with device auto runs
+    it there."""
     from posttrain.pipeline import run_pipeline
     from posttrain.stages import StageContext
     from posttrain.stages.ppo import PPO
@@ -101,4 +105,5 @@ def test_one_process_on_a_gpu_machine_uses_the_gpu(tmp_path, tiny_model_dir):
     stage.setup()
     assert next(stage.policy.parameters()).device.type == "cuda"
     assert next(stage.reference.parameters()).dtype == torch.bfloat16
-    run_pipeline(cfg)
+    summary = run_pipeline(cfg)
+    assert summary["ppo"]["status"] == "ran" and summary["ppo"]["device"].startswith("cuda"), summary
