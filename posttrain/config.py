@@ -45,7 +45,7 @@ ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
 
 
 def _model_dir(value: Optional[str]) -> Optional[str]:
-    if value is not None and not _is_reference(value):
+    if value is not None and not is_reference(value):
         _must_exist(value)
         check_model_dir(value)
     return value
@@ -64,9 +64,9 @@ def _file(value: Optional[str]) -> Optional[str]:
     return value
 
 
-def _is_reference(value: str) -> bool:
+def is_reference(value) -> bool:
     """`NAME.ARTIFACT` (e.g. sft.model): resolved by the runner (graph.resolve_references), not a path."""
-    return not Path(value).exists() and bool(ARTIFACT_REF.fullmatch(value))
+    return isinstance(value, str) and bool(ARTIFACT_REF.fullmatch(value)) and not Path(value).exists()
 
 
 ModelDir = Annotated[Optional[str], AfterValidator(_model_dir)]

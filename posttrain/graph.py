@@ -19,7 +19,7 @@ from typing import Iterator
 
 from pydantic import BaseModel, Field, field_validator
 
-from .config import ARTIFACT_REF, ConfigError, Section, is_reference_field
+from .config import ConfigError, Section, is_reference, is_reference_field
 
 TOP_LEVEL = {"run_dir", "seed", "threads", "device", "precision", "report_to", "stages"}
 """Keys of the pipeline itself, which no instance may be named."""
@@ -84,12 +84,8 @@ def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
             items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list)
                      else [(None, value)])
             for sub, item in items:
-                if _is_reference(item):
+                if is_reference(item):
                     yield (key if sub is None else f"{key}.{sub}"), item
-
-
-def _is_reference(value) -> bool:
-    return isinstance(value, str) and bool(ARTIFACT_REF.fullmatch(value)) and not Path(value).exists()
 
 
 def check_references(section: BaseModel, stage: str, artifacts: dict) -> dict[str, str]:

@@ -17,13 +17,13 @@ from typing import Optional, Union
 import torch
 from pydantic import Field, create_model, field_validator
 
-from .config import ConfigError, Section, TrackingBackend, dump_config, load_config
+from .config import ConfigError, Precision, Section, TrackingBackend, dump_config, load_config
 from .data import is_spec, source_files, source_json
 from .graph import (StageEntry, artifact_keys, check_entries, check_references, check_rule_files, entries,
                     resolve_references)
 from .graph import references as references_in
 from .dist.launcher import run_distributed
-from .dist.rank import Precision, resolve_device
+from .dist.rank import resolve_device
 from .manifest import (atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock,
                        write_manifest)
 from .paths import check_writable_dir

@@ -164,6 +164,9 @@ class Scorer:
                  device: torch.device | str = "cpu", precision: str = "fp32"):
         self.cfg, self.device = cfg, torch.device(device)
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
+        # What each rule reads, from its signature once (missing_columns runs for every scored batch).
+        self.rule_columns = [(spec, [c for c in required_columns(fn) if c not in spec.kwargs])
+                             for spec, fn in self.rules]
         rm_dir = cfg.reward_model or reward_model_dir
         self.rm = self.rm_tokenizer = None
         self.implicit_head = None
@@ -181,8 +184,8 @@ class Scorer:
         """`path:function` of each rule -> the columns it needs that are not in `columns` (rules that can run
         are left out); a rule's own `kwargs` count as given."""
         out = {}
-        for spec, fn in self.rules:
-            missing = [c for c in required_columns(fn) if c not in columns and c not in spec.kwargs]
+        for spec, needed in self.rule_columns:
+            missing = [c for c in needed if c not in columns]
             if missing:
                 out[f"{spec.path}:{spec.function}"] = missing
         return out

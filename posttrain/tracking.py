@@ -11,11 +11,9 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal
 
-Backend = Literal["tensorboard", "wandb", "trackio", "mlflow"]
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
-"""Backend -> the package that must be installed for it."""
+"""Tracking backend (config.TrackingBackend) -> the package that must be installed for it."""
 
 
 def missing_packages(backends: list[str]) -> list[str]:

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
 
 import torch
-
-from ..config import Precision  # noqa: F401  (re-exported: the precision names live with the config types)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -142,11 +139,3 @@ def shard_bounds(n: int, parts: int, index: int) -> tuple[int, int]:
     base, extra = divmod(n, parts)
     start = index * base + min(index, extra)
     return start, start + base + (1 if index < extra else 0)
-
-
-def init_process_group_once(device: Optional[torch.device] = None) -> None:
-    """Start the default process group of a torchrun launch if nobody has yet (gloo on CPU, NCCL on GPUs)."""
-    if world()[1] == 1 or torch.distributed.is_initialized():
-        return
-    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)

@@ -84,8 +84,9 @@ def generate_own(engine, prompts: list, sampling: SamplingConfig) -> list[list[S
     size = world()[1] // groups
     if size == 1 and groups == 1:
         return engine.generate(prompts, sampling)
-    counts = all_gather_objects(len(prompts))
+    # One collective: the prompts themselves when the group pools them, else only their counts.
     everyone = all_gather_objects(prompts) if size > 1 else None
+    counts = [len(p) for p in everyone] if everyone is not None else all_gather_objects(len(prompts))
     first_rank = group * size
     pooled = [p for r in range(first_rank, first_rank + size) for p in everyone[r]] if size > 1 else prompts
     out = engine.generate(pooled, sampling, first_index=sum(counts[:first_rank]))

@@ -9,6 +9,7 @@ import contextlib
 
 import torch
 
+from ..algos.ppo import logprobs_from_logits
 from ..dist.rank import autocast, world
 from ..models import stop_token_ids
 from .base import Sample, SamplingConfig, chat_prompt_ids
@@ -86,8 +87,7 @@ def _sampled_logprobs(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:
     """(rows, steps) raw log-softmax of each step's logits at the sampled token, one step at a time (fp32)."""
     out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, logits in enumerate(step_logits):
-        logits = logits.float()
-        out[:, t] = logits.gather(-1, tokens[:, t:t + 1]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        out[:, t] = logprobs_from_logits(logits.float(), tokens[:, t])
     return out
 
 

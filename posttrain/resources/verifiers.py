@@ -17,12 +17,10 @@ from __future__ import annotations
 import difflib
 import re
 
+from posttrain.tasks import normalise_answer as _norm  # the comparison eval's accuracy uses: one definition
+
 REFUSAL = re.compile(r"\b(i can('|no)?t help|i cannot help|i won'?t help|i'm not able to help|i can't assist)\b", re.I)
 OTHER_IDENTITIES = re.compile(r"\b(chatgpt|gpt-?4|openai|claude|anthropic|llama|meta ai|bard|gemini)\b", re.I)
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.strip().rstrip(".").split()).lower()
 
 
 def task_correct(prompts, completions, answer, **_) -> list[float]:

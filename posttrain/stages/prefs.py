@@ -145,10 +145,6 @@ def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[di
     return rows
 
 
-prompt_key = row_prompt_key
-"""The comparison form of a row's prompt, for keeping train and eval prompts apart."""
-
-
 def subsample(rows: list[dict], limit: Optional[int], rng: random.Random) -> list[dict]:
     """At most `limit` rows, a seeded random subset kept in file order."""
     if limit is None or len(rows) <= limit:
@@ -354,8 +350,8 @@ class Prefs(Stage):
         inp, c = self.ctx.inputs, self.cfg
         train = read_prompt_rows(inp["train_data"], c.require_columns, self.ctx.seed)
         evals = read_prompt_rows(inp["eval_data"], c.require_columns, self.ctx.seed)
-        eval_keys = {prompt_key(r) for r in evals}
-        self.train_rows = [r for r in train if prompt_key(r) not in eval_keys]
+        eval_keys = {row_prompt_key(r) for r in evals}
+        self.train_rows = [r for r in train if row_prompt_key(r) not in eval_keys]
         self.train_in_eval = len(train) - len(self.train_rows)
         # one stream per split: the held-out prompts must not change when max_train_prompts does
         self.train_rows = subsample(self.train_rows, c.max_train_prompts, random.Random(f"prefs-train-{self.ctx.seed}"))

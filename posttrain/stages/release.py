@@ -129,7 +129,7 @@ class Release(Stage):
 
     def _card(self, info: dict) -> str:
         run_dir, pipeline = self.ctx.dir.parent, self.ctx.pipeline
-        kinds = {name: kind for name, kind in pipeline.instances() if name != self.ctx.name} if pipeline else {}
+        kinds = {name: kind for name, kind in self.ctx.kinds.items() if name != self.ctx.name}
         evals = [name for name, kind in kinds.items() if kind == "eval"]
         results = run_dir / evals[-1] / "results.md" if evals else None
         eval_ran = bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" \

@@ -316,7 +316,7 @@ class RM(Stage):
         finish_trainer_stage(ctx, self.trainer, c.keep_checkpoints)
         return metrics
 
-    def evaluate(self, model_dir: Path, auc_samples: Optional[tuple] = None) -> dict:
+    def evaluate(self, model_dir: Path, auc_samples: tuple) -> dict:
         """Held-out pair metrics and the verifier AUC (of `auc_samples`), scored by the saved model via the
         scoring API."""
         scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir),
@@ -331,7 +331,7 @@ class RM(Stage):
                 mask = torch.tensor([s == src for s in sources])
                 metrics["heldout_accuracy_per_source"][src] = pair_metrics(chosen[mask], rejected[mask])["accuracy"]
             plot_histogram(chosen.tolist(), rejected.tolist(), self.ctx.dir / "scores.png", "Held-out rewards")
-        metrics["auc"] = self.verifier_auc(scorer, *(auc_samples or self.auc_samples()))
+        metrics["auc"] = self.verifier_auc(scorer, *auc_samples)
         return metrics
 
     def auc_samples(self) -> tuple[list[dict], list]:

@@ -110,9 +110,9 @@ class SynthConfig(Section):
         if self.prompts and not self.teacher:
             raise ValueError("synth.prompts needs synth.teacher: a model directory whose answers become the "
                              "responses (prompts alone have nothing to train on)")
-        if self.prompts and self.teacher_error_rate:
-            raise ValueError("teacher_error_rate simulates mistakes of recipe answers; with prompts the teacher "
-                             "model makes its own: remove it")
+        if self.teacher and self.teacher_error_rate:  # prompts need a teacher, so this covers them too
+            raise ValueError("teacher_error_rate simulates a teacher's mistakes; a real synth.teacher makes its "
+                             "own: set one of the two")
         # compared with the default, not with model_fields_set: ranks re-validate a full dump of the config
         if self.prompts and self.num_train != type(self).model_fields["num_train"].default:
             raise ValueError("num_train applies to recipes; with prompts every prompt not held out is trained on "
@@ -152,9 +152,6 @@ class Synth(Stage):
         if not self.cfg.recipe:
             raise ConfigError("synth: set synth.recipe (a recipe file, e.g. data/recipes/quickstart.yaml) or "
                               "synth.prompts (your prompts) with synth.teacher (a model that answers them)")
-        if self.cfg.teacher and self.cfg.teacher_error_rate:
-            raise ConfigError("synth.teacher_error_rate simulates a teacher's mistakes; a real synth.teacher "
-                              "makes its own: set one of the two")
         self.recipe = load_recipe(self.cfg.recipe)
         self.rng = random.Random(self.seed)
 
