@@ -9,15 +9,15 @@ from posttrain.pipeline import load_pipeline
 from posttrain.stages import StageContext
 from posttrain.stages.ppo import PPO
 
-from .test_ppo import _setup, headroom_rewards
+from .test_ppo import LENGTH_REWARD, _setup, headroom_rewards
 
 GRPO = {"advantage": "grpo", "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4},
         "rollout_batch_size": 4, "mini_batch_size": 16, "ppo_epochs": 1, "kl_mode": "loss", "kl_coef": 0.04,
         "loss_aggregation": "sequence_mean", "eval_samples": 0, "updates": 2}
 
 
-def _stage(tmp_path, tiny_model_dir, **ppo):
-    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, ppo={**GRPO, **ppo}))
+def _stage(tmp_path, tiny_model_dir, reward_src=LENGTH_REWARD, **ppo):
+    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, reward_src, ppo={**GRPO, **ppo}))
     inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
     stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
     stage.ctx.dir.mkdir()
@@ -47,6 +47,16 @@ def test_every_variant_trains_through_the_stage(tmp_path, tiny_model_dir, varian
         assert "kl_loss" in stats[0] and stats[1]["kl"] > 0  # the second update starts away from the reference
     if variant.get("dynamic_sampling"):
         assert stats[0]["dynamic/groups_sampled"] >= 4
+
+
+def test_dynamic_sampling_refills_groups_that_all_score_alike(tmp_path, tiny_model_dir):
+    """A constant reward makes every group uninformative: each of the 4 rounds samples 4 more prompts, and the
+    batch is then filled with set-aside groups."""
+    constant = "def longer(prompts, completions, **_):\n    return [1.0] * len(completions)\n"
+    stage = _stage(tmp_path, tiny_model_dir, constant, dynamic_sampling=True, missing_eot_penalty=0.0)
+    stats = stage._update(0)
+    assert stats["dynamic/groups_sampled"] == 16 and stats["dynamic/groups_uninformative"] == 16
+    assert stats["dynamic/groups_filled_uninformative"] == 4
 
 
 def test_single_step_skips_the_rollout_policy_forward(tmp_path, tiny_model_dir, monkeypatch):
