@@ -18,7 +18,7 @@ from posttrain.stages import StageContext
 from posttrain.stages.dpo import DPO, DPOConfig, build_trainer
 
 from .test_implicit_rm import PAIRS
-from .test_prefs_rm import _run_prefs, rows_of, rule
+from .test_prefs_rm import _run_prefs, rows_of, run_prefs_then
 
 torch.set_num_threads(1)
 
@@ -262,19 +262,9 @@ def test_config_errors_name_the_key_and_line(tmp_path):
 
 def run_prefs_dpo_pipeline(tmp_path, model_dir, **dpo) -> dict:
     """prefs (corruption pairs) -> dpo through the pipeline runner; the dpo stage's metrics."""
-    from posttrain.pipeline import load_pipeline, run_pipeline
-
-    from .conftest import write_pipeline
-
-    write_jsonl(tmp_path / "train.jsonl", rows_of(["sort", "safety", "identity"], 60, seed=3))
-    write_jsonl(tmp_path / "eval.jsonl", rows_of(["sort", "safety", "identity"], 10, seed=4))
-    prefs = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"),
-             "eval_data": str(tmp_path / "eval.jsonl"), "best_of_n": {"enabled": False}, "teacher": {"enabled": False},
-             "scoring": {"rules": [rule("task_correct").model_dump()]}}
     dpo = {"model": str(model_dir), "eval_data": str(tmp_path / "eval.jsonl"), "max_steps": 6, "batch_size": 4,
            "max_length": 96, "eval_samples": 4, "learning_rate": 1e-3, **dpo}
-    body = f"seed: 0\nthreads: 1\nstages: [prefs, dpo]\nprefs: {json.dumps(prefs)}\ndpo: {json.dumps(dpo)}\n"
-    return run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))["dpo"]
+    return run_prefs_then(tmp_path, model_dir, "dpo", dpo)
 
 
 def test_eval_compares_dpo_with_sft_and_ppo(tmp_path, tiny_model_dir):

@@ -405,8 +405,9 @@ def test_rm_lora_saves_merged_weights_and_resumes_from_its_checkpoint(tmp_path, 
     assert not (ctx.dir / "checkpoints").exists()
 
 
-def run_prefs_rm_pipeline(tmp_path, model_dir, **rm) -> dict:
-    """prefs (corruption pairs) -> rm through the pipeline runner; the rm stage's metrics."""
+def run_prefs_then(tmp_path, model_dir, kind: str, section: dict) -> dict:
+    """prefs (corruption pairs) -> a `kind` stage configured by `section`, through the pipeline runner; that
+    stage's metrics. The held-out prompts are at tmp_path/eval.jsonl."""
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     from .conftest import write_pipeline
@@ -416,9 +417,14 @@ def run_prefs_rm_pipeline(tmp_path, model_dir, **rm) -> dict:
     prefs = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"),
              "eval_data": str(tmp_path / "eval.jsonl"), "best_of_n": {"enabled": False}, "teacher": {"enabled": False},
              "scoring": {"rules": [rule("task_correct").model_dump()]}}
+    body = f"seed: 0\nthreads: 1\nstages: [prefs, {kind}]\nprefs: {json.dumps(prefs)}\n{kind}: {json.dumps(section)}\n"
+    return run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))[kind]
+
+
+def run_prefs_rm_pipeline(tmp_path, model_dir, **rm) -> dict:
+    """prefs (corruption pairs) -> rm through the pipeline runner; the rm stage's metrics."""
     rm = {"model": str(model_dir), "max_steps": 6, "batch_size": 4, "max_length": 96, "auc": {"prompts": 0}, **rm}
-    body = f"seed: 0\nthreads: 1\nstages: [prefs, rm]\nprefs: {json.dumps(prefs)}\nrm: {json.dumps(rm)}\n"
-    return run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))["rm"]
+    return run_prefs_then(tmp_path, model_dir, "rm", rm)
 
 
 @pytest.mark.slow
