@@ -1,11 +1,10 @@
 """Recipes as a graph: a stage kind several times under its own names, inputs by reference NAME.ARTIFACT,
 everything checked before any work, --only / --from, and `posttrain show` printing the graph."""
 import json
-import subprocess
-import sys
 
 import pytest
 
+from posttrain.cli import main
 from posttrain.config import ConfigError
 from posttrain.data import write_jsonl
 from posttrain.manifest import read_manifest
@@ -75,19 +74,20 @@ def test_missing_rule_function_of_a_later_stage_stops_the_run_before_the_first_s
     assert not (tmp_path / "run" / "first").exists()
 
 
-def test_only_and_from_and_show(tmp_path, tiny_model_dir):
+def test_only_and_from_and_show(tmp_path, tiny_model_dir, capsys):
+    """The command line in this process (posttrain.cli.main): show, --only and --from."""
     path = _two_sfts(tmp_path, tiny_model_dir)
-    cli = [sys.executable, "-m", "posttrain.cli"]
-    shown = subprocess.run(cli + ["show", path], capture_output=True, text=True, check=True).stdout
-    assert "#   second (sft) <- model=first.model" in shown
-    out = subprocess.run(cli + ["run", path, "--only", "second"], capture_output=True, text=True)
-    assert out.returncode == 1 and "second.model='first.model'" in out.stderr  # first has not run
-    subprocess.run(cli + ["run", path, "--only", "first"], check=True, capture_output=True)
+    assert main(["show", path]) == 0
+    assert "#   second (sft) <- model=first.model" in capsys.readouterr().out
+    assert main(["run", path, "--only", "second"]) == 1
+    assert "second.model='first.model'" in capsys.readouterr().err  # first has not run
+    assert main(["run", path, "--only", "first"]) == 0
     assert not (tmp_path / "run" / "second").exists()
-    subprocess.run(cli + ["run", path, "--only", "second"], check=True, capture_output=True)
+    assert main(["run", path, "--only", "second"]) == 0
     started = {n: read_manifest(tmp_path / "run" / n)["started"] for n in ("first", "second")}
-    out = subprocess.run(cli + ["run", path, "--from", "second"], capture_output=True, text=True, check=True)
+    assert main(["run", path, "--from", "second"]) == 0
     assert read_manifest(tmp_path / "run" / "first")["started"] == started["first"]  # before --from: kept
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["second"]["status"] == "ran"
-    bad = subprocess.run(cli + ["run", path, "--from", "third"], capture_output=True, text=True)
-    assert bad.returncode == 1 and "--from third: not a stage of this pipeline" in bad.stderr
+    capsys.readouterr()
+    assert main(["run", path, "--from", "third"]) == 1
+    assert "--from third: not a stage of this pipeline" in capsys.readouterr().err
