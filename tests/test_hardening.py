@@ -1,6 +1,7 @@
 """Bad input gets a clear error before any work; broken training stops without marking anything complete;
 resumed runs report the uninterrupted run's metrics; one run per run directory."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -94,7 +95,11 @@ def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_mo
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=2e-4)
 
 
-def test_one_run_per_run_directory(tmp_path):
+def test_one_run_per_run_directory(tmp_path, capsys, caplog):
+    """The command line in this process (posttrain.cli.main) against a lock held by another live process."""
+    from posttrain.cli import main
+
+    caplog.set_level(logging.INFO, logger="posttrain")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -103,14 +108,15 @@ def test_one_run_per_run_directory(tmp_path):
         (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: sort\n")
         path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, "
                                         f"num_train: 4, num_eval: 2}}\n")
-        out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", path], capture_output=True, text=True)
-        assert out.returncode != 0 and f"in use by process {holder.pid}" in out.stderr and "Traceback" not in out.stderr
+        assert main(["run", path]) != 0
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err + caplog.text
         assert not (run_dir / "synth").exists()
     finally:
         holder.kill()
         holder.wait()
-    out = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", path], capture_output=True, text=True)
-    assert out.returncode == 0 and "taking over" in out.stderr  # the holder is gone: its lock is stale
+    caplog.clear()
+    assert main(["run", path]) == 0
+    assert "taking over" in capsys.readouterr().err + caplog.text  # the holder is gone: its lock is stale
     assert not (run_dir / LOCK).exists()
 
 
