@@ -153,6 +153,26 @@ def attention_implementation(model_type: str) -> Optional[str]:
     return "eager" if model_type == "gemma2" else None
 
 
+CACHE_FAMILIES = {"llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "mistral"}
+"""Families whose transformers 5.19 models take a `DynamicCache` of per-layer keys and values plus explicit
+position ids, so that a prompt's cache can be computed once and shared (RecurrentGemma's state is not one)."""
+
+
+def prompt_cache_supported(model, length: int) -> bool:
+    """Whether a cached prompt can stand in for recomputing it in `model` (a transformers causal LM, outside
+    any peft wrapper), for sequences up to `length` tokens: a cache family, no gradient checkpointing in
+    training (it turns the cache off), and no sliding window the sequence could reach (sliding-window layers
+    drop the cache's oldest entries)."""
+    config = model.config
+    body = getattr(model, "model", None)
+    if getattr(config, "model_type", None) not in CACHE_FAMILIES or body is None:
+        return False
+    if body.training and getattr(body, "gradient_checkpointing", False):
+        return False
+    window = getattr(config, "sliding_window", None)
+    return not window or length < window - 1
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -20,7 +20,7 @@ from .algos.logits import chunk_tokens_for, chunked_token_logprobs
 from .chat import chat_prompt_ids, rendered_ids
 from .engines.base import Sample
 from .lora import unwrap
-from .models import stop_token_ids
+from .models import prompt_cache_supported, stop_token_ids
 
 log = logging.getLogger("posttrain")
 
@@ -135,12 +135,78 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_en
     temperature = temperature if temperature not in (0, None) else 1.0
     labels = batch.input_ids[:, 1:]
     where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
-    hidden, head, cap, vocab = hidden_at(model, batch.input_ids, batch.attention_mask, where)
+    shared = shared_prompt_hidden(model, batch)
+    hidden, head, cap, vocab = shared if shared is not None else hidden_at(model, batch.input_ids,
+                                                                           batch.attention_mask, where)
     stats = chunked_token_logprobs(hidden, labels[where], head, cap=cap, temperature=temperature,
                                    with_entropy=with_entropy, with_raw=with_raw, chunk_tokens=chunk_tokens_for(vocab))
     zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     out = [_shift(zeros.masked_scatter(where, values)) for values in stats]
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _prompt_plan(batch: RolloutBatch):
+    """(prompt lengths (B,), response lengths (B,), one row per distinct prompt (U,), each row's prompt
+    (B,)) when every row is prompt + response + padding and some rows share a prompt; else None."""
+    response, attention = batch.response_mask.bool(), batch.attention_mask.bool()
+    lengths = response.sum(1)
+    if not bool((lengths > 0).all()):
+        return None
+    starts = response.int().argmax(1)
+    positions = torch.arange(response.shape[1], device=response.device)
+    ends = (starts + lengths)[:, None]
+    if not (bool((response == ((positions >= starts[:, None]) & (positions < ends))).all())
+            and bool((attention == (positions < ends)).all())):
+        return None  # not the packed layout (e.g. tokens after the response): nothing to share safely
+    firsts: dict[tuple, int] = {}
+    prompt_of_row = [firsts.setdefault(tuple(ids[:n]), row) for row, (ids, n) in
+                     enumerate(zip(batch.input_ids.tolist(), starts.tolist()))]
+    if len(firsts) == len(prompt_of_row):
+        return None
+    unique = list(firsts.values())
+    index = {row: i for i, row in enumerate(unique)}
+    as_tensor = lambda xs: torch.tensor(xs, device=response.device)  # noqa: E731
+    return starts, lengths, as_tensor(unique), as_tensor([index[r] for r in prompt_of_row])
+
+
+def shared_prompt_hidden(model, batch: RolloutBatch):
+    """`hidden_at`'s result for the response tokens of a batch in which several rows share a prompt (GRPO's
+    group of samples, a preference pair): each distinct prompt runs through the body once, its key/value
+    cache is copied to the rows that share it, and only the responses run on from there. With G samples
+    per prompt of P tokens this saves (G-1)/G of the prompt's share of the body's forward and backward
+    passes. The same idea as SGLang's RadixAttention prefix reuse and "shared-prefix" RL training,
+    applied to one batch; values equal the plain forward to rounding (tests/test_lean_logprobs.py).
+    None where it does not apply: no shared prompt, a family without a plain key/value cache
+    (RecurrentGemma), a sequence reaching the sliding window, or gradient checkpointing (which turns the
+    cache off)."""
+    parts = lm_parts(model)
+    if parts is None or not prompt_cache_supported(unwrap(model), batch.input_ids.shape[1]):
+        return None
+    plan = _prompt_plan(batch)
+    if plan is None:
+        return None
+    body, head, cap, vocab = parts
+    starts, lengths, unique, prompt_of_row = plan
+    device, width = batch.input_ids.device, int(lengths.max())
+    prompt_width = int(starts[unique].max())
+    prompt_cols = torch.arange(prompt_width, device=device)
+    prompt_mask = (prompt_cols < starts[unique][:, None]).long()
+    prompt_ids = batch.input_ids[unique, :prompt_width] * prompt_mask
+    out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_select_indices(prompt_of_row)
+    last = out.last_hidden_state[torch.arange(len(unique), device=device), starts[unique] - 1][prompt_of_row]
+    cols = torch.arange(width, device=device)
+    in_response = cols < lengths[:, None]
+    taken = (starts[:, None] + cols).clamp(max=batch.input_ids.shape[1] - 1)
+    response_ids = batch.input_ids.gather(1, taken) * in_response
+    mask = torch.cat([prompt_mask[prompt_of_row], in_response.long()], 1)
+    # Position ids are explicit: a short prompt's padding sits between it and its response in the cache.
+    on = body(input_ids=response_ids, attention_mask=mask, position_ids=starts[:, None] + cols,
+              past_key_values=cache, use_cache=True).last_hidden_state
+    # Token j of a response is predicted by position j-1 of its continuation, token 0 by the prompt's last.
+    per_token = torch.cat([last[:, None], on[:, :-1]], 1)
+    return per_token[in_response], head, cap, vocab
 
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:

@@ -347,3 +347,29 @@ def test_hf_engine_leaves_the_model_trainable(tiny_tokenizer, family):
     model.train()
     token_logprobs(model, batch).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_hf_engine_prefills_each_prompt_once_and_samples_the_same(tiny_tokenizer, family, monkeypatch):
+    """n samples per prompt: each prompt is prefilled once and its cache repeated for the samples, instead of
+    generate running every copy through the model. Same seed, same tokens and logprobs as the copies path."""
+    from posttrain.engines import hf
+
+    from .conftest import TINY
+
+    model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=0)
+    engine = HFEngine(model, tiny_tokenizer)
+    prompts = PROMPTS[:5]  # prompt lengths differ: left padding in the shared cache
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=3, seed=5, logprobs=True)
+    prefilled = []
+    prompt_cache = HFEngine._prompt_cache
+    monkeypatch.setattr(HFEngine, "_prompt_cache", lambda self, ids, *rest: prefilled.append(ids.shape[0]) or
+                        prompt_cache(self, ids, *rest))
+    shared = engine.generate(prompts, sampling)
+    assert prefilled == [len(prompts)]
+    monkeypatch.setattr(hf, "prompt_cache_supported", lambda *_: False)
+    copies = engine.generate(prompts, sampling)
+    assert prefilled == [len(prompts)]
+    for got, want in zip([s for g in shared for s in g], [s for g in copies for s in g], strict=True):
+        assert got.token_ids == want.token_ids and got.finished == want.finished
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5)

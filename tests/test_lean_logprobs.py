@@ -119,6 +119,56 @@ def test_token_logprobs_equal_the_models_own_logits(tiny_tokenizer, family):
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
 
 
+def _grouped_batch(vocab: int, seed: int = 0):
+    """Three prompts of different lengths, four responses each (lengths 1 to 7), rows shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [(prompt, torch.randint(6, vocab, (k,), generator=g).tolist())
+            for prompt in (torch.randint(6, vocab, (n,), generator=g).tolist() for n in (5, 9, 3))
+            for k in (4, 1, 7, 2)]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+    return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "recurrent_gemma"])
+def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, monkeypatch):
+    """Rows that share a prompt run it through the body once (its cache copied to them): logprobs and every
+    parameter's gradient equal the plain forward of each whole row. RecurrentGemma (no key/value cache)
+    and batches without a shared prompt take the plain forward."""
+    from posttrain import rollout
+
+    model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
+    batch = _grouped_batch(len(tiny_tokenizer))
+    weights = torch.randn(batch.input_ids.shape)  # any downstream loss
+    assert (rollout.shared_prompt_hidden(model, batch) is None) == (family == "recurrent_gemma")
+    assert rollout.shared_prompt_hidden(model, _batch(len(tiny_tokenizer))) is None  # three distinct prompts
+
+    def logp_and_grads():
+        logp = token_logprobs(model, batch, temperature=0.8)
+        return logp, torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+
+    shared, shared_grads = logp_and_grads()
+    monkeypatch.setattr(rollout, "shared_prompt_hidden", lambda *_: None)
+    plain, plain_grads = logp_and_grads()
+    assert torch.allclose(shared, plain, atol=1e-5) and (shared[batch.response_mask == 0] == 0).all()
+    for got, want in zip(shared_grads, plain_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_scoring_steps_aside_for_gradient_checkpointing_and_the_window(tiny_tokenizer):
+    from posttrain.models import prompt_cache_supported
+    from posttrain.rollout import shared_prompt_hidden
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY, sliding_window=16), tiny_tokenizer, seed=1)
+    batch = _grouped_batch(len(tiny_tokenizer))  # 16 tokens wide: reaches the window
+    assert not prompt_cache_supported(model, 16) and prompt_cache_supported(model, 14)
+    assert shared_prompt_hidden(model, batch) is None
+    model = build_tiny_model(ModelConfig(family="llama", **TINY), tiny_tokenizer, seed=1).train()
+    model.gradient_checkpointing_enable()
+    assert shared_prompt_hidden(model, batch) is None
+    model.eval()  # checkpointing only acts in training
+    assert shared_prompt_hidden(model, batch) is not None
+
+
 def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=2)
     peft = add_adapters(model, LoraSection(enabled=True, r=4, alpha=8), "CAUSAL_LM")
@@ -126,7 +176,7 @@ def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
         for name, p in peft.named_parameters():
             if "lora_B" in name:
                 p.add_(0.05)
-    batch = _batch(len(tiny_tokenizer), seed=3)
+    batch = _grouped_batch(len(tiny_tokenizer), seed=3)  # shared prompts: the cache path through the adapters
     mask = batch.response_mask
     for adapters_on in (True, False):
         ctx = torch.no_grad() if adapters_on else peft.disable_adapter()

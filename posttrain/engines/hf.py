@@ -11,7 +11,8 @@ import torch
 
 from ..algos.ppo import logprobs_from_logits
 from ..dist.rank import autocast, world
-from ..models import stop_token_ids
+from ..lora import unwrap
+from ..models import prompt_cache_supported, stop_token_ids
 from .base import Sample, SamplingConfig, chat_prompt_ids
 
 
@@ -52,12 +53,17 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         greedy = sampling.temperature == 0
+        copies, shared = sampling.n, {}
+        if copies > 1 and width > 1 and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
+            shared = {"past_key_values": self._prompt_cache(input_ids, attention, copies)}
+            input_ids, attention = (t.repeat_interleave(copies, 0) for t in (input_ids, attention))
+            copies = 1
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention,
             max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
             temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None, num_return_sequences=sampling.n, eos_token_id=self.stop_ids, pad_token_id=pad,
-            output_logits=sampling.logprobs, return_dict_in_generate=True,
+            top_k=None, num_return_sequences=copies, eos_token_id=self.stop_ids, pad_token_id=pad,
+            output_logits=sampling.logprobs, return_dict_in_generate=True, **shared,
         )
         new = out.sequences[:, width:]
         token_logps = _sampled_logprobs(out.logits, new).cpu() if sampling.logprobs else None
@@ -71,6 +77,18 @@ class HFEngine:
             logprobs = token_logps[row, :len(ids)].tolist() if token_logps is not None else []
             samples.append(Sample(text=text, token_ids=ids, logprobs=logprobs, finished=end is not None))
         return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch))]
+
+    def _prompt_cache(self, input_ids: torch.Tensor, attention: torch.Tensor, copies: int):
+        """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
+        its `copies` samples: `num_return_sequences` would repeat the prompts first and run each copy
+        through the model. `generate` then feeds only the last prompt token. Positions follow generate's
+        own rule for left padding (count real tokens from 0), so the samples are the ones it would draw."""
+        mask = attention[:, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions,
+                           use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     # Engines that hold their own copy of the weights need these; this one samples from the live model.
     def sleep(self) -> None:
