@@ -161,13 +161,17 @@ position ids, so that a prompt's cache can be computed once and shared (Recurren
 def prompt_cache_supported(model, length: int) -> bool:
     """Whether a cached prompt can stand in for recomputing it in `model` (a transformers causal LM, outside
     any peft wrapper), for sequences up to `length` tokens: a cache family, no gradient checkpointing in
-    training (it turns the cache off), and no sliding window the sequence could reach (sliding-window layers
-    drop the cache's oldest entries)."""
+    training (it turns the cache off), no ZeRO-3 partitioning, and no sliding window the sequence could reach
+    (sliding-window layers drop the cache's oldest entries)."""
     config = model.config
     body = getattr(model, "model", None)
     if getattr(config, "model_type", None) not in CACHE_FAMILIES or body is None:
         return False
     if body.training and getattr(body, "gradient_checkpointing", False):
+        return False
+    if hasattr(next(body.parameters()), "ds_id"):
+        # ZeRO-3 gathers the weights with collectives in every forward call: all ranks must make the same
+        # calls, and whether a rank's batch shares prompts is its own.
         return False
     window = getattr(config, "sliding_window", None)
     return not window or length < window - 1

@@ -121,10 +121,12 @@ def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, wher
         if kind not in _warned:
             _warned.add(kind)
             log.warning("model type %r: scoring from full-vocabulary logits (not a known lean family)", kind)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        logits = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).logits
         return logits[where], (lambda h: h), None, logits.shape[-1]
     body, head, cap, vocab = parts
-    return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][where], head, cap, vocab
+    # The last position predicts nothing: it is not run (causal, so the others are unchanged).
+    hidden = body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).last_hidden_state
+    return hidden[where], head, cap, vocab
 
 
 def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
@@ -198,14 +200,16 @@ def shared_prompt_hidden(model, batch: RolloutBatch):
     last = out.last_hidden_state[torch.arange(len(unique), device=device), starts[unique] - 1][prompt_of_row]
     cols = torch.arange(width, device=device)
     in_response = cols < lengths[:, None]
-    taken = (starts[:, None] + cols).clamp(max=batch.input_ids.shape[1] - 1)
-    response_ids = batch.input_ids.gather(1, taken) * in_response
-    mask = torch.cat([prompt_mask[prompt_of_row], in_response.long()], 1)
-    # Position ids are explicit: a short prompt's padding sits between it and its response in the cache.
-    on = body(input_ids=response_ids, attention_mask=mask, position_ids=starts[:, None] + cols,
-              past_key_values=cache, use_cache=True).last_hidden_state
-    # Token j of a response is predicted by position j-1 of its continuation, token 0 by the prompt's last.
-    per_token = torch.cat([last[:, None], on[:, :-1]], 1)
+    per_token = last[:, None]  # token 0 of a response is predicted by its prompt's last position
+    if width > 1:  # token j by position j-1 of the response; the last token predicts nothing and is not run
+        fed = cols[:-1]
+        taken = (starts[:, None] + fed).clamp(max=batch.input_ids.shape[1] - 1)
+        response_ids = batch.input_ids.gather(1, taken) * in_response[:, :-1]
+        mask = torch.cat([prompt_mask[prompt_of_row], in_response[:, :-1].long()], 1)
+        # Position ids are explicit: a short prompt's padding sits between it and its response in the cache.
+        on = body(input_ids=response_ids, attention_mask=mask, position_ids=starts[:, None] + fed,
+                  past_key_values=cache, use_cache=True).last_hidden_state
+        per_token = torch.cat([per_token, on], 1)
     return per_token[in_response], head, cap, vocab
 
 

@@ -119,25 +119,28 @@ def test_token_logprobs_equal_the_models_own_logits(tiny_tokenizer, family):
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
 
 
-def _grouped_batch(vocab: int, seed: int = 0):
-    """Three prompts of different lengths, four responses each (lengths 1 to 7), rows shuffled."""
+def _grouped_batch(vocab: int, seed: int = 0, response_lengths=(4, 1, 7, 2)):
+    """Three prompts of different lengths, a response of each length for each, rows shuffled."""
     g = torch.Generator().manual_seed(seed)
     rows = [(prompt, torch.randint(6, vocab, (k,), generator=g).tolist())
             for prompt in (torch.randint(6, vocab, (n,), generator=g).tolist() for n in (5, 9, 3))
-            for k in (4, 1, 7, 2)]
+            for k in response_lengths]
     rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
     return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "recurrent_gemma"])
-def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, monkeypatch):
+@pytest.mark.parametrize("family,response_lengths", [("llama", (4, 1, 7, 2)), ("gemma", (4, 1, 7, 2)),
+                                                      ("gemma2", (4, 1, 7, 2)), ("gemma2", (1, 1)),
+                                                      ("recurrent_gemma", (4, 1, 7, 2))])
+def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, response_lengths, monkeypatch):
     """Rows that share a prompt run it through the body once (its cache copied to them): logprobs and every
-    parameter's gradient equal the plain forward of each whole row. RecurrentGemma (no key/value cache)
-    and batches without a shared prompt take the plain forward."""
+    parameter's gradient equal the plain forward of each whole row (one-token responses too: then only the
+    prompts run). RecurrentGemma (no key/value cache) and batches without a shared prompt take the plain
+    forward."""
     from posttrain import rollout
 
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
-    batch = _grouped_batch(len(tiny_tokenizer))
+    batch = _grouped_batch(len(tiny_tokenizer), response_lengths=response_lengths)
     weights = torch.randn(batch.input_ids.shape)  # any downstream loss
     assert (rollout.shared_prompt_hidden(model, batch) is None) == (family == "recurrent_gemma")
     assert rollout.shared_prompt_hidden(model, _batch(len(tiny_tokenizer))) is None  # three distinct prompts
@@ -154,7 +157,7 @@ def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, 
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_shared_prompt_scoring_steps_aside_for_gradient_checkpointing_and_the_window(tiny_tokenizer):
+def test_shared_prompt_scoring_steps_aside_for_checkpointing_zero3_and_the_window(tiny_tokenizer):
     from posttrain.models import prompt_cache_supported
     from posttrain.rollout import shared_prompt_hidden
 
@@ -167,6 +170,8 @@ def test_shared_prompt_scoring_steps_aside_for_gradient_checkpointing_and_the_wi
     assert shared_prompt_hidden(model, batch) is None
     model.eval()  # checkpointing only acts in training
     assert shared_prompt_hidden(model, batch) is not None
+    next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
+    assert shared_prompt_hidden(model, batch) is None  # its gathers are collectives: every rank runs alike
 
 
 def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
