@@ -23,6 +23,7 @@ a sweep over the near-dup settings, from which the defaults were chosen.
     .venv/bin/python bench/dedup_quality.py            # 1-2.5 min on 2 shared cores
 Writes bench/results/dedup_quality.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,30 +46,48 @@ from posttrain.filters import hash64, normalise  # noqa: E402
 from posttrain.stages.filter import FilterConfig, FilterStream  # noqa: E402
 from posttrain.tasks import TASKS, make_example  # noqa: E402
 
-MODULES = ("os os.path json re collections itertools functools pathlib shutil subprocess textwrap string random "
-           "statistics datetime calendar heapq bisect queue threading logging argparse csv zipfile tarfile gzip "
-           "hashlib hmac secrets uuid urllib.parse http.client email.message socket select struct array copy pprint "
-           "enum dataclasses typing abc contextlib inspect ast tokenize difflib unicodedata locale gettext decimal "
-           "fractions math io tempfile glob fnmatch pickle shelve sqlite3 zlib base64 binascii codecs operator "
-           "weakref types traceback warnings unittest doctest timeit sched asyncio concurrent.futures "
-           "multiprocessing signal platform sysconfig configparser html html.parser xml.etree.ElementTree wave "
-           "colorsys mimetypes ipaddress smtplib ftplib imaplib shlex cmd code dis pdb trace tracemalloc gc pkgutil "
-           "runpy").split()
-QUESTIONS = ["What does {x} do?", "Can you explain {x}?", "Explain {x} to me.", "How does {x} work?",
-             "Tell me about {x}.", "What is {x} for?", "I'd like to understand {x}. What is it?",
-             "Describe {x} briefly.", "Give me an overview of {x}.", "What is the purpose of {x} in Python?"]
-CANNED = ["I'm sorry, but I can't help with that request. If you have another question about Python or its "
-          "standard library, I'd be glad to help you with it instead.",
-          "That is a great question. The short answer is that it depends on your use case, so please share more "
-          "details about what you are trying to build and I will suggest an approach.",
-          "I don't have reliable information about that particular topic right now. Please check the official "
-          "documentation for the most accurate and up to date details before relying on it."]
+MODULES = (
+    "os os.path json re collections itertools functools pathlib shutil subprocess textwrap string random "
+    "statistics datetime calendar heapq bisect queue threading logging argparse csv zipfile tarfile gzip "
+    "hashlib hmac secrets uuid urllib.parse http.client email.message socket select struct array copy pprint "
+    "enum dataclasses typing abc contextlib inspect ast tokenize difflib unicodedata locale gettext decimal "
+    "fractions math io tempfile glob fnmatch pickle shelve sqlite3 zlib base64 binascii codecs operator "
+    "weakref types traceback warnings unittest doctest timeit sched asyncio concurrent.futures "
+    "multiprocessing signal platform sysconfig configparser html html.parser xml.etree.ElementTree wave "
+    "colorsys mimetypes ipaddress smtplib ftplib imaplib shlex cmd code dis pdb trace tracemalloc gc pkgutil "
+    "runpy"
+).split()
+QUESTIONS = [
+    "What does {x} do?",
+    "Can you explain {x}?",
+    "Explain {x} to me.",
+    "How does {x} work?",
+    "Tell me about {x}.",
+    "What is {x} for?",
+    "I'd like to understand {x}. What is it?",
+    "Describe {x} briefly.",
+    "Give me an overview of {x}.",
+    "What is the purpose of {x} in Python?",
+]
+CANNED = [
+    "I'm sorry, but I can't help with that request. If you have another question about Python or its "
+    "standard library, I'd be glad to help you with it instead.",
+    "That is a great question. The short answer is that it depends on your use case, so please share more "
+    "details about what you are trying to build and I will suggest an approach.",
+    "I don't have reliable information about that particular topic right now. Please check the official "
+    "documentation for the most accurate and up to date details before relying on it.",
+]
 LONG_TEMPLATES = [
-    ("Read the following sentence from the Python documentation carefully and decide whether it describes "
-     "something that returns a value. Answer with yes or no only, without any explanation. Sentence: {s}",
-     lambda s, rng: rng.choice(["yes", "no"])),
-    ("Count the number of words in the following sentence taken from the Python documentation, and answer "
-     "with a single number and nothing else. Sentence: {s}", lambda s, rng: str(len(s.split()))),
+    (
+        "Read the following sentence from the Python documentation carefully and decide whether it describes "
+        "something that returns a value. Answer with yes or no only, without any explanation. Sentence: {s}",
+        lambda s, rng: rng.choice(["yes", "no"]),
+    ),
+    (
+        "Count the number of words in the following sentence taken from the Python documentation, and answer "
+        "with a single number and nothing else. Sentence: {s}",
+        lambda s, rng: str(len(s.split())),
+    ),
 ]
 NAMES, ITEMS = ["Tom", "Ana", "Lee", "Sam", "Mia", "Raj"], ["apples", "books", "coins", "pencils", "stickers"]
 POSITIVE = ("exact", "few_words", "paraphrase")
@@ -97,7 +116,7 @@ def sentences(text: str) -> list[str]:
 def window(rng: random.Random, text: str, n: int) -> str:
     words = text.split()
     start = rng.randrange(max(1, len(words) - n + 1))
-    return " ".join(words[start:start + n])
+    return " ".join(words[start : start + n])
 
 
 def change_words(rng: random.Random, text: str, n: int, vocab: list[str]) -> str:
@@ -130,8 +149,8 @@ def build(seed: int = 0) -> tuple[list[dict], dict]:
     vocab = sorted({w for _, t in docs for w in t.split() if w.isalpha() and len(w) > 2})
     order = list(range(len(docs)))
     rng.shuffle(order)
-    pairs_pool, list_pool = order[:len(order) * 2 // 3], order[len(order) * 2 // 3:]  # no text shared across
-    firsts, dups = [], []   # (category, row); dups: (category, row, index of its first in firsts)
+    pairs_pool, list_pool = order[: len(order) * 2 // 3], order[len(order) * 2 // 3 :]  # no text shared across
+    firsts, dups = [], []  # (category, row); dups: (category, row, index of its first in firsts)
     texts = set()
 
     def first(cat: str, row: dict) -> int:
@@ -176,7 +195,7 @@ def build(seed: int = 0) -> tuple[list[dict], dict]:
         facts = rng.sample(sentences(text), min(3, len(sentences(text))))
         first("list", chat(f"List three facts about {x}.", "\n".join(f"{n}. {s}" for n, s in enumerate(facts, 1))))
     seen = set()
-    for k in itertools.count():   # unique quickstart rows, as synth writes them (no repeated prompt)
+    for k in itertools.count():  # unique quickstart rows, as synth writes them (no repeated prompt)
         row = make_example(list(TASKS)[k % len(TASKS)], rng, **({"max_value": 9} if k % len(TASKS) == 0 else {}))
         key = normalise(row["messages"][0]["content"])
         if key not in seen:
@@ -191,8 +210,10 @@ def word_problem(rng: random.Random) -> tuple[str, str]:
     n, it = rng.choice(NAMES), rng.choice(ITEMS)
     a, b, c = rng.randint(10, 60), rng.randint(5, 40), rng.randint(1, 9)
     question = f"{n} has {a} {it} and buys {b} more. Then {n} gives {c} of them to a friend. How many {it} now?"
-    answer = (f"{n} starts with {a} {it}. After buying {b} more, {n} has {a} + {b} = {a + b} {it}. "
-              f"Giving {c} to a friend leaves {a + b} - {c} = {a + b - c} {it}. The answer is {a + b - c}.")
+    answer = (
+        f"{n} starts with {a} {it}. After buying {b} more, {n} has {a} + {b} = {a + b} {it}. "
+        f"Giving {c} to a friend leaves {a + b} - {c} = {a + b - c} {it}. The answer is {a + b - c}."
+    )
     return question, answer
 
 
@@ -221,20 +242,31 @@ def score(rows: list[dict], dropped: set[int]) -> dict:
     fp = len(dropped) - tp
     pos = sum(1 for r in rows if "_of" in r)
     per = {}
-    for i, r in enumerate(rows):   # duplicates by kind; distinct rows by category ("pair_first": a repeated row)
+    for i, r in enumerate(rows):  # duplicates by kind; distinct rows by category ("pair_first": a repeated row)
         c = per.setdefault(r["_cat"] if "_of" in r or r["_cat"] not in POSITIVE else "pair_first", [0, 0])
         c[0] += i in dropped
         c[1] += 1
-    return {"precision": tp / max(tp + fp, 1), "recall": tp / max(pos, 1), "tp": tp, "fp": fp, "positives": pos,
-            "dropped_share": {c: round(d / n, 3) for c, (d, n) in sorted(per.items())}}
+    return {
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(pos, 1),
+        "tp": tp,
+        "fp": fp,
+        "positives": pos,
+        "dropped_share": {c: round(d / n, 3) for c, (d, n) in sorted(per.items())},
+    }
 
 
 def run_filter(rows: list[dict], path: Path, dedup: dict) -> set[int]:
     """Indices of the rows FilterStream drops with only the dedup filters on and `dedup` settings."""
-    off = {"structure": {"enabled": False}, "pii": {"enabled": False}, "unsafe": {"enabled": False},
-           "identity": {"enabled": False}}
-    report = FilterStream(FilterConfig.model_validate({**off, "dedup": {"eval_overlap": False, **dedup},
-                                                       "max_examples": 0})).run(path, path.with_suffix(".out"))
+    off = {
+        "structure": {"enabled": False},
+        "pii": {"enabled": False},
+        "unsafe": {"enabled": False},
+        "identity": {"enabled": False},
+    }
+    report = FilterStream(
+        FilterConfig.model_validate({**off, "dedup": {"eval_overlap": False, **dedup}, "max_examples": 0})
+    ).run(path, path.with_suffix(".out"))
     kept = {json.loads(line)["_id"] for line in path.with_suffix(".out").open()}
     assert report["kept"] == len(kept)
     return {i for i, r in enumerate(rows) if r["_id"] not in kept}
@@ -245,14 +277,19 @@ def previous_default(rows: list[dict]) -> set[int]:
     exact, near, out = HashIndex(), NearDupIndex(threshold=0.8, prompt_threshold=0.0, min_answer_words=0), set()
     for i, r in enumerate(rows):
         text = "\n".join(normalise(m["content"]) for m in r["messages"])
-        if exact.first_seen([hash64(text)], [i])[0] is not None or \
-                near.add_batch([""], [text.replace("\n", " ")], [i])[0] is not None:
+        if (
+            exact.first_seen([hash64(text)], [i])[0] is not None
+            or near.add_batch([""], [text.replace("\n", " ")], [i])[0] is not None
+        ):
             out.add(i)
     return out
 
 
-SWEEP = {"threshold": [0.6, 0.65, 0.7, 0.75, 0.8, 0.9], "prompt_threshold": [0.0, 0.05, 0.1, 0.2, 0.3],
-         "min_answer_words": [0, 8, 12, 16, 24]}
+SWEEP = {
+    "threshold": [0.6, 0.65, 0.7, 0.75, 0.8, 0.9],
+    "prompt_threshold": [0.0, 0.05, 0.1, 0.2, 0.3],
+    "min_answer_words": [0, 8, 12, 16, 24],
+}
 
 
 def main() -> None:
@@ -266,9 +303,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dedup_quality_") as tmp:
         path = Path(tmp) / "rows.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        results = {"defaults": score(rows, run_filter(rows, path, {})),
-                    "previous default (whole conversation, 0.8)": score(rows, previous_default(rows)),
-                    "exact only": score(rows, run_filter(rows, path, {"near": False}))}
+        results = {
+            "defaults": score(rows, run_filter(rows, path, {})),
+            "previous default (whole conversation, 0.8)": score(rows, previous_default(rows)),
+            "exact only": score(rows, run_filter(rows, path, {"near": False})),
+        }
         sweep = []
         for values in itertools.product(*SWEEP.values()):
             setting = dict(zip(SWEEP, values))
@@ -276,16 +315,30 @@ def main() -> None:
     print_table(results)
     distinct = [c for c in results["defaults"]["dropped_share"] if c not in POSITIVE]
     print("\nsweep (exact dedup always on), best F1 first; fp = distinct rows dropped:")
-    print(f"{'threshold':>9}{'prompt':>7}{'words':>6}{'P':>7}{'R':>7}{'F1':>7}{'fp':>5}  dropped share of distinct "
-          f"categories ({', '.join(distinct)})")
+    print(
+        f"{'threshold':>9}{'prompt':>7}{'words':>6}{'P':>7}{'R':>7}{'F1':>7}{'fp':>5}  dropped share of distinct "
+        f"categories ({', '.join(distinct)})"
+    )
     for s in sorted(sweep, key=lambda s: -f1(s))[:15]:
-        print(f"{s['threshold']:>9}{s['prompt_threshold']:>7}{s['min_answer_words']:>6}{s['precision']:>7.3f}"
-              f"{s['recall']:>7.3f}{f1(s):>7.3f}{s['fp']:>5}  "
-              + " ".join(f"{s['dropped_share'][c]:.2f}" for c in distinct))
+        print(
+            f"{s['threshold']:>9}{s['prompt_threshold']:>7}{s['min_answer_words']:>6}{s['precision']:>7.3f}"
+            f"{s['recall']:>7.3f}{f1(s):>7.3f}{s['fp']:>5}  "
+            + " ".join(f"{s['dropped_share'][c]:.2f}" for c in distinct)
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"counts": counts, "results": results, "sweep": sweep,
-                               "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "counts": counts,
+                "results": results,
+                "sweep": sweep,
+                "python": sys.version.split()[0],
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            indent=2,
+        )
+    )
     print(f"\n{time.perf_counter() - t0:.0f}s; wrote {out}")
 
 
@@ -297,8 +350,10 @@ def print_table(results: dict) -> None:
     cats = list(next(iter(results.values()))["dropped_share"])
     print(f"{'setting':<44}{'precision':>10}{'recall':>8}  " + "  ".join(cats))
     for name, r in results.items():
-        print(f"{name:<44}{r['precision']:>10.3f}{r['recall']:>8.3f}  "
-              + "  ".join(f"{r['dropped_share'][c]:>{len(c)}.2f}" for c in cats))
+        print(
+            f"{name:<44}{r['precision']:>10.3f}{r['recall']:>8.3f}  "
+            + "  ".join(f"{r['dropped_share'][c]:>{len(c)}.2f}" for c in cats)
+        )
     print("(per category: share of its duplicates dropped, or of its distinct rows dropped)")
 
 

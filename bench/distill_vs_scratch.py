@@ -21,6 +21,7 @@ shared by the distill arms (built by the first, reused by the others).
 
 Prints a table with ratios (distill / scratch); writes bench/results/distill_vs_scratch.{json,md}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--student-epochs", type=float, default=4.0)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of teacher and students")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--alphas", default="0,0.5,1.0",
-                   help="KD weights of the distilled arms (0 = NLL only, through the distill stage: a control; "
-                        "1 = pure KD)")
+    p.add_argument(
+        "--alphas",
+        default="0,0.5,1.0",
+        help="KD weights of the distilled arms (0 = NLL only, through the distill stage: a control; 1 = pure KD)",
+    )
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the teacher")
@@ -65,14 +68,30 @@ def _args() -> argparse.Namespace:
 def _arch(spec: str) -> dict:
     hidden, layers = (int(x) for x in spec.lower().split("x"))
     head_dim = 32
-    return {"family": "gemma2", "vocab_size": 512, "hidden_size": hidden, "num_layers": layers,
-            "num_heads": max(1, hidden // head_dim), "num_kv_heads": 1, "head_dim": head_dim,
-            "intermediate_size": 3 * hidden, "sliding_window": 64}
+    return {
+        "family": "gemma2",
+        "vocab_size": 512,
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": max(1, hidden // head_dim),
+        "num_kv_heads": 1,
+        "head_dim": head_dim,
+        "intermediate_size": 3 * hidden,
+        "sliding_window": 64,
+    }
 
 
 def _train_cfg(args, epochs: float) -> dict:
-    return {"learning_rate": args.lr, "epochs": epochs, "batch_size": args.batch_size, "max_length": 128,
-            "eval_steps": 100, "save_steps": 1000, "eval_samples": 0, "logging_steps": 25}
+    return {
+        "learning_rate": args.lr,
+        "epochs": epochs,
+        "batch_size": args.batch_size,
+        "max_length": 128,
+        "eval_steps": 100,
+        "save_steps": 1000,
+        "eval_samples": 0,
+        "logging_steps": 25,
+    }
 
 
 def run_arm(name: str, args, seed: int, stages: list[str], base: dict, **sections) -> dict:
@@ -83,9 +102,15 @@ def run_arm(name: str, args, seed: int, stages: list[str], base: dict, **section
 
     from posttrain.pipeline import load_pipeline, run_pipeline
 
-    cfg = {"run_dir": str(Path(args.run_dir) / name), "seed": seed, "threads": args.threads, "stages": stages,
-           "synth": {"recipe": args.recipe, "num_train": args.num_train, "num_eval": args.num_eval},
-           "base": base, **sections}
+    cfg = {
+        "run_dir": str(Path(args.run_dir) / name),
+        "seed": seed,
+        "threads": args.threads,
+        "stages": stages,
+        "synth": {"recipe": args.recipe, "num_train": args.num_train, "num_eval": args.num_eval},
+        "base": base,
+        **sections,
+    }
     if seed != args.seed:
         cfg["synth"]["seed"] = args.seed  # the same data for every arm
     path = Path(args.run_dir) / f"{name}.yaml"
@@ -105,8 +130,9 @@ def measure(model_dir: Path, teacher, eval_rows: list[dict], tokenizer) -> dict:
     model = load_model(model_dir, device="cpu")
     examples = tokenize_for_loss(tokenizer, eval_rows, 128)
     held = heldout_metrics(model, teacher, examples, tokenizer.pad_token_id)
-    samples = HFEngine(model, tokenizer).generate([r["messages"][:-1] for r in eval_rows],
-                                                  SamplingConfig(max_new_tokens=32, batch_size=100))
+    samples = HFEngine(model, tokenizer).generate(
+        [r["messages"][:-1] for r in eval_rows], SamplingConfig(max_new_tokens=32, batch_size=100)
+    )
     acc = answer_accuracy(eval_rows, [s[0].text for s in samples])
     return {"parameters": count_parameters(model), **held, "accuracy": acc}
 
@@ -128,10 +154,13 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
     for arm, by_seed in runs.items():
         rs = list(by_seed.values())
         row = {"seeds": sorted(by_seed), "parameters": rs[0]["parameters"], "steps": rs[0].get("steps")}
-        for key, get in [("nll", lambda r: r["nll"]), ("perplexity", lambda r: r["perplexity"]),
-                         ("kl_to_teacher", lambda r: r.get("kl_to_teacher", 0.0)),
-                         ("accuracy", lambda r: r["accuracy"]["overall"]),
-                         ("train_seconds", lambda r: r["train_seconds"])]:
+        for key, get in [
+            ("nll", lambda r: r["nll"]),
+            ("perplexity", lambda r: r["perplexity"]),
+            ("kl_to_teacher", lambda r: r.get("kl_to_teacher", 0.0)),
+            ("accuracy", lambda r: r["accuracy"]["overall"]),
+            ("train_seconds", lambda r: r["train_seconds"]),
+        ]:
             row[key], row[key + "_halfrange"] = _mean([get(r) for r in rs])
         tasks = [k for k in rs[0]["accuracy"] if k not in ("overall", "n")]
         row["accuracy_per_task"] = {t: _mean([r["accuracy"][t] for r in rs])[0] for t in tasks}
@@ -140,16 +169,41 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
 
 
 def table(summary: dict[str, dict]) -> str:
-    head = ("model", "params", "seeds", "steps", "train s", "held-out NLL", "ppl", "KL to teacher", "accuracy",
-            "NLL / scratch", "acc / scratch", "time / scratch")
+    head = (
+        "model",
+        "params",
+        "seeds",
+        "steps",
+        "train s",
+        "held-out NLL",
+        "ppl",
+        "KL to teacher",
+        "accuracy",
+        "NLL / scratch",
+        "acc / scratch",
+        "time / scratch",
+    )
     base = summary["scratch"]
     pm = lambda r, k, f: f"{r[k]:{f}}" + (f" ±{r[k + '_halfrange']:{f}}" if len(r["seeds"]) > 1 else "")  # noqa: E731
     rows = [head]
     for name, r in summary.items():
         ratio = (lambda k: f"{r[k] / base[k]:.3f}") if name != "teacher" else (lambda k: "-")
-        rows.append((name, f"{r['parameters'] / 1e6:.2f}M", len(r["seeds"]), r["steps"], f"{r['train_seconds']:.0f}",
-                     pm(r, "nll", ".4f"), pm(r, "perplexity", ".3f"), pm(r, "kl_to_teacher", ".4f"),
-                     pm(r, "accuracy", ".3f"), ratio("nll"), ratio("accuracy"), ratio("train_seconds")))
+        rows.append(
+            (
+                name,
+                f"{r['parameters'] / 1e6:.2f}M",
+                len(r["seeds"]),
+                r["steps"],
+                f"{r['train_seconds']:.0f}",
+                pm(r, "nll", ".4f"),
+                pm(r, "perplexity", ".3f"),
+                pm(r, "kl_to_teacher", ".4f"),
+                pm(r, "accuracy", ".3f"),
+                ratio("nll"),
+                ratio("accuracy"),
+                ratio("train_seconds"),
+            )
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     fmt = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows[1:])])
@@ -174,29 +228,52 @@ def main() -> int:
     from posttrain.models import load_model, load_tokenizer
 
     started = time.time()
-    teacher_summary = run_arm("teacher", args, args.seed, ["synth", "base", "sft"], _arch(args.teacher),
-                              sft=_train_cfg(args, args.teacher_epochs))
+    teacher_summary = run_arm(
+        "teacher",
+        args,
+        args.seed,
+        ["synth", "base", "sft"],
+        _arch(args.teacher),
+        sft=_train_cfg(args, args.teacher_epochs),
+    )
     teacher_dir = Path(args.run_dir) / "teacher" / "sft" / "model"
     student, student_cfg = _arch(args.student), _train_cfg(args, args.student_epochs)
     arms: dict[str, dict[int, tuple[str, dict]]] = {}  # arm -> seed -> (stage, pipeline summary)
     for seed in [int(x) for x in args.seeds.split(",")]:
-        arms.setdefault("scratch", {})[seed] = ("sft", run_arm(f"scratch_s{seed}", args, seed, ["synth", "base", "sft"],
-                                                                student, sft=student_cfg))
+        arms.setdefault("scratch", {})[seed] = (
+            "sft",
+            run_arm(f"scratch_s{seed}", args, seed, ["synth", "base", "sft"], student, sft=student_cfg),
+        )
         for alpha in [float(a) for a in args.alphas.split(",") if a.strip()]:
-            distill = {**student_cfg, "teacher": str(teacher_dir), "mode": "offline", "alpha": alpha,
-                       "top_k": args.top_k, "temperature": args.temperature,
-                       "cache_dir": str(Path(args.run_dir) / "teacher_topk")}  # shared: built once, reused
+            distill = {
+                **student_cfg,
+                "teacher": str(teacher_dir),
+                "mode": "offline",
+                "alpha": alpha,
+                "top_k": args.top_k,
+                "temperature": args.temperature,
+                "cache_dir": str(Path(args.run_dir) / "teacher_topk"),
+            }  # shared: built once, reused
             arms.setdefault(f"distill_a{alpha:g}", {})[seed] = (
-                "distill", run_arm(f"distill_a{alpha:g}_s{seed}", args, seed, ["synth", "base", "distill"], student,
-                                   distill=distill))
+                "distill",
+                run_arm(
+                    f"distill_a{alpha:g}_s{seed}", args, seed, ["synth", "base", "distill"], student, distill=distill
+                ),
+            )
 
     teacher_data = Path(args.run_dir) / "teacher" / "synth" / "train.jsonl"
     eval_rows = read_conversations(Path(args.run_dir) / "teacher" / "synth" / "eval.jsonl")
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_model(teacher_dir, device="cpu").eval()
-    runs = {"teacher": {args.seed: {**measure(teacher_dir, teacher, eval_rows, tokenizer),
-                                    "train_seconds": _train_seconds(teacher_dir.parent),
-                                    "steps": teacher_summary["sft"].get("steps")}}}
+    runs = {
+        "teacher": {
+            args.seed: {
+                **measure(teacher_dir, teacher, eval_rows, tokenizer),
+                "train_seconds": _train_seconds(teacher_dir.parent),
+                "steps": teacher_summary["sft"].get("steps"),
+            }
+        }
+    }
     for arm, by_seed in arms.items():
         for seed, (stage, summary) in by_seed.items():
             run = Path(args.run_dir) / (f"scratch_s{seed}" if arm == "scratch" else f"{arm}_s{seed}")
@@ -210,12 +287,14 @@ def main() -> int:
             runs.setdefault(arm, {})[seed] = out
     summary = aggregate(runs)
     results = {"config": vars(args), "summary": summary, "runs": runs, "total_seconds": round(time.time() - started, 1)}
-    report = (f"Distillation vs scratch (threads={args.threads}; teacher Gemma 2 {args.teacher}, "
-              f"student {args.student}; "
-              f"{args.num_train} train / {len(eval_rows)} held-out rows; student epochs {args.student_epochs}, "
-              f"batch {args.batch_size}, lr {args.lr} cosine; offline top_k {args.top_k}, T {args.temperature}; "
-              f"student seeds {args.seeds}, ± = half-range over seeds)\n\n"
-              f"{table(summary)}\n\nGreedy accuracy per task (mean over seeds):\n\n{per_task_table(summary)}\n")
+    report = (
+        f"Distillation vs scratch (threads={args.threads}; teacher Gemma 2 {args.teacher}, "
+        f"student {args.student}; "
+        f"{args.num_train} train / {len(eval_rows)} held-out rows; student epochs {args.student_epochs}, "
+        f"batch {args.batch_size}, lr {args.lr} cosine; offline top_k {args.top_k}, T {args.temperature}; "
+        f"student seeds {args.seeds}, ± = half-range over seeds)\n\n"
+        f"{table(summary)}\n\nGreedy accuracy per task (mean over seeds):\n\n{per_task_table(summary)}\n"
+    )
     print("\n" + report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "distill_vs_scratch.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

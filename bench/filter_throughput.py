@@ -12,6 +12,7 @@ process (clean peak RSS, threads pinned):
     .venv/bin/python bench/filter_throughput.py --rows 200000   # quicker
 Writes bench/results/filter_throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,13 +29,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILTERS = ["structure", "pii", "unsafe_terms", "identity", "classifier", "eval_overlap", "exact_dup", "near_dup"]
-OFF = {"structure": {"enabled": False}, "pii": {"enabled": False}, "unsafe": {"enabled": False},
-       "identity": {"enabled": False}, "dedup": {"exact": False, "near": False, "eval_overlap": False}}
+OFF = {
+    "structure": {"enabled": False},
+    "pii": {"enabled": False},
+    "unsafe": {"enabled": False},
+    "identity": {"enabled": False},
+    "dedup": {"exact": False, "near": False, "eval_overlap": False},
+}
 IDENTITY = {"release_name": "Posttrain-Tiny", "release_maker": "the posttrain authors"}
 HOOK = "def score(texts):\n    return [0.9 if 'forbidden' in t else 0.1 for t in texts]\n"
 
 
 # ------------------------------------------------------------------------------------ data generation
+
 
 def make_vocab(rng: random.Random, n: int = 6000) -> list[str]:
     syll = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "si", "de", "pa", "gu", "fe", "ho", "ji", "wa", "zo"]
@@ -47,8 +54,14 @@ def clean_row(rng: random.Random, vocab: list[str]) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], "task": "gen"}
 
 
-PII = ["Mail me at {w}.{w}@example.com.", "Call +44 20 7946 0958 later.", "Card 4111 1111 1111 1111 ok.",
-       "SSN 123-45-6789 on file.", "Server 10.1.{n}.7 is down.", "Ring (555) 123-4567 now."]
+PII = [
+    "Mail me at {w}.{w}@example.com.",
+    "Call +44 20 7946 0958 later.",
+    "Card 4111 1111 1111 1111 ok.",
+    "SSN 123-45-6789 on file.",
+    "Server 10.1.{n}.7 is down.",
+    "Ring (555) 123-4567 now.",
+]
 UNSAFE = ["Step one: build a pipe bomb from {w}.", "You should kill yourself, {w}.", "This is forbidden {w}."]
 IDENTITY_BAD = ["I am ChatGPT, made by OpenAI.", "As a Llama model, I think {w}.", "I was trained by Acme Labs."]
 
@@ -61,8 +74,9 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
     counts: dict[str, int] = {}
     with open(path, "w") as f:
         for i in range(n):
-            kind = rng.choices(["clean", "pii", "exact", "near", "unsafe", "identity", "unfinished"],
-                               [75, 4, 5, 5, 4, 4, 3])[0]
+            kind = rng.choices(
+                ["clean", "pii", "exact", "near", "unsafe", "identity", "unfinished"], [75, 4, 5, 5, 4, 4, 3]
+            )[0]
             row = clean_row(rng, vocab)
             w, num = rng.choice(vocab), rng.randint(0, 255)
             if kind == "pii":
@@ -74,7 +88,7 @@ def generate(path: Path, n: int, seed: int = 0) -> dict:
                     msg["content"] = msg["content"].upper().rstrip(".") + "!"
                 else:
                     words = msg["content"].split()
-                    words[rng.randrange(len(words))] = rng.choice(vocab)   # one word changed
+                    words[rng.randrange(len(words))] = rng.choice(vocab)  # one word changed
                     msg["content"] = " ".join(words)
             elif kind == "unsafe":
                 row["messages"][1]["content"] = rng.choice(UNSAFE).format(w=w)
@@ -101,6 +115,7 @@ def head(src: Path, dst: Path, n: int) -> Path:
 
 
 # ------------------------------------------------------------------------------------ child measurements
+
 
 class RSSSampler(threading.Thread):
     """Peak resident set size, sampled every 50 ms (and ru_maxrss at the end as a cross-check)."""
@@ -130,7 +145,7 @@ def child_filter(args) -> dict:
     sampler.start()
     marks = {}
 
-    def on_batch(rows: int) -> None:   # memory when the first 100k rows are done, within the same run
+    def on_batch(rows: int) -> None:  # memory when the first 100k rows are done, within the same run
         if rows >= 100_000 and "rss_at_100k" not in marks:
             marks["rss_at_100k"] = sampler.rss()
             marks["index_bytes_at_100k"] = index_bytes(stream)
@@ -140,11 +155,17 @@ def child_filter(args) -> dict:
     seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     sampler.stop.set()
     sampler.join()
-    return {"rows": report["rows"], "seconds": seconds, "cpu_seconds": cpu, "kept": report["kept"],
-            "rss_start": rss_start,
-            "rss_peak": max(sampler.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-            "index_bytes": index_bytes(stream), **marks,
-            "dropped": {k: v["dropped"] for k, v in report["filters"].items() if v["enabled"]}}
+    return {
+        "rows": report["rows"],
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "kept": report["kept"],
+        "rss_start": rss_start,
+        "rss_peak": max(sampler.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "index_bytes": index_bytes(stream),
+        **marks,
+        "dropped": {k: v["dropped"] for k, v in report["filters"].items() if v["enabled"]},
+    }
 
 
 def index_bytes(stream) -> int:
@@ -161,8 +182,12 @@ def child_io(args) -> dict:
             if shape_error(json.loads(line)) is None:
                 fout.write(line)
                 n += 1
-    return {"rows": n, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-            "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "rows": n,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def child_datasketch(args) -> dict:
@@ -186,16 +211,21 @@ def child_datasketch(args) -> dict:
     base, t0, cpu0 = sampler.rss(), time.perf_counter(), time.process_time()
     dups = 0
     for i in range(0, len(answers), 1024):
-        found = ours.add_batch(prompts[i:i + 1024], answers[i:i + 1024], list(range(i, i + 1024)))
+        found = ours.add_batch(prompts[i : i + 1024], answers[i : i + 1024], list(range(i, i + 1024)))
         dups += sum(d is not None for d in found)
-    out["ours"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "dropped": dups,
-                   "rss_growth": sampler.rss() - base, "index_bytes": ours.nbytes}
+    out["ours"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "dropped": dups,
+        "rss_growth": sampler.rss() - base,
+        "index_bytes": ours.nbytes,
+    }
     del ours
     lsh, template, kept = MinHashLSH(threshold=0.7, num_perm=128), MinHash(num_perm=128, seed=1), {}
 
     def minhash(text: str) -> MinHash:
         m = template.copy()
-        m.update_batch([text[j:j + 5].encode() for j in range(max(len(text) - 4, 1))])
+        m.update_batch([text[j : j + 5].encode() for j in range(max(len(text) - 4, 1))])
         return m
 
     base, t0, cpu0 = sampler.rss(), time.perf_counter(), time.process_time()
@@ -209,16 +239,25 @@ def child_datasketch(args) -> dict:
         else:
             lsh.insert(i, a)
             kept[i] = (a, p)
-    out["datasketch"] = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0,
-                         "dropped": dups, "rss_growth": sampler.rss() - base}
+    out["datasketch"] = {
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "dropped": dups,
+        "rss_growth": sampler.rss() - base,
+    }
     return out
 
 
 # ------------------------------------------------------------------------------------------ orchestration
 
+
 def spawn(mode: str, threads: int, **kw) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "OPENBLAS_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
+    }
     cmd = [sys.executable, __file__, "--child", mode, "--threads", str(threads)]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
@@ -230,16 +269,19 @@ def spawn(mode: str, threads: int, **kw) -> dict:
 
 def config_for(only: str | None, hook: Path) -> dict:
     cfg = json.loads(json.dumps(OFF)) if only else {}
-    full = {"structure": {}, "pii": {}, "unsafe": {"classifier": f"{hook}:score"}, "identity": IDENTITY,
-            "dedup": {}}
+    full = {"structure": {}, "pii": {}, "unsafe": {"classifier": f"{hook}:score"}, "identity": IDENTITY, "dedup": {}}
     if only is None:
         return {**full, "on_error": "skip"}
-    section = {"structure": ("structure", {"enabled": True}), "pii": ("pii", {"enabled": True}),
-               "unsafe_terms": ("unsafe", {"enabled": True}), "identity": ("identity", {"enabled": True, **IDENTITY}),
-               "classifier": ("unsafe", {"enabled": False, "classifier": f"{hook}:score"}),
-               "eval_overlap": ("dedup", {**OFF["dedup"], "eval_overlap": True}),
-               "exact_dup": ("dedup", {**OFF["dedup"], "exact": True}),
-               "near_dup": ("dedup", {**OFF["dedup"], "near": True})}[only]
+    section = {
+        "structure": ("structure", {"enabled": True}),
+        "pii": ("pii", {"enabled": True}),
+        "unsafe_terms": ("unsafe", {"enabled": True}),
+        "identity": ("identity", {"enabled": True, **IDENTITY}),
+        "classifier": ("unsafe", {"enabled": False, "classifier": f"{hook}:score"}),
+        "eval_overlap": ("dedup", {**OFF["dedup"], "eval_overlap": True}),
+        "exact_dup": ("dedup", {**OFF["dedup"], "exact": True}),
+        "near_dup": ("dedup", {**OFF["dedup"], "near": True}),
+    }[only]
     cfg[section[0]] = section[1]
     return cfg
 
@@ -279,14 +321,19 @@ def run(args) -> None:
         common = {"threads": args.threads, "workdir": tmp}
         runs = {"io baseline": spawn("io", src=tmp / "all.jsonl", **common)}
         for name, src in (("all filters, 100k", small), (f"all filters, {args.rows // 1000}k", tmp / "all.jsonl")):
-            runs[name] = spawn("filter", src=src, cfg=json.dumps(config_for(None, hook)), eval=tmp / "eval.jsonl",
-                               **common)
+            runs[name] = spawn(
+                "filter", src=src, cfg=json.dumps(config_for(None, hook)), eval=tmp / "eval.jsonl", **common
+            )
             print(f"{name}: {runs[name]['rows'] / runs[name]['cpu_seconds']:.0f} rows/cpu-s", flush=True)
-        per_filter = {"all": spawn("filter", src=prefix, cfg=json.dumps(config_for(None, hook)),
-                                   eval=tmp / "eval.jsonl", **common)}
+        per_filter = {
+            "all": spawn(
+                "filter", src=prefix, cfg=json.dumps(config_for(None, hook)), eval=tmp / "eval.jsonl", **common
+            )
+        }
         for name in FILTERS:
-            per_filter[name] = spawn("filter", src=prefix, cfg=json.dumps(config_for(name, hook)),
-                                     eval=tmp / "eval.jsonl", **common)
+            per_filter[name] = spawn(
+                "filter", src=prefix, cfg=json.dumps(config_for(name, hook)), eval=tmp / "eval.jsonl", **common
+            )
         near = spawn("datasketch", src=base_src, **common)
     report(args, mix, runs, per_filter, near)
 
@@ -297,37 +344,62 @@ def report(args, mix, runs, per_filter, near) -> None:
     rate = lambda r: r["rows"] / r["cpu_seconds"]  # noqa: E731
     io_rate = rate(runs["io baseline"])
     print(f"\nthreads={args.threads}  rows={args.rows}  mix={mix}\n")
-    print(f"{'run':<22}{'rows':>9}{'wall s':>8}{'cpu s':>8}{'rows/cpu-s':>11}{'io / run':>9}{'RSS start':>10}"
-          f"{'RSS peak':>9}{'index':>8}")
+    print(
+        f"{'run':<22}{'rows':>9}{'wall s':>8}{'cpu s':>8}{'rows/cpu-s':>11}{'io / run':>9}{'RSS start':>10}"
+        f"{'RSS peak':>9}{'index':>8}"
+    )
     for name, r in runs.items():
-        print(f"{name:<22}{r['rows']:>9}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}"
-              f"{io_rate / rate(r):>9.1f}{mb(r.get('rss_start', 0)):>9.0f}M{mb(r['rss_peak']):>8.0f}M"
-              f"{mb(r.get('index_bytes', 0)):>7.0f}M")
+        print(
+            f"{name:<22}{r['rows']:>9}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}"
+            f"{io_rate / rate(r):>9.1f}{mb(r.get('rss_start', 0)):>9.0f}M{mb(r['rss_peak']):>8.0f}M"
+            f"{mb(r.get('index_bytes', 0)):>7.0f}M"
+        )
     big = runs[f"all filters, {args.rows // 1000}k"]
     if "rss_at_100k" in big:
-        print(f"\nmemory in the {args.rows // 1000}k run: RSS {mb(big['rss_at_100k']):.0f}M at 100k rows "
-              f"(dedup index {mb(big['index_bytes_at_100k']):.0f}M), peak {mb(big['rss_peak']):.0f}M by the end "
-              f"(index {mb(big['index_bytes']):.0f}M): RSS grew {mb(big['rss_peak'] - big['rss_at_100k']):.0f}M, "
-              f"the index {mb(big['index_bytes'] - big['index_bytes_at_100k']):.0f}M")
+        print(
+            f"\nmemory in the {args.rows // 1000}k run: RSS {mb(big['rss_at_100k']):.0f}M at 100k rows "
+            f"(dedup index {mb(big['index_bytes_at_100k']):.0f}M), peak {mb(big['rss_peak']):.0f}M by the end "
+            f"(index {mb(big['index_bytes']):.0f}M): RSS grew {mb(big['rss_peak'] - big['rss_at_100k']):.0f}M, "
+            f"the index {mb(big['index_bytes'] - big['index_bytes_at_100k']):.0f}M"
+        )
     all_cpu, n = per_filter["all"]["cpu_seconds"], per_filter["all"]["rows"]
     print(f"\neach filter alone vs all, {n} rows (each run includes the read/parse/write floor)")
     print(f"{'filter':<14}{'wall s':>8}{'cpu s':>8}{'rows/cpu-s':>11}{'cpu / all':>10}{'dropped':>9}")
     for name, r in per_filter.items():
-        print(f"{name:<14}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}"
-              f"{r['cpu_seconds'] / all_cpu:>10.2f}{sum(r['dropped'].values()):>9}")
+        print(
+            f"{name:<14}{r['seconds']:>8.1f}{r['cpu_seconds']:>8.1f}{rate(r):>11.0f}"
+            f"{r['cpu_seconds'] / all_cpu:>10.2f}{sum(r['dropped'].values()):>9}"
+        )
     o, d = near["ours"], near["datasketch"]
-    print(f"\nnear-dedup alone on {near['rows']} rows (stage defaults: answers of 16+ words, answer Jaccard >= 0.7, "
-          f"prompt >= 0.05, 128 perms, char 5-grams):")
+    print(
+        f"\nnear-dedup alone on {near['rows']} rows (stage defaults: answers of 16+ words, answer Jaccard >= 0.7, "
+        f"prompt >= 0.05, 128 perms, char 5-grams):"
+    )
     for name, r in (("ours (batched, compact)", o), ("datasketch MinHash+LSH", d)):
-        print(f"  {name:<24}{near['rows'] / r['cpu_seconds']:>8.0f} rows/cpu-s  +{mb(r['rss_growth']):.0f}M RSS  "
-              f"{r['dropped']} dropped")
-    print(f"  datasketch takes x{d['cpu_seconds'] / o['cpu_seconds']:.1f} the CPU time and "
-          f"x{d['rss_growth'] / max(o['rss_growth'], 1):.1f} the memory")
+        print(
+            f"  {name:<24}{near['rows'] / r['cpu_seconds']:>8.0f} rows/cpu-s  +{mb(r['rss_growth']):.0f}M RSS  "
+            f"{r['dropped']} dropped"
+        )
+    print(
+        f"  datasketch takes x{d['cpu_seconds'] / o['cpu_seconds']:.1f} the CPU time and "
+        f"x{d['rss_growth'] / max(o['rss_growth'], 1):.1f} the memory"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-                               "mix": mix, "runs": runs, "per_filter": per_filter, "near_dedup": near,
-                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
+    out.write_text(
+        json.dumps(
+            {
+                "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+                "mix": mix,
+                "runs": runs,
+                "per_filter": per_filter,
+                "near_dedup": near,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"\nwrote {out}")
 
 

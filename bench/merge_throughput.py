@@ -12,6 +12,7 @@ alternates between repeats.
 Prints a table with ratios over mergekit and the max abs difference between the outputs; writes
 bench/results/merge_throughput.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,16 @@ def build_models(folder: Path, n: int, args) -> list[Path]:
 
     from posttrain.manifest import atomic_dir
 
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=args.hidden // 64, tie_word_embeddings=True, dtype="float32")
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64,
+        tie_word_embeddings=True,
+        dtype="float32",
+    )
     tag = f"llama_h{args.hidden}_l{args.layers}_i{args.intermediate}_v{args.vocab}"
     dirs = [folder / f"{tag}_seed{s}" for s in range(n)]
     for seed, d in enumerate(dirs):
@@ -86,21 +94,45 @@ def child(kind: str, inputs: list[str], out: str, threads: int) -> dict:
     if kind == "ours":
         merge_models("linear", inputs, out, backend="streaming")
     else:
-        cfg = MergeConfiguration.model_validate({
-            "merge_method": "linear", "dtype": "float32",
-            "models": [{"model": p, "parameters": {"weight": 1.0 / len(inputs)}} for p in inputs]})
+        cfg = MergeConfiguration.model_validate(
+            {
+                "merge_method": "linear",
+                "dtype": "float32",
+                "models": [{"model": p, "parameters": {"weight": 1.0 / len(inputs)}} for p in inputs],
+            }
+        )
         run_merge(cfg, out, MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "start_rss_mb": start_rss, "peak_rss_mb": _status_mb("VmHWM"),
-            "hwm_reset": hwm_reset, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "start_rss_mb": start_rss,
+        "peak_rss_mb": _status_mb("VmHWM"),
+        "hwm_reset": hwm_reset,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_child(kind: str, inputs: list[Path], out: Path, threads: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, __file__, "--child", kind, "--out", str(out), "--threads", str(threads),
-           "--inputs", *map(str, inputs)]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+        "--inputs",
+        *map(str, inputs),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-3000:]}")
@@ -152,8 +184,11 @@ def main() -> None:
         for kind in order:
             runs[kind].append(run_child(kind, inputs, outs[kind], args.threads))
             r = runs[kind][-1]
-            print(f"  repeat {rep + 1} {kind:<13} {r['seconds']:.2f} s  peak {r['peak_rss_mb']:.0f} MB "
-                  f"(start {r['start_rss_mb']:.0f} MB, ru_maxrss {r['ru_maxrss_mb']:.0f} MB)", flush=True)
+            print(
+                f"  repeat {rep + 1} {kind:<13} {r['seconds']:.2f} s  peak {r['peak_rss_mb']:.0f} MB "
+                f"(start {r['start_rss_mb']:.0f} MB, ru_maxrss {r['ru_maxrss_mb']:.0f} MB)",
+                flush=True,
+            )
     diffs = {"ours": max_abs_diff(outs["ours"], outs["mergekit"])}
 
     rows = {}
@@ -161,35 +196,61 @@ def main() -> None:
         secs = statistics.median(r["seconds"] for r in rs)
         peak = max(r["peak_rss_mb"] for r in rs)
         start = statistics.median(r["start_rss_mb"] for r in rs)
-        rows[kind] = {"seconds_median": round(secs, 3), "seconds_all": [round(r["seconds"], 3) for r in rs],
-                      "input_gb_per_s": round(input_bytes / 1e9 / secs, 3), "peak_rss_mb": round(peak, 1),
-                      "peak_above_start_mb": round(peak - start, 1),
-                      "ru_maxrss_mb": round(max(r["ru_maxrss_mb"] for r in rs), 1),
-                      "hwm_reset": all(r["hwm_reset"] for r in rs)}
+        rows[kind] = {
+            "seconds_median": round(secs, 3),
+            "seconds_all": [round(r["seconds"], 3) for r in rs],
+            "input_gb_per_s": round(input_bytes / 1e9 / secs, 3),
+            "peak_rss_mb": round(peak, 1),
+            "peak_above_start_mb": round(peak - start, 1),
+            "ru_maxrss_mb": round(max(r["ru_maxrss_mb"] for r in rs), 1),
+            "hwm_reset": all(r["hwm_reset"] for r in rs),
+        }
     base = rows["mergekit"]
-    print(f"\nlinear average of 3 x {input_bytes / 3 / 1e6:.0f} MB fp32 checkpoints (largest tensor "
-          f"{args.vocab * args.hidden * 4 / 1e6:.0f} MB), {args.threads} thread(s), median of {args.repeats}")
-    print(f"{'':<24}" + "".join(f"{label:>20}" for label in kinds.values())
-          + f"{'ours/mk':>16}")
-    for key, label in [("seconds_median", "seconds"), ("input_gb_per_s", "input GB/s"),
-                       ("peak_rss_mb", "peak RSS MB"), ("peak_above_start_mb", "peak above start MB"),
-                       ("ru_maxrss_mb", "ru_maxrss MB")]:
-        print(f"{label:<24}" + "".join(f"{rows[k][key]:>20}" for k in kinds)
-              + f"{rows['ours'][key] / base[key]:>16.2f}")
+    print(
+        f"\nlinear average of 3 x {input_bytes / 3 / 1e6:.0f} MB fp32 checkpoints (largest tensor "
+        f"{args.vocab * args.hidden * 4 / 1e6:.0f} MB), {args.threads} thread(s), median of {args.repeats}"
+    )
+    print(f"{'':<24}" + "".join(f"{label:>20}" for label in kinds.values()) + f"{'ours/mk':>16}")
+    for key, label in [
+        ("seconds_median", "seconds"),
+        ("input_gb_per_s", "input GB/s"),
+        ("peak_rss_mb", "peak RSS MB"),
+        ("peak_above_start_mb", "peak above start MB"),
+        ("ru_maxrss_mb", "ru_maxrss MB"),
+    ]:
+        print(
+            f"{label:<24}" + "".join(f"{rows[k][key]:>20}" for k in kinds) + f"{rows['ours'][key] / base[key]:>16.2f}"
+        )
     for k, d in diffs.items():
         print(f"max abs diff {kinds[k]} vs mergekit: {d:.3g}")
     if not base["hwm_reset"]:
         print("note: /proc/self/clear_refs was not writable; peaks include the imports")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": "merge_throughput", "threads": args.threads, "repeats": args.repeats,
-              "model": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
-                        "vocab": args.vocab, "dtype": "float32", "checkpoints": [str(d) for d in inputs]},
-              "input_bytes": input_bytes, **rows,
-              "ratio_over_mergekit": {k: {m: round(rows[k][m] / base[m], 3) for m in
-                                          ("seconds_median", "input_gb_per_s", "peak_rss_mb", "peak_above_start_mb")}
-                                      for k in ("ours",)},
-              "max_abs_diff_vs_mergekit": diffs, "torch": torch.__version__,
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result = {
+        "benchmark": "merge_throughput",
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "intermediate": args.intermediate,
+            "vocab": args.vocab,
+            "dtype": "float32",
+            "checkpoints": [str(d) for d in inputs],
+        },
+        "input_bytes": input_bytes,
+        **rows,
+        "ratio_over_mergekit": {
+            k: {
+                m: round(rows[k][m] / base[m], 3)
+                for m in ("seconds_median", "input_gb_per_s", "peak_rss_mb", "peak_above_start_mb")
+            }
+            for k in ("ours",)
+        },
+        "max_abs_diff_vs_mergekit": diffs,
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     (RESULTS / "merge_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS / 'merge_throughput.json'}")
 

@@ -25,6 +25,7 @@ imported only by the TRL child, so the venv's trl stays untouched:
 Results: bench/results/ppo_step.json (--quick: ppo_step_quick.json); each child's log:
 bench/results/ppo_step_logs/<config>.log.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,15 @@ SIZES = {  # Llama built from config; the tokenizer (vocab 512) is shared
     "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384),
     "large": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64, intermediate_size=1408),
 }
-PPO = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=32, temperature=1.0,
-           learning_rate=1e-5, kl_coef=0.05)
+PPO = dict(
+    rollout_batch_size=16,
+    mini_batch_size=8,
+    ppo_epochs=2,
+    max_new_tokens=32,
+    temperature=1.0,
+    learning_rate=1e-5,
+    kl_coef=0.05,
+)
 """PPO settings given to both sides."""
 LORA = {"enabled": True, "r": 16, "alpha": 32}
 """ours-lora: adapters on every linear layer of policy and value (their own PPO learning rate as above)."""
@@ -63,8 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny model, 3 configurations, fewer updates (< 2 minutes)")
     p.add_argument("--no-large", action="store_true", help="skip the ~26M-parameter runs")
     p.add_argument("--only", help="comma-separated configuration names to run (e.g. ours-vllm-large)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="child processes per configuration, interleaved (medians and min-max reported)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="child processes per configuration, interleaved (medians and min-max reported)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--install-trl", action="store_true", help=f"pip install trl=={TRL_VERSION} into {TRL_DIR}")
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/ppo_step[_quick].json)")
@@ -75,6 +87,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+
 
 def build_inputs(work: Path, sizes: list[str], seed: int) -> dict:
     """Train data, tokenizer, and per size a policy dir and a reward-model dir (also the value init)."""
@@ -98,8 +111,12 @@ def build_inputs(work: Path, sizes: list[str], seed: int) -> dict:
         rm = AutoModelForSequenceClassification.from_pretrained(str(work / f"{size}-rm-init"), num_labels=1)
         rm.config.pad_token_id = tokenizer.pad_token_id
         save_model_dir(rm, tokenizer, work / f"{size}-rm")
-        out[size] = {"policy": str(work / f"{size}-policy"), "rm": str(work / f"{size}-rm"),
-                     "parameters": count_parameters(policy), **SIZES[size]}
+        out[size] = {
+            "policy": str(work / f"{size}-policy"),
+            "rm": str(work / f"{size}-rm"),
+            "parameters": count_parameters(policy),
+            **SIZES[size],
+        }
     return out
 
 
@@ -110,22 +127,31 @@ def configurations(args) -> list[dict]:
     if args.quick:
         runs.remove(("trl-nogc", "hf", "tiny"))
     elif not args.no_large:
-        runs += [("ours", "hf", "large"), ("trl", "hf", "large"), ("ours", "vllm", "large"),
-                 ("ours-lora", "hf", "large"), ("ours-lora", "vllm", "large")]
+        runs += [
+            ("ours", "hf", "large"),
+            ("trl", "hf", "large"),
+            ("ours", "vllm", "large"),
+            ("ours-lora", "hf", "large"),
+            ("ours-lora", "vllm", "large"),
+        ]
     updates = QUICK_UPDATES if args.quick else UPDATES
-    configs = [{"name": f"{side}-{backend}-{size}", "side": side, "backend": backend, "size": size,
-                "updates": updates[size]} for side, backend, size in runs]
+    configs = [
+        {"name": f"{side}-{backend}-{size}", "side": side, "backend": backend, "size": size, "updates": updates[size]}
+        for side, backend, size in runs
+    ]
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {c["name"] for c in configs}
         if unknown:
-            raise SystemExit(f"--only: unknown configuration(s) {sorted(unknown)}; "
-                             f"known: {', '.join(c['name'] for c in configs)}")
+            raise SystemExit(
+                f"--only: unknown configuration(s) {sorted(unknown)}; known: {', '.join(c['name'] for c in configs)}"
+            )
         configs = [c for c in configs if c["name"] in wanted]
     return configs
 
 
 # ---------------------------------------------------------------------------------------------- parent
+
 
 def ensure_trl(install: bool) -> str | None:
     """None if trl 1.12.0 is in TRL_DIR (installing it if asked), else why not."""
@@ -134,8 +160,10 @@ def ensure_trl(install: bool) -> str | None:
         print("installing:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     if not (TRL_DIR / "trl").is_dir():
-        return (f"trl {TRL_VERSION} not found in {TRL_DIR}: run `{Path(sys.executable).name} -m pip install "
-                f"--no-deps --target {TRL_DIR} trl=={TRL_VERSION}` or pass --install-trl")
+        return (
+            f"trl {TRL_VERSION} not found in {TRL_DIR}: run `{Path(sys.executable).name} -m pip install "
+            f"--no-deps --target {TRL_DIR} trl=={TRL_VERSION}` or pass --install-trl"
+        )
     return None
 
 
@@ -143,23 +171,45 @@ def summarise(result: dict, rollout: int) -> dict:
     """Means over the updates after the first (warm-up): wall and CPU seconds, phase shares, tokens/s."""
     steps = result["updates"][1:]
     mean = lambda key: statistics.fmean(s[key] for s in steps)  # noqa: E731
-    out = {"timed_updates": len(steps), "step_s": mean("total"),
-           "step_s_stdev": statistics.stdev(s["total"] for s in steps) if len(steps) > 1 else 0.0,
-           "generate_s": mean("generate"), "sync_s": mean("sync"), "cpu_step_s": mean("cpu_total"),
-           "cpu_generate_s": mean("cpu_generate"), "cpu_sync_s": mean("cpu_sync"),
-           "tokens_per_update": mean("tokens"), "finished_fraction": mean("finished") / rollout}
-    out.update(generate_share_wall=out["generate_s"] / out["step_s"], sync_share_wall=out["sync_s"] / out["step_s"],
-               generate_share_cpu=out["cpu_generate_s"] / out["cpu_step_s"],
-               sync_share_cpu=out["cpu_sync_s"] / out["cpu_step_s"],
-               tokens_per_s_wall=out["tokens_per_update"] / out["step_s"],
-               tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_step_s"],
-               generate_tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_generate_s"])
+    out = {
+        "timed_updates": len(steps),
+        "step_s": mean("total"),
+        "step_s_stdev": statistics.stdev(s["total"] for s in steps) if len(steps) > 1 else 0.0,
+        "generate_s": mean("generate"),
+        "sync_s": mean("sync"),
+        "cpu_step_s": mean("cpu_total"),
+        "cpu_generate_s": mean("cpu_generate"),
+        "cpu_sync_s": mean("cpu_sync"),
+        "tokens_per_update": mean("tokens"),
+        "finished_fraction": mean("finished") / rollout,
+    }
+    out.update(
+        generate_share_wall=out["generate_s"] / out["step_s"],
+        sync_share_wall=out["sync_s"] / out["step_s"],
+        generate_share_cpu=out["cpu_generate_s"] / out["cpu_step_s"],
+        sync_share_cpu=out["cpu_sync_s"] / out["cpu_step_s"],
+        tokens_per_s_wall=out["tokens_per_update"] / out["step_s"],
+        tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_step_s"],
+        generate_tokens_per_cpu_s=out["tokens_per_update"] / out["cpu_generate_s"],
+    )
     return out
 
 
 def print_table(report: dict) -> None:
-    rows = [("config", "params", "wall s/update", "CPU s/update", "gen share wall/CPU", "sync share wall/CPU",
-             "tok/update", "tok/CPU-s", "gen tok/CPU-s", "peak RSS MiB")]
+    rows = [
+        (
+            "config",
+            "params",
+            "wall s/update",
+            "CPU s/update",
+            "gen share wall/CPU",
+            "sync share wall/CPU",
+            "tok/update",
+            "tok/CPU-s",
+            "gen tok/CPU-s",
+            "peak RSS MiB",
+        )
+    ]
     for name, r in report["runs"].items():
         if "error" in r:
             rows.append((name, "-", "FAILED", *[""] * 7))
@@ -171,10 +221,20 @@ def print_table(report: dict) -> None:
         if r.get("spread"):
             lo, hi = r["spread"]["cpu_step_s"]
             cpu += f" [{lo:.2f}-{hi:.2f}]"
-        rows.append((name, f"{r['parameters'] / 1e6:.2f}M", f"{s['step_s']:.2f} ±{s['step_s_stdev']:.2f}",
-                     cpu, gen_share, sync_share,
-                     f"{s['tokens_per_update']:.0f}", f"{s['tokens_per_cpu_s']:.0f}",
-                     f"{s['generate_tokens_per_cpu_s']:.0f}", f"{r['peak_rss_mib']:.0f}"))
+        rows.append(
+            (
+                name,
+                f"{r['parameters'] / 1e6:.2f}M",
+                f"{s['step_s']:.2f} ±{s['step_s_stdev']:.2f}",
+                cpu,
+                gen_share,
+                sync_share,
+                f"{s['tokens_per_update']:.0f}",
+                f"{s['tokens_per_cpu_s']:.0f}",
+                f"{s['generate_tokens_per_cpu_s']:.0f}",
+                f"{r['peak_rss_mib']:.0f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
@@ -182,23 +242,28 @@ def print_table(report: dict) -> None:
     print()
     print(f"{'ratio':28s} {'wall step':>10s} {'CPU step':>10s} {'peak RSS':>10s}")
     for label, value in report["ratios"].items():
-        cells = ([f"{value[k]:.2f}x" for k in ("wall_step", "cpu_step", "peak_rss")] if isinstance(value, dict)
-                 else [value])
+        cells = (
+            [f"{value[k]:.2f}x" for k in ("wall_step", "cpu_step", "peak_rss")] if isinstance(value, dict) else [value]
+        )
         print(f"{label:28s} " + " ".join(f"{c:>10s}" for c in cells))
     for name, r in report["runs"].items():
         if "error" in r:
             print(f"\n{name} FAILED: {r['error']}\n  log: {r['log']}")
-    print(f"\nload average (1 min) before/after each child: {report['load_average_1m']} "
-          f"({os.cpu_count()} cores); CPU times are the load-robust numbers")
+    print(
+        f"\nload average (1 min) before/after each child: {report['load_average_1m']} "
+        f"({os.cpu_count()} cores); CPU times are the load-robust numbers"
+    )
 
 
-PAIRS = [("ours-hf / trl (tiny)", "ours-hf-tiny", "trl-hf-tiny"),
-         ("ours-hf / trl-nogc (tiny)", "ours-hf-tiny", "trl-nogc-hf-tiny"),
-         ("ours-hf / trl (large)", "ours-hf-large", "trl-hf-large"),
-         ("ours-vllm / ours-hf (tiny)", "ours-vllm-tiny", "ours-hf-tiny"),
-         ("ours-vllm / ours-hf (large)", "ours-vllm-large", "ours-hf-large"),
-         ("ours-lora-hf / ours-hf (large)", "ours-lora-hf-large", "ours-hf-large"),
-         ("ours-lora-vllm / ours-vllm (large)", "ours-lora-vllm-large", "ours-vllm-large")]
+PAIRS = [
+    ("ours-hf / trl (tiny)", "ours-hf-tiny", "trl-hf-tiny"),
+    ("ours-hf / trl-nogc (tiny)", "ours-hf-tiny", "trl-nogc-hf-tiny"),
+    ("ours-hf / trl (large)", "ours-hf-large", "trl-hf-large"),
+    ("ours-vllm / ours-hf (tiny)", "ours-vllm-tiny", "ours-hf-tiny"),
+    ("ours-vllm / ours-hf (large)", "ours-vllm-large", "ours-hf-large"),
+    ("ours-lora-hf / ours-hf (large)", "ours-lora-hf-large", "ours-hf-large"),
+    ("ours-lora-vllm / ours-vllm (large)", "ours-lora-vllm-large", "ours-vllm-large"),
+]
 """Ratios a/b reported for every pair whose two configurations both ran."""
 
 
@@ -207,8 +272,11 @@ def ratios(runs: dict) -> dict:
         run = runs.get(name, {})
         if "summary" not in run:
             return None
-        return {"wall_step": run["summary"]["step_s"], "cpu_step": run["summary"]["cpu_step_s"],
-                "peak_rss": run["peak_rss_mib"]}
+        return {
+            "wall_step": run["summary"]["step_s"],
+            "cpu_step": run["summary"]["cpu_step_s"],
+            "peak_rss": run["peak_rss_mib"],
+        }
 
     out = {}
     for label, a, b in PAIRS:
@@ -227,11 +295,18 @@ def combine(results: list[dict]) -> dict:
     if len(results) == 1:
         return good[0]
     summary = {k: statistics.median(r["summary"][k] for r in good) for k in good[0]["summary"]}
-    spread = {k: [min(r["summary"][k] for r in good), max(r["summary"][k] for r in good)]
-              for k in ("cpu_step_s", "step_s")}
-    return {"summary": summary, "spread": spread, "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good),
-            "parameters": good[0]["parameters"], "repeats": results, "failed_repeats": len(results) - len(good),
-            "load_avg_1m_after": good[-1]["load_avg_1m_after"]}
+    spread = {
+        k: [min(r["summary"][k] for r in good), max(r["summary"][k] for r in good)] for k in ("cpu_step_s", "step_s")
+    }
+    return {
+        "summary": summary,
+        "spread": spread,
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in good),
+        "parameters": good[0]["parameters"],
+        "repeats": results,
+        "failed_repeats": len(results) - len(good),
+        "load_avg_1m_after": good[-1]["load_avg_1m_after"],
+    }
 
 
 def run_configuration(cfg: dict, inputs: dict, work: Path, log_dir: Path, args) -> dict:
@@ -241,15 +316,26 @@ def run_configuration(cfg: dict, inputs: dict, work: Path, log_dir: Path, args) 
     if cfg["side"].startswith("trl") and inputs["trl_problem"]:
         print(f"  skipped: {inputs['trl_problem']}", flush=True)
         return {"error": inputs["trl_problem"], "log": "-", "load_avg_1m_after": os.getloadavg()[0]}
-    spec = {**cfg, "threads": args.threads, "seed": args.seed, "policy": size["policy"], "rm": size["rm"],
-            "train_data": inputs["train_data"], "trl_dir": str(TRL_DIR), "ppo": PPO}
+    spec = {
+        **cfg,
+        "threads": args.threads,
+        "seed": args.seed,
+        "policy": size["policy"],
+        "rm": size["rm"],
+        "train_data": inputs["train_data"],
+        "trl_dir": str(TRL_DIR),
+        "ppo": PPO,
+    }
     result = run_child(__file__, spec, work, log_dir, {"TRL_EXPERIMENTAL_SILENCE": "1"})
     if "error" in result:
         print(f"  FAILED: {result['error']}", flush=True)
         return result
     result.update(parameters=size["parameters"], summary=summarise(result, PPO["rollout_batch_size"]))
-    print(f"  {result['summary']['step_s']:.2f} s/update ({result['summary']['cpu_step_s']:.2f} CPU s), peak RSS "
-          f"{result['peak_rss_mib']:.0f} MiB, process {result['process_seconds']:.0f} s", flush=True)
+    print(
+        f"  {result['summary']['step_s']:.2f} s/update ({result['summary']['cpu_step_s']:.2f} CPU s), peak RSS "
+        f"{result['peak_rss_mib']:.0f} MiB, process {result['process_seconds']:.0f} s",
+        flush=True,
+    )
     return result
 
 
@@ -263,13 +349,21 @@ def parent(args) -> None:
     log_dir = args.out.parent / "ppo_step_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     loads = [os.getloadavg()[0]]
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
-              "quick": args.quick, "ppo": PPO, "torch": torch.__version__, "runs": {}}
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "threads": args.threads,
+        "quick": args.quick,
+        "ppo": PPO,
+        "torch": torch.__version__,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="ppo_step_bench_") as tmp:
         work = Path(tmp)
         inputs = {**build_inputs(work, sizes, args.seed), "trl_problem": ensure_trl(args.install_trl)}
-        report.update(vocab=inputs["vocab"], models={s: {k: v for k, v in inputs[s].items()
-                                                         if k not in ("policy", "rm")} for s in sizes})
+        report.update(
+            vocab=inputs["vocab"],
+            models={s: {k: v for k, v in inputs[s].items() if k not in ("policy", "rm")} for s in sizes},
+        )
         repeats: dict[str, list[dict]] = {c["name"]: [] for c in configs}
         for rep in range(args.repeats):  # interleaved: every configuration once, then again
             for cfg in configs:
@@ -288,6 +382,7 @@ def parent(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- children
+
 
 def subprocess_peak_rss_mib() -> float:
     """Largest ru_maxrss among processes this child started and waited for (0 if none). An upper
@@ -319,14 +414,29 @@ def child_ours(spec: dict) -> dict:
     from posttrain.stages.ppo import PPO as PPOStage
 
     p = spec["ppo"]
-    ppo = {"model": spec["policy"], "train_data": spec["train_data"], "value_model": spec["rm"],
-           "scoring": {"reward_model": spec["rm"]},
-           "sampling": {"backend": spec["backend"], "temperature": p["temperature"], "top_p": 1.0,
-                        "max_new_tokens": p["max_new_tokens"], "batch_size": p["rollout_batch_size"]},
-           "updates": spec["updates"], "rollout_batch_size": p["rollout_batch_size"],
-           "mini_batch_size": p["mini_batch_size"], "ppo_epochs": p["ppo_epochs"],
-           "learning_rate": p["learning_rate"], "value_learning_rate": p["learning_rate"], "kl_coef": p["kl_coef"],
-           "missing_eot_penalty": 0.0, "save_every": spec["updates"], "eval_samples": 0}
+    ppo = {
+        "model": spec["policy"],
+        "train_data": spec["train_data"],
+        "value_model": spec["rm"],
+        "scoring": {"reward_model": spec["rm"]},
+        "sampling": {
+            "backend": spec["backend"],
+            "temperature": p["temperature"],
+            "top_p": 1.0,
+            "max_new_tokens": p["max_new_tokens"],
+            "batch_size": p["rollout_batch_size"],
+        },
+        "updates": spec["updates"],
+        "rollout_batch_size": p["rollout_batch_size"],
+        "mini_batch_size": p["mini_batch_size"],
+        "ppo_epochs": p["ppo_epochs"],
+        "learning_rate": p["learning_rate"],
+        "value_learning_rate": p["learning_rate"],
+        "kl_coef": p["kl_coef"],
+        "missing_eot_penalty": 0.0,
+        "save_every": spec["updates"],
+        "eval_samples": 0,
+    }
     if spec["side"] == "ours-lora":  # LoRA on policy and value; the reference is the adapter-free base
         ppo["lora"] = ppo["value_lora"] = LORA
     cpu = {"total": [], "generate": [], "sync": [], "prepare": []}
@@ -341,14 +451,25 @@ def child_ours(spec: dict) -> dict:
     history = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines()]
     cpu["sync"] = cpu["sync"] or [0.0] * len(history)  # HF rollouts sample the live policy: no sync
     if not all(len(v) == len(history) for v in cpu.values()):
-        raise RuntimeError(f"{len(history)} updates but CPU clocks {({k: len(v) for k, v in cpu.items()})}")
-    return {"updates": [{"total": h["time/total"], "generate": h["time/generate"], "sync": h["time/sync"],
-                         "score": h["time/score"], "train": h["time/train"],
-                         "tokens": h["response_length"] * p["rollout_batch_size"],
-                         "finished": h["finished"] * p["rollout_batch_size"],
-                         "cpu_total": cpu["total"][i], "cpu_generate": cpu["generate"][i], "cpu_sync": cpu["sync"][i],
-                         "cpu_prepare": cpu["prepare"][i]}
-                        for i, h in enumerate(history)]}
+        raise RuntimeError(f"{len(history)} updates but CPU clocks { ({k: len(v) for k, v in cpu.items()}) }")
+    return {
+        "updates": [
+            {
+                "total": h["time/total"],
+                "generate": h["time/generate"],
+                "sync": h["time/sync"],
+                "score": h["time/score"],
+                "train": h["time/train"],
+                "tokens": h["response_length"] * p["rollout_batch_size"],
+                "finished": h["finished"] * p["rollout_batch_size"],
+                "cpu_total": cpu["total"][i],
+                "cpu_generate": cpu["generate"][i],
+                "cpu_sync": cpu["sync"][i],
+                "cpu_prepare": cpu["prepare"][i],
+            }
+            for i, h in enumerate(history)
+        ]
+    }
 
 
 def clock_generate(policy, stop_id: int) -> dict[str, list]:
@@ -363,7 +484,7 @@ def clock_generate(policy, stop_id: int) -> dict[str, list]:
         start = time.perf_counter()
         out = plain_generate(*a, **kw)
         calls["wall"].append(time.perf_counter() - start)
-        hit = out.sequences[:, kw["input_ids"].shape[1]:] == stop_id
+        hit = out.sequences[:, kw["input_ids"].shape[1] :] == stop_id
         lengths = torch.where(hit.any(1), hit.int().argmax(1) + 1, hit.shape[1])
         calls["tokens"].append(int(lengths.sum()))
         calls["finished"].append(int(hit.any(1).sum()))
@@ -380,14 +501,31 @@ def trl_config(config_cls, spec: dict, stop_id: int):
     gradient_accumulation_steps micro-batches)."""
     p, rollout = spec["ppo"], spec["ppo"]["rollout_batch_size"]
     return config_cls(
-        output_dir="trl-out", per_device_train_batch_size=rollout, gradient_accumulation_steps=1,
-        num_mini_batches=rollout // p["mini_batch_size"], num_ppo_epochs=p["ppo_epochs"],
-        total_episodes=spec["updates"] * rollout, local_rollout_forward_batch_size=rollout,
-        response_length=p["max_new_tokens"], temperature=p["temperature"], stop_token_id=stop_id,
-        missing_eos_penalty=None, kl_coef=p["kl_coef"], kl_estimator="k1", learning_rate=p["learning_rate"],
-        lr_scheduler_type="constant", bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none",
-        save_strategy="no", num_sample_generations=0, seed=spec["seed"], dataloader_num_workers=0,
-        disable_tqdm=True)
+        output_dir="trl-out",
+        per_device_train_batch_size=rollout,
+        gradient_accumulation_steps=1,
+        num_mini_batches=rollout // p["mini_batch_size"],
+        num_ppo_epochs=p["ppo_epochs"],
+        total_episodes=spec["updates"] * rollout,
+        local_rollout_forward_batch_size=rollout,
+        response_length=p["max_new_tokens"],
+        temperature=p["temperature"],
+        stop_token_id=stop_id,
+        missing_eos_penalty=None,
+        kl_coef=p["kl_coef"],
+        kl_estimator="k1",
+        learning_rate=p["learning_rate"],
+        lr_scheduler_type="constant",
+        bf16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        num_sample_generations=0,
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
 
 
 def child_trl(spec: dict) -> dict:
@@ -399,8 +537,9 @@ def child_trl(spec: dict) -> dict:
     from transformers import TrainerCallback
 
     if trl.__version__ != TRL_VERSION or not trl.__file__.startswith(spec["trl_dir"]):
-        raise RuntimeError(f"expected trl {TRL_VERSION} from {spec['trl_dir']}, imported {trl.__version__} "
-                           f"from {trl.__file__}")
+        raise RuntimeError(
+            f"expected trl {TRL_VERSION} from {spec['trl_dir']}, imported {trl.__version__} from {trl.__file__}"
+        )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     from posttrain.chat import END_OF_TURN
@@ -411,8 +550,9 @@ def child_trl(spec: dict) -> dict:
     tokenizer = load_tokenizer(spec["policy"])
     tokenizer.padding_side = "left"  # PPOTrainer expects left-padded queries
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    dataset = Dataset.from_dict({"input_ids": [chat_prompt_ids(tokenizer, prompt_of(r))
-                                               for r in read_conversations(spec["train_data"])]})
+    dataset = Dataset.from_dict(
+        {"input_ids": [chat_prompt_ids(tokenizer, prompt_of(r)) for r in read_conversations(spec["train_data"])]}
+    )
     policy, reference = load_model(spec["policy"], device="cpu"), load_model(spec["policy"], device="cpu")
     reward = load_model(spec["rm"], kind="reward", device="cpu")
     value = load_model(spec["rm"], kind="reward", device="cpu")
@@ -430,17 +570,37 @@ def child_trl(spec: dict) -> dict:
 
         on_step_end = on_train_begin
 
-    trainer = PPOTrainer(args=trl_config(PPOConfig, spec, eot), processing_class=tokenizer, model=policy,
-                         ref_model=reference, reward_model=reward, value_model=value, train_dataset=dataset,
-                         eval_dataset=dataset.select(range(8)), callbacks=[StepClock()])
+    trainer = PPOTrainer(
+        args=trl_config(PPOConfig, spec, eot),
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=reference,
+        reward_model=reward,
+        value_model=value,
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(8)),
+        callbacks=[StepClock()],
+    )
     trainer.train()
     steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
     if not (len(steps) == len(gen["wall"]) == spec["updates"]):
         raise RuntimeError(f"expected {spec['updates']} updates, timed {len(steps)} and {len(gen['wall'])} rollouts")
-    return {"trl_version": trl.__version__,
-            "updates": [{"total": wall, "generate": gen["wall"][i], "sync": 0.0, "tokens": gen["tokens"][i],
-                         "finished": gen["finished"][i], "cpu_total": cpu, "cpu_generate": gen["cpu"][i],
-                         "cpu_sync": 0.0} for i, (wall, cpu) in enumerate(steps)]}
+    return {
+        "trl_version": trl.__version__,
+        "updates": [
+            {
+                "total": wall,
+                "generate": gen["wall"][i],
+                "sync": 0.0,
+                "tokens": gen["tokens"][i],
+                "finished": gen["finished"][i],
+                "cpu_total": cpu,
+                "cpu_generate": gen["cpu"][i],
+                "cpu_sync": 0.0,
+            }
+            for i, (wall, cpu) in enumerate(steps)
+        ],
+    }
 
 
 def child_main(spec_path: str) -> None:
@@ -450,8 +610,12 @@ def child_main(spec_path: str) -> None:
     torch.set_num_threads(spec["threads"])  # before vLLM starts: it makes set_num_threads a no-op
     start = time.perf_counter()
     result = (child_trl if spec["side"].startswith("trl") else child_ours)(spec)
-    result.update(peak_rss_mib=status_mib("VmHWM"), subprocess_peak_rss_mib=subprocess_peak_rss_mib(),
-                  threads_at_end=torch.get_num_threads(), run_seconds=time.perf_counter() - start)
+    result.update(
+        peak_rss_mib=status_mib("VmHWM"),
+        subprocess_peak_rss_mib=subprocess_peak_rss_mib(),
+        threads_at_end=torch.get_num_threads(),
+        run_seconds=time.perf_counter() - start,
+    )
     Path(spec["result"]).write_text(json.dumps(result))
     print(f"child {spec['name']} done: peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
 

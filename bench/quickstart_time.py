@@ -7,6 +7,7 @@ the process CPU time (more stable than wall time on a shared machine) and the ma
 and writes bench/results/quickstart_time.json. A second, immediate re-run measures the no-op cost of
 skipping every finished stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,15 @@ def main() -> int:
     args = ap.parse_args()
     run_dir = REPO / args.run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "posttrain.cli", "run", "configs/quickstart.yaml", f"run_dir={run_dir}",
-           f"threads={args.threads}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        "run",
+        "configs/quickstart.yaml",
+        f"run_dir={run_dir}",
+        f"threads={args.threads}",
+    ]
     load_before = os.getloadavg()[0]
     wall, cpu, code = _run(cmd)
     if code != 0:
@@ -52,16 +60,25 @@ def main() -> int:
     for manifest in sorted(run_dir.glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
         stages[m["stage"]] = m.get("seconds")
-    result = {"threads": args.threads, "total_wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-              "budget_s": BUDGET_S, "share_of_budget": round(wall / BUDGET_S, 3),
-              "rerun_noop_wall_s": round(rerun_wall, 1),
-              "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
-              "stages_s": stages, "summary": json.loads((run_dir / "summary.json").read_text())}
+    result = {
+        "threads": args.threads,
+        "total_wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "budget_s": BUDGET_S,
+        "share_of_budget": round(wall / BUDGET_S, 3),
+        "rerun_noop_wall_s": round(rerun_wall, 1),
+        "load_avg_before": round(load_before, 2),
+        "load_avg_after": round(os.getloadavg()[0], 2),
+        "stages_s": stages,
+        "summary": json.loads((run_dir / "summary.json").read_text()),
+    }
     print(f"{'stage':<10} seconds")
     for name, secs in stages.items():
         print(f"{name:<10} {secs}")
-    print(f"total wall {wall:.1f}s = {wall / BUDGET_S:.2f}x the 5-minute budget; CPU {cpu:.1f}s; "
-          f"re-run (all stages skipped) {rerun_wall:.1f}s; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
+    print(
+        f"total wall {wall:.1f}s = {wall / BUDGET_S:.2f}x the 5-minute budget; CPU {cpu:.1f}s; "
+        f"re-run (all stages skipped) {rerun_wall:.1f}s; load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}"
+    )
     out = REPO / "bench" / "results" / "quickstart_time.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))

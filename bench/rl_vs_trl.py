@@ -32,6 +32,7 @@ the medians (ours / TRL). CPU time is the load-robust number on a shared machine
 
 Results: bench/results/rl_vs_trl.json (or --out); each child's log in bench/results/rl_vs_trl_logs/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,13 @@ def parse_args(argv=None):
     p.add_argument("--only-vllm", action="store_true", help="with --vllm: skip the HF configurations")
     p.add_argument("--profile", action="store_true", help="cProfile each child's timed updates (logs/<name>.prof)")
     p.add_argument("--rss-cap-gib", type=float, default=RSS_CAP_GIB, help="a child past this RSS stops itself")
-    p.add_argument("--report", nargs="+", type=Path, help="print the tables of these results JSONs together "
-                   "(runs of several invocations, e.g. one per vocabulary) and write --out")
+    p.add_argument(
+        "--report",
+        nargs="+",
+        type=Path,
+        help="print the tables of these results JSONs together "
+        "(runs of several invocations, e.g. one per vocabulary) and write --out",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="results JSON (default bench/results/rl_vs_trl[_quick].json)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: path of a child spec JSON
@@ -100,6 +106,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+
 def build_inputs(work: Path, vocabs: list[int], sizes: list[str], seed: int) -> dict:
     """Prompts (one token length) and one saved Gemma 2 per (vocabulary, body size)."""
     from posttrain.chat import chat_prompt_ids
@@ -109,8 +116,9 @@ def build_inputs(work: Path, vocabs: list[int], sizes: list[str], seed: int) -> 
 
     rng = random.Random(seed)
     rows = [make_example(rng.choice(sorted(TASKS)), rng) for _ in range(3000)]
-    tokenizer = train_tokenizer([m["content"] for r in rows for m in r["messages"]] + ["user\nmodel\n"],
-                                TOKENIZER_VOCAB)
+    tokenizer = train_tokenizer(
+        [m["content"] for r in rows for m in r["messages"]] + ["user\nmodel\n"], TOKENIZER_VOCAB
+    )
     lengths = [len(chat_prompt_ids(tokenizer, prompt_of(r))) for r in rows]
     common = statistics.mode(lengths)
     rows = [r for r, n in zip(rows, lengths) if n == common][:256]
@@ -125,8 +133,13 @@ def build_inputs(work: Path, vocabs: list[int], sizes: list[str], seed: int) -> 
             total = sum(p.numel() for p in model.parameters())  # the tied head counted once
             path = work / f"gemma2-{size}-{vocab}"
             save_model_dir(model, tokenizer, path)
-            out["models"][f"{vocab}-{size}"] = {"dir": str(path), "parameters": total, "embedding": embedding,
-                                                "body": total - embedding, **SIZES[size]}
+            out["models"][f"{vocab}-{size}"] = {
+                "dir": str(path),
+                "parameters": total,
+                "embedding": embedding,
+                "body": total - embedding,
+                **SIZES[size],
+            }
             del model
     return out
 
@@ -144,8 +157,10 @@ def configurations(args) -> list[dict]:
     if args.vllm:
         for vocab in args.vocabs:
             for size in args.sizes:
-                runs += [dict(side=s, backend="vllm", vocab=vocab, size=size, beta=args.betas[0], rep=0)
-                         for s in ("ours", "trl")]
+                runs += [
+                    dict(side=s, backend="vllm", vocab=vocab, size=size, beta=args.betas[0], rep=0)
+                    for s in ("ours", "trl")
+                ]
     for r in runs:
         r["config"] = config_name(r)
         r["name"] = r["config"].replace("/", "_") + f"-r{r['rep']}"
@@ -159,6 +174,7 @@ def config_name(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- parent
+
 
 def summarise(result: dict) -> dict:
     """Means over the updates after the first."""
@@ -195,8 +211,10 @@ def ratios(agg: dict) -> dict:
     out = {}
     for config in agg:
         side, rest = config.split("/", 1)
-        pairs = {"ours": [("trl", "ours / trl"), ("ours-full", "ours / ours-full")],
-                 "ours-full": [("trl", "ours-full / trl")]}.get(side, [])
+        pairs = {
+            "ours": [("trl", "ours / trl"), ("ours-full", "ours / ours-full")],
+            "ours-full": [("trl", "ours-full / trl")],
+        }.get(side, [])
         for other, label in pairs:
             b = agg.get(f"{other}/{rest}")
             if b is None:
@@ -206,7 +224,8 @@ def ratios(agg: dict) -> dict:
                 "cpu": a["cpu_total"]["median"] / b["cpu_total"]["median"],
                 "wall": a["wall_total"]["median"] / b["wall_total"]["median"],
                 "peak_rss": a["peak_rss_mib"]["median"] / b["peak_rss_mib"]["median"],
-                "update_peak_rss": a["update_peak_rss_mib"]["median"] / b["update_peak_rss_mib"]["median"]}
+                "update_peak_rss": a["update_peak_rss_mib"]["median"] / b["update_peak_rss_mib"]["median"],
+            }
     return out
 
 
@@ -216,29 +235,39 @@ def fmt(ms: dict, digits: int = 2) -> str:
 
 def print_tables(report: dict) -> None:
     agg, rat = report["aggregate"], report["ratios"]
-    print("\nmedian [min-max] over repeats; CPU s per update (after a warm-up update); peak RSS MiB of the process "
-          "and over the updates alone")
-    print("| vocab | body | beta | side | CPU s/update | gen CPU s | score CPU s | train CPU s | wall s/update "
-          "| peak RSS MiB | update peak MiB |")
+    print(
+        "\nmedian [min-max] over repeats; CPU s per update (after a warm-up update); peak RSS MiB of the process "
+        "and over the updates alone"
+    )
+    print(
+        "| vocab | body | beta | side | CPU s/update | gen CPU s | score CPU s | train CPU s | wall s/update "
+        "| peak RSS MiB | update peak MiB |"
+    )
     print("|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for config, a in sorted(agg.items(), key=lambda kv: _order(kv[0])):
         side, vocab, size, beta = config.split("/")
-        print(f"| {vocab[1:]} | {size} | {beta[4:]} | {side} | {fmt(a['cpu_total'])} | "
-              f"{a['cpu_generate']['median']:.2f} | {a['cpu_score']['median']:.2f} | {a['cpu_train']['median']:.2f} | "
-              f"{fmt(a['wall_total'])} | {fmt(a['peak_rss_mib'], 0)} | {fmt(a['update_peak_rss_mib'], 0)} |")
+        print(
+            f"| {vocab[1:]} | {size} | {beta[4:]} | {side} | {fmt(a['cpu_total'])} | "
+            f"{a['cpu_generate']['median']:.2f} | {a['cpu_score']['median']:.2f} | {a['cpu_train']['median']:.2f} | "
+            f"{fmt(a['wall_total'])} | {fmt(a['peak_rss_mib'], 0)} | {fmt(a['update_peak_rss_mib'], 0)} |"
+        )
     print("\n| vocab | body | beta | ratio | CPU | wall | peak RSS | update peak RSS |")
     print("|---:|---|---:|---|---:|---:|---:|---:|")
     for rest, labels in sorted(rat.items(), key=lambda kv: _order("x/" + kv[0])):
         vocab, size, beta = rest.split("/")
         for label, v in labels.items():
-            print(f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {v['wall']:.2f}x | "
-                  f"{v['peak_rss']:.2f}x | {v['update_peak_rss']:.2f}x |")
+            print(
+                f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {v['wall']:.2f}x | "
+                f"{v['peak_rss']:.2f}x | {v['update_peak_rss']:.2f}x |"
+            )
     failed = {n: r for n, r in report["runs"].items() if "error" in r}
     for name, r in failed.items():
         print(f"\n{name} FAILED: {r['error']}\n  log: {r['log']}")
     loads = report["load_average_1m"]
-    print(f"\nload average (1 min) before/after the children: min {min(loads):.2f}, median "
-          f"{statistics.median(loads):.2f}, max {max(loads):.2f} ({os.cpu_count()} cores)")
+    print(
+        f"\nload average (1 min) before/after the children: min {min(loads):.2f}, median "
+        f"{statistics.median(loads):.2f}, max {max(loads):.2f} ({os.cpu_count()} cores)"
+    )
 
 
 def _order(config: str):
@@ -259,24 +288,42 @@ def parent(args) -> None:
     log_dir = args.out.parent / "rl_vs_trl_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     loads = [os.getloadavg()[0]]
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "threads": args.threads, "grpo": GRPO, "betas": args.betas, "torch": torch.__version__,
-              "trl": trl.__version__, "runs": {}}
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": args.threads,
+        "grpo": GRPO,
+        "betas": args.betas,
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="rl_vs_trl_") as tmp:
         work = Path(tmp)
-        inputs = build_inputs(work, sorted({r["vocab"] for r in runs}),
-                              [s for s in SIZES if s in {r["size"] for r in runs}], args.seed)
+        inputs = build_inputs(
+            work, sorted({r["vocab"] for r in runs}), [s for s in SIZES if s in {r["size"] for r in runs}], args.seed
+        )
         report["inputs"] = {k: v for k, v in inputs.items() if k != "train_data"}
         for key, m in inputs["models"].items():
-            print(f"model {key}: body {m['body'] / 1e6:.2f}M + embedding {m['embedding'] / 1e6:.2f}M "
-                  f"(tied head) = {m['parameters'] / 1e6:.2f}M parameters", flush=True)
+            print(
+                f"model {key}: body {m['body'] / 1e6:.2f}M + embedding {m['embedding'] / 1e6:.2f}M "
+                f"(tied head) = {m['parameters'] / 1e6:.2f}M parameters",
+                flush=True,
+            )
         print(f"{len(runs)} children; prompts of {inputs['prompt_tokens']} tokens", flush=True)
         for i, spec in enumerate(runs):
             model = inputs["models"][f"{spec['vocab']}-{spec['size']}"]
-            spec = {**spec, "threads": args.threads, "seed": args.seed, "model": model["dir"],
-                    "train_data": inputs["train_data"], "grpo": GRPO, "profile": args.profile,
-                    "rss_cap_gib": args.rss_cap_gib,
-                    "log_dir": str(log_dir)}
+            spec = {
+                **spec,
+                "threads": args.threads,
+                "seed": args.seed,
+                "model": model["dir"],
+                "train_data": inputs["train_data"],
+                "grpo": GRPO,
+                "profile": args.profile,
+                "rss_cap_gib": args.rss_cap_gib,
+                "log_dir": str(log_dir),
+            }
             print(f"[{i + 1}/{len(runs)}] {spec['name']} ...", flush=True)
             env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
             result = run_child(__file__, spec, work, log_dir, env)
@@ -285,11 +332,13 @@ def parent(args) -> None:
             if "error" not in result:
                 result["summary"] = summarise(result)
                 s = result["summary"]
-                print(f"  {s['cpu_total']:.2f} CPU s/update (gen {s['cpu_generate']:.2f}, score {s['cpu_score']:.2f}, "
-                      f"train {s['cpu_train']:.2f}), {s['wall_total']:.2f} s wall, peak RSS "
-                      f"{result['peak_rss_mib']:.0f} MiB (updates {result['update_peak_rss_mib']:.0f}), load "
-                      f"{result['load_avg_1m_after']:.1f}; peak RSS by phase {result['phase_peak_rss_mib']}",
-                      flush=True)
+                print(
+                    f"  {s['cpu_total']:.2f} CPU s/update (gen {s['cpu_generate']:.2f}, score {s['cpu_score']:.2f}, "
+                    f"train {s['cpu_train']:.2f}), {s['wall_total']:.2f} s wall, peak RSS "
+                    f"{result['peak_rss_mib']:.0f} MiB (updates {result['update_peak_rss_mib']:.0f}), load "
+                    f"{result['load_avg_1m_after']:.1f}; peak RSS by phase {result['phase_peak_rss_mib']}",
+                    flush=True,
+                )
             else:
                 print(f"  FAILED: {result['error'][:300]}", flush=True)
             report["runs"][spec["name"]] = result
@@ -339,8 +388,11 @@ class RSSTrace:
             phase = self.phase[-1]
             self.peaks[phase] = max(self.peaks.get(phase, 0.0), rss)
             if rss > self.cap_mib:
-                print(f"RSS {rss:.0f} MiB passed the cap of {self.cap_mib:.0f} MiB in phase {phase!r}; "
-                      f"peaks so far {self.peaks}", flush=True)
+                print(
+                    f"RSS {rss:.0f} MiB passed the cap of {self.cap_mib:.0f} MiB in phase {phase!r}; "
+                    f"peaks so far {self.peaks}",
+                    flush=True,
+                )
                 os._exit(3)
             time.sleep(0.01)
 
@@ -423,15 +475,33 @@ def child_ours(spec: dict) -> dict:
         rollout.LEAN_FAMILIES = set()  # token_logprobs falls back to model(...).logits
     g = spec["grpo"]
     beta = spec["beta"]
-    ppo = {"model": spec["model"], "train_data": spec["train_data"],
-           "scoring": {"use_reward_model": False, "rules": [{"path": __file__, "function": "reward"}]},
-           "sampling": {"backend": spec["backend"], "temperature": g["temperature"], "top_p": 1.0,
-                        "max_new_tokens": g["max_new_tokens"], "n": g["generations"], "batch_size": g["prompts"]},
-           "advantage": "grpo", "kl_mode": "loss" if beta > 0 else "off", "kl_coef": beta,
-           "loss_aggregation": "token_mean", "whiten_advantages": False, "ppo_epochs": 1,
-           "rollout_batch_size": g["prompts"], "mini_batch_size": g["prompts"] * g["generations"],
-           "learning_rate": g["learning_rate"], "max_grad_norm": 1.0, "missing_eot_penalty": 0.0,
-           "updates": spec["updates"], "save_every": spec["updates"], "eval_samples": 0}
+    ppo = {
+        "model": spec["model"],
+        "train_data": spec["train_data"],
+        "scoring": {"use_reward_model": False, "rules": [{"path": __file__, "function": "reward"}]},
+        "sampling": {
+            "backend": spec["backend"],
+            "temperature": g["temperature"],
+            "top_p": 1.0,
+            "max_new_tokens": g["max_new_tokens"],
+            "n": g["generations"],
+            "batch_size": g["prompts"],
+        },
+        "advantage": "grpo",
+        "kl_mode": "loss" if beta > 0 else "off",
+        "kl_coef": beta,
+        "loss_aggregation": "token_mean",
+        "whiten_advantages": False,
+        "ppo_epochs": 1,
+        "rollout_batch_size": g["prompts"],
+        "mini_batch_size": g["prompts"] * g["generations"],
+        "learning_rate": g["learning_rate"],
+        "max_grad_norm": 1.0,
+        "missing_eot_penalty": 0.0,
+        "updates": spec["updates"],
+        "save_every": spec["updates"],
+        "eval_samples": 0,
+    }
     if spec["backend"] == "vllm":
         ppo["vllm"] = {"kv_cache_gib": 1}
     clock, widths, marks, prof = Clock(), [], [], Profiler(spec)
@@ -445,11 +515,18 @@ def child_ours(spec: dict) -> dict:
             prof.start()
         start = (time.perf_counter(), time.process_time())
         stats = plain_update(self, i)
-        marks.append({"wall_total": time.perf_counter() - start[0], "cpu_total": time.process_time() - start[1],
-                      "cpu_generate": clock.take("generate"), "cpu_score": clock.take("score"),
-                      "cpu_train": clock.take("train"),
-                      "tokens": stats["response_length"] * g["prompts"] * g["generations"],
-                      "prompt_width": widths[-1] if widths else 0, "loss": stats.get("policy_loss", 0.0)})
+        marks.append(
+            {
+                "wall_total": time.perf_counter() - start[0],
+                "cpu_total": time.process_time() - start[1],
+                "cpu_generate": clock.take("generate"),
+                "cpu_score": clock.take("score"),
+                "cpu_train": clock.take("train"),
+                "tokens": stats["response_length"] * g["prompts"] * g["generations"],
+                "prompt_width": widths[-1] if widths else 0,
+                "loss": stats.get("policy_loss", 0.0),
+            }
+        )
         return stats
 
     def train(self):
@@ -497,14 +574,35 @@ def child_trl(spec: dict) -> dict:
     if spec["backend"] == "vllm":
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3)
     args = GRPOConfig(
-        output_dir="trl-out", per_device_train_batch_size=g["prompts"] * g["generations"],
-        gradient_accumulation_steps=1, num_generations=g["generations"], max_completion_length=g["max_new_tokens"],
-        temperature=g["temperature"], top_p=1.0, learning_rate=g["learning_rate"], lr_scheduler_type="constant",
-        warmup_steps=0, beta=spec["beta"], num_iterations=1, loss_type="dapo", scale_rewards="group",
-        max_steps=spec["updates"], max_grad_norm=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=spec["seed"],
-        dataloader_num_workers=0, disable_tqdm=True,
-        model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"}, **vllm)
+        output_dir="trl-out",
+        per_device_train_batch_size=g["prompts"] * g["generations"],
+        gradient_accumulation_steps=1,
+        num_generations=g["generations"],
+        max_completion_length=g["max_new_tokens"],
+        temperature=g["temperature"],
+        top_p=1.0,
+        learning_rate=g["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        beta=spec["beta"],
+        num_iterations=1,
+        loss_type="dapo",
+        scale_rewards="group",
+        max_steps=spec["updates"],
+        max_grad_norm=1.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=spec["seed"],
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        model_init_kwargs={"dtype": torch.float32, "attn_implementation": "eager"},
+        **vllm,
+    )
     clock, widths, marks, prof = Clock(), [], [], Profiler(spec)
     state = {}
 
@@ -522,12 +620,27 @@ def child_trl(spec: dict) -> dict:
             now = (time.perf_counter(), time.process_time())
             wall, cpu = now[0] - state["start"][0], now[1] - state["start"][1]
             rollout, gen = clock.take("rollout"), clock.take("generate")
-            marks.append({"wall_total": wall, "cpu_total": cpu, "cpu_generate": gen, "cpu_score": rollout - gen,
-                          "cpu_train": cpu - rollout, "tokens": 0, "prompt_width": widths[-1] if widths else 0})
+            marks.append(
+                {
+                    "wall_total": wall,
+                    "cpu_total": cpu,
+                    "cpu_generate": gen,
+                    "cpu_score": rollout - gen,
+                    "cpu_train": cpu - rollout,
+                    "tokens": 0,
+                    "prompt_width": widths[-1] if widths else 0,
+                }
+            )
             state["start"] = now
 
-    trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward, args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepClock()])
+    trainer = GRPOTrainer(
+        model=spec["model"],
+        reward_funcs=reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[StepClock()],
+    )
     clock.wrap(trainer, "_generate_and_score_completions", "rollout")
     tokens_seen = []
     plain_calc = trainer._calculate_rewards
@@ -553,12 +666,20 @@ def child_trl(spec: dict) -> dict:
         m["tokens"] = t
     if len(marks) != spec["updates"]:
         raise RuntimeError(f"expected {spec['updates']} updates, timed {len(marks)}")
-    return {"updates": marks, "update_peak_rss_mib": status_mib("VmHWM"), "trl_version": trl.__version__,
-            "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                              else trainer.optimizer).__name__,
-            "optimizer_defaults": {k: v for k, v in (getattr(trainer.optimizer, "defaults", {}) or {}).items()
-                                   if isinstance(v, (bool, int, float, str)) or v is None},
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "updates": marks,
+        "update_peak_rss_mib": status_mib("VmHWM"),
+        "trl_version": trl.__version__,
+        "optimizer": type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__,
+        "optimizer_defaults": {
+            k: v
+            for k, v in (getattr(trainer.optimizer, "defaults", {}) or {}).items()
+            if isinstance(v, (bool, int, float, str)) or v is None
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def status_mib(key: str) -> float:
@@ -576,8 +697,11 @@ def child_main(spec_path: str) -> None:
     TRACE = RSSTrace(spec["rss_cap_gib"] * 1024)
     start = time.perf_counter()
     result = (child_trl if spec["side"] == "trl" else child_ours)(spec)
-    result.update(peak_rss_mib=max([status_mib("VmHWM"), *PEAK_BEFORE_RESET]), run_seconds=time.perf_counter() - start,
-                  phase_peak_rss_mib={k: round(v) for k, v in TRACE.peaks.items()})
+    result.update(
+        peak_rss_mib=max([status_mib("VmHWM"), *PEAK_BEFORE_RESET]),
+        run_seconds=time.perf_counter() - start,
+        phase_peak_rss_mib={k: round(v) for k, v in TRACE.peaks.items()},
+    )
     Path(spec["result"]).write_text(json.dumps(result))
     print(f"child {spec['name']} done: peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
 
@@ -585,9 +709,13 @@ def child_main(spec_path: str) -> None:
 def merge_reports(paths: list[Path], out: Path) -> None:
     """One report from several invocations' JSONs: their runs together, aggregated afresh."""
     reports = [json.loads(p.read_text()) for p in paths]
-    merged = {**reports[0], "command": [r["command"] for r in reports], "date": [r["date"] for r in reports],
-              "runs": {k: v for r in reports for k, v in r["runs"].items()},
-              "load_average_1m": [x for r in reports for x in r["load_average_1m"]]}
+    merged = {
+        **reports[0],
+        "command": [r["command"] for r in reports],
+        "date": [r["date"] for r in reports],
+        "runs": {k: v for r in reports for k, v in r["runs"].items()},
+        "load_average_1m": [x for r in reports for x in r["load_average_1m"]],
+    }
     merged["aggregate"] = aggregate(merged)
     merged["ratios"] = ratios(merged["aggregate"])
     print_tables(merged)

@@ -22,6 +22,7 @@ time (page faults: glibc hands buffers over 32 MB back to the OS when freed). No
 
 Results: bench/results/rm_heads.json (--quick: rm_heads_quick.json); child logs in bench/results/rm_heads_logs/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,16 @@ from pathlib import Path
 from childproc import run_child, status_mib
 
 BENCH = Path(__file__).resolve().parent
-BODY = dict(family="gemma2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-            intermediate_size=384)
+BODY = dict(
+    family="gemma2", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=384
+)
 TOKENIZER_VOCAB = 512
-HEADS = {"seq-cls": ("sequence_classification", True), "implicit": ("implicit", True),
-         "seq-cls-nockpt": ("sequence_classification", False), "implicit-nockpt": ("implicit", False)}
+HEADS = {
+    "seq-cls": ("sequence_classification", True),
+    "implicit": ("implicit", True),
+    "seq-cls-nockpt": ("sequence_classification", False),
+    "implicit-nockpt": ("implicit", False),
+}
 """Configuration name -> (rm.head, rm.gradient_checkpointing)."""
 RM = dict(batch_size=16, max_length=128, learning_rate=5e-5, logging_steps=10)
 
@@ -62,6 +68,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------- parent
+
 
 def make_pairs(n: int, seed: int) -> list[dict]:
     """n task rows -> chosen = the reference answer, rejected = one corruption of it (prefs' kinds)."""
@@ -104,28 +111,43 @@ def summarise(steps: list[dict], warmup: int) -> dict:
     """Means over the steps after the warm-up."""
     timed = steps[warmup:]
     mean = lambda key: statistics.fmean(s[key] for s in timed)  # noqa: E731
-    return {"timed_steps": len(timed), "wall_step_s": mean("wall"), "cpu_step_s": mean("cpu"),
-            "wall_step_stdev": statistics.stdev(s["wall"] for s in timed),
-            "outside_share_cpu": 1 - mean("cpu_inside") / mean("cpu")}
+    return {
+        "timed_steps": len(timed),
+        "wall_step_s": mean("wall"),
+        "cpu_step_s": mean("cpu"),
+        "wall_step_stdev": statistics.stdev(s["wall"] for s in timed),
+        "outside_share_cpu": 1 - mean("cpu_inside") / mean("cpu"),
+    }
 
 
 def print_table(report: dict) -> None:
-    print("\n| vocab | head | params | CPU s/step | wall s/step | outside (CPU) | sys (CPU) | peak RSS MiB "
-          "| train Δ MiB | implicit / this (CPU, peak RSS) |\n|---:|---|" + "---:|" * 8)
+    print(
+        "\n| vocab | head | params | CPU s/step | wall s/step | outside (CPU) | sys (CPU) | peak RSS MiB "
+        "| train Δ MiB | implicit / this (CPU, peak RSS) |\n|---:|---|" + "---:|" * 8
+    )
     for name, r in report["runs"].items():
         vocab, head = name.split("/")
         if "error" in r:
             print(f"| {vocab} | {head} | FAILED: {r['error'][:200]} |")
             continue
         s, ratio = r["summary"], report["ratios"].get(name)
-        cells = [vocab, head, f"{r['parameters'] / 1e6:.2f}M", f"{s['cpu_step_s']:.3f}",
-                 f"{s['wall_step_s']:.3f} ±{s['wall_step_stdev']:.3f}", f"{100 * s['outside_share_cpu']:.0f}%",
-                 f"{100 * r['sys_share_cpu']:.0f}%", f"{r['peak_rss_mib']:.0f}",
-                 f"{r['peak_rss_mib'] - r['rss_before_train_mib']:.0f}",
-                 f"{ratio['cpu_step']:.2f}x, {ratio['peak_rss']:.2f}x" if ratio else "-"]
+        cells = [
+            vocab,
+            head,
+            f"{r['parameters'] / 1e6:.2f}M",
+            f"{s['cpu_step_s']:.3f}",
+            f"{s['wall_step_s']:.3f} ±{s['wall_step_stdev']:.3f}",
+            f"{100 * s['outside_share_cpu']:.0f}%",
+            f"{100 * r['sys_share_cpu']:.0f}%",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_rss_mib'] - r['rss_before_train_mib']:.0f}",
+            f"{ratio['cpu_step']:.2f}x, {ratio['peak_rss']:.2f}x" if ratio else "-",
+        ]
         print("| " + " | ".join(cells) + " |")
-    print(f"\nload average (1 min) before/after each child: {report['load_average_1m']} ({os.cpu_count()} cores); "
-          f"{report['threads']} torch thread(s); {report['n_pairs']} pairs; total {report['total_seconds']:.0f} s")
+    print(
+        f"\nload average (1 min) before/after each child: {report['load_average_1m']} ({os.cpu_count()} cores); "
+        f"{report['threads']} torch thread(s); {report['n_pairs']} pairs; total {report['total_seconds']:.0f} s"
+    )
 
 
 def ratios(runs: dict, vocabs: list[int]) -> dict:
@@ -136,9 +158,11 @@ def ratios(runs: dict, vocabs: list[int]) -> dict:
             a, name = runs.get(f"{vocab}/implicit{suffix}", {}), f"{vocab}/seq-cls{suffix}"
             b = runs.get(name, {})
             if "summary" in a and "summary" in b:
-                out[name] = {"cpu_step": a["summary"]["cpu_step_s"] / b["summary"]["cpu_step_s"],
-                             "wall_step": a["summary"]["wall_step_s"] / b["summary"]["wall_step_s"],
-                             "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"]}
+                out[name] = {
+                    "cpu_step": a["summary"]["cpu_step_s"] / b["summary"]["cpu_step_s"],
+                    "wall_step": a["summary"]["wall_step_s"] / b["summary"]["wall_step_s"],
+                    "peak_rss": a["peak_rss_mib"] / b["peak_rss_mib"],
+                }
     return out
 
 
@@ -146,17 +170,32 @@ def run_configuration(vocab: int, head: str, inputs: dict, work: Path, args) -> 
     """One (vocabulary, head) in its own process, with its summary (or the reason it failed)."""
     name = f"{vocab}-{head}"
     print(f"[{name}] {args.warmup} + {args.steps} steps ...", flush=True)
-    spec = {"name": name, "head": HEADS[head][0], "checkpointing": HEADS[head][1], "threads": args.threads,
-            "seed": args.seed, "model": inputs["models"][vocab]["dir"], "pairs": inputs["pairs"],
-            "max_steps": args.warmup + args.steps}
-    r = run_child(__file__, spec, work, args.out.parent / "rm_heads_logs",
-                  {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    spec = {
+        "name": name,
+        "head": HEADS[head][0],
+        "checkpointing": HEADS[head][1],
+        "threads": args.threads,
+        "seed": args.seed,
+        "model": inputs["models"][vocab]["dir"],
+        "pairs": inputs["pairs"],
+        "max_steps": args.warmup + args.steps,
+    }
+    r = run_child(
+        __file__,
+        spec,
+        work,
+        args.out.parent / "rm_heads_logs",
+        {"HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"},
+    )
     if "steps" not in r:
         print(f"  FAILED: {r['error']}", flush=True)
         return r
     r["summary"] = summarise(r.pop("steps"), args.warmup)
-    print(f"  {r['summary']['cpu_step_s']:.3f} CPU s/step, peak RSS {r['peak_rss_mib']:.0f} MiB, "
-          f"process {r['process_seconds']:.0f} s", flush=True)
+    print(
+        f"  {r['summary']['cpu_step_s']:.3f} CPU s/step, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+        f"process {r['process_seconds']:.0f} s",
+        flush=True,
+    )
     return r
 
 
@@ -167,10 +206,18 @@ def parent(args) -> None:
 
     start, loads = time.perf_counter(), [os.getloadavg()[0]]
     (args.out.parent / "rm_heads_logs").mkdir(parents=True, exist_ok=True)
-    report = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "threads": args.threads,
-              "quick": args.quick, "warmup_steps": args.warmup, "timed_steps": args.steps, "body": BODY, "rm": RM,
-              "torch": torch.__version__, "runs": {},
-              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "threads": args.threads,
+        "quick": args.quick,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "body": BODY,
+        "rm": RM,
+        "torch": torch.__version__,
+        "runs": {},
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+    }
     with tempfile.TemporaryDirectory(prefix="rm_heads_bench_") as tmp:
         inputs = build_inputs(Path(tmp), args.vocabs, (args.warmup + args.steps) * RM["batch_size"] + 64, args.seed)
         report["n_pairs"] = inputs["n_pairs"]
@@ -178,8 +225,11 @@ def parent(args) -> None:
             for head in HEADS:
                 report["runs"][f"{vocab}/{head}"] = r = run_configuration(vocab, head, inputs, Path(tmp), args)
                 loads.append(r["load_avg_1m_after"])
-    report.update(load_average_1m=[round(x, 2) for x in loads], ratios=ratios(report["runs"], args.vocabs),
-                  total_seconds=time.perf_counter() - start)
+    report.update(
+        load_average_1m=[round(x, 2) for x in loads],
+        ratios=ratios(report["runs"], args.vocabs),
+        total_seconds=time.perf_counter() - start,
+    )
     print_table(report)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(report, indent=2))
@@ -188,6 +238,7 @@ def parent(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- child
+
 
 def step_clock():
     """A TrainerCallback marking (wall, CPU) at train begin and at each step's begin and end (its `steps()`
@@ -211,8 +262,10 @@ def step_clock():
 
         def steps(self) -> list[dict]:
             """Wall and CPU from the previous step's end (data and logging included), CPU from begin to end."""
-            return [{"wall": e[0] - p[0], "cpu": e[1] - p[1], "cpu_inside": e[1] - b[1]}
-                    for p, b, e in zip(self.ends, self.begins, self.ends[1:])]
+            return [
+                {"wall": e[0] - p[0], "cpu": e[1] - p[1], "cpu_inside": e[1] - b[1]}
+                for p, b, e in zip(self.ends, self.begins, self.ends[1:])
+            ]
 
     return StepClock()
 
@@ -229,12 +282,20 @@ def child_main(spec_path: str) -> None:
     rows = json.loads(Path(spec["pairs"]).read_text())
     tokenizer = load_tokenizer(spec["model"])
     model = load_reward_init(spec["model"], spec["seed"], spec["head"])
-    cfg = RMConfig(head=spec["head"], max_steps=spec["max_steps"], save_steps=10 ** 9, eval_steps=10 ** 9,
-                   gradient_checkpointing=spec["checkpointing"], auc={"prompts": 0}, **RM)
+    cfg = RMConfig(
+        head=spec["head"],
+        max_steps=spec["max_steps"],
+        save_steps=10**9,
+        eval_steps=10**9,
+        gradient_checkpointing=spec["checkpointing"],
+        auc={"prompts": 0},
+        **RM,
+    )
     out_dir = Path.cwd() / f"out-{spec['name']}"
     if spec["head"] == "implicit":
-        trainer = build_implicit_trainer(model, tokenizer, tokenize_pairs(tokenizer, rows), [], cfg, out_dir,
-                                         spec["seed"])
+        trainer = build_implicit_trainer(
+            model, tokenizer, tokenize_pairs(tokenizer, rows), [], cfg, out_dir, spec["seed"]
+        )
     else:
         trainer = build_trainer(model, tokenizer, pairs_dataset(rows, False), None, cfg, out_dir, spec["seed"])
     clock = step_clock()
@@ -246,11 +307,17 @@ def child_main(spec_path: str) -> None:
     steps = clock.steps()
     if len(steps) != spec["max_steps"] or len(trainer.train_dataset) != len(rows):  # TRL must drop no pair
         raise RuntimeError(f"{len(steps)}/{spec['max_steps']} steps, {len(trainer.train_dataset)}/{len(rows)} pairs")
-    result = {"steps": steps, "peak_rss_mib": status_mib("VmHWM"), "rss_before_train_mib": rss_before,
-              "sys_share_cpu": kernel / (kernel + user), "minor_faults": after.ru_minflt - before.ru_minflt,
-              "parameters": count_parameters(model), "attn_implementation": model.config._attn_implementation,
-              "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
-              "checkpoints_written": sorted(p.name for p in out_dir.glob("checkpoint-*"))}
+    result = {
+        "steps": steps,
+        "peak_rss_mib": status_mib("VmHWM"),
+        "rss_before_train_mib": rss_before,
+        "sys_share_cpu": kernel / (kernel + user),
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+        "parameters": count_parameters(model),
+        "attn_implementation": model.config._attn_implementation,
+        "gradient_checkpointing": bool(getattr(trainer.model, "is_gradient_checkpointing", False)),
+        "checkpoints_written": sorted(p.name for p in out_dir.glob("checkpoint-*")),
+    }
     Path(spec["result"]).write_text(json.dumps(result))
     print(f"child {spec['name']} done:", {k: v for k, v in result.items() if k != "steps"}, flush=True)
 

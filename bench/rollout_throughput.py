@@ -8,6 +8,7 @@ max_new_tokens. Runs alternate HF and vLLM so that load from other jobs hits bot
     .venv/bin/python bench/rollout_throughput.py            # ~29M parameters, ~3-4 min on 1 thread
     .venv/bin/python bench/rollout_throughput.py --quick    # ~5M parameters, < 1 min
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,23 @@ def build_tokenizer(vocab_size: int, seed: int):
     rng = random.Random(seed)
     texts = [make_example(rng.choice(sorted(TASKS)), rng)["messages"][0]["content"] for _ in range(2000)]
     words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(40_000)]
-    texts += [" ".join(words[i:i + 20]) for i in range(0, len(words), 20)]
+    texts += [" ".join(words[i : i + 20]) for i in range(0, len(words), 20)]
     return train_tokenizer(texts, vocab_size)
 
 
 def build_model_dir(size: dict, tokenizer, out_dir: Path, seed: int):
     from posttrain.models import ModelConfig, build_tiny_model, count_parameters, save_model_dir
 
-    cfg = ModelConfig(family="llama", hidden_size=size["hidden"], num_layers=size["layers"], num_heads=size["heads"],
-                      num_kv_heads=size["heads"], head_dim=size["hidden"] // size["heads"],
-                      intermediate_size=size["intermediate"], max_position_embeddings=512)
+    cfg = ModelConfig(
+        family="llama",
+        hidden_size=size["hidden"],
+        num_layers=size["layers"],
+        num_heads=size["heads"],
+        num_kv_heads=size["heads"],
+        head_dim=size["hidden"] // size["heads"],
+        intermediate_size=size["intermediate"],
+        max_position_embeddings=512,
+    )
     model = build_tiny_model(cfg, tokenizer, seed=seed).eval()
     save_model_dir(model, tokenizer, out_dir)
     return model, count_parameters(model)
@@ -88,11 +96,20 @@ def run(args) -> dict:
         model_dir = Path(tmp) / "model"
         model, n_params = build_model_dir(size, tokenizer, model_dir, args.seed)
         prompts = make_prompts(size["prompts"], args.seed)
-        sampling = SamplingConfig(temperature=1.0, top_p=1.0, max_new_tokens=size["max_new_tokens"], n=size["n"],
-                                  batch_size=len(prompts), seed=args.seed)
-        print(f"llama {size['hidden']}x{size['layers']}, vocab {len(tokenizer)}, {n_params / 1e6:.1f}M parameters; "
-              f"{len(prompts)} prompts x n={sampling.n}, max_new_tokens={sampling.max_new_tokens}, "
-              f"{args.threads} thread(s)", flush=True)
+        sampling = SamplingConfig(
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=size["max_new_tokens"],
+            n=size["n"],
+            batch_size=len(prompts),
+            seed=args.seed,
+        )
+        print(
+            f"llama {size['hidden']}x{size['layers']}, vocab {len(tokenizer)}, {n_params / 1e6:.1f}M parameters; "
+            f"{len(prompts)} prompts x n={sampling.n}, max_new_tokens={sampling.max_new_tokens}, "
+            f"{args.threads} thread(s)",
+            flush=True,
+        )
 
         hf = HFEngine(model, tokenizer)
         start = time.perf_counter()
@@ -116,13 +133,20 @@ def run(args) -> dict:
     def summary(name):
         seconds = statistics.median(s for s, _ in timings[name])
         tokens = statistics.median(t for _, t in timings[name])
-        return {"batch_seconds": seconds, "tokens_per_batch": tokens, "tokens_per_s": tokens / seconds,
-                "runs": [{"seconds": s, "tokens": t} for s, t in timings[name]]}
+        return {
+            "batch_seconds": seconds,
+            "tokens_per_batch": tokens,
+            "tokens_per_s": tokens / seconds,
+            "runs": [{"seconds": s, "tokens": t} for s, t in timings[name]],
+        }
 
     results = {"hf": summary("hf"), "vllm": summary("vllm")}
     return {
-        "size": "quick" if args.quick else "full", "threads": args.threads, "parameters": n_params,
-        "model": {**size, "vocab": len(tokenizer)}, "sampling": sampling.model_dump(),
+        "size": "quick" if args.quick else "full",
+        "threads": args.threads,
+        "parameters": n_params,
+        "model": {**size, "vocab": len(tokenizer)},
+        "sampling": sampling.model_dump(),
         **results,
         "speedup_vllm_over_hf": results["vllm"]["tokens_per_s"] / results["hf"]["tokens_per_s"],
         "vllm_engine_start_s": vllm_start_s,
@@ -148,15 +172,24 @@ def print_table(r: dict) -> None:
     rows = [("backend", "tokens/batch", "batch s", "tokens/s", "vs HF")]
     for name in ("hf", "vllm"):
         b = r[name]
-        rows.append((name, f"{b['tokens_per_batch']:.0f}", f"{b['batch_seconds']:.2f}", f"{b['tokens_per_s']:.0f}",
-                     f"{b['tokens_per_s'] / r['hf']['tokens_per_s']:.2f}x"))
+        rows.append(
+            (
+                name,
+                f"{b['tokens_per_batch']:.0f}",
+                f"{b['batch_seconds']:.2f}",
+                f"{b['tokens_per_s']:.0f}",
+                f"{b['tokens_per_s'] / r['hf']['tokens_per_s']:.2f}x",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
-    print(f"\nweight sync (full state dict, {r['parameters'] / 1e6:.1f}M params): {r['weight_sync_ms']:.1f} ms "
-          f"= {100 * r['weight_sync_share_of_vllm_batch']:.2f}% of one vLLM rollout batch; "
-          f"engine start {r['vllm_engine_start_s']:.1f} s")
+    print(
+        f"\nweight sync (full state dict, {r['parameters'] / 1e6:.1f}M params): {r['weight_sync_ms']:.1f} ms "
+        f"= {100 * r['weight_sync_share_of_vllm_batch']:.2f}% of one vLLM rollout batch; "
+        f"engine start {r['vllm_engine_start_s']:.1f} s"
+    )
 
 
 def main(argv=None) -> None:

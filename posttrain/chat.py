@@ -6,6 +6,7 @@ Roles alternate user/assistant starting with the user; a system turn is rejected
 Gemma 1/2 template does. We take the template string from TRL, which ships Google's template verbatim:
 being byte-identical is what lets TRL swap in its `{% generation %}` variant for assistant-only loss.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -3,6 +3,7 @@
 A checkpoint is a directory written to a temp path and renamed, so the newest complete one is always
 loadable; older ones are pruned after a new one lands.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,13 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
     if torch.cuda.is_available():
         tensors.update({f"cuda_rng_{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                   "gauss": float(gauss)}
+    numpy_state = {
+        "kind": kind,
+        "keys": keys.tolist(),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     return tensors, {"python_rng": _jsonable(random.getstate()), "numpy_rng": numpy_state}
 
 
@@ -71,8 +77,16 @@ def _jsonable(state):
     return [state[0], list(state[1]), state[2]]
 
 
-def save_checkpoint(folder: Path, step: int, models: dict, optimizers: dict, meta: dict, keep: int = 2,
-                    extra_dir: Optional[Path] = None, tensors: Optional[dict[str, dict]] = None) -> Path:
+def save_checkpoint(
+    folder: Path,
+    step: int,
+    models: dict,
+    optimizers: dict,
+    meta: dict,
+    keep: int = 2,
+    extra_dir: Optional[Path] = None,
+    tensors: Optional[dict[str, dict]] = None,
+) -> Path:
     """Write folder/step-N atomically: each model's and optimizer's tensors, named tensor sets (e.g. an
     fp32 EMA anchor), RNG, and `meta` JSON.
 
@@ -130,7 +144,8 @@ def newest_whole(candidates: list[Path], log=None) -> Optional[Path]:
         if problem is None:
             return path
         (log or logging.getLogger("posttrain")).warning(
-            "checkpoint %s is damaged and is skipped: %s; resuming from the one before it", path, problem)
+            "checkpoint %s is damaged and is skipped: %s; resuming from the one before it", path, problem
+        )
     return None
 
 
@@ -159,8 +174,10 @@ def last_trainer_checkpoint(folder: Path, log=None) -> Optional[str]:
     """The newest whole HF Trainer checkpoint-N directory (one with trainer_state.json), if any."""
     if not folder.is_dir():
         return None
-    done = sorted((p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = sorted(
+        (p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     found = newest_whole(done, log)
     return str(found) if found else None
 
@@ -183,8 +200,9 @@ class TrainingGuard:
         from transformers.trainer_pt_utils import nested_gather
 
         t = self.trainer
-        pending = (nested_gather(t._tr_loss.detach(), t.args.parallel_mode).mean().item()
-                   if hasattr(t, "_tr_loss") else 0.0)
+        pending = (
+            nested_gather(t._tr_loss.detach(), t.args.parallel_mode).mean().item() if hasattr(t, "_tr_loss") else 0.0
+        )
         return self.loss_offset + t._total_loss_scalar + pending
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -195,7 +213,8 @@ class TrainingGuard:
                 f"{self.stage}: the training loss is {loss.item()} at step {state.global_step}; stopped before "
                 f"saving anything from this step "
                 f"({'the last good checkpoint is ' + last if last else 'no checkpoint yet'}). "
-                f"Lower {self.stage}.learning_rate, check the data, or use fp32")
+                f"Lower {self.stage}.learning_rate, check the data, or use fp32"
+            )
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -234,8 +253,11 @@ def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
         log.info("[%s] resuming from %s", stage, resume)
         resumed_step = metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
         saved = Path(resume) / LOSS_FILE
-        offset = (json.loads(saved.read_text())["loss_sum"] if saved.is_file()
-                  else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step))
+        offset = (
+            json.loads(saved.read_text())["loss_sum"]
+            if saved.is_file()
+            else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step)
+        )
     guard = TrainingGuard(trainer, stage, offset)
     trainer.add_callback(guard)
     result = trainer.train(resume_from_checkpoint=resume)

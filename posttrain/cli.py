@@ -1,12 +1,13 @@
 """Command line: `posttrain run PIPELINE.yaml [key=value ...]`, `posttrain STAGE PIPELINE.yaml ...`.
 
-    posttrain run configs/quickstart.yaml                   # every stage in order, done ones skipped
-    posttrain run configs/quickstart.yaml sft.learning_rate=3e-4
-    posttrain sft configs/quickstart.yaml --force            # one stage, inputs from earlier stages
-    posttrain show configs/quickstart.yaml                   # the resolved config, validated
-    posttrain data preview my.parquet -n 3                   # a data set as posttrain reads it
-    posttrain data convert my.parquet train.jsonl --format alpaca
+posttrain run configs/quickstart.yaml                   # every stage in order, done ones skipped
+posttrain run configs/quickstart.yaml sft.learning_rate=3e-4
+posttrain sft configs/quickstart.yaml --force            # one stage, inputs from earlier stages
+posttrain show configs/quickstart.yaml                   # the resolved config, validated
+posttrain data preview my.parquet -n 3                   # a data set as posttrain reads it
+posttrain data convert my.parquet train.jsonl --format alpaca
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ def _setup_logging(run_dir: Path | None) -> None:
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "posttrain.log"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True
+    )
     for noisy in ("httpx", "datasets", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -33,19 +35,23 @@ def _setup_logging(run_dir: Path | None) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training pipeline, one YAML config.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text in [("run", "run every stage of the pipeline in order"),
-                            ("show", "validate the config and print it with defaults filled in"),
-                            *[(s, f"run only the {s} stage") for s in STAGE_MODULES]]:
+    for name, help_text in [
+        ("run", "run every stage of the pipeline in order"),
+        ("show", "validate the config and print it with defaults filled in"),
+        *[(s, f"run only the {s} stage") for s in STAGE_MODULES],
+    ]:
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("config", help="pipeline YAML file")
         sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.learning_rate=3e-4")
         if name != "show":
             sp.add_argument("--force", action="store_true", help="re-run the stage even if it is complete")
         if name == "run":
-            sp.add_argument("--only", metavar="NAME", help="run only this stage (earlier stages' finished outputs "
-                                                            "are its inputs)")
-            sp.add_argument("--from", dest="start", metavar="NAME", help="run this stage and every later one, "
-                                                                          "even if complete")
+            sp.add_argument(
+                "--only", metavar="NAME", help="run only this stage (earlier stages' finished outputs are its inputs)"
+            )
+            sp.add_argument(
+                "--from", dest="start", metavar="NAME", help="run this stage and every later one, even if complete"
+            )
     _data_parser(sub)
     return p
 
@@ -56,20 +62,34 @@ def _data_parser(sub) -> None:
     preview = actions.add_parser("preview", help="print the first rows as posttrain's rows (JSON, one per line)")
     convert = actions.add_parser("convert", help="write all rows as posttrain's JSONL (temp file + rename)")
     for sp in (preview, convert):
-        sp.add_argument("source", help="a .jsonl/.json/.parquet/.csv/.arrow file, a save_to_disk or data-file "
-                                       "directory, or a data set name in the local Hugging Face cache")
+        sp.add_argument(
+            "source",
+            help="a .jsonl/.json/.parquet/.csv/.arrow file, a save_to_disk or data-file "
+            "directory, or a data set name in the local Hugging Face cache",
+        )
     convert.add_argument("out", help="the JSONL file to write")
     for sp in (preview, convert):
-        sp.add_argument("--format", help="row layout: messages, sharegpt, alpaca, prompt_completion, prompt, "
-                                         "preference or hh (default: detected from the columns)")
+        sp.add_argument(
+            "--format",
+            help="row layout: messages, sharegpt, alpaca, prompt_completion, prompt, "
+            "preference or hh (default: detected from the columns)",
+        )
         sp.add_argument("--columns", default="", help="renames first, e.g. question=prompt,response=completion")
         sp.add_argument("--split", help="the split of a DatasetDict, directory or cached data set")
-        sp.add_argument("--system", choices=["fold", "drop", "error"], default="fold",
-                        help="system turns: fold into the next user turn (default), drop, or reject the row")
+        sp.add_argument(
+            "--system",
+            choices=["fold", "drop", "error"],
+            default="fold",
+            help="system turns: fold into the next user turn (default), drop, or reject the row",
+        )
     preview.add_argument("-n", type=int, default=5, help="rows to print (default 5)")
     convert.add_argument("--limit", type=int, help="write at most N rows")
-    convert.add_argument("--on-error", choices=["raise", "skip"], default="raise",
-                         help="a row that does not fit: stop (default), or skip it and count it")
+    convert.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="a row that does not fit: stop (default), or skip it and count it",
+    )
 
 
 def _data_command(args) -> int:
@@ -79,11 +99,16 @@ def _data_command(args) -> int:
     try:
         renames = dict(item.split("=", 1) for item in args.columns.split(",") if item.strip())
     except ValueError:
-        print(f"posttrain data: --columns {args.columns!r}: expected OLD=NEW pairs separated by commas",
-              file=sys.stderr)
+        print(
+            f"posttrain data: --columns {args.columns!r}: expected OLD=NEW pairs separated by commas", file=sys.stderr
+        )
         return 2
-    spec = {"path": args.source, "columns": {k.strip(): v.strip() for k, v in renames.items()}, "system": args.system,
-            **{k: v for k, v in (("format", args.format), ("split", args.split)) if v is not None}}
+    spec = {
+        "path": args.source,
+        "columns": {k.strip(): v.strip() for k, v in renames.items()},
+        "system": args.system,
+        **{k: v for k, v in (("format", args.format), ("split", args.split)) if v is not None},
+    }
     try:
         if args.action == "preview":
             for _, row in itertools.islice(iter_rows(spec, None, need_final_assistant=False), max(args.n, 0)):
@@ -155,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         logging.getLogger("posttrain").error(
-            "interrupted: finished stages are kept; re-run the same command to continue")
+            "interrupted: finished stages are kept; re-run the same command to continue"
+        )
         return 130
     print_summary(run_dir, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -3,6 +3,7 @@
 Every field carries a one-line doc (the attribute docstring below it). Errors name the dotted key,
 the YAML file and line where the key came from (or the override that set it), and what was expected.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,7 @@ class Section(BaseModel):
     """Base for every config section: unknown keys are errors, every field has a doc."""
 
     # inf and nan are never meaningful settings (an infinite learning rate trains a NaN model)
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False)
 
 
 def _must_exist(value: Optional[str]) -> Optional[str]:
@@ -54,8 +54,10 @@ def _model_dir(value: Optional[str]) -> Optional[str]:
 def _path_or_reference(value: Optional[str]) -> Optional[str]:
     if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
         return value
-    raise ValueError(f"{value!r} is neither an existing path nor an artifact reference like 'sft.model' "
-                     f"(relative paths are read from {os.getcwd()})")
+    raise ValueError(
+        f"{value!r} is neither an existing path nor an artifact reference like 'sft.model' "
+        f"(relative paths are read from {os.getcwd()})"
+    )
 
 
 def _file(value: Optional[str]) -> Optional[str]:
@@ -83,6 +85,8 @@ def is_reference_field(info) -> bool:
         if typing.get_origin(arg) is Annotated:
             metadata += list(typing.get_args(arg)[1:])
     return any(getattr(m, "func", None) in validators for m in metadata)
+
+
 FilePath = Annotated[Optional[str], AfterValidator(_file)]
 """An optional path that must be an existing file (a recipe, a verifier file)."""
 
@@ -135,8 +139,13 @@ class LoraSection(Section):
             return None
         from peft import LoraConfig
 
-        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, task_type=task_type)
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            task_type=task_type,
+        )
 
 
 class TrainerSection(Section):
@@ -235,7 +244,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
         origins[tuple(parts)] = f"command-line override {item!r}"

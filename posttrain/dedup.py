@@ -7,6 +7,7 @@ runs (~16 bytes each), and each kept row leaves one byte per permutation, enough
 candidate's estimated Jaccard similarity against the thresholds (b-bit MinHash, Li & Koenig 2010)
 instead of trusting every band collision.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -126,8 +127,16 @@ class NearDupIndex:
     CHUNK = 1 << 16
     SHINGLE_BUDGET = 1 << 15  # shingles per numpy block: the (num_perm x shingles) buffer is ~16 MB
 
-    def __init__(self, threshold: float = 0.7, prompt_threshold: float = 0.05, min_answer_words: int = 16,
-                 num_perm: int = 128, shingle_size: int = 5, unit: str = "chars", seed: int = 1):
+    def __init__(
+        self,
+        threshold: float = 0.7,
+        prompt_threshold: float = 0.05,
+        min_answer_words: int = 16,
+        num_perm: int = 128,
+        shingle_size: int = 5,
+        unit: str = "chars",
+        seed: int = 1,
+    ):
         from datasketch import MinHash, MinHashLSH
 
         self.threshold, self.prompt_threshold, self.min_answer_words = threshold, prompt_threshold, min_answer_words
@@ -184,19 +193,21 @@ class NearDupIndex:
         is ~20x faster than (shingles, num_perm), and reusing memory avoids page faults.
         """
         if len(mixed) > self.SHINGLE_BUDGET:  # one very long text: minimum over slices of its shingles
-            parts = [self._min_permuted(mixed[i:i + self.SHINGLE_BUDGET], np.zeros(1, np.int64))
-                     for i in range(0, len(mixed), self.SHINGLE_BUDGET)]
+            parts = [
+                self._min_permuted(mixed[i : i + self.SHINGLE_BUDGET], np.zeros(1, np.int64))
+                for i in range(0, len(mixed), self.SHINGLE_BUDGET)
+            ]
             return np.min(parts, axis=0)
         if self._buffer is None:
             self._buffer = np.empty((self.num_perm, self.SHINGLE_BUDGET), dtype=np.uint32)
-        buf = self._buffer[:, :len(mixed)]
+        buf = self._buffer[:, : len(mixed)]
         np.multiply(self.perm_a[:, None], mixed[None, :], out=buf)
         buf += self.perm_b[:, None]
         return np.minimum.reduceat(buf, firsts, axis=1).T
 
     def band_keys(self, sigs: np.ndarray) -> np.ndarray:
         """One 64-bit key per (row, band): a multiply-add hash with different multipliers per band."""
-        bands = sigs[:, :self.bands * self.rows].reshape(len(sigs), self.bands, self.rows).astype(np.uint64)
+        bands = sigs[:, : self.bands * self.rows].reshape(len(sigs), self.bands, self.rows).astype(np.uint64)
         return (bands * self.band_mult[None]).sum(axis=2, dtype=np.uint64)
 
     @staticmethod
@@ -228,8 +239,9 @@ class NearDupIndex:
         """Whether an answer (normalised text) is long enough to be compared."""
         return answer.count(" ") + 1 >= self.min_answer_words if answer else self.min_answer_words <= 0
 
-    def add_batch(self, prompts: Sequence[str], answers: Sequence[str],
-                  lines: Sequence[int]) -> list[Optional[NearMatch]]:
+    def add_batch(
+        self, prompts: Sequence[str], answers: Sequence[str], lines: Sequence[int]
+    ) -> list[Optional[NearMatch]]:
         """For each row in order (normalised prompt and answer texts): the earlier kept row it nearly
         repeats, or None (then it is indexed, if its answer is long enough to be compared)."""
         out: list[Optional[NearMatch]] = [None] * len(answers)

@@ -11,6 +11,7 @@ Cache layout (one directory per key, written atomically):
 The key hashes the teacher directory's content, the data file, the tokenizer, k, temperature and
 max_length: the same inputs find the same directory (reuse), any change finds a new one (rebuild).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ CACHE_FORMAT = 1
 # Vocabulary and tokenization
 
 
-def check_same_vocab(student_dir: str, teacher_dir: str, student_tok, teacher_tok,
-                     student_vocab_size: int, teacher_vocab_size: int) -> None:
+def check_same_vocab(
+    student_dir: str, teacher_dir: str, student_tok, teacher_tok, student_vocab_size: int, teacher_vocab_size: int
+) -> None:
     """Refuse a student/teacher pair whose token -> id maps or output sizes differ (ValueError)."""
     s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s_vocab != t_vocab:
@@ -52,10 +54,13 @@ def check_same_vocab(student_dir: str, teacher_dir: str, student_tok, teacher_to
             f"{token!r} has id {s_vocab.get(token, 'none')} in the student and {t_vocab.get(token, 'none')} in the "
             f"teacher (student id {first} is {s_by_id.get(first)!r}, teacher id {first} is {t_by_id.get(first)!r}). "
             f"Distillation compares next-token distributions id by id: build the student with the teacher's "
-            f"tokenizer")
+            f"tokenizer"
+        )
     if student_vocab_size != teacher_vocab_size:
-        raise ValueError(f"student {student_dir} has {student_vocab_size} output logits but teacher {teacher_dir} has "
-                         f"{teacher_vocab_size}: the same tokenizer, but differently padded embeddings")
+        raise ValueError(
+            f"student {student_dir} has {student_vocab_size} output logits but teacher {teacher_dir} has "
+            f"{teacher_vocab_size}: the same tokenizer, but differently padded embeddings"
+        )
 
 
 def tokenize_for_loss(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
@@ -69,8 +74,9 @@ def tokenize_for_loss(tokenizer, rows: list[dict], max_length: int) -> list[dict
     template = None if has_generation_markers(tokenizer.chat_template) else get_training_chat_template(tokenizer)
     out = []
     for row_id, row in enumerate(rows):
-        enc = tokenizer.apply_chat_template(row["messages"], chat_template=template, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(
+            row["messages"], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids = list(enc["input_ids"])[:max_length]
         labels = [t if m else -100 for t, m in zip(ids, enc["assistant_masks"])]
         if any(label != -100 for label in labels[1:]):
@@ -119,8 +125,15 @@ class TopKCache:
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({"indices": self.indices, "logprobs": self.logprobs, "positions": self.positions,
-                   "row_offsets": self.row_offsets}, str(folder / "topk.safetensors"))
+        save_file(
+            {
+                "indices": self.indices,
+                "logprobs": self.logprobs,
+                "positions": self.positions,
+                "row_offsets": self.row_offsets,
+            },
+            str(folder / "topk.safetensors"),
+        )
 
     @classmethod
     def load(cls, folder: Path) -> "TopKCache":
@@ -133,11 +146,19 @@ def cache_key(teacher_dir: str, data_path: str, tokenizer, k: int, temperature: 
     """Everything the cached values depend on; `hash_json` of it names the cache directory."""
     import trl
 
-    tok_fp = hash_json({"vocab": tokenizer.get_vocab(), "template": tokenizer.chat_template,
-                        "special": tokenizer.all_special_tokens})
-    return {"format": CACHE_FORMAT, "teacher": hash_path(teacher_dir), "data": hash_path(data_path),
-            "tokenizer": tok_fp, "k": k, "temperature": temperature, "max_length": max_length,
-            "trl": trl.__version__}
+    tok_fp = hash_json(
+        {"vocab": tokenizer.get_vocab(), "template": tokenizer.chat_template, "special": tokenizer.all_special_tokens}
+    )
+    return {
+        "format": CACHE_FORMAT,
+        "teacher": hash_path(teacher_dir),
+        "data": hash_path(data_path),
+        "tokenizer": tok_fp,
+        "k": k,
+        "temperature": temperature,
+        "max_length": max_length,
+        "trl": trl.__version__,
+    }
 
 
 def cache_dir_for(root: Path, key: dict) -> Path:
@@ -159,12 +180,13 @@ def _chunks(hidden: torch.Tensor, head, cap, vocab: int):
     """(start, fp32 logits) of `hidden`'s positions, one chunk of the output head at a time."""
     step = chunk_tokens_for(vocab)
     for start in range(0, hidden.shape[0], step):
-        yield start, softcap(head(hidden[start:start + step]).float(), cap)
+        yield start, softcap(head(hidden[start : start + step]).float(), cap)
 
 
 @torch.no_grad()
-def compute_topk(teacher, examples: list[dict], num_rows: int, k: int, temperature: float, pad_id: int,
-                 batch_size: int = 32) -> TopKCache:
+def compute_topk(
+    teacher, examples: list[dict], num_rows: int, k: int, temperature: float, pad_id: int, batch_size: int = 32
+) -> TopKCache:
     """Teacher top-k (renormalised, at `temperature`) at each loss position of each example, from chunks of
     the teacher's output head (no [batch, seq, vocab] logits).
 
@@ -175,7 +197,7 @@ def compute_topk(teacher, examples: list[dict], num_rows: int, k: int, temperatu
     by_row: dict[int, tuple] = {}
     device = next(teacher.parameters()).device
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
+        chunk = examples[start : start + batch_size]
         batch = {key: v.to(device) for key, v in pad_batch(chunk, pad_id).items()}
         where = _loss_mask(batch)
         hidden, head, cap, vocab = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], where)
@@ -185,20 +207,23 @@ def compute_topk(teacher, examples: list[dict], num_rows: int, k: int, temperatu
         offset = 0
         for ex, count in zip(chunk, where.sum(1).tolist()):
             pos = torch.tensor(loss_positions(ex["labels"]), dtype=torch.long)
-            by_row[ex["row_id"]] = (pos, idx[offset:offset + count], lp[offset:offset + count])
+            by_row[ex["row_id"]] = (pos, idx[offset : offset + count], lp[offset : offset + count])
             offset += count
     teacher.train(was_training)
     empty = (torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k))
     parts = [by_row.get(r, empty) for r in range(num_rows)]
     counts = torch.tensor([0] + [len(p[0]) for p in parts], dtype=torch.int64)
-    return TopKCache(indices=torch.cat([p[1] for p in parts]).to(torch.int32),
-                     logprobs=torch.cat([p[2] for p in parts]).to(torch.float16),
-                     positions=torch.cat([p[0] for p in parts]).to(torch.int32),
-                     row_offsets=torch.cumsum(counts, 0))
+    return TopKCache(
+        indices=torch.cat([p[1] for p in parts]).to(torch.int32),
+        logprobs=torch.cat([p[2] for p in parts]).to(torch.float16),
+        positions=torch.cat([p[0] for p in parts]).to(torch.int32),
+        row_offsets=torch.cumsum(counts, 0),
+    )
 
 
-def open_or_build_cache(root: Path, key: dict, build: Callable[[], TopKCache],
-                        about: Optional[dict] = None) -> tuple[TopKCache, str, Path]:
+def open_or_build_cache(
+    root: Path, key: dict, build: Callable[[], TopKCache], about: Optional[dict] = None
+) -> tuple[TopKCache, str, Path]:
     """Load the cache for `key` ('reused'), or call `build` and store it atomically ('built').
 
     `about` (e.g. the teacher and data paths) is recorded in index.json for people, not in the key."""
@@ -212,8 +237,14 @@ def open_or_build_cache(root: Path, key: dict, build: Callable[[], TopKCache],
     cache = build()
     with atomic_dir(folder) as tmp:
         cache.save(tmp)
-        index = {"key": key, **(about or {}), "rows": len(cache.row_offsets) - 1, "entries": len(cache.positions),
-                 "bytes": (tmp / "topk.safetensors").stat().st_size, "build_seconds": round(time.time() - started, 2)}
+        index = {
+            "key": key,
+            **(about or {}),
+            "rows": len(cache.row_offsets) - 1,
+            "entries": len(cache.positions),
+            "bytes": (tmp / "topk.safetensors").stat().st_size,
+            "build_seconds": round(time.time() - started, 2),
+        }
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n")
     return cache, "built", folder
 
@@ -241,8 +272,10 @@ class TopKCollator:
         for i, (row_id, ex) in enumerate(zip(row_ids, examples)):
             pos, idx, lp = self.cache.row(row_id)
             if pos.tolist() != loss_positions(list(ex["labels"])):
-                raise ValueError(f"teacher top-k cache does not match training row {row_id}: it was built from "
-                                 f"different tokens (delete the cache directory to rebuild it)")
+                raise ValueError(
+                    f"teacher top-k cache does not match training row {row_id}: it was built from "
+                    f"different tokens (delete the cache directory to rebuild it)"
+                )
             indices[i, pos.long()] = idx.long()
             logprobs[i, pos.long()] = lp.float()
         batch["topk_indices"], batch["topk_logprobs"] = indices, logprobs
@@ -265,7 +298,7 @@ def heldout_metrics(student, teacher, examples: list[dict], pad_id: int, batch_s
     device = next(student.parameters()).device
     nll_sum, kl_sum, tokens = 0.0, 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[start:start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id).items()}
         where = _loss_mask(batch)
         targets = batch["labels"][:, 1:][where]
         s_hidden, s_head, s_cap, vocab = hidden_at(student, batch["input_ids"], batch["attention_mask"], where)
@@ -273,9 +306,9 @@ def heldout_metrics(student, teacher, examples: list[dict], pad_id: int, batch_s
             t_hidden, t_head, t_cap, _ = hidden_at(teacher, batch["input_ids"], batch["attention_mask"], where)
         for first, logits in _chunks(s_hidden, s_head, s_cap, vocab):
             n = logits.shape[0]
-            nll_sum += float(torch.nn.functional.cross_entropy(logits, targets[first:first + n], reduction="sum"))
+            nll_sum += float(torch.nn.functional.cross_entropy(logits, targets[first : first + n], reduction="sum"))
             if teacher is not None:
-                t_logits = softcap(t_head(t_hidden[first:first + n]).float(), t_cap)
+                t_logits = softcap(t_head(t_hidden[first : first + n]).float(), t_cap)
                 ones = torch.ones(1, n, dtype=torch.bool, device=logits.device)
                 kl_sum += float(forward_kl(logits[None], t_logits[None], ones)) * n
         tokens += int(where.sum())

@@ -11,6 +11,7 @@
   the example counts as memorised when they equal the true continuation exactly (approximately: within
   10% token edit distance).
 """
+
 from __future__ import annotations
 
 import random
@@ -31,8 +32,12 @@ DEFAULT_VERIFIERS = VERIFIERS
 # Win rate
 
 
-def outcomes(scores_a: Sequence[float], scores_b: Sequence[float], tie_tolerance: float = 0.0,
-             same: Optional[Sequence[bool]] = None) -> np.ndarray:
+def outcomes(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    tie_tolerance: float = 0.0,
+    same: Optional[Sequence[bool]] = None,
+) -> np.ndarray:
     """Per prompt: 1 (A wins), 0 (tie) or -1 (A loses). `same[i]`: the two answers are identical, a tie
     whatever the judge says (a reward model can differ by float noise on the same text)."""
     a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
@@ -53,8 +58,9 @@ def win_rate(outcome: Sequence[int]) -> float:
     return float(((outcome == 1).sum() + 0.5 * (outcome == 0).sum()) / outcome.size)
 
 
-def bootstrap_ci(outcome: Sequence[int], num_samples: int = 1000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    outcome: Sequence[int], num_samples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the win rate: resample prompts with replacement."""
     points = (np.asarray(outcome) + 1) / 2.0  # win 1, tie 0.5, loss 0
     if points.size == 0:
@@ -67,14 +73,26 @@ def bootstrap_ci(outcome: Sequence[int], num_samples: int = 1000, seed: int = 0,
     return float(low), float(high)
 
 
-def compare(scores_a: Sequence[float], scores_b: Sequence[float], num_samples: int = 1000, seed: int = 0,
-            same: Optional[Sequence[bool]] = None, tie_tolerance: float = 0.0) -> dict:
+def compare(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    num_samples: int = 1000,
+    seed: int = 0,
+    same: Optional[Sequence[bool]] = None,
+    tie_tolerance: float = 0.0,
+) -> dict:
     """Wins, ties, losses, win rate and its 95% bootstrap interval of A against B."""
     out = outcomes(scores_a, scores_b, tie_tolerance, same)
     low, high = bootstrap_ci(out, num_samples, seed)
-    return {"wins": int((out == 1).sum()), "ties": int((out == 0).sum()), "losses": int((out == -1).sum()),
-            "n": int(out.size), "win_rate": round(win_rate(out), 4), "ci_low": round(low, 4),
-            "ci_high": round(high, 4)}
+    return {
+        "wins": int((out == 1).sum()),
+        "ties": int((out == 0).sum()),
+        "losses": int((out == -1).sum()),
+        "n": int(out.size),
+        "win_rate": round(win_rate(out), 4),
+        "ci_low": round(low, 4),
+        "ci_high": round(high, 4),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,12 +119,17 @@ def safety_rates(rows: list[dict], refused: list[bool]) -> dict:
     """Refusal rate on harmful prompts (task 'safety') and over-refusal rate on all other prompts."""
     harmful = [r for row, r in zip(rows, refused, strict=True) if row.get("task") == "safety"]
     benign = [r for row, r in zip(rows, refused, strict=True) if row.get("task") != "safety"]
-    return {"refusal_rate": _share(harmful), "over_refusal_rate": _share(benign),
-            "n_harmful": len(harmful), "n_benign": len(benign)}
+    return {
+        "refusal_rate": _share(harmful),
+        "over_refusal_rate": _share(benign),
+        "n_harmful": len(harmful),
+        "n_benign": len(benign),
+    }
 
 
-def identity_accuracy(rows: list[dict], completions: list[str], identity_fn: Callable,
-                      release_name: Optional[str] = None) -> Optional[float]:
+def identity_accuracy(
+    rows: list[dict], completions: list[str], identity_fn: Callable, release_name: Optional[str] = None
+) -> Optional[float]:
     """Share of identity prompts whose answer names the release and claims no other model (None: no such rows)."""
     pairs = [(r, c) for r, c in zip(rows, completions, strict=True) if r.get("task") == "identity"]
     if not pairs:
@@ -116,8 +139,9 @@ def identity_accuracy(rows: list[dict], completions: list[str], identity_fn: Cal
     return round(sum(float(s) for s in scores) / len(pairs), 4)
 
 
-def answer_metrics(rows: list[dict], completions: list[str], verifiers: dict[str, Callable],
-                   release_name: Optional[str] = None) -> dict:
+def answer_metrics(
+    rows: list[dict], completions: list[str], verifiers: dict[str, Callable], release_name: Optional[str] = None
+) -> dict:
     """Accuracy (overall and per task), refusal, over-refusal and identity for one model's answers.
 
     Each slice counts only the rows that carry the column it reads: accuracy the rows with an `answer`,
@@ -125,18 +149,26 @@ def answer_metrics(rows: list[dict], completions: list[str], verifiers: dict[str
     answered = [(r, c) for r, c in zip(rows, completions, strict=True) if "answer" in r]
     tasked = [(r, c) for r, c in zip(rows, completions, strict=True) if "task" in r]
     task_rows, task_texts = [r for r, _ in tasked], [c for _, c in tasked]
-    safety = safety_rates(task_rows, refusals(verifiers["refusal"], task_texts)) if tasked else \
-        {"refusal_rate": None, "over_refusal_rate": None, "n_harmful": 0, "n_benign": 0}
+    safety = (
+        safety_rates(task_rows, refusals(verifiers["refusal"], task_texts))
+        if tasked
+        else {"refusal_rate": None, "over_refusal_rate": None, "n_harmful": 0, "n_benign": 0}
+    )
     accuracy = answer_accuracy([r for r, _ in answered], [c for _, c in answered]) if answered else None
-    return {"accuracy": accuracy, **safety,
-            "identity": identity_accuracy(task_rows, task_texts, verifiers["identity"], release_name)}
+    return {
+        "accuracy": accuracy,
+        **safety,
+        "identity": identity_accuracy(task_rows, task_texts, verifiers["identity"], release_name),
+    }
 
 
 def slice_skips(rows: list[dict]) -> dict[str, str]:
     """Why a slice of `answer_metrics` leaves rows out (or is skipped): the column it reads, per slice."""
     out = {}
-    for column, slices, why in (("answer", ("accuracy",), "the oracle answer a completion must equal"),
-                                ("task", ("refusal", "identity"), "which prompts are harmful or ask who the model is")):
+    for column, slices, why in (
+        ("answer", ("accuracy",), "the oracle answer a completion must equal"),
+        ("task", ("refusal", "identity"), "which prompts are harmful or ask who the model is"),
+    ):
         lacking = sum(column not in r for r in rows)
         if lacking:
             verdict = "skipped" if lacking == len(rows) else f"over the other {len(rows) - lacking} rows"
@@ -160,8 +192,9 @@ def edit_distance(a: Sequence, b: Sequence) -> int:
     return prev[-1]
 
 
-def memorisation_sequences(tokenizer, rows: list[dict], prefix_tokens: int, suffix_tokens: int,
-                           num_examples: int, seed: int = 0) -> list[list[int]]:
+def memorisation_sequences(
+    tokenizer, rows: list[dict], prefix_tokens: int, suffix_tokens: int, num_examples: int, seed: int = 0
+) -> list[list[int]]:
     """Up to `num_examples` training conversations, rendered and cut to prefix + suffix tokens.
 
     Rows are visited in a seeded random order and shorter ones skipped, so only about `num_examples`
@@ -180,8 +213,15 @@ def memorisation_sequences(tokenizer, rows: list[dict], prefix_tokens: int, suff
 
 
 @torch.no_grad()
-def memorisation(model, sequences: list[list[int]], prefix_tokens: int, suffix_tokens: int, pad_token_id: int,
-                 batch_size: int = 64, approximate_threshold: float = 0.1) -> dict:
+def memorisation(
+    model,
+    sequences: list[list[int]],
+    prefix_tokens: int,
+    suffix_tokens: int,
+    pad_token_id: int,
+    batch_size: int = 64,
+    approximate_threshold: float = 0.1,
+) -> dict:
     """Share of sequences whose greedy continuation of the prefix equals the true suffix.
 
     Exactly `suffix_tokens` tokens are generated: stop tokens are disabled (the true continuation may
@@ -193,15 +233,14 @@ def memorisation(model, sequences: list[list[int]], prefix_tokens: int, suffix_t
         return {"n": 0, "exact": None, "approximate": None}
     # eos_token_id=None would be filled in from the model's generation_config.json (which stops on
     # <end_of_turn>); an empty list is "no stop token" and survives the merge.
-    gen = GenerationConfig(do_sample=False, max_new_tokens=suffix_tokens, eos_token_id=[],
-                           pad_token_id=pad_token_id)
+    gen = GenerationConfig(do_sample=False, max_new_tokens=suffix_tokens, eos_token_id=[], pad_token_id=pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     exact = approx = 0
     try:
         for start in range(0, len(sequences), batch_size):
-            batch = torch.tensor([s[:prefix_tokens + suffix_tokens] for s in sequences[start:start + batch_size]])
+            batch = torch.tensor([s[: prefix_tokens + suffix_tokens] for s in sequences[start : start + batch_size]])
             prompt = batch[:, :prefix_tokens].to(device)
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=gen)
             for generated, truth in zip(out[:, prefix_tokens:].tolist(), batch[:, prefix_tokens:].tolist()):
@@ -224,8 +263,10 @@ def _fmt(value, digits: int = 2) -> str:
 def _win_cell(cmp: Optional[dict]) -> str:
     if not cmp:
         return "–"
-    return (f"{cmp['win_rate']:.2f} [{cmp['ci_low']:.2f}, {cmp['ci_high']:.2f}] "
-            f"({cmp['wins']}/{cmp['ties']}/{cmp['losses']})")
+    return (
+        f"{cmp['win_rate']:.2f} [{cmp['ci_low']:.2f}, {cmp['ci_high']:.2f}] "
+        f"({cmp['wins']}/{cmp['ties']}/{cmp['losses']})"
+    )
 
 
 def results_markdown(results: dict) -> str:
@@ -234,18 +275,29 @@ def results_markdown(results: dict) -> str:
     head = ["model", "accuracy", *tasks, "refusal", "over-refusal", "identity slice"]
     head += [f"win rate vs {base} ({j})" for j in judges] if base else []
     head += ["memorised (exact)"]
-    lines = ["# Evaluation", "",
-             f"{results['num_prompts']} held-out prompts, {results['decoding']}. Accuracy: exact oracle answer. "
-             "Refusal: share of harmful prompts refused; over-refusal: share of benign prompts refused; "
-             "identity slice: share of identity answers naming the release and no other model."]
+    lines = [
+        "# Evaluation",
+        "",
+        f"{results['num_prompts']} held-out prompts, {results['decoding']}. Accuracy: exact oracle answer. "
+        "Refusal: share of harmful prompts refused; over-refusal: share of benign prompts refused; "
+        "identity slice: share of identity answers naming the release and no other model.",
+    ]
     if base:
-        lines.append(f"Win rate against **{base}** on the same prompts = (wins + ties/2) / n, "
-                     f"95% bootstrap interval over prompts, (wins/ties/losses).")
+        lines.append(
+            f"Win rate against **{base}** on the same prompts = (wins + ties/2) / n, "
+            f"95% bootstrap interval over prompts, (wins/ties/losses)."
+        )
     lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in results["models"].items():
         acc = m["accuracy"] or {}
-        row = [name, _fmt(acc.get("overall")), *[_fmt(acc.get(t)) for t in tasks],
-               _fmt(m["refusal_rate"]), _fmt(m["over_refusal_rate"]), _fmt(m["identity"])]
+        row = [
+            name,
+            _fmt(acc.get("overall")),
+            *[_fmt(acc.get(t)) for t in tasks],
+            _fmt(m["refusal_rate"]),
+            _fmt(m["over_refusal_rate"]),
+            _fmt(m["identity"]),
+        ]
         if base:
             row += ["baseline" if name == base else _win_cell(m.get("win_rate", {}).get(j)) for j in judges]
         mem = m.get("memorisation") or {}
@@ -291,8 +343,11 @@ def plot_win_rates(results: dict, out: str | Path) -> Optional[Path]:
     from . import plots  # noqa: F401
     import matplotlib.pyplot as plt
 
-    bars = [(f"{name} ({judge})", cmp) for name, m in results["models"].items()
-            for judge, cmp in (m.get("win_rate") or {}).items()]
+    bars = [
+        (f"{name} ({judge})", cmp)
+        for name, m in results["models"].items()
+        for judge, cmp in (m.get("win_rate") or {}).items()
+    ]
     if not bars:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 0.5 * len(bars) + 1.8))

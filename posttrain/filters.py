@@ -4,6 +4,7 @@ Detectors are built from plain parameters (precompiled regexes, term sets); a ch
 enough digits, a first-person phrase) runs before any costly regex, because most rows are clean.
 posttrain/stages/filter/ applies them (and the dedup indexes of posttrain/dedup.py) to a JSONL stream.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,14 @@ def shape_error(obj) -> Optional[str]:
     return None
 
 
-def structure_problem(row: dict, require_final_assistant: bool = True, drop_unfinished: bool = True,
-                      final_endings: Optional[Sequence[str]] = None, max_chars: Optional[int] = None,
-                      drop_control_tokens: bool = True) -> Optional[str]:
+def structure_problem(
+    row: dict,
+    require_final_assistant: bool = True,
+    drop_unfinished: bool = True,
+    final_endings: Optional[Sequence[str]] = None,
+    max_chars: Optional[int] = None,
+    drop_control_tokens: bool = True,
+) -> Optional[str]:
     """The first structural problem of a well-shaped row, as a short reason key, or None.
 
     'unfinished' covers rows the generator marked (`finished: false` or `truncated: true`) and, when
@@ -67,11 +73,15 @@ def structure_problem(row: dict, require_final_assistant: bool = True, drop_unfi
         return "no_final_assistant"
     if drop_unfinished and (row.get("finished") is False or row.get("truncated") is True):
         return "unfinished"
-    if final_endings and msgs[-1]["role"] == "assistant" \
-            and not msgs[-1]["content"].rstrip().endswith(tuple(final_endings)):
+    if (
+        final_endings
+        and msgs[-1]["role"] == "assistant"
+        and not msgs[-1]["content"].rstrip().endswith(tuple(final_endings))
+    ):
         return "unfinished"
-    if drop_control_tokens and any("<" in m["content"] and any(t in m["content"] for t in CONTROL_TOKENS)
-                                   for m in msgs):
+    if drop_control_tokens and any(
+        "<" in m["content"] and any(t in m["content"] for t in CONTROL_TOKENS) for m in msgs
+    ):
         return "control_tokens"
     if max_chars is not None and sum(len(m["content"]) for m in msgs) > max_chars:
         return "overlong"
@@ -99,12 +109,19 @@ def estimate_tokens(messages: Sequence[dict]) -> int:
 
 # ------------------------------------------------------------------------------ personal information
 
-PLACEHOLDERS = {"email": "[EMAIL]", "credit_card": "[CREDIT_CARD]", "id": "[ID]", "ip_address": "[IP_ADDRESS]",
-                "phone": "[PHONE]"}
+PLACEHOLDERS = {
+    "email": "[EMAIL]",
+    "credit_card": "[CREDIT_CARD]",
+    "id": "[ID]",
+    "ip_address": "[IP_ADDRESS]",
+    "phone": "[PHONE]",
+}
 """PII type -> the placeholder redaction writes. Also the order types are matched in (cards before phones)."""
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][\w.%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b")
+_EMAIL = re.compile(
+    r"(?<![\w.+-])[A-Za-z0-9][\w.%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,}\b"
+)
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
@@ -156,13 +173,15 @@ class PIIDetector:
         rules = [("email", _EMAIL, None, "@"), ("credit_card", _CARD, _is_card, 13), ("id", _SSN, None, 9)]
         rules += [("id", re.compile(p), None, 0) for p in extra_id_patterns]
         rules += [("ip_address", _IPV4, None, "."), ("ip_address", _IPV6, _is_ipv6, ":")]
-        rules += [("phone", rx, (lambda s, lo=lo, hi=hi: lo <= sum(c.isdigit() for c in s) <= hi), 7)
-                  for rx, lo, hi in _PHONES]
+        rules += [
+            ("phone", rx, (lambda s, lo=lo, hi=hi: lo <= sum(c.isdigit() for c in s) <= hi), 7)
+            for rx, lo, hi in _PHONES
+        ]
         self.rules = [r for r in rules if r[0] in types]
 
     def redact(self, text: str) -> tuple[str, Counter]:
         """(text with each finding replaced by its placeholder, count of findings per type)."""
-        found: Counter = Counter()   # empty for almost every text
+        found: Counter = Counter()  # empty for almost every text
         n_digits = sum(map(text.count, "0123456789"))
         for kind, pattern, check, needs in self.rules:
             if isinstance(needs, int) and n_digits < needs or isinstance(needs, str) and needs not in text:
@@ -217,30 +236,62 @@ class TermMatcher:
         if self.multi and not self.multi.keys().isdisjoint(words):
             for i, w in enumerate(words):
                 for rest in self.multi.get(w, ()):
-                    if tuple(words[i + 1:i + 1 + len(rest)]) == rest:
+                    if tuple(words[i + 1 : i + 1 + len(rest)]) == rest:
                         return " ".join((w, *rest))
         return None
 
 
 # ------------------------------------------------------------------------------ self-identification
 
-DEFAULT_OTHER_NAMES = ["ChatGPT", "GPT-3", "GPT-3.5", "GPT-4", "GPT-4o", "GPT", "OpenAI", "Claude", "Anthropic",
-                       "Gemini", "Bard", "Google", "DeepMind", "LLaMA", "Meta", "Mistral", "Mixtral", "Qwen",
-                       "Alibaba", "DeepSeek", "Copilot", "Microsoft", "Grok", "xAI", "Phi", "Cohere"]
+DEFAULT_OTHER_NAMES = [
+    "ChatGPT",
+    "GPT-3",
+    "GPT-3.5",
+    "GPT-4",
+    "GPT-4o",
+    "GPT",
+    "OpenAI",
+    "Claude",
+    "Anthropic",
+    "Gemini",
+    "Bard",
+    "Google",
+    "DeepMind",
+    "LLaMA",
+    "Meta",
+    "Mistral",
+    "Mixtral",
+    "Qwen",
+    "Alibaba",
+    "DeepSeek",
+    "Copilot",
+    "Microsoft",
+    "Grok",
+    "xAI",
+    "Phi",
+    "Cohere",
+]
 """Other assistants and their makers: a response claiming to be one of them (or made by one) is wrong."""
 
-_ANCHOR = re.compile(r"\b(?:I\s+am|I['’]m|I\s+was|I['’]ve|I\s+have|call\s+me|as\s+an?|"
-                     r"(?:my|our)\s+\w+(?:\s+\w+)?\s+(?:is|are|was|were|at))\b", re.I)  # cheap prefilter
-_SELF = (r"(?:\bI\s+am|\bI['’]m|\bI\s+was|\bI['’]ve\s+been|\bI\s+have\s+been|\bmy\s+name\s+is|\bcall\s+me|"
-         r"\bas\s+an?)")
+_ANCHOR = re.compile(
+    r"\b(?:I\s+am|I['’]m|I\s+was|I['’]ve|I\s+have|call\s+me|as\s+an?|"
+    r"(?:my|our)\s+\w+(?:\s+\w+)?\s+(?:is|are|was|were|at))\b",
+    re.I,
+)  # cheap prefilter
+_SELF = (
+    r"(?:\bI\s+am|\bI['’]m|\bI\s+was|\bI['’]ve\s+been|\bI\s+have\s+been|\bmy\s+name\s+is|\bcall\s+me|"
+    r"\bas\s+an?)"
+)
 # Up to 6 words between the self-reference and "made by"; a negation or a new clause ends the claim.
 _GAP = r"(?:\s+(?!(?:not|never|no|nor|but|is|was|are|were|isn['’]t|wasn['’]t)\b)[^\s.!?;:]+){0,6}?"
 _BY = r"(?:(?:that|which|who)\s+(?:was|is|has\s+been)\s+)?"
 _MADE_BY = r"(?:made|created|developed|trained|built|designed|released|programmed)\s+by"
 _BASED_ON = rf"(?:{_MADE_BY}|(?:owned|powered|fine-?tuned)\s+by|based\s+on|built\s+on|derived\s+from|a\s+version\s+of)"
 _CLAIMED_NAME = r"(?P<claimed>[A-Z][\w-]*(?:\.\d+)*(?:\s+[A-Z0-9][\w-]*(?:\.\d+)*){0,2})"
-_NAME_CLAIM = re.compile(r"(?:\bI\s+am|\bI['’]m|\b[Mm]y\s+name\s+is|\b[Cc]all\s+me|\bI\s+am\s+called|"
-                         rf"\bI['’]m\s+called)\s+{_CLAIMED_NAME}")  # case-sensitive: a name is capitalised
+_NAME_CLAIM = re.compile(
+    r"(?:\bI\s+am|\bI['’]m|\b[Mm]y\s+name\s+is|\b[Cc]all\s+me|\bI\s+am\s+called|"
+    rf"\bI['’]m\s+called)\s+{_CLAIMED_NAME}"
+)  # case-sensitive: a name is capitalised
 _MAKER_CLAIM = re.compile(rf"{_SELF}{_GAP}\s+{_BY}{_MADE_BY}\s+(?P<maker>[^.,;!?\n]+)", re.I)
 
 
@@ -262,22 +313,38 @@ class IdentityChecker:
     is a contradiction; with `release_maker`, so is 'I was trained by X' for a capitalised X.
     """
 
-    def __init__(self, release_name: Optional[str] = None, release_maker: Optional[str] = None,
-                 other_names: Iterable[str] = DEFAULT_OTHER_NAMES, allowed_names: Iterable[str] = ()):
+    def __init__(
+        self,
+        release_name: Optional[str] = None,
+        release_maker: Optional[str] = None,
+        other_names: Iterable[str] = DEFAULT_OTHER_NAMES,
+        allowed_names: Iterable[str] = (),
+    ):
         own = f"{release_name or ''} {release_maker or ''}".lower()
-        names = sorted({n for n in other_names if n.strip() and not re.search(rf"\b{re.escape(n.lower())}\b", own)},
-                       key=len, reverse=True)  # a release named after a listed name (e.g. Gemma by Google) keeps it
+        names = sorted(
+            {n for n in other_names if n.strip() and not re.search(rf"\b{re.escape(n.lower())}\b", own)},
+            key=len,
+            reverse=True,
+        )  # a release named after a listed name (e.g. Gemma by Google) keeps it
         self.release_name, self.release_maker = release_name, release_maker
         self.allowed = {_squash(a) for a in allowed_names}
         self.claims = []
         if names:
             alt = rf"(?P<name>{'|'.join(map(re.escape, names))})(?![\w])"
-            self.claims = [re.compile(rf"{_SELF}\s+(?:(?:a|an|the)\s+)?{alt}", re.I),
-                           re.compile(rf"{_SELF}{_GAP}\s+{_BY}{_BASED_ON}\s+(?:the\s+)?"
-                                      rf"(?:(?:team|people|engineers|researchers)\s+at\s+)?{alt}", re.I),
-                           re.compile(r"\b(?:my|our)\s+(?:creators?|developers?|makers?|trainers?|parent\s+company)"
-                                      r"\s+(?:(?:is|are|was|were)(?:\s+at)?|at)\s+(?:the\s+)?(?:team\s+at\s+)?"
-                                      rf"{alt}", re.I)]
+            self.claims = [
+                re.compile(rf"{_SELF}\s+(?:(?:a|an|the)\s+)?{alt}", re.I),
+                re.compile(
+                    rf"{_SELF}{_GAP}\s+{_BY}{_BASED_ON}\s+(?:the\s+)?"
+                    rf"(?:(?:team|people|engineers|researchers)\s+at\s+)?{alt}",
+                    re.I,
+                ),
+                re.compile(
+                    r"\b(?:my|our)\s+(?:creators?|developers?|makers?|trainers?|parent\s+company)"
+                    r"\s+(?:(?:is|are|was|were)(?:\s+at)?|at)\s+(?:the\s+)?(?:team\s+at\s+)?"
+                    rf"{alt}",
+                    re.I,
+                ),
+            ]
 
     def check(self, text: str) -> Optional[tuple[str, str]]:
         """(reason key, what was claimed) for the first identity problem in `text`, or None."""
@@ -301,6 +368,7 @@ class IdentityChecker:
 
 
 # --------------------------------------------------------------------------------- classifier hook
+
 
 class HookError(RuntimeError):
     """A classifier hook that raised, or returned something other than one number per text."""
@@ -333,13 +401,15 @@ def score_texts(hook: Callable, texts: list[str], key: str) -> list[float]:
     try:
         scores = hook(list(texts))
     except Exception as err:
-        raise HookError(f"{key}: the classifier raised {type(err).__name__}: {err} "
-                        f"(on a batch of {len(texts)} texts)") from err
+        raise HookError(
+            f"{key}: the classifier raised {type(err).__name__}: {err} (on a batch of {len(texts)} texts)"
+        ) from err
     try:
         values = [float(s) for s in scores]
     except (TypeError, ValueError):
-        raise HookError(f"{key}: the classifier must return one number per text (a list or 1-D array), "
-                        f"got {type(scores).__name__}") from None
+        raise HookError(
+            f"{key}: the classifier must return one number per text (a list or 1-D array), got {type(scores).__name__}"
+        ) from None
     if len(values) != len(texts):
         raise HookError(f"{key}: the classifier returned {len(values)} scores for {len(texts)} texts")
     if not all(math.isfinite(v) for v in values):

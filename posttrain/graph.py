@@ -11,6 +11,7 @@ reference `NAME.ARTIFACT` to an earlier instance's artifact (`model: teacher_sft
 finds every rule reward and hook a config names and checks that its file defines the function (by
 reading the file, without running it).
 """
+
 from __future__ import annotations
 
 import ast
@@ -55,8 +56,10 @@ def check_entries(stages: list) -> list:
     pairs = entries(stages)
     for name, kind in pairs:
         if kind not in STAGE_MODULES:
-            raise ValueError(f"unknown stage {kind!r}; known stages: {', '.join(STAGE_MODULES)} "
-                             f"(or an entry {{name: NAME, kind: KIND}})")
+            raise ValueError(
+                f"unknown stage {kind!r}; known stages: {', '.join(STAGE_MODULES)} "
+                f"(or an entry {{name: NAME, kind: KIND}})"
+            )
         if name in TOP_LEVEL:
             raise ValueError(f"stage name {name!r} is a pipeline key; choose another name")
         if name in STAGE_MODULES and name != kind:
@@ -64,8 +67,9 @@ def check_entries(stages: list) -> list:
     names = [n for n, _ in pairs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"stage name(s) listed twice: {dup}; give repeated kinds their own names: "
-                         f"{{name: NAME, kind: KIND}}")
+        raise ValueError(
+            f"stage name(s) listed twice: {dup}; give repeated kinds their own names: {{name: NAME, kind: KIND}}"
+        )
     return stages
 
 
@@ -81,8 +85,13 @@ def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
         if isinstance(value, BaseModel):
             yield from references(value, key + ".")
         elif is_reference_field(info):
-            items = (value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list)
-                     else [(None, value)])
+            items = (
+                value.items()
+                if isinstance(value, dict)
+                else enumerate(value)
+                if isinstance(value, list)
+                else [(None, value)]
+            )
             for sub, item in items:
                 if is_reference(item):
                     yield (key if sub is None else f"{key}.{sub}"), item
@@ -95,8 +104,10 @@ def check_references(section: BaseModel, stage: str, artifacts: dict) -> dict[st
     for key, ref in found.items():
         if ref not in artifacts:
             known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
-            raise ConfigError(f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
-                              f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path")
+            raise ConfigError(
+                f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
+                f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path"
+            )
     return found
 
 
@@ -157,8 +168,11 @@ def function_specs(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, 
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
-                    yield from function_specs(item, f"{key}.{i}.") if not {"path", "function"} <= set(
-                        type(item).model_fields) else [(f"{key}.{i}", item.path, item.function)]
+                    yield from (
+                        function_specs(item, f"{key}.{i}.")
+                        if not {"path", "function"} <= set(type(item).model_fields)
+                        else [(f"{key}.{i}", item.path, item.function)]
+                    )
         elif isinstance(value, str) and ".py:" in value:
             path, function = value.rsplit(":", 1)
             yield key, path, function

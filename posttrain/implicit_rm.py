@@ -6,6 +6,7 @@ reads every answer token's likelihood, the signal the model already has from SFT
 the last token must learn to verify an answer from a few hundred pairs. The saved directory is a plain
 causal LM plus `reward_head.json`, which tells the scoring API to score it this way.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def read_reward_head(model_dir: str | Path) -> Optional[dict]:
         return None
     head = json.loads(path.read_text())
     if head.get("head") != "implicit" or not isinstance(head.get("beta"), (int, float)):
-        raise ValueError(f"{path}: expected {{\"head\": \"implicit\", \"beta\": <number>}}, got {head}")
+        raise ValueError(f'{path}: expected {{"head": "implicit", "beta": <number>}}, got {head}')
     return head
 
 
@@ -50,7 +51,7 @@ def implicit_scores(model, tokenizer, conversations: list[list[dict]], beta: flo
     model's device; returned on the CPU."""
     device, out = next(model.parameters()).device, []
     for i in range(0, len(conversations), batch_size):
-        batch = answer_batch(tokenizer, [{"messages": c} for c in conversations[i:i + batch_size]], device)
+        batch = answer_batch(tokenizer, [{"messages": c} for c in conversations[i : i + batch_size]], device)
         out.append(sequence_rewards(model, batch, beta).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -74,8 +75,10 @@ def tokenize_pairs(tokenizer, rows: list[dict]) -> list[TokenizedPair]:
     """Pair rows (read_pairs: both sides share the prompt turns) tokenized once, for every epoch."""
     prompts, chosen = answer_tokens(tokenizer, [{"messages": r["chosen"]} for r in rows])
     _, rejected = answer_tokens(tokenizer, [{"messages": r["rejected"]} for r in rows])
-    return [TokenizedPair(p, c, r, float(row.get("margin", 0.0)))
-            for p, c, r, row in zip(prompts, chosen, rejected, rows, strict=True)]
+    return [
+        TokenizedPair(p, c, r, float(row.get("margin", 0.0)))
+        for p, c, r, row in zip(prompts, chosen, rejected, rows, strict=True)
+    ]
 
 
 class PairCollator:
@@ -85,10 +88,14 @@ class PairCollator:
         self.pad_id, self.use_margin = pad_id, use_margin
 
     def __call__(self, pairs: list[TokenizedPair]) -> dict:
-        packed = pack_rollout([p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                              self.pad_id)
-        batch = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
-                 "response_mask": packed.response_mask}
+        packed = pack_rollout(
+            [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], self.pad_id
+        )
+        batch = {
+            "input_ids": packed.input_ids,
+            "attention_mask": packed.attention_mask,
+            "response_mask": packed.response_mask,
+        }
         if self.use_margin:
             batch["margin"] = torch.tensor([p.margin for p in pairs])
         return batch
@@ -107,8 +114,9 @@ class ImplicitRewardTrainer(Trainer):
         self._pending: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        batch = RolloutBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"],
-                             engine_logprobs=None, finished=None)
+        batch = RolloutBatch(
+            inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"], engine_logprobs=None, finished=None
+        )
         rewards = sequence_rewards(model, batch, self.beta)
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_coef)

@@ -5,6 +5,7 @@ several nodes, run your own `torchrun --nnodes N ... -m posttrain.launch SPEC`).
 device (cuda:LOCAL_RANK on GPUs, or the pipeline's `device`), rebuilds the stage from the spec and runs
 its lifecycle; rank 0 writes result.json with the metrics.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,16 +29,28 @@ def worker_main(spec_path: str) -> None:
     if os.environ.get("POSTTRAIN_THREADS"):
         torch.set_num_threads(int(os.environ["POSTTRAIN_THREADS"]))
     rank, world_size = world()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(message)s",
+        datefmt="%H:%M:%S",
+    )
     stage_cls = stage_class(spec.get("kind", spec["stage"]))
     cfg = stage_cls.Config.model_validate(spec["config"])
     device = resolve_device(spec.get("device", "auto"))
     init_process_state(cfg.distributed, device)
-    ctx = StageContext(name=spec["stage"], dir=Path(spec["dir"]), inputs=spec["inputs"], seed=spec["seed"],
-                       pipeline=load_pipeline(spec["pipeline"]), rank=rank, world_size=world_size,
-                       device=device, device_request=spec.get("device", "auto"),
-                       precision=spec.get("precision", "fp32"), report_to=spec.get("report_to", []))
+    ctx = StageContext(
+        name=spec["stage"],
+        dir=Path(spec["dir"]),
+        inputs=spec["inputs"],
+        seed=spec["seed"],
+        pipeline=load_pipeline(spec["pipeline"]),
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        device_request=spec.get("device", "auto"),
+        precision=spec.get("precision", "fp32"),
+        report_to=spec.get("report_to", []),
+    )
     stage = stage_cls(cfg, ctx)
     try:
         metrics = stage.run()

@@ -5,6 +5,7 @@ are folded into a state dict with the base model's own parameter names and pushe
 from the (gathered) state dict, never by merging in place, so the trained adapter is not perturbed by
 merge/unmerge round-off and ZeRO-3 shards need no special handling beyond the gather.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,7 +56,11 @@ def merged_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float]
             module = key.split(".base_layer.")[0]
             name = name.replace(".base_layer.", ".")
             if name.endswith(".weight") and module in scalings:
-                tensor = lora_merge(tensor, state[f"{module}.lora_A.{ADAPTER}.weight"],
-                                    state[f"{module}.lora_B.{ADAPTER}.weight"], scalings[module])
+                tensor = lora_merge(
+                    tensor,
+                    state[f"{module}.lora_A.{ADAPTER}.weight"],
+                    state[f"{module}.lora_B.{ADAPTER}.weight"],
+                    scalings[module],
+                )
         out[name] = tensor
     return out

@@ -3,6 +3,7 @@
 A stage is complete only when its manifest says so; everything it produced was written to a temporary
 path and renamed into place first, so a crash (or SIGKILL) can never leave output that looks finished.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -145,7 +146,8 @@ def run_dir_lock(run_dir: Path, log=None) -> Iterator[None]:
             if isinstance(pid, int) and holder.get("host") == me["host"] and _alive(pid) and pid != me["pid"]:
                 raise RunDirInUse(
                     f"run directory {run_dir} is in use by process {pid} (started {holder.get('started')}, "
-                    f"lock file {path}); wait for it to finish or stop it, or set another run_dir") from None
+                    f"lock file {path}); wait for it to finish or stop it, or set another run_dir"
+                ) from None
             if log is not None:
                 log.warning("taking over %s: the process that held it (%s) is gone", path, holder or "unknown")
             path.unlink(missing_ok=True)

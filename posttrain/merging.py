@@ -1,10 +1,8 @@
 """Merge model directories tensor by tensor: averaging, EMA, SLERP, task arithmetic, TIES, DARE, LITI.
 
 `merge_models` is the one entry point (the merge stage and WARP call it). Two backends:
-- streaming (ours, every method, the default): one tensor per input in memory at a time. Each read
-  opens the safetensors file with `safe_open`, copies the one tensor out and closes it again: a handle
-  kept open leaves every page it touched resident (measured: ru_maxrss 625 MB after reading a 400 MB
-  file through one handle, 249 MB re-opening per tensor). Output shards are planned up front from the
+- streaming (ours, every method, the default): one tensor per input in memory at a time, each read
+  through its own file handle (merge_inputs.py says why). Output shards are planned up front from the
   input headers and written as each tensor is computed, so no output shard is buffered either.
 - mergekit (linear, slerp, task_arithmetic, ties): `mergekit.merge.run_merge` on the same directories.
   Its linear, slerp and task arithmetic equal ours to float32 rounding (max abs diff <= 1.5e-8 measured
@@ -20,24 +18,24 @@ The math is posttrain.algos.merge, done in float32 (float64 stays float64) and c
 the reference model: the base for task-vector methods, else the first input. LoRA adapter dirs are
 merged into their base first (whole-model load, written to a temporary dir), then streamed like the rest.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from safetensors import safe_open
 
 from .algos import merge as algos
 from .manifest import atomic_dir, atomic_write_json, hash_path
+from .merge_inputs import SIDE_FILES, MergeError, ModelSource, check_compatible, expand_checkpoints, materialize_adapter
 from .shards import ST_DTYPES, TORCH_DTYPES, ShardWriter, nbytes, parse_size, plan_shards
 
 log = logging.getLogger("posttrain")
@@ -45,117 +43,36 @@ log = logging.getLogger("posttrain")
 METHODS = ("linear", "ema", "slerp", "task_arithmetic", "ties", "dare", "liti")
 BASE_METHODS = {"task_arithmetic", "ties", "dare", "liti"}
 """Methods that need `base` (task vectors are taken relative to it; for liti it is the init)."""
-PARAM_USERS = {"t": ("slerp", "liti"), "eta": ("liti",), "density": ("ties", "dare"), "ema_rate": ("ema",),
-               "scale": ("ties",)}
+PARAM_USERS = {
+    "t": ("slerp", "liti"),
+    "eta": ("liti",),
+    "density": ("ties", "dare"),
+    "ema_rate": ("ema",),
+    "scale": ("ties",),
+}
 """Setting -> the methods that read it; setting it for any other method is refused, never ignored."""
 MERGEKIT_METHODS = {"linear", "slerp", "task_arithmetic", "ties"}
 MERGEKIT_EXACT = {"linear", "slerp", "task_arithmetic"}
 """Methods whose mergekit result equals ours up to float32 rounding (checked in tests/test_merge.py)."""
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
-              "chat_template.jinja", "chat_template.json")
-"""Files copied from the reference model into the merged one (never pickles, never weights)."""
-CONFIG_KEYS_IGNORED = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"}
-
-
-class MergeError(ValueError):
-    """Inputs or settings that cannot be merged as asked."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Inputs: model directories read one tensor at a time
-
-
-@dataclass
-class ModelSource:
-    """A model directory's safetensors, indexed by tensor name without loading any tensor."""
-
-    path: Path
-    config: dict
-    origin: Path
-    """The directory the user named (differs from `path` for a LoRA adapter merged into a temp dir)."""
-    files: dict[str, Path] = field(default_factory=dict)
-    """Tensor name -> shard file."""
-    specs: dict[str, tuple[str, tuple]] = field(default_factory=dict)
-    """Tensor name -> (safetensors dtype string, shape)."""
-
-    @classmethod
-    def open(cls, path: str | Path, origin: str | Path | None = None, need_config: bool = True) -> "ModelSource":
-        path = Path(path)
-        if not path.is_dir():
-            raise MergeError(f"model directory not found: {path}")
-        if need_config and not (path / "config.json").is_file():
-            raise MergeError(f"{path}: no config.json (not a Hugging Face model directory)")
-        config = json.loads((path / "config.json").read_text()) if need_config else {}
-        src = cls(path, config, Path(origin or path))
-        for shard in _shard_files(path):
-            with safe_open(shard, framework="pt") as f:
-                for name in f.keys():
-                    if name in src.files:
-                        raise MergeError(f"{path}: tensor {name!r} is in both {src.files[name].name} and {shard.name}")
-                    sl = f.get_slice(name)
-                    src.files[name], src.specs[name] = shard, (sl.get_dtype(), tuple(sl.get_shape()))
-        return src
-
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, copied out of a handle opened just for it (see the module doc for why)."""
-        with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name).clone()
-
-    def nbytes(self) -> int:
-        return sum(nbytes(*spec) for spec in self.specs.values())
-
-
-def _shard_files(path: Path) -> list[Path]:
-    """The weight files of a model dir: from model.safetensors.index.json if present, else *.safetensors."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise MergeError(f"{index}: lists shard(s) that are missing: {', '.join(missing)}")
-        return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in (*path.glob("*.bin"), *path.glob("*.pt"))]
-        hint = f" (found {', '.join(pickles)}: pickle weights are never loaded)" if pickles else ""
-        raise MergeError(f"{path}: no *.safetensors weights{hint}")
-    return files
-
-
-def expand_checkpoints(path: str | Path) -> list[Path]:
-    """A model dir as itself; a training output dir of checkpoint-N subdirs as those, oldest first."""
-    path = Path(path)
-    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file() or not path.is_dir():
-        return [path]
-    steps = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)
-             and list(p.glob("*.safetensors"))]
-    if not steps:
-        raise MergeError(f"{path}: neither a model directory (config.json) nor a folder of checkpoint-N dirs")
-    return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
-
-
-def materialize_adapter(adapter_dir: Path, tmp_root: Path) -> Path:
-    """Merge a LoRA adapter into its base (whole model in memory) and save it as a plain model dir."""
-    from .models import load_model
-
-    model = load_model(adapter_dir, device="cpu")  # a weights job: merged on the CPU, in the saved dtype
-    base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
-    out = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"{adapter_dir.name}.merged."))
-    model.save_pretrained(out, safe_serialization=True)
-    for name in SIDE_FILES[1:]:  # tokenizer files: the adapter's own if it has them, else its base's
-        src = adapter_dir / name if (adapter_dir / name).is_file() else base / name
-        if src.is_file():
-            shutil.copy2(src, out / name)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Checks: everything refused before any tensor is computed
 
 
-def check_settings(method: str, n_models: int, has_base: bool, weights, t, eta, density, ema_rate,
-                   scale: float, normalize: bool, allow_negative_weights: bool) -> list[float]:
+def check_settings(
+    method: str,
+    n_models: int,
+    has_base: bool,
+    weights,
+    t,
+    eta,
+    density,
+    ema_rate,
+    scale: float,
+    normalize: bool,
+    allow_negative_weights: bool,
+) -> list[float]:
     """Validate a merge request; return the per-model weights it will use."""
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
@@ -167,8 +84,9 @@ def check_settings(method: str, n_models: int, has_base: bool, weights, t, eta, 
     if method in BASE_METHODS and not has_base:
         raise MergeError(f"method {method} needs a base model (task vectors are taken relative to it): set base")
     if method not in BASE_METHODS and has_base:
-        raise MergeError(f"method {method} does not use a base model; "
-                         f"remove base (or use task_arithmetic/ties/dare/liti)")
+        raise MergeError(
+            f"method {method} does not use a base model; remove base (or use task_arithmetic/ties/dare/liti)"
+        )
     given = {"t": t, "eta": eta, "density": density, "ema_rate": ema_rate, "scale": None if scale == 1.0 else scale}
     for key, value in given.items():
         if value is not None and method not in PARAM_USERS[key]:
@@ -178,7 +96,8 @@ def check_settings(method: str, n_models: int, has_base: bool, weights, t, eta, 
             raise MergeError(f"method {method} needs {key} to be set")
     if weights is not None and method in ("ema", "slerp", "liti"):
         raise MergeError(
-            f"weights are not used by {method} (it has {'ema_rate' if method == 'ema' else 't'}); remove them")
+            f"weights are not used by {method} (it has {'ema_rate' if method == 'ema' else 't'}); remove them"
+        )
     return _check_weights(method, n_models, weights, normalize, allow_negative_weights)
 
 
@@ -189,8 +108,9 @@ def _check_weights(method, n_models, weights, normalize, allow_negative_weights)
     if len(weights) != n_models:
         raise MergeError(f"got {len(weights)} weights for {n_models} models")
     if any(w < 0 for w in weights) and not allow_negative_weights:
-        raise MergeError(f"negative weights {weights}: refused (set allow_negative_weights for extrapolation "
-                         f"or task negation)")
+        raise MergeError(
+            f"negative weights {weights}: refused (set allow_negative_weights for extrapolation or task negation)"
+        )
     if method == "linear":
         total = sum(weights)
         if normalize and abs(total) < 1e-12:
@@ -200,58 +120,6 @@ def _check_weights(method, n_models, weights, normalize, allow_negative_weights)
         if normalize:
             weights = [w / total for w in weights]
     return weights
-
-
-def check_compatible(sources: list[ModelSource], allow_tokenizer_mismatch: bool) -> list[str]:
-    """Same architecture, tensor names, shapes and tokenizer across all sources; return warnings."""
-    ref, warnings = sources[0], []
-    for src in sources[1:]:
-        for key in ("model_type", "architectures"):
-            if src.config.get(key) != ref.config.get(key):
-                raise MergeError(f"architecture mismatch: {ref.path} has {key}={ref.config.get(key)!r}, "
-                                 f"{src.path} has {src.config.get(key)!r}")
-        only_ref, only_src = sorted(set(ref.specs) - set(src.specs)), sorted(set(src.specs) - set(ref.specs))
-        if only_ref or only_src:
-            raise MergeError(f"tensor names differ between {ref.path} and {src.path}: only in the first "
-                             f"{only_ref[:5]}{'...' if len(only_ref) > 5 else ''}, only in the second "
-                             f"{only_src[:5]}{'...' if len(only_src) > 5 else ''}")
-        for name, (_, shape) in ref.specs.items():
-            if src.specs[name][1] != shape:
-                raise MergeError(f"shape mismatch for {name}: {list(shape)} in {ref.path}, "
-                                 f"{list(src.specs[name][1])} in {src.path}")
-        diff = sorted(k for k in (set(ref.config) | set(src.config)) - CONFIG_KEYS_IGNORED
-                      if ref.config.get(k) != src.config.get(k))
-        if diff:
-            warnings.append(f"config.json of {src.path} differs from {ref.path} in {diff}; {ref.path}'s is used")
-        problem = _tokenizer_difference(ref.path, src.path)
-        if problem and not allow_tokenizer_mismatch:
-            raise MergeError(f"tokenizer mismatch: {problem} (set allow_tokenizer_mismatch to merge anyway)")
-        if problem:
-            warnings.append(f"tokenizer mismatch allowed: {problem}")
-    return warnings
-
-
-def _tokenizer_difference(a: Path, b: Path) -> Optional[str]:
-    """Why the tokenizers of two model dirs differ (vocab and added tokens of tokenizer.json), or None."""
-    fa, fb = a / "tokenizer.json", b / "tokenizer.json"
-    if not fa.is_file() and not fb.is_file():
-        return None
-    if not fa.is_file() or not fb.is_file():
-        return f"{fa if not fa.is_file() else fb} is missing while the other model has one"
-
-    def vocab(f: Path) -> dict:
-        tok = json.loads(f.read_text())
-        table = dict(tok.get("model", {}).get("vocab") or {})
-        if isinstance(tok.get("model", {}).get("vocab"), list):  # unigram: [[piece, score], ...]
-            table = {piece: i for i, (piece, _) in enumerate(tok["model"]["vocab"])}
-        table.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
-        return table
-
-    va, vb = vocab(fa), vocab(fb)
-    if va == vb:
-        return None
-    differing = sorted(k for k in set(va) | set(vb) if va.get(k) != vb.get(k))
-    return f"{fa} and {fb} map {len(differing)} token(s) differently, e.g. {differing[:3]}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,8 +172,14 @@ def _work(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def stream_merge(p: MergeParams, models: list[ModelSource], base: Optional[ModelSource], out: Path,
-                 out_dtype: Optional[torch.dtype], max_shard_bytes: int) -> dict:
+def stream_merge(
+    p: MergeParams,
+    models: list[ModelSource],
+    base: Optional[ModelSource],
+    out: Path,
+    out_dtype: Optional[torch.dtype],
+    max_shard_bytes: int,
+) -> dict:
     """Write the merged safetensors (and index when sharded) into `out`; return byte counts."""
     ref = base or models[0]
     plan = []
@@ -313,8 +187,11 @@ def stream_merge(p: MergeParams, models: list[ModelSource], base: Optional[Model
         floating = TORCH_DTYPES[st_dtype].is_floating_point
         plan.append((name, ST_DTYPES[out_dtype] if (out_dtype and floating) else st_dtype, shape))
     shards = plan_shards(plan, max_shard_bytes)
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     bytes_read = 0
     for fname, specs in zip(names, shards):
         writer = ShardWriter(out / fname, specs)
@@ -323,7 +200,7 @@ def stream_merge(p: MergeParams, models: list[ModelSource], base: Optional[Model
             base_t = base.read(name) if base else None
             bytes_read += sum(x.nbytes for x in tensors) + (base_t.nbytes if base_t is not None else 0)
             if not TORCH_DTYPES[st_dtype].is_floating_point:  # integer buffers: the reference's, unchanged
-                merged = (base_t if base_t is not None else tensors[0])
+                merged = base_t if base_t is not None else tensors[0]
             else:
                 merged = merge_tensor(p, name, [_work(x) for x in tensors], None if base_t is None else _work(base_t))
             writer.write(name, merged.to(TORCH_DTYPES[st_dtype]))
@@ -331,13 +208,15 @@ def stream_merge(p: MergeParams, models: list[ModelSource], base: Optional[Model
     total = sum(nbytes(d, s) for _, d, s in plan)
     if len(shards) > 1:
         weight_map = {name: fname for fname, specs in zip(names, shards) for name, _, _ in specs}
-        atomic_write_json(out / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(
+            out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     return {"bytes_read": bytes_read, "bytes_written": total, "shards": len(shards)}
 
 
-def mergekit_merge(p: MergeParams, models: list[Path], base: Optional[Path], out: Path,
-                   out_dtype: torch.dtype, max_shard_bytes: int) -> None:
+def mergekit_merge(
+    p: MergeParams, models: list[Path], base: Optional[Path], out: Path, out_dtype: torch.dtype, max_shard_bytes: int
+) -> None:
     """The same merge through mergekit's run_merge (weights only; side files are copied by the caller)."""
     try:
         from mergekit.config import MergeConfiguration
@@ -345,7 +224,8 @@ def mergekit_merge(p: MergeParams, models: list[Path], base: Optional[Path], out
         from mergekit.options import MergeOptions
     except ImportError as err:
         raise MergeError(
-            f"backend mergekit: mergekit is not installed ({err}); pip install 'posttrain[merge]'") from None
+            f"backend mergekit: mergekit is not installed ({err}); pip install 'posttrain[merge]'"
+        ) from None
     entries = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, p.weights)]
     cfg: dict = {"merge_method": p.method, "models": entries, "dtype": "float32"}
     if p.method == "linear":
@@ -358,8 +238,15 @@ def mergekit_merge(p: MergeParams, models: list[Path], base: Optional[Path], out
             for e in entries:
                 e["parameters"]["density"] = p.density
     cfg["out_dtype"] = str(out_dtype).removeprefix("torch.")  # mergekit computes in float32, as we do
-    options = MergeOptions(out_shard_size=max_shard_bytes, copy_tokenizer=False, write_model_card=False,
-                           quiet=True, random_seed=p.seed, trust_remote_code=False, safe_serialization=True)
+    options = MergeOptions(
+        out_shard_size=max_shard_bytes,
+        copy_tokenizer=False,
+        write_model_card=False,
+        quiet=True,
+        random_seed=p.seed,
+        trust_remote_code=False,
+        safe_serialization=True,
+    )
     run_merge(MergeConfiguration.model_validate(cfg), str(out), options)
     (out / "config.json").unlink(missing_ok=True)  # ours (the reference model's) replaces it
 
@@ -373,8 +260,9 @@ def copy_side_files(ref: Path, out: Path, out_dtype: Optional[torch.dtype]) -> l
             copied.append(name)
     if out_dtype is not None:  # the config names the new dtype (torch_dtype too, if an old config has it)
         cfg = json.loads((out / "config.json").read_text())
-        cfg.update({k: str(out_dtype).removeprefix("torch.")
-                    for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"})
+        cfg.update(
+            {k: str(out_dtype).removeprefix("torch.") for k in ("dtype", "torch_dtype") if k in cfg or k == "dtype"}
+        )
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return copied
 
@@ -384,8 +272,10 @@ def choose_backend(backend: str, method: str) -> str:
     if backend not in ("streaming", "mergekit", "auto"):
         raise MergeError(f"unknown backend {backend!r}; expected streaming, mergekit or auto")
     if backend == "mergekit" and method not in MERGEKIT_METHODS:
-        raise MergeError(f"backend mergekit cannot do {method} (it has {', '.join(sorted(MERGEKIT_METHODS))}); "
-                         f"use backend streaming or auto")
+        raise MergeError(
+            f"backend mergekit cannot do {method} (it has {', '.join(sorted(MERGEKIT_METHODS))}); "
+            f"use backend streaming or auto"
+        )
     if backend == "auto":
         import importlib.util
 
@@ -394,12 +284,25 @@ def choose_backend(backend: str, method: str) -> str:
     return backend
 
 
-def merge_models(method: str, inputs: Sequence[str | Path], out: str | Path, base: str | Path | None = None,
-                 weights: Optional[Sequence[float]] = None, t: Optional[float] = None, eta: Optional[float] = None,
-                 density: Optional[float] = None, seed: int = 0, ema_rate: Optional[float] = None,
-                 normalize: bool = True, scale: float = 1.0, allow_negative_weights: bool = False,
-                 dtype: str = "keep", max_shard_size: int | str = "2GB", allow_tokenizer_mismatch: bool = False,
-                 backend: str = "streaming") -> dict:
+def merge_models(
+    method: str,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    base: str | Path | None = None,
+    weights: Optional[Sequence[float]] = None,
+    t: Optional[float] = None,
+    eta: Optional[float] = None,
+    density: Optional[float] = None,
+    seed: int = 0,
+    ema_rate: Optional[float] = None,
+    normalize: bool = True,
+    scale: float = 1.0,
+    allow_negative_weights: bool = False,
+    dtype: str = "keep",
+    max_shard_size: int | str = "2GB",
+    allow_tokenizer_mismatch: bool = False,
+    backend: str = "streaming",
+) -> dict:
     """Merge model dirs into `out` (written atomically); return the recipe, also saved as merge_recipe.json.
 
     inputs: model dirs, LoRA adapter dirs, or folders of checkpoint-N dirs (expanded, oldest first).
@@ -410,13 +313,25 @@ def merge_models(method: str, inputs: Sequence[str | Path], out: str | Path, bas
     """
     started = time.time()
     paths = [p for inp in inputs for p in expand_checkpoints(inp)]
-    used = check_settings(method, len(paths), base is not None, weights, t, eta, density, ema_rate, scale,
-                          normalize, allow_negative_weights)
+    used = check_settings(
+        method,
+        len(paths),
+        base is not None,
+        weights,
+        t,
+        eta,
+        density,
+        ema_rate,
+        scale,
+        normalize,
+        allow_negative_weights,
+    )
     if dtype not in ("keep", "float32", "bfloat16", "float16"):
         raise MergeError(f"dtype {dtype!r}: expected keep, float32, bfloat16 or float16")
     out_dtype = None if dtype == "keep" else getattr(torch, dtype)
-    params = MergeParams(method, used, t=0.5 if t is None else t, eta=eta, density=density,
-                         ema_rate=ema_rate, scale=scale, seed=seed)
+    params = MergeParams(
+        method, used, t=0.5 if t is None else t, eta=eta, density=density, ema_rate=ema_rate, scale=scale, seed=seed
+    )
     try:
         max_bytes = parse_size(max_shard_size)
     except ValueError as err:
@@ -433,8 +348,14 @@ def merge_models(method: str, inputs: Sequence[str | Path], out: str | Path, bas
         with atomic_dir(out) as tmp:
             if chosen == "mergekit":
                 ref_dtype = TORCH_DTYPES[next(iter(ref.specs.values()))[0]]
-                mergekit_merge(params, [s.path for s in sources], base_src and base_src.path, tmp,
-                               out_dtype or ref_dtype, max_bytes)
+                mergekit_merge(
+                    params,
+                    [s.path for s in sources],
+                    base_src and base_src.path,
+                    tmp,
+                    out_dtype or ref_dtype,
+                    max_bytes,
+                )
                 counts = _check_mergekit_output(tmp, ref, out_dtype)
                 counts["bytes_read"] = sum(s.nbytes() for s in sources + ([base_src] if base_src else []))
             else:
@@ -442,16 +363,27 @@ def merge_models(method: str, inputs: Sequence[str | Path], out: str | Path, bas
             copied = copy_side_files(ref.path, tmp, out_dtype)
             seconds = time.time() - started
             recipe = {
-                "method": method, "backend": chosen, "backend_requested": backend,
-                "models": described[:len(paths)], "base": described[-1] if base is not None else None,
+                "method": method,
+                "backend": chosen,
+                "backend_requested": backend,
+                "models": described[: len(paths)],
+                "base": described[-1] if base is not None else None,
                 "weights": used if method not in ("ema", "slerp", "liti") else None,
                 "normalize": normalize if method == "linear" else None,
                 "t": params.t if method == "slerp" or (method == "liti" and len(paths) == 2) else None,
-                "eta": eta, "density": density, "ema_rate": ema_rate, "scale": scale if method == "ties" else None,
-                "seed": seed if method == "dare" else None, "dtype": dtype,
+                "eta": eta,
+                "density": density,
+                "ema_rate": ema_rate,
+                "scale": scale if method == "ties" else None,
+                "seed": seed if method == "dare" else None,
+                "dtype": dtype,
                 "output_dtypes": sorted({d for d, _ in ModelSource.open(tmp, need_config=False).specs.values()}),
-                "tensors": len(ref.specs), "files_copied_from": str(ref.origin.resolve()), "files_copied": copied,
-                "warnings": warnings, **counts, "seconds": round(seconds, 3),
+                "tensors": len(ref.specs),
+                "files_copied_from": str(ref.origin.resolve()),
+                "files_copied": copied,
+                "warnings": warnings,
+                **counts,
+                "seconds": round(seconds, 3),
                 "input_gb_per_s": round(counts["bytes_read"] / 1e9 / max(seconds, 1e-9), 3),
             }
             atomic_write_json(tmp / "merge_recipe.json", recipe)
@@ -468,9 +400,11 @@ def _open_inputs(paths: list[Path], tmp_root: Path) -> tuple[list[dict], list[Mo
         entry = {"path": str(p.resolve()), "hash": hash_path(p), "kind": "model"}
         if (p / "adapter_config.json").is_file():
             adapter_base = json.loads((p / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            entry.update(kind="lora_adapter (merged into its base first)", adapter_base=adapter_base,
-                         adapter_base_hash=(hash_path(adapter_base)
-                                            if adapter_base and Path(adapter_base).is_dir() else None))
+            entry.update(
+                kind="lora_adapter (merged into its base first)",
+                adapter_base=adapter_base,
+                adapter_base_hash=(hash_path(adapter_base) if adapter_base and Path(adapter_base).is_dir() else None),
+            )
             sources.append(ModelSource.open(materialize_adapter(p, tmp_root), origin=p))
         else:
             sources.append(ModelSource.open(p))
@@ -485,7 +419,8 @@ def _check_mergekit_output(out: Path, ref: ModelSource, out_dtype: Optional[torc
         want = ST_DTYPES[out_dtype] if out_dtype and TORCH_DTYPES[st_dtype].is_floating_point else st_dtype
         if got.specs.get(name) != (want, shape):
             raise MergeError(
-                f"mergekit output differs from the inputs at {name}: {got.specs.get(name)} vs {(want, shape)}")
+                f"mergekit output differs from the inputs at {name}: {got.specs.get(name)} vs {(want, shape)}"
+            )
     if set(got.specs) != set(ref.specs):
         raise MergeError(f"mergekit wrote extra tensors {sorted(set(got.specs) - set(ref.specs))[:5]}")
     return {"bytes_written": got.nbytes(), "shards": len(set(got.files.values()))}

@@ -6,6 +6,7 @@ eval results. `render_model_card` turns that into a Hugging Face model card: REA
 metadata header. Artifact references like `sft.model` are resolved against the same manifests (the
 eval and release stages both accept them).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,11 @@ MODEL_STAGES = ("sft", "distill", "dpo", "ppo", "warp", "merge")
 
 def completed_models(artifacts: dict, kinds: dict) -> dict[str, str]:
     """Instance name -> model path of every earlier instance of a MODEL_STAGES kind that finished."""
-    return {name: artifacts[f"{name}.model"] for name, kind in kinds.items()
-            if kind in MODEL_STAGES and f"{name}.model" in artifacts}
+    return {
+        name: artifacts[f"{name}.model"]
+        for name, kind in kinds.items()
+        if kind in MODEL_STAGES and f"{name}.model" in artifacts
+    }
 
 
 def recipe_identity(pipeline: Any) -> dict:
@@ -82,9 +86,18 @@ def read_lineage(run_dir: str | Path, stages: list[str]) -> list[dict]:
         if m is None:
             continue
         metrics = m.get("metrics") or {}
-        records.append({"stage": name, "status": m.get("status"), "config_hash": m.get("config_hash"),
-                        "fingerprint": m.get("fingerprint"), "seconds": m.get("seconds"), "metrics": metrics,
-                        "device": m.get("device"), "precision": m.get("precision")})
+        records.append(
+            {
+                "stage": name,
+                "status": m.get("status"),
+                "config_hash": m.get("config_hash"),
+                "fingerprint": m.get("fingerprint"),
+                "seconds": m.get("seconds"),
+                "metrics": metrics,
+                "device": m.get("device"),
+                "precision": m.get("precision"),
+            }
+        )
     return records
 
 
@@ -107,26 +120,35 @@ def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = Non
         m = base.get("metrics") or {}
         source = m.get("source", "unknown")
         source = relative_to_run(source, run_dir) if Path(source).is_absolute() else source
-        lines.append(f"- Base model: {source}"
-                     + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else ""))
+        lines.append(
+            f"- Base model: {source}"
+            + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else "")
+        )
     synth = first.get("synth", "synth")
     card = _read_json(run_dir / synth / "card.json")
     if card and "prompt_counts" in card:  # synth from the user's own prompts, answered by a teacher
         counts, teacher = card["prompt_counts"], card["teacher"]
-        lines.append(f"- Data: your own prompts ({counts['read']} read, {counts['duplicates_dropped']} duplicates "
-                     f"dropped) answered by the teacher `{Path(str(teacher['model'])).name}` "
-                     f"({teacher['unfinished']} answers unfinished); {card['train']['rows']} train rows, "
-                     f"{card['eval']['rows']} held-out rows")
+        lines.append(
+            f"- Data: your own prompts ({counts['read']} read, {counts['duplicates_dropped']} duplicates "
+            f"dropped) answered by the teacher `{Path(str(teacher['model'])).name}` "
+            f"({teacher['unfinished']} answers unfinished); {card['train']['rows']} train rows, "
+            f"{card['eval']['rows']} held-out rows"
+        )
     elif card:
         recipe = getattr(getattr(pipeline, synth, None), "recipe", None)
         per_task = ", ".join(f"{t} {n}" for t, n in sorted(card["train"]["per_task"].items()))
-        lines.append(f"- Data: synthetic recipe `{card.get('recipe')}`" + (f" ({Path(recipe).name})" if recipe else "")
-                     + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows")
+        lines.append(
+            f"- Data: synthetic recipe `{card.get('recipe')}`"
+            + (f" ({Path(recipe).name})" if recipe else "")
+            + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows"
+        )
     report = _read_json(run_dir / first.get("filter", "filter") / "report.json")
     if report:
         dropped = ", ".join(f"{n} {f['dropped']}" for n, f in report.get("filters", {}).items() if f.get("dropped"))
-        lines.append(f"- Filtering: {report['rows']} rows in, {report['kept']} kept ({report['changed']} changed), "
-                     f"{report['dropped']} dropped" + (f" ({dropped})" if dropped else ""))
+        lines.append(
+            f"- Filtering: {report['rows']} rows in, {report['kept']} kept ({report['changed']} changed), "
+            f"{report['dropped']} dropped" + (f" ({dropped})" if dropped else "")
+        )
     return lines
 
 
@@ -143,13 +165,17 @@ def metadata_header(license_id: str, tags: list[str], base_model: Optional[str])
 
 
 def lineage_table(records: list[dict]) -> list[str]:
-    out = ["| stage | status | device | precision | config hash | fingerprint | seconds | key metrics |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| stage | status | device | precision | config hash | fingerprint | seconds | key metrics |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         metrics = ", ".join(f"{k}={v}" for k, v in key_metrics(r["metrics"]).items())
-        out.append(f"| {r['stage']} | {r['status']} | {r.get('device') or '-'} | {r.get('precision') or '-'} "
-                   f"| `{r['config_hash']}` | `{r['fingerprint']}` "
-                   f"| {r['seconds'] if r['seconds'] is not None else ''} | {metrics} |")
+        out.append(
+            f"| {r['stage']} | {r['status']} | {r.get('device') or '-'} | {r.get('precision') or '-'} "
+            f"| `{r['config_hash']}` | `{r['fingerprint']}` "
+            f"| {r['seconds'] if r['seconds'] is not None else ''} | {metrics} |"
+        )
     return out
 
 
@@ -158,38 +184,71 @@ def usage_snippets(name: str, model_type: str) -> list[str]:
     eager = ', attn_implementation="eager"' if model_type == "gemma2" else ""
     why = "  # eager attention keeps Gemma 2's logit soft-capping" if eager else ""
     return [
-        "### transformers", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        "### transformers",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
         f'path = "{name}"  # this directory, or its Hub repo id',
         "tokenizer = AutoTokenizer.from_pretrained(path)",
         f"model = AutoModelForCausalLM.from_pretrained(path{eager}){why}",
         'messages = [{"role": "user", "content": "Sort these numbers: 3, 1, 2"}]',
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
         "return_dict=True)",
         "out = model.generate(**inputs, max_new_tokens=64)  # stops on <end_of_turn> (generation_config.json)",
-        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))', "```", "",
-        "### vLLM", "", "```python", "from vllm import LLM, SamplingParams", "",
+        'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "### vLLM",
+        "",
+        "```python",
+        "from vllm import LLM, SamplingParams",
+        "",
         f'llm = LLM("{name}")  # reads generation_config.json: stops on <end_of_turn> and <eos>',
         'out = llm.chat([{"role": "user", "content": "Sort these numbers: 3, 1, 2"}], '
         "SamplingParams(temperature=0, max_tokens=64))",
-        "print(out[0].outputs[0].text)", "```",
+        "print(out[0].outputs[0].text)",
+        "```",
     ]
 
 
-def render_model_card(*, name: str, license_id: str, tags: list[str], base_model: Optional[str], model_info: dict,
-                      records: list[dict], data_lines: list[str], eval_markdown: Optional[str],
-                      description: Optional[str] = None) -> str:
+def render_model_card(
+    *,
+    name: str,
+    license_id: str,
+    tags: list[str],
+    base_model: Optional[str],
+    model_info: dict,
+    records: list[dict],
+    data_lines: list[str],
+    eval_markdown: Optional[str],
+    description: Optional[str] = None,
+) -> str:
     """The README.md of a release. `model_info`: architecture, model_type, parameters, dtype, vocab_size,
     max_positions; `records`: read_lineage(); `eval_markdown`: the eval stage's results.md, if it ran."""
     stages = " -> ".join(r["stage"] for r in records if r["status"] == "complete")
-    summary = description or (f"A {model_info['architecture']} causal language model "
-                              f"({model_info['parameters']:,} parameters) post-trained with posttrain ({stages}).")
-    out = [metadata_header(license_id, tags, base_model), f"# {name}", "", summary, "", "## Model", "",
-           f"- Architecture: {model_info['architecture']} (model_type `{model_info['model_type']}`), "
-           f"{model_info['parameters']:,} parameters, {model_info['dtype']}",
-           f"- Vocabulary: {model_info['vocab_size']} tokens; positions: {model_info['max_positions']}",
-           "- Chat format: Gemma (`<start_of_turn>user ... <end_of_turn>`, assistant role `model`, no system "
-           "turn); generation stops on `<end_of_turn>` and `<eos>`",
-           "- Weights: safetensors only", "", "## Lineage", ""]
+    summary = description or (
+        f"A {model_info['architecture']} causal language model "
+        f"({model_info['parameters']:,} parameters) post-trained with posttrain ({stages})."
+    )
+    out = [
+        metadata_header(license_id, tags, base_model),
+        f"# {name}",
+        "",
+        summary,
+        "",
+        "## Model",
+        "",
+        f"- Architecture: {model_info['architecture']} (model_type `{model_info['model_type']}`), "
+        f"{model_info['parameters']:,} parameters, {model_info['dtype']}",
+        f"- Vocabulary: {model_info['vocab_size']} tokens; positions: {model_info['max_positions']}",
+        "- Chat format: Gemma (`<start_of_turn>user ... <end_of_turn>`, assistant role `model`, no system "
+        "turn); generation stops on `<end_of_turn>` and `<eos>`",
+        "- Weights: safetensors only",
+        "",
+        "## Lineage",
+        "",
+    ]
     out += data_lines or ["- Base model and data: not recorded in this run directory"]
     out += ["", "Stages of the run, from their manifests:", ""] + lineage_table(records)
     out += ["", "## Evaluation", ""]
@@ -200,16 +259,24 @@ def render_model_card(*, name: str, license_id: str, tags: list[str], base_model
         out += [("##" + line) if line.startswith("#") else line for line in lines]  # below this section
     else:
         out.append("No eval stage ran in this pipeline.")
-    out += ["", "## Intended use", "",
-            "Research and teaching: reproducing a post-training pipeline end to end, and testing tools that "
-            "consume chat models. The behaviours it was trained for are those of its data recipe (see "
-            "Lineage); judge it by the evaluation above.", "",
-            "## Limitations", "",
-            "- Trained on synthetic, templated tasks: it does not generalise beyond them, and its knowledge of "
-            "the world is nil at tiny sizes.",
-            "- Refusals and self-identification were learnt from a handful of templates; they are not a "
-            "safety guarantee and are easy to bypass.",
-            "- Evaluation numbers come from held-out prompts of the same generator, not from public "
-            "benchmarks.", "", "## How to use", ""]
+    out += [
+        "",
+        "## Intended use",
+        "",
+        "Research and teaching: reproducing a post-training pipeline end to end, and testing tools that "
+        "consume chat models. The behaviours it was trained for are those of its data recipe (see "
+        "Lineage); judge it by the evaluation above.",
+        "",
+        "## Limitations",
+        "",
+        "- Trained on synthetic, templated tasks: it does not generalise beyond them, and its knowledge of "
+        "the world is nil at tiny sizes.",
+        "- Refusals and self-identification were learnt from a handful of templates; they are not a "
+        "safety guarantee and are easy to bypass.",
+        "- Evaluation numbers come from held-out prompts of the same generator, not from public benchmarks.",
+        "",
+        "## How to use",
+        "",
+    ]
     out += usage_snippets(name, model_info["model_type"])
     return "\n".join(out) + "\n"

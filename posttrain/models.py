@@ -4,6 +4,7 @@ config, load any local Hugging Face causal-LM directory safely, and save complet
 Nothing here touches a model hub: tokenizers are trained on the run's own text, tiny models are built
 from a config, and real checkpoints come in as local directories (safetensors only).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -119,22 +120,33 @@ def tiny_config(cfg: ModelConfig, tokenizer):
         dtype=cfg.dtype,
     )
     if cfg.family == "llama":
-        return LlamaConfig(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-                           tie_word_embeddings=True)
+        return LlamaConfig(
+            **common,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=True,
+        )
     if cfg.family == "gemma":
         return GemmaConfig(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings)
     if cfg.family == "gemma2":
         # Gemma 2: alternating local (sliding window) and global attention, logit soft-capping
         # (attention 50, final 30) and query scaling by head_dim, as in the Gemma 2 report, Table 1.
         layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg.num_layers)]
-        return Gemma2Config(**common, head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-                            sliding_window=cfg.sliding_window, layer_types=layer_types,
-                            query_pre_attn_scalar=cfg.head_dim, attn_logit_softcapping=50.0,
-                            final_logit_softcapping=30.0)
+        return Gemma2Config(
+            **common,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=cfg.max_position_embeddings,
+            sliding_window=cfg.sliding_window,
+            layer_types=layer_types,
+            query_pre_attn_scalar=cfg.head_dim,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+        )
     # RecurrentGemma (Griffin): two recurrent blocks per local-attention block.
     block_types = [("attention" if i % 3 == 2 else "recurrent") for i in range(cfg.num_layers)]
-    return RecurrentGemmaConfig(**common, lru_width=cfg.hidden_size, attention_window_size=cfg.sliding_window,
-                                block_types=block_types)
+    return RecurrentGemmaConfig(
+        **common, lru_width=cfg.hidden_size, attention_window_size=cfg.sliding_window, block_types=block_types
+    )
 
 
 def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
@@ -198,8 +210,14 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path: str | Path, *, device: torch.device | str, dtype: Optional[torch.dtype] = None,
-               trust_remote_code: bool = False, kind: str = "causal_lm"):
+def load_model(
+    path: str | Path,
+    *,
+    device: torch.device | str,
+    dtype: Optional[torch.dtype] = None,
+    trust_remote_code: bool = False,
+    kind: str = "causal_lm",
+):
     """Load a local model directory (safetensors only) onto `device`. `kind`: causal_lm, reward (a one-output
     sequence scorer, its head new if `path` holds a causal LM) or classifier (a sequence classifier with the
     labels its config names). `dtype`: the parameter dtype (None: the checkpoint's own); training loads ask
@@ -289,8 +307,9 @@ def cast_model_dir(model_dir: Path, dtype: torch.dtype) -> None:
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = True,
-                     dtype: Optional[torch.dtype] = None) -> Path:
+def finish_model_dir(
+    partial: Path, final: Path, tokenizer, generation: bool = True, dtype: Optional[torch.dtype] = None
+) -> Path:
     """Complete a directory a Trainer saved weights into, then move it into place in one rename:
     weights in `dtype` (when given), tokenizer, generation config (for models that generate), and no
     `training_args.bin` pickle."""
@@ -308,8 +327,9 @@ def finish_model_dir(partial: Path, final: Path, tokenizer, generation: bool = T
     return Path(final)
 
 
-def save_model_dir(model, tokenizer, out: str | Path, max_shard_size: str = "2GB",
-                   dtype: Optional[torch.dtype] = None) -> Path:
+def save_model_dir(
+    model, tokenizer, out: str | Path, max_shard_size: str = "2GB", dtype: Optional[torch.dtype] = None
+) -> Path:
     """Write a complete model directory atomically: safetensors, config, tokenizer, generation config.
     `dtype`: cast the model (in place: saving is its last use) so the weights carry the run's precision."""
     if dtype is not None and next(model.parameters()).dtype != dtype:

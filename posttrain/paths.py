@@ -5,6 +5,7 @@ A safetensors file is an 8-byte little-endian header length, a JSON header namin
 range, and the data; a file cut short (an interrupted copy or download) is shorter than the largest
 range, which is checked from the header alone, without reading the weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,11 @@ def describe(path: Path) -> str:
         return "nothing (the path does not exist)"
     if path.is_dir():
         entries = sorted(p.name for p in path.iterdir())
-        return (f"a directory holding {entries[:8]}{' ...' if len(entries) > 8 else ''}"
-                if entries else "an empty directory")
+        return (
+            f"a directory holding {entries[:8]}{' ...' if len(entries) > 8 else ''}"
+            if entries
+            else "an empty directory"
+        )
     return f"a file of {path.stat().st_size} bytes"
 
 
@@ -62,10 +66,17 @@ def check_model_dir(path: str | Path) -> Path:
         raise ValueError(f"{path}: not a Hugging Face model directory (no config.json); found {describe(path)}")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern)
-                         if p.name != "training_args.bin")
-        hint = (f" (found {', '.join(pickles)}: pickle weights are never loaded, since unpickling runs code; "
-                f"convert them to safetensors first)") if pickles else f"; found {describe(path)}"
+        pickles = sorted(
+            p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern) if p.name != "training_args.bin"
+        )
+        hint = (
+            (
+                f" (found {', '.join(pickles)}: pickle weights are never loaded, since unpickling runs code; "
+                f"convert them to safetensors first)"
+            )
+            if pickles
+            else f"; found {describe(path)}"
+        )
         raise ValueError(f"{path}: no *.safetensors weights{hint}")
     index = path / "model.safetensors.index.json"
     if index.is_file():

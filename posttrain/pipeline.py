@@ -5,6 +5,7 @@ of the stage before it. A stage whose manifest is complete with the same fingerp
 whose config or inputs changed re-runs, and so does everything after it. A stage that crashed
 (manifest still 'running') re-runs with its directory kept, so it can resume from its checkpoints.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,13 +20,19 @@ from pydantic import Field, create_model, field_validator
 
 from .config import ConfigError, Precision, Section, TrackingBackend, dump_config, load_config
 from .data import is_spec, source_files, source_json
-from .graph import (StageEntry, artifact_keys, check_entries, check_references, check_rule_files, entries,
-                    resolve_references)
+from .graph import (
+    StageEntry,
+    artifact_keys,
+    check_entries,
+    check_references,
+    check_rule_files,
+    entries,
+    resolve_references,
+)
 from .graph import references as references_in
 from .dist.launcher import run_distributed
 from .dist.rank import resolve_device
-from .manifest import (atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock,
-                       write_manifest)
+from .manifest import atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock, write_manifest
 from .paths import check_writable_dir
 from .tracking import missing_packages
 from .stages import STAGE_MODULES, StageContext, stage_class
@@ -95,8 +102,9 @@ class MissingInput(ConfigError):
     """A stage input that no earlier stage produced and the config does not name."""
 
 
-def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict, refs: Optional[dict] = None,
-                    check_only: bool = False) -> tuple[dict, dict]:
+def _resolve_inputs(
+    name: str, stage_cls, cfg, artifacts: dict, fps: dict, refs: Optional[dict] = None, check_only: bool = False
+) -> tuple[dict, dict]:
     """Input name -> path and -> fingerprint: an explicit config path wins over earlier artifacts.
 
     A data source given as a mapping or a list of them (a mixture), or as the name of a data set in the hub
@@ -112,8 +120,9 @@ def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict, refs:
         if is_spec(explicit) or hub_name:
             inputs[inp] = source_json(explicit)
             if not check_only:
-                input_fps[inp] = hash_json({"source": inputs[inp],
-                                            "files": {p: hash_path(p) for p in source_files(explicit)}})
+                input_fps[inp] = hash_json(
+                    {"source": inputs[inp], "files": {p: hash_path(p) for p in source_files(explicit)}}
+                )
         elif explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
             inputs[inp], input_fps[inp] = artifacts[str(explicit)], fps[str(explicit)]  # a "stage.kind" reference
         elif explicit:
@@ -121,8 +130,10 @@ def _resolve_inputs(name: str, stage_cls, cfg, artifacts: dict, fps: dict, refs:
         elif key in artifacts:
             inputs[inp], input_fps[inp] = artifacts[key], fps[key]
         elif inp not in stage_cls.optional_inputs:
-            raise MissingInput(f"stage {name!r} needs input {inp!r}: set {name}.{inp} to a path, or run a stage "
-                               f"that produces {key!r} before it")
+            raise MissingInput(
+                f"stage {name!r} needs input {inp!r}: set {name}.{inp} to a path, or run a stage "
+                f"that produces {key!r} before it"
+            )
     return inputs, input_fps
 
 
@@ -165,9 +176,11 @@ def check_trackers(cfg: PipelineBase, names: list[str]) -> None:
         missing = missing_packages(stage_trackers(cfg, scfg))
         if missing:
             key = f"{name}.report_to" if scfg.report_to is not None else "report_to"
-            raise ConfigError(f"{key}: {', '.join(stage_trackers(cfg, scfg))} needs the package(s) "
-                              f"{', '.join(missing)}, which are not installed (pip install {' '.join(missing)}), "
-                              f"or remove them from {key}")
+            raise ConfigError(
+                f"{key}: {', '.join(stage_trackers(cfg, scfg))} needs the package(s) "
+                f"{', '.join(missing)}, which are not installed (pip install {' '.join(missing)}), "
+                f"or remove them from {key}"
+            )
 
 
 def engine_layouts(scfg) -> dict[str, tuple]:
@@ -190,8 +203,10 @@ def check_devices(cfg: PipelineBase, names: list[str]):
     for name in names:
         for key, (tp, processes) in engine_layouts(getattr(cfg, name)).items():
             if processes > 1 and processes % tp:
-                raise ConfigError(f"{name}.{key}.tensor_parallel_size={tp} does not divide {name}.distributed."
-                                  f"num_processes={processes}: colocated engines span consecutive groups of ranks")
+                raise ConfigError(
+                    f"{name}.{key}.tensor_parallel_size={tp} does not divide {name}.distributed."
+                    f"num_processes={processes}: colocated engines span consecutive groups of ranks"
+                )
     try:
         device = resolve_device(cfg.device)
     except ValueError as err:
@@ -199,8 +214,9 @@ def check_devices(cfg: PipelineBase, names: list[str]):
     for name in names:
         if stage_precision(cfg, getattr(cfg, name)) == "fp16" and device.type != "cuda":
             key = f"{name}.precision" if getattr(getattr(cfg, name), "precision", None) else "precision"
-            raise ConfigError(f"{key}: fp16 mixed precision needs a CUDA device (this run computes on {device}); "
-                              f"use bf16 or fp32")
+            raise ConfigError(
+                f"{key}: fp16 mixed precision needs a CUDA device (this run computes on {device}); use bf16 or fp32"
+            )
     return device
 
 
@@ -214,8 +230,12 @@ def graph_lines(cfg: PipelineBase) -> list[str]:
         sources = []
         for inp, key in stage_cls.consumes.items():
             explicit = getattr(scfg, inp, None)
-            origin = (refs.get(inp) or (source_json(explicit) if explicit is not None else None)
-                      or producers.get(key) or ("(none)" if inp in stage_cls.optional_inputs else "MISSING"))
+            origin = (
+                refs.get(inp)
+                or (source_json(explicit) if explicit is not None else None)
+                or producers.get(key)
+                or ("(none)" if inp in stage_cls.optional_inputs else "MISSING")
+            )
             sources.append(f"{inp}={origin}")
         sources += [f"{key}={ref}" for key, ref in refs.items() if key not in stage_cls.consumes]
         lines.append(f"{name} ({kind}) <- {', '.join(sources) or 'nothing'}")
@@ -253,13 +273,14 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
             artifacts[key] = f"<{name} output>"
 
 
-def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = False,
-                 start: Optional[str] = None) -> dict[str, dict]:
+def run_pipeline(
+    cfg: PipelineBase, only: Optional[str] = None, force: bool = False, start: Optional[str] = None
+) -> dict[str, dict]:
     """Run the configured stages (or just `only`, with earlier stages' finished artifacts as inputs; or
     `start` and everything after it, re-run even if complete)."""
     pairs = plan(cfg, only, start)
     names = [n for n, _ in pairs]
-    targets = set(names[names.index(start):] if start else [only] if only else names)
+    targets = set(names[names.index(start) :] if start else [only] if only else names)
     try:
         run_dir = check_writable_dir(cfg.run_dir)
     except ValueError as err:
@@ -270,12 +291,18 @@ def run_pipeline(cfg: PipelineBase, only: Optional[str] = None, force: bool = Fa
         preflight(cfg, pairs, targets)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, log):
-        return _run_stages(cfg, pairs, targets, run_dir, device, force=force or start is not None,
-                           forced=set(targets) if start else {only} if only else set())
+        return _run_stages(
+            cfg,
+            pairs,
+            targets,
+            run_dir,
+            device,
+            force=force or start is not None,
+            forced=set(targets) if start else {only} if only else set(),
+        )
 
 
-def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, device, force: bool,
-                forced: set) -> dict:
+def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, device, force: bool, forced: set) -> dict:
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -298,23 +325,42 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
         # hashes its kind too; an unnamed one hashes as it always did.
         config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
         sdir = run_dir / name
-        stage = stage_cls(scfg, StageContext(name=name, dir=sdir, inputs=inputs, seed=cfg.seed, pipeline=cfg,
-                                             device=device, device_request=cfg.device,
-                                             precision=stage_precision(cfg, scfg),
-                                             report_to=stage_trackers(cfg, scfg),
-                                             artifacts={k: v for k, v in artifacts.items() if "." in k},
-                                             kinds=kinds))
+        stage = stage_cls(
+            scfg,
+            StageContext(
+                name=name,
+                dir=sdir,
+                inputs=inputs,
+                seed=cfg.seed,
+                pipeline=cfg,
+                device=device,
+                device_request=cfg.device,
+                precision=stage_precision(cfg, scfg),
+                report_to=stage_trackers(cfg, scfg),
+                artifacts={k: v for k, v in artifacts.items() if "." in k},
+                kinds=kinds,
+            ),
+        )
         stage_id = name if name == kind else {"name": name, "kind": kind}
-        payload = {"stage": stage_id, "config": config_dump, "seed": cfg.seed, "inputs": input_fps,
-                   "files": _referenced_files(scfg.model_dump(mode="json")), "prev": prev}
+        payload = {
+            "stage": stage_id,
+            "config": config_dump,
+            "seed": cfg.seed,
+            "inputs": input_fps,
+            "files": _referenced_files(scfg.model_dump(mode="json")),
+            "prev": prev,
+        }
         extra = stage.fingerprint_extra()
         if extra:  # only when there is any: stages without it keep the fingerprints of finished runs
             payload["derived"] = extra
         fp = hash_json(payload)
         outputs_there = all(Path(p).exists() for p in stage.artifacts().values())
         if is_complete(sdir, fp) and not outputs_there:
-            log.warning("[%s] its manifest says complete but outputs are missing (%s): running it again", name,
-                        ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()))
+            log.warning(
+                "[%s] its manifest says complete but outputs are missing (%s): running it again",
+                name,
+                ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()),
+            )
         if is_complete(sdir, fp) and outputs_there and not (force and name in forced):
             log.info("[%s] complete, skipped (config and inputs unchanged)", name)
             summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
@@ -343,9 +389,19 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
     dist = getattr(scfg, "distributed", None)
     ranks = dist.num_processes if dist is not None else 1
     device = stage.ctx.device.type + (f" x {ranks}" if ranks > 1 else "")
-    write_manifest(sdir, stage=name, kind=type(stage).name, status="running", fingerprint=fp,
-                   config_hash=hash_json(scfg.model_dump(mode="json")), inputs=inputs, device=device,
-                   precision=stage.ctx.precision, started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+    write_manifest(
+        sdir,
+        stage=name,
+        kind=type(stage).name,
+        status="running",
+        fingerprint=fp,
+        config_hash=hash_json(scfg.model_dump(mode="json")),
+        inputs=inputs,
+        device=device,
+        precision=stage.ctx.precision,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        error=None,
+    )
     log.info("[%s] running -> %s", name, sdir)
     try:
         if ranks > 1:

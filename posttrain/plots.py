@@ -1,4 +1,5 @@
 """PNG plots of training curves for each run directory (matplotlib, no display needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@ Log-probabilities are computed only where the response mask is set, from the bod
 the output head one chunk of tokens at a time (algos/logits.py): no `[batch, seq, vocab]` tensor exists,
 which is what keeps Gemma's 262k vocabulary within memory.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,9 @@ class RolloutBatch:
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int,
-                 device: torch.device | str = "cpu") -> RolloutBatch:
+def pack_rollout(
+    prompt_ids: list[list[int]], samples: list, pad_id: int, device: torch.device | str = "cpu"
+) -> RolloutBatch:
     """Right-padded tensors on `device` from prompts and their samples (one sample per prompt entry)."""
     rows = [p + s.token_ids for p, s in zip(prompt_ids, samples, strict=True)]
     width = max(len(r) for r in rows)
@@ -63,9 +65,9 @@ def pack_rollout(prompt_ids: list[list[int]], samples: list, pad_id: int,
         end = len(p) + len(s.token_ids)
         input_ids[i, :end] = torch.tensor(p + s.token_ids)
         attention[i, :end] = 1
-        response[i, len(p):end] = 1
+        response[i, len(p) : end] = 1
         if s.logprobs:
-            engine_lp[i, len(p):end] = torch.tensor(s.logprobs[: len(s.token_ids)])
+            engine_lp[i, len(p) : end] = torch.tensor(s.logprobs[: len(s.token_ids)])
     finished = torch.tensor([s.finished for s in samples], dtype=torch.bool)
     return RolloutBatch(input_ids, attention, response, engine_lp, finished).to(torch.device(device))
 
@@ -76,10 +78,12 @@ def answer_tokens(tokenizer, rows: list[dict]) -> tuple[list[list[int]], list]:
     stops, prompts, samples = set(stop_token_ids(tokenizer)), [], []
     for row in rows:
         prompt, full = chat_prompt_ids(tokenizer, row["messages"][:-1]), rendered_ids(tokenizer, row["messages"])
-        if row["messages"][-1]["role"] != "assistant" or full[:len(prompt)] != prompt:
-            raise ValueError("expected a conversation ending in an assistant turn that the chat template renders "
-                             f"after the generation prompt; got {row['messages'][-1]}")
-        answer = full[len(prompt):]
+        if row["messages"][-1]["role"] != "assistant" or full[: len(prompt)] != prompt:
+            raise ValueError(
+                "expected a conversation ending in an assistant turn that the chat template renders "
+                f"after the generation prompt; got {row['messages'][-1]}"
+            )
+        answer = full[len(prompt) :]
         end = next((i + 1 for i, t in enumerate(answer) if t in stops), None)
         prompts.append(prompt)
         samples.append(Sample(text=row["messages"][-1]["content"], token_ids=answer[:end], finished=end is not None))
@@ -129,8 +133,9 @@ def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, wher
     return hidden[where], head, cap, vocab
 
 
-def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False,
-                   with_raw: bool = False):
+def token_logprobs(
+    model, batch: RolloutBatch, temperature: float = 1.0, with_entropy: bool = False, with_raw: bool = False
+):
     """Log-probability of each response token under `model` with logits divided by `temperature` (the
     distribution rollouts were sampled from), aligned to tokens and zero outside the response mask;
     optionally the entropy of that distribution and the raw (T=1) logprobs engines report. All fp32."""
@@ -138,10 +143,19 @@ def token_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with_en
     labels = batch.input_ids[:, 1:]
     where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
     shared = shared_prompt_hidden(model, batch)
-    hidden, head, cap, vocab = shared if shared is not None else hidden_at(model, batch.input_ids,
-                                                                           batch.attention_mask, where)
-    stats = chunked_token_logprobs(hidden, labels[where], head, cap=cap, temperature=temperature,
-                                   with_entropy=with_entropy, with_raw=with_raw, chunk_tokens=chunk_tokens_for(vocab))
+    hidden, head, cap, vocab = (
+        shared if shared is not None else hidden_at(model, batch.input_ids, batch.attention_mask, where)
+    )
+    stats = chunked_token_logprobs(
+        hidden,
+        labels[where],
+        head,
+        cap=cap,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        with_raw=with_raw,
+        chunk_tokens=chunk_tokens_for(vocab),
+    )
     zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     out = [_shift(zeros.masked_scatter(where, values)) for values in stats]
     return out[0] if len(out) == 1 else tuple(out)
@@ -157,12 +171,16 @@ def _prompt_plan(batch: RolloutBatch):
     starts = response.int().argmax(1)
     positions = torch.arange(response.shape[1], device=response.device)
     ends = (starts + lengths)[:, None]
-    if not (bool((response == ((positions >= starts[:, None]) & (positions < ends))).all())
-            and bool((attention == (positions < ends)).all())):
+    if not (
+        bool((response == ((positions >= starts[:, None]) & (positions < ends))).all())
+        and bool((attention == (positions < ends)).all())
+    ):
         return None  # not the packed layout (e.g. tokens after the response): nothing to share safely
     firsts: dict[tuple, int] = {}
-    prompt_of_row = [firsts.setdefault(tuple(ids[:n]), row) for row, (ids, n) in
-                     enumerate(zip(batch.input_ids.tolist(), starts.tolist()))]
+    prompt_of_row = [
+        firsts.setdefault(tuple(ids[:n]), row)
+        for row, (ids, n) in enumerate(zip(batch.input_ids.tolist(), starts.tolist()))
+    ]
     if len(firsts) == len(prompt_of_row):
         return None
     unique = list(firsts.values())
@@ -207,8 +225,13 @@ def shared_prompt_hidden(model, batch: RolloutBatch):
         response_ids = batch.input_ids.gather(1, taken) * in_response[:, :-1]
         mask = torch.cat([prompt_mask[prompt_of_row], in_response[:, :-1].long()], 1)
         # Position ids are explicit: a short prompt's padding sits between it and its response in the cache.
-        on = body(input_ids=response_ids, attention_mask=mask, position_ids=starts[:, None] + fed,
-                  past_key_values=cache, use_cache=True).last_hidden_state
+        on = body(
+            input_ids=response_ids,
+            attention_mask=mask,
+            position_ids=starts[:, None] + fed,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
         per_token = torch.cat([per_token, on], 1)
     return per_token[in_response], head, cap, vocab
 

@@ -8,6 +8,7 @@ End of turn is explicit: the scored conversation always closes the assistant tur
 `<end_of_turn>`); whether the policy actually ended its turn is the caller's `finished` flag, which
 PPO turns into its missing-end-of-turn penalty rather than letting the reward model guess.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -73,8 +74,11 @@ def required_columns(fn: Callable) -> list[str]:
     except (TypeError, ValueError):  # a builtin or C function: nothing to inspect
         return []
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
-    return [p.name for p in params if p not in positional and p.default is p.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in params
+        if p not in positional and p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 def common_columns(rows: list[dict]) -> set[str]:
@@ -109,15 +113,19 @@ def call_rule(spec: RuleSpec, fn: Callable, prompts, completions, columns: dict)
         out = fn(prompts, completions, **columns, **spec.kwargs)
     except Exception as err:
         raise RewardFunctionError(
-            f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}") from err
+            f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}"
+        ) from err
     try:
         values = torch.tensor([float(v) for v in out], dtype=torch.float32)
     except (TypeError, ValueError) as err:
         raise RewardFunctionError(
-            f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}") from None
+            f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}"
+        ) from None
     if values.shape != (len(completions),):
-        raise RewardFunctionError(f"rule reward {spec.path}:{spec.function} returned {values.numel()} values "
-                                  f"for {len(completions)} completions")
+        raise RewardFunctionError(
+            f"rule reward {spec.path}:{spec.function} returned {values.numel()} values "
+            f"for {len(completions)} completions"
+        )
     return values
 
 
@@ -134,7 +142,7 @@ class RunningMoments:
         b_mean, b_m2 = x.mean().item(), ((x - x.mean()) ** 2).sum().item()
         delta, total = b_mean - self.mean, self.count + n
         self.mean += delta * n / total
-        self.m2 += b_m2 + delta ** 2 * self.count * n / total
+        self.m2 += b_m2 + delta**2 * self.count * n / total
         self.count = total
 
     @property
@@ -160,13 +168,19 @@ class Scorer:
     """Weighted sum of a reward model and rule rewards over (prompt, completion, row) triples. The reward
     model runs on `device` in the precision's dtype (inference only)."""
 
-    def __init__(self, cfg: ScoringConfig, reward_model_dir: Optional[str] = None,
-                 device: torch.device | str = "cpu", precision: str = "fp32"):
+    def __init__(
+        self,
+        cfg: ScoringConfig,
+        reward_model_dir: Optional[str] = None,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ):
         self.cfg, self.device = cfg, torch.device(device)
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
         # What each rule reads, from its signature once (missing_columns runs for every scored batch).
-        self.rule_columns = [(spec, [c for c in required_columns(fn) if c not in spec.kwargs])
-                             for spec, fn in self.rules]
+        self.rule_columns = [
+            (spec, [c for c in required_columns(fn) if c not in spec.kwargs]) for spec, fn in self.rules
+        ]
         rm_dir = cfg.reward_model or reward_model_dir
         self.rm = self.rm_tokenizer = None
         self.implicit_head = None
@@ -190,8 +204,9 @@ class Scorer:
                 out[f"{spec.path}:{spec.function}"] = missing
         return out
 
-    def check_rows(self, rows: list[dict], what: str = "the rows", key: str = "scoring",
-                   rm_stage: bool = False) -> None:
+    def check_rows(
+        self, rows: list[dict], what: str = "the rows", key: str = "scoring", rm_stage: bool = False
+    ) -> None:
         """Raise MissingColumnError, before any scoring, when a rule needs a column some of `rows` lack.
 
         The message names each rule (`path:function`), the columns it needs and how many rows lack them, the
@@ -204,14 +219,16 @@ class Scorer:
         needs = "; ".join(
             f"rule reward {rule} needs the column{'s' if len(cols) > 1 else ''} {', '.join(map(repr, cols))}, which "
             f"{max(sum(c not in r for r in rows) for c in cols)} of {len(rows)} rows of {what} lack"
-            for rule, cols in missing.items())
+            for rule, cols in missing.items()
+        )
         raise MissingColumnError(
             f"{needs} (columns every row has: {', '.join(sorted(have)) or 'none'}). Such columns come with the data "
             f"(synth recipes write task and answer for the built-in tasks). To judge rows without them, score with "
             f"a reward model ({key}.reward_model{', or an rm stage earlier in the pipeline' if rm_stage else ''}) "
             f"and/or rule rewards that "
             f"read no metadata ({key}.rules, e.g. {{path: reward/style.py, function: well_formed}}); "
-            f"{key}.rules: [] leaves the reward model alone")
+            f"{key}.rules: [] leaves the reward model alone"
+        )
 
     @torch.no_grad()
     def reward_model_scores(self, prompts: list[list[dict]], completions: list[str]) -> torch.Tensor:
@@ -222,19 +239,28 @@ class Scorer:
         the end-of-turn token the template closes the turn with."""
         if self.implicit_head is not None:
             conversations = [p + [{"role": "assistant", "content": c}] for p, c in zip(prompts, completions)]
-            return implicit_scores(self.rm, self.rm_tokenizer, conversations, self.implicit_head["beta"],
-                                   self.cfg.batch_size)
-        texts = [self.rm_tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
-                 for p, c in zip(prompts, completions)]
+            return implicit_scores(
+                self.rm, self.rm_tokenizer, conversations, self.implicit_head["beta"], self.cfg.batch_size
+            )
+        texts = [
+            self.rm_tokenizer.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False)
+            for p, c in zip(prompts, completions)
+        ]
         out = []
         for i in range(0, len(texts), self.cfg.batch_size):
-            enc = self.rm_tokenizer(texts[i:i + self.cfg.batch_size], return_tensors="pt", padding=True,
-                                    add_special_tokens=False).to(self.device)
+            enc = self.rm_tokenizer(
+                texts[i : i + self.cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
             out.append(self.rm(**enc).logits[:, 0].float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def score(self, prompts: list[list[dict]], completions: list[str], rows: Optional[list[dict]] = None,
-              training: bool = False) -> Scores:
+    def score(
+        self,
+        prompts: list[list[dict]],
+        completions: list[str],
+        rows: Optional[list[dict]] = None,
+        training: bool = False,
+    ) -> Scores:
         """Score completions; `rows` supply metadata columns (task, answer, ...) to rule rewards.
         `training`: a trainer's own rollouts, the only calls that update and apply `normalize`'s running
         moments; every other caller gets the raw weighted sum and leaves the moments alone."""
@@ -254,11 +280,17 @@ class Scorer:
         for name, values in parts.items():
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             if bad:
-                source = ("the reward model " + str(self.cfg.reward_model or "") if name == "reward_model" else
-                          next(f"rule reward {spec.path}:{spec.function}"
-                               for spec, _ in self.rules if spec.function == name))
-                raise FloatingPointError(f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
-                                         f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}")
+                source = (
+                    "the reward model " + str(self.cfg.reward_model or "")
+                    if name == "reward_model"
+                    else next(
+                        f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules if spec.function == name
+                    )
+                )
+                raise FloatingPointError(
+                    f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
+                    f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}"
+                )
         if self.cfg.normalize and training:
             self.moments.update(total)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)

@@ -3,6 +3,7 @@
 The merge (posttrain/merging.py) knows every output tensor's name, dtype and shape before computing any,
 so shard boundaries and each file's header are fixed up front and no shard is ever buffered in memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,26 @@ from typing import Sequence
 
 import torch
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
 def nbytes(st_dtype: str, shape: Sequence[int]) -> int:
     """Bytes of a tensor of safetensors dtype `st_dtype` and `shape`."""
     return math.prod(shape) * TORCH_DTYPES[st_dtype].itemsize
-
 
 
 def parse_size(size: int | str) -> int:
@@ -33,8 +44,17 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like 500MB, 2GB, 1GiB")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -69,8 +89,9 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         want, dtype, shape = self.pending.pop(0)
         if (name, ST_DTYPES[tensor.dtype], tuple(tensor.shape)) != (want, dtype, tuple(shape)):
-            raise RuntimeError(f"shard writer expected {want} {dtype} {list(shape)}, got {name} {tensor.dtype} "
-                               f"{list(tensor.shape)}")
+            raise RuntimeError(
+                f"shard writer expected {want} {dtype} {list(shape)}, got {name} {tensor.dtype} {list(tensor.shape)}"
+            )
         self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         if not self.pending:
             self.file.close()

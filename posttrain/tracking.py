@@ -6,6 +6,7 @@ of every update through `Tracker`. Runs are named `<run_dir name>/<stage>`; Tens
 `run_dir/<stage>/tensorboard/`, and an MLflow run without a tracking URI is stored under `run_dir/mlruns`.
 A backend whose package is missing is a configuration error, raised before any work.
 """
+
 from __future__ import annotations
 
 import importlib.util

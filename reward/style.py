@@ -10,13 +10,16 @@ any prompt set (your own data, with no task or answer columns). Reference them b
 Each takes the prompts (message lists) and completions (text), ignores other columns, and returns one float
 per completion in [0, 1].
 """
+
 from __future__ import annotations
 
 import re
 
 _WORD = re.compile(r"[A-Za-z']+")
-STOPWORDS = frozenset("a an the of to in on for and or is are be was it me my i you your this that what which "
-                      "how do does can could would should with about one some give tell say write".split())
+STOPWORDS = frozenset(
+    "a an the of to in on for and or is are be was it me my i you your this that what which "
+    "how do does can could would should with about one some give tell say write".split()
+)
 """Words too common to show that an answer is about its prompt."""
 
 
@@ -32,8 +35,12 @@ def well_formed(prompts, completions, min_words: int = 3, max_words: int = 40, *
             out.append(0.0)
             continue
         lowered = [w.lower().strip(".,!?") for w in words]
-        checks = (t[0].isupper(), t[-1] in ".!?", min_words <= len(words) <= max_words,
-                  all(a != b for a, b in zip(lowered, lowered[1:])))
+        checks = (
+            t[0].isupper(),
+            t[-1] in ".!?",
+            min_words <= len(words) <= max_words,
+            all(a != b for a, b in zip(lowered, lowered[1:])),
+        )
         out.append(sum(checks) / len(checks))
     return out
 

@@ -5,6 +5,7 @@ them; this file is the example of a rule-reward file a config names by path. Wri
 every function takes the prompts (message lists), the completions (text) and the data rows' metadata
 columns as keyword lists, and returns one float per completion.
 """
+
 from posttrain.resources.verifiers import identity, refusal, task_correct, task_similarity
 
 __all__ = ["identity", "refusal", "task_correct", "task_similarity"]

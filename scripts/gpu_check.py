@@ -7,6 +7,7 @@ memory in use during each stage (NVML, sampled every 0.2 s). Exit code 0 only if
 
     python scripts/gpu_check.py [--only-single] [--run-dir runs/gpu_check]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["synth", "filter", "base", "sft", "prefs", "rm", "ppo", "merge", "eval", "release"]
 COMMON = [
-    "precision=bf16", "device=auto", "threads=4",
-    "ppo.sampling.backend=vllm", "prefs.sampling.backend=vllm", "eval.sampling.backend=vllm",
-    "rm.auc.sampling.backend=vllm", "ppo.vllm.enforce_eager=true", "prefs.vllm.enforce_eager=true",
-    "eval.vllm.enforce_eager=true", "rm.auc.vllm.enforce_eager=true",
+    "precision=bf16",
+    "device=auto",
+    "threads=4",
+    "ppo.sampling.backend=vllm",
+    "prefs.sampling.backend=vllm",
+    "eval.sampling.backend=vllm",
+    "rm.auc.sampling.backend=vllm",
+    "ppo.vllm.enforce_eager=true",
+    "prefs.vllm.enforce_eager=true",
+    "eval.vllm.enforce_eager=true",
+    "rm.auc.vllm.enforce_eager=true",
 ]
 """The quickstart as it is, but on the GPU in bf16 with every generation in vLLM (eager: seconds to start)."""
 
@@ -63,8 +71,16 @@ class MemorySampler(threading.Thread):
 
 
 def run_pipeline(run_dir: Path, overrides: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "posttrain.cli", "run", str(REPO / "configs" / "quickstart.yaml"),
-           f"run_dir={run_dir}", *COMMON, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        "run",
+        str(REPO / "configs" / "quickstart.yaml"),
+        f"run_dir={run_dir}",
+        *COMMON,
+        *overrides,
+    ]
     print("$", " ".join(cmd), flush=True)
     with log.open("w") as out:
         proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -87,9 +103,16 @@ def check_run(run_dir: Path, sampler: MemorySampler, label: str) -> list[dict]:
         start = datetime.strptime(manifest["started"], "%Y-%m-%dT%H:%M:%S").timestamp()
         seconds = float(manifest.get("seconds") or 0)
         peak = sampler.peak(start, start + seconds)
-        rows.append({"run": label, "stage": stage, "seconds": round(seconds, 1), "device": device,
-                     "precision": metrics.get("precision", "-"),
-                     "peak_gpu_gib": round(max(peak), 2) if peak else None})
+        rows.append(
+            {
+                "run": label,
+                "stage": stage,
+                "seconds": round(seconds, 1),
+                "device": device,
+                "precision": metrics.get("precision", "-"),
+                "peak_gpu_gib": round(max(peak), 2) if peak else None,
+            }
+        )
     ppo = json.loads((run_dir / "ppo" / "summary.json").read_text())
     before, after = ppo["accuracy_before"]["sampled_reward"], ppo["accuracy_after"]["sampled_reward"]
     print(f"[{label}] ppo held-out sampled reward {before} -> {after}")
@@ -110,7 +133,8 @@ def release_in_vllm(release: Path, label: str) -> list[str]:
         "g=SamplingConfig(max_new_tokens=24);"
         " hf=make_engine(sys.argv[1], g, torch.device('cuda:0'), 'bf16').generate(p, g);"
         "e=VLLMEngine(sys.argv[1], dtype='bfloat16', enforce_eager=True); v=e.generate(p, g); e.close();"
-        "print('release answers', [s[0].text for s in v]); assert all(s[0].token_ids for s in v)")
+        "print('release answers', [s[0].text for s in v]); assert all(s[0].token_ids for s in v)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(release)], cwd=REPO, capture_output=True, text=True)
     print(proc.stdout.strip()[-500:])
     return [] if proc.returncode == 0 else [f"release does not generate in vLLM: {proc.stderr[-2000:]}"]
@@ -150,8 +174,9 @@ def main() -> int:
     print("\n| run | stage | seconds | device | precision | peak GPU memory (GiB, whole GPU) |")
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['run']} | {r['stage']} | {r['seconds']} | {r['device']} | {r['precision']} "
-              f"| {r['peak_gpu_gib']} |")
+        print(
+            f"| {r['run']} | {r['stage']} | {r['seconds']} | {r['device']} | {r['precision']} | {r['peak_gpu_gib']} |"
+        )
     (root / "table.json").write_text(json.dumps(table, indent=2))
     print("gpu_check: all checks passed")
     return 0

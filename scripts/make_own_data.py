@@ -15,6 +15,7 @@ It writes:
 Everything is seeded: the same seed writes the same files. Each file is written to a temporary name and
 renamed into place; the teacher's training run lives in DIR/.teacher-run while it trains and is removed after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,21 +50,51 @@ THINGS = {  # noun: (plural, colour, where, what it is)
     "carrot": ("carrots", "orange", "in a garden", "a root to eat"),
     "clock": ("clocks", "round", "on a wall", "a tool that shows the time"),
 }
-NAMES = ["Ada", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ivy", "Jon", "Kai", "Lena", "Max", "Nora",
-         "Omar", "Pia", "Quinn", "Rosa"]
+NAMES = [
+    "Ada",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Eve",
+    "Finn",
+    "Gia",
+    "Hugo",
+    "Ivy",
+    "Jon",
+    "Kai",
+    "Lena",
+    "Max",
+    "Nora",
+    "Omar",
+    "Pia",
+    "Quinn",
+    "Rosa",
+]
 TEMPLATES = {  # category: ([phrasings], answer template)
-    "describe": (["Describe a {x} in one sentence.", "Tell me about the {x}.", "In one sentence, what is a {x}?"],
-                 "A {x} is {what}."),
-    "colour": (["What colour is a {x}?", "Which colour does a {x} have?", "Tell me the colour of a {x}."],
-               "A {x} is usually {colour}."),
-    "where": (["Where can I find a {x}?", "Where does a {x} usually sit?", "Where would I see a {x}?"],
-              "You can often find a {x} {where}."),
-    "plural": (["What is the plural of {x}?", "Give the plural of the word {x}.", "How do I say more than one {x}?"],
-               "The plural of {x} is {plural}."),
-    "greet": (["Write a short greeting for {x}.", "Say hello to {x}.", "Greet my friend {x}."],
-              "Hello {x}, it is good to see you."),
-    "kind": (["Say something kind about {x}.", "Write one nice sentence about {x}.", "Compliment {x} for me."],
-             "{x} is a kind and thoughtful friend."),
+    "describe": (
+        ["Describe a {x} in one sentence.", "Tell me about the {x}.", "In one sentence, what is a {x}?"],
+        "A {x} is {what}.",
+    ),
+    "colour": (
+        ["What colour is a {x}?", "Which colour does a {x} have?", "Tell me the colour of a {x}."],
+        "A {x} is usually {colour}.",
+    ),
+    "where": (
+        ["Where can I find a {x}?", "Where does a {x} usually sit?", "Where would I see a {x}?"],
+        "You can often find a {x} {where}.",
+    ),
+    "plural": (
+        ["What is the plural of {x}?", "Give the plural of the word {x}.", "How do I say more than one {x}?"],
+        "The plural of {x} is {plural}.",
+    ),
+    "greet": (
+        ["Write a short greeting for {x}.", "Say hello to {x}.", "Greet my friend {x}."],
+        "Hello {x}, it is good to see you.",
+    ),
+    "kind": (
+        ["Say something kind about {x}.", "Write one nice sentence about {x}.", "Compliment {x} for me."],
+        "{x} is a kind and thoughtful friend.",
+    ),
 }
 NAME_CATEGORIES = ("greet", "kind")
 
@@ -123,10 +154,10 @@ def _worse(answer: str, rng: random.Random) -> str:
     words = answer.rstrip(".").split()
     kind = rng.choice(["cut", "stutter", "evasive", "sloppy"])
     if kind == "cut":
-        return " ".join(words[:max(2, len(words) // 2)])
+        return " ".join(words[: max(2, len(words) // 2)])
     if kind == "stutter":
         i = rng.randrange(len(words))
-        return " ".join(words[:i + 1] + [words[i]] * 3 + words[i + 1:]) + "."
+        return " ".join(words[: i + 1] + [words[i]] * 3 + words[i + 1 :]) + "."
     if kind == "evasive":
         return rng.choice(["I don't know.", "Maybe.", "Ask someone else."])
     return answer.lower().rstrip(".") + " " + rng.choice(["lol", "ok", "whatever"])
@@ -144,9 +175,17 @@ def write_preferences(out: Path, train: int = 400, test: int = 60, seed: int = 0
             user = {"role": "user", "content": prompt}
             chosen = [user, {"role": "assistant", "content": answer}]
             rejected = [user, {"role": "assistant", "content": _worse(answer, rng)}]
-            rows.append({"prompt": prompt, "prompt_id": f"{split}-{i:04d}", "chosen": chosen, "rejected": rejected,
-                         "messages": chosen, "score_chosen": float(rng.choice([8, 9, 10])),
-                         "score_rejected": float(rng.choice([2, 3, 4, 5]))})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "prompt_id": f"{split}-{i:04d}",
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "messages": chosen,
+                    "score_chosen": float(rng.choice([8, 9, 10])),
+                    "score_rejected": float(rng.choice([2, 3, 4, 5])),
+                }
+            )
         _write_parquet(rows, root / "data" / f"{split}-00000-of-00001.parquet")
     return root
 
@@ -162,19 +201,40 @@ def train_teacher(out: Path, seed: int = 0, epochs: float = 12) -> Path:
 
     work = out / ".teacher-run"
     shutil.rmtree(work, ignore_errors=True)
-    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
-            for _, p, a in all_prompts()]
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]} for _, p, a in all_prompts()
+    ]
     write_jsonl(work / "teacher_train.jsonl", rows)
     texts = ["user\nmodel\n"] + [m["content"] for r in rows for m in r["messages"]]
     tokenizer = train_tokenizer(texts, 400)
-    arch = ModelConfig(family="gemma2", vocab_size=400, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                       head_dim=32, intermediate_size=192, sliding_window=64)
+    arch = ModelConfig(
+        family="gemma2",
+        vocab_size=400,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        intermediate_size=192,
+        sliding_window=64,
+    )
     save_model_dir(build_tiny_model(arch, tokenizer, seed=seed), tokenizer, work / "init")
     config = {
-        "run_dir": str(work / "run"), "seed": seed, "stages": ["sft"],
-        "sft": {"model": str(work / "init"), "train_data": str(work / "teacher_train.jsonl"), "learning_rate": 3.0e-3,
-                "epochs": epochs, "batch_size": 16, "max_length": 64, "eval_samples": 0,
-                "gradient_checkpointing": False, "save_steps": 10_000, "logging_steps": 50},
+        "run_dir": str(work / "run"),
+        "seed": seed,
+        "stages": ["sft"],
+        "sft": {
+            "model": str(work / "init"),
+            "train_data": str(work / "teacher_train.jsonl"),
+            "learning_rate": 3.0e-3,
+            "epochs": epochs,
+            "batch_size": 16,
+            "max_length": 64,
+            "eval_samples": 0,
+            "gradient_checkpointing": False,
+            "save_steps": 10_000,
+            "logging_steps": 50,
+        },
     }
     (work / "teacher.yaml").write_text(yaml.safe_dump(config))
     run_pipeline(load_pipeline(work / "teacher.yaml"))
@@ -197,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    written = {"prompts": str(write_prompts(out, seed=args.seed)),
-               "preferences": str(write_preferences(out, seed=args.seed))}
+    written = {
+        "prompts": str(write_prompts(out, seed=args.seed)),
+        "preferences": str(write_preferences(out, seed=args.seed)),
+    }
     if not args.no_teacher:
         import logging
 

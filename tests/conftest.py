@@ -1,4 +1,5 @@
 """Shared test setup: one CPU thread, no hub access, and small generated data/tokenizers/models."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 QUICKSTART_RECIPE = str(REPO / "data" / "recipes" / "quickstart.yaml")
 """The shipped quickstart recipe, by absolute path (tests may run from any directory)."""
 
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128,
-            vocab_size=300)
+TINY = dict(
+    hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128, vocab_size=300
+)
 """Architecture fields of the tiny test models (~0.1M parameters)."""
 
 

@@ -1,4 +1,5 @@
 """The GRPO family's pure functions against values computed by hand."""
+
 import math
 
 import pytest

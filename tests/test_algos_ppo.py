@@ -114,9 +114,7 @@ def test_gae_left_padded_rows_match_unpadded():
     rewards = t([[0.0, 0.0, 1.0]])
     values = t([[0.5, 0.6, 0.7]])
     adv, _ = ppo.gae(rewards, values, t([[1, 1, 1]]), 0.9, 0.8)
-    adv_p, _ = ppo.gae(
-        t([[3.0, 0.0, 0.0, 1.0, 7.0]]), t([[9.0, 0.5, 0.6, 0.7, 9.0]]), t([[0, 1, 1, 1, 0]]), 0.9, 0.8
-    )
+    adv_p, _ = ppo.gae(t([[3.0, 0.0, 0.0, 1.0, 7.0]]), t([[9.0, 0.5, 0.6, 0.7, 9.0]]), t([[0, 1, 1, 1, 0]]), 0.9, 0.8)
     assert_close(adv_p[:, 1:4], adv)
     assert_close(adv_p[:, [0, 4]], t([[0.0, 0.0]]))
 

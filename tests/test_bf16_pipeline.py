@@ -1,5 +1,6 @@
 """A quickstart-size pipeline in bf16, end to end on CPU: every stage runs in mixed precision, saved
 weights carry bf16, and the WARP EMA anchor moves (it accumulates in fp32; in bf16 its steps round away)."""
+
 import json
 
 import pytest
@@ -11,11 +12,29 @@ from posttrain.pipeline import load_pipeline, run_pipeline
 from .conftest import REPO
 
 OVERRIDES = [  # the quickstart's model and stages, with little data: bf16 on an AVX2 CPU is ~10x slower than fp32
-    "precision=bf16", "threads=1", "synth.num_train=300", "synth.num_eval=16", "sft.max_steps=8", "sft.eval_samples=8",
-    "sft.eval_steps=100", "prefs.max_train_prompts=16", "prefs.max_eval_prompts=8", "rm.max_steps=4",
-    "rm.auc.prompts=4", "ppo.updates=3", "ppo.save_every=2", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=16",
-    "ppo.sampling.max_new_tokens=16", "ppo.eval_samples=8", "ppo.eval_samples_per_prompt=2", "ppo.reference_mode=ema",
-    "ppo.kl_coef=0.05", "ppo.value_warmup_updates=0", "eval.num_prompts=8", "eval.memorisation.num_examples=4",
+    "precision=bf16",
+    "threads=1",
+    "synth.num_train=300",
+    "synth.num_eval=16",
+    "sft.max_steps=8",
+    "sft.eval_samples=8",
+    "sft.eval_steps=100",
+    "prefs.max_train_prompts=16",
+    "prefs.max_eval_prompts=8",
+    "rm.max_steps=4",
+    "rm.auc.prompts=4",
+    "ppo.updates=3",
+    "ppo.save_every=2",
+    "ppo.rollout_batch_size=4",
+    "ppo.mini_batch_size=16",
+    "ppo.sampling.max_new_tokens=16",
+    "ppo.eval_samples=8",
+    "ppo.eval_samples_per_prompt=2",
+    "ppo.reference_mode=ema",
+    "ppo.kl_coef=0.05",
+    "ppo.value_warmup_updates=0",
+    "eval.num_prompts=8",
+    "eval.memorisation.num_examples=4",
 ]
 
 

@@ -1,4 +1,5 @@
 """The Gemma chat format, the local tokenizer, and the tiny-model factory for each seed family."""
+
 import json
 
 import pytest
@@ -16,10 +17,12 @@ CONVERSATION = [
     {"role": "assistant", "content": "1, 3"},
 ]
 # Written out by hand from the Gemma model card's format (content is stripped by the template).
-EXPECTED = ("<bos><start_of_turn>user\nReverse the list: a, b<end_of_turn>\n"
-            "<start_of_turn>model\nb, a<end_of_turn>\n"
-            "<start_of_turn>user\nAnd sort 3, 1?<end_of_turn>\n"
-            "<start_of_turn>model\n1, 3<end_of_turn>\n")
+EXPECTED = (
+    "<bos><start_of_turn>user\nReverse the list: a, b<end_of_turn>\n"
+    "<start_of_turn>model\nb, a<end_of_turn>\n"
+    "<start_of_turn>user\nAnd sort 3, 1?<end_of_turn>\n"
+    "<start_of_turn>model\n1, 3<end_of_turn>\n"
+)
 
 
 def test_chat_template_renders_gemma_format_exactly(tiny_tokenizer):
@@ -29,10 +32,13 @@ def test_chat_template_renders_gemma_format_exactly(tiny_tokenizer):
     assert prompt == EXPECTED.rsplit("<start_of_turn>model", 1)[0] + "<start_of_turn>model\n"
 
 
-@pytest.mark.parametrize("messages, error", [
-    ([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}], "System role not supported"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
-])
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}], "System role not supported"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "must alternate"),
+    ],
+)
 def test_template_rejects_system_and_non_alternating(tiny_tokenizer, messages, error):
     with pytest.raises(Exception, match=error):
         tiny_tokenizer.apply_chat_template(messages, tokenize=False)
@@ -44,8 +50,10 @@ def test_control_tokens_are_single_tokens_and_stop_ids(tiny_tokenizer):
     for i, tok in enumerate(CONTROL_TOKENS):
         assert tiny_tokenizer.convert_tokens_to_ids(tok) == i
         assert tiny_tokenizer(tok, add_special_tokens=False)["input_ids"] == [i]
-    assert stop_token_ids(tiny_tokenizer) == [tiny_tokenizer.eos_token_id,
-                                              tiny_tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    assert stop_token_ids(tiny_tokenizer) == [
+        tiny_tokenizer.eos_token_id,
+        tiny_tokenizer.convert_tokens_to_ids(END_OF_TURN),
+    ]
     # digits are split one per token (what lets small models do arithmetic)
     pieces = tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer("1234", add_special_tokens=False)["input_ids"])
     assert pieces == ["1", "2", "3", "4"]

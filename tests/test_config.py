@@ -1,4 +1,5 @@
 """Config loading: defaults, overrides, and errors that name the key, file and line."""
+
 import pytest
 import yaml
 
@@ -97,8 +98,9 @@ def test_gpu_config_is_laid_out_for_one_node_of_eight(monkeypatch, tiny_model_di
 
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # the checks below need no GPU
-    cfg = load_pipeline("configs/gemma2-2b-gpu.yaml",
-                        [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}"])
+    cfg = load_pipeline(
+        "configs/gemma2-2b-gpu.yaml", [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}"]
+    )
     generating = {"synth", "prefs", "ppo", "eval"}
     for name in ("synth", "sft", "prefs", "rm", "ppo", "eval"):
         scfg = getattr(cfg, name)
@@ -110,8 +112,10 @@ def test_gpu_config_is_laid_out_for_one_node_of_eight(monkeypatch, tiny_model_di
         assert all(processes % tp == 0 for tp, processes in layouts.values()), (name, layouts)
     assert cfg.ppo.vllm.enable_sleep_mode and cfg.ppo.sampling.gpu_memory_utilization == 0.35
     check_devices(cfg, list(cfg.stages))  # CPU here: bf16 is allowed, and the layouts pass
-    bad = load_pipeline("configs/gemma2-2b-gpu.yaml", [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}",
-                                                       "prefs.sampling.tensor_parallel_size=3"])
+    bad = load_pipeline(
+        "configs/gemma2-2b-gpu.yaml",
+        [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}", "prefs.sampling.tensor_parallel_size=3"],
+    )
     with pytest.raises(ConfigError, match="prefs.sampling.tensor_parallel_size=3 does not divide prefs.distributed"):
         check_devices(bad, list(bad.stages))
 
@@ -137,8 +141,9 @@ def test_gpu_check_overrides_are_valid_keys(monkeypatch):
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    cfg = load_pipeline("configs/quickstart.yaml",
-                        ["run_dir=/tmp/unused", *gpu_check.COMMON, *gpu_check.ranks_overrides(4)])
+    cfg = load_pipeline(
+        "configs/quickstart.yaml", ["run_dir=/tmp/unused", *gpu_check.COMMON, *gpu_check.ranks_overrides(4)]
+    )
     assert cfg.precision == "bf16" and cfg.ppo.sampling.backend == cfg.eval.sampling.backend == "vllm"
     assert cfg.ppo.distributed.num_processes == cfg.prefs.distributed.num_processes == 4
     assert cfg.sft.distributed.zero_stage == 3

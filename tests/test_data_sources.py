@@ -1,6 +1,7 @@
 """Data sources: every format to hand-written canonical rows, every file type, mixtures, limits, errors that
 name file/row/column, skipping, config validation, fingerprints, the `posttrain data` CLI, and sft on
 users' own files."""
+
 import csv
 import json
 from collections import Counter
@@ -10,8 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from posttrain.config import ConfigError, undocumented_fields
-from posttrain.data import (DataError, SkipReport, SourceSpec, as_specs, read_rows, source_files,
-                            to_canonical, write_jsonl)
+from posttrain.data import (
+    DataError,
+    SkipReport,
+    SourceSpec,
+    as_specs,
+    read_rows,
+    source_files,
+    to_canonical,
+    write_jsonl,
+)
 from posttrain.pipeline import _resolve_inputs, load_pipeline, run_pipeline
 from posttrain.stages.rm import read_pairs
 from posttrain.stages.sft import SFT
@@ -37,44 +46,77 @@ def S(text):  # noqa: N802
 CASES = {
     "messages": (
         [{"messages": [U("2+2?"), A("4"), U("and 3+3?"), A("6")], "task": "add", "answer": "6"}],
-        [{"messages": [U("2+2?"), A("4"), U("and 3+3?"), A("6")], "task": "add", "answer": "6"}]),
+        [{"messages": [U("2+2?"), A("4"), U("and 3+3?"), A("6")], "task": "add", "answer": "6"}],
+    ),
     "messages_system_fold": (
         [{"messages": [S("Be brief."), U("Hi"), A("Hello")]}],
-        [{"messages": [U("Be brief.\n\nHi"), A("Hello")]}]),
+        [{"messages": [U("Be brief.\n\nHi"), A("Hello")]}],
+    ),
     "sharegpt": (
-        [{"conversations": [{"from": "system", "value": "You are kind."}, {"from": "human", "value": "q1"},
-                            {"from": "gpt", "value": "a1"}, {"from": "user", "value": "q2"},
-                            {"from": "model", "value": "a2"}], "id": 7}],
-        [{"messages": [U("You are kind.\n\nq1"), A("a1"), U("q2"), A("a2")], "id": 7}]),
+        [
+            {
+                "conversations": [
+                    {"from": "system", "value": "You are kind."},
+                    {"from": "human", "value": "q1"},
+                    {"from": "gpt", "value": "a1"},
+                    {"from": "user", "value": "q2"},
+                    {"from": "model", "value": "a2"},
+                ],
+                "id": 7,
+            }
+        ],
+        [{"messages": [U("You are kind.\n\nq1"), A("a1"), U("q2"), A("a2")], "id": 7}],
+    ),
     "alpaca": (
-        [{"instruction": "Sort the list.", "input": "3, 1, 2", "output": "1, 2, 3"},
-         {"instruction": "Say hi.", "input": "", "output": "Hi!"}],
-        [{"messages": [U("Sort the list.\n\n3, 1, 2"), A("1, 2, 3")]}, {"messages": [U("Say hi."), A("Hi!")]}]),
+        [
+            {"instruction": "Sort the list.", "input": "3, 1, 2", "output": "1, 2, 3"},
+            {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        ],
+        [{"messages": [U("Sort the list.\n\n3, 1, 2"), A("1, 2, 3")]}, {"messages": [U("Say hi."), A("Hi!")]}],
+    ),
     "prompt_completion": (
-        [{"prompt": "Capital of France?", "completion": "Paris."},
-         {"prompt": [U("Capital of Italy?")], "completion": [A("Rome.")], "answer": "Rome"}],
-        [{"messages": [U("Capital of France?"), A("Paris.")]},
-         {"messages": [U("Capital of Italy?"), A("Rome.")], "answer": "Rome"}]),
+        [
+            {"prompt": "Capital of France?", "completion": "Paris."},
+            {"prompt": [U("Capital of Italy?")], "completion": [A("Rome.")], "answer": "Rome"},
+        ],
+        [
+            {"messages": [U("Capital of France?"), A("Paris.")]},
+            {"messages": [U("Capital of Italy?"), A("Rome.")], "answer": "Rome"},
+        ],
+    ),
 }
 PAIR_CASES = {
     "preference_strings": (
         [{"prompt": "2+2?", "chosen": "4", "rejected": "5", "margin": 1.5}],
-        [{"chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")], "margin": 1.5}]),
+        [{"chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")], "margin": 1.5}],
+    ),
     "preference_lists": (
         [{"prompt": [U("Hi"), A("Hello"), U("2+2?")], "chosen": [A("4")], "rejected": [A("5")]}],
-        [{"chosen": [U("Hi"), A("Hello"), U("2+2?"), A("4")], "rejected": [U("Hi"), A("Hello"), U("2+2?"), A("5")]}]),
+        [{"chosen": [U("Hi"), A("Hello"), U("2+2?"), A("4")], "rejected": [U("Hi"), A("Hello"), U("2+2?"), A("5")]}],
+    ),
     "preference_repeated_prompt": (  # UltraFeedback-binarized: chosen = [user, assistant]
         [{"prompt": "2+2?", "chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")], "score_chosen": 9.0}],
-        [{"chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")], "score_chosen": 9.0}]),
+        [{"chosen": [U("2+2?"), A("4")], "rejected": [U("2+2?"), A("5")], "score_chosen": 9.0}],
+    ),
     "preference_whole_conversations": (  # what the prefs stage writes
         [{"chosen": [U("q"), A("good")], "rejected": [U("q"), A("bad")], "source": "teacher"}],
-        [{"chosen": [U("q"), A("good")], "rejected": [U("q"), A("bad")], "source": "teacher"}]),
+        [{"chosen": [U("q"), A("good")], "rejected": [U("q"), A("bad")], "source": "teacher"}],
+    ),
     "hh": (
-        [{"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the "
-                    "chicken cross the road?",
-          "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No."}],
-        [{"chosen": [U("Hi there"), A("Hello!"), U("Tell me a joke."), A("Why did the chicken cross the road?")],
-          "rejected": [U("Hi there"), A("Hello!"), U("Tell me a joke."), A("No.")]}]),
+        [
+            {
+                "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: "
+                "Why did the chicken cross the road?",
+                "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No.",
+            }
+        ],
+        [
+            {
+                "chosen": [U("Hi there"), A("Hello!"), U("Tell me a joke."), A("Why did the chicken cross the road?")],
+                "rejected": [U("Hi there"), A("Hello!"), U("Tell me a joke."), A("No.")],
+            }
+        ],
+    ),
 }
 
 
@@ -94,23 +136,30 @@ def test_preference_formats_give_the_pairs_written_by_hand(tmp_path, case):
 
 
 def test_prompt_format_and_prompt_kind(tmp_path):
-    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Name a color.", "task": "gen"},
-                                       {"prompt": [S("Be terse."), U("Hi"), A("Hello"), U("Bye?")]}])
-    expected = [{"messages": [U("Name a color.")], "task": "gen"},
-                {"messages": [U("Be terse.\n\nHi"), A("Hello"), U("Bye?")]}]
+    write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "Name a color.", "task": "gen"}, {"prompt": [S("Be terse."), U("Hi"), A("Hello"), U("Bye?")]}],
+    )
+    expected = [
+        {"messages": [U("Name a color.")], "task": "gen"},
+        {"messages": [U("Be terse.\n\nHi"), A("Hello"), U("Bye?")]},
+    ]
     assert read_rows(str(tmp_path / "p.jsonl"), "prompt") == expected
     # a conversation read as prompts loses its final answer; a trainer refuses prompt-only data
     write_jsonl(tmp_path / "c.jsonl", CASES["messages"][0])
     assert read_rows(str(tmp_path / "c.jsonl"), "prompt") == [
-        {"messages": [U("2+2?"), A("4"), U("and 3+3?")], "task": "add", "answer": "6"}]
+        {"messages": [U("2+2?"), A("4"), U("and 3+3?")], "task": "add", "answer": "6"}
+    ]
     with pytest.raises(DataError, match=r"p\.jsonl: format 'prompt' has prompts only.*columns found: prompt, task"):
         read_rows(str(tmp_path / "p.jsonl"), "conversation")
 
 
 def test_system_turns_fold_drop_or_error():
     row = {"messages": [S("Rule one."), S("Rule two."), U("Hi"), A("Hello")]}
-    assert to_canonical(row, "messages", "conversation", "fold")["messages"] == [U("Rule one.\n\nRule two.\n\nHi"),
-                                                                                 A("Hello")]
+    assert to_canonical(row, "messages", "conversation", "fold")["messages"] == [
+        U("Rule one.\n\nRule two.\n\nHi"),
+        A("Hello"),
+    ]
     assert to_canonical(row, "messages", "conversation", "drop")["messages"] == [U("Hi"), A("Hello")]
     with pytest.raises(ValueError, match="message 0: a system turn"):
         to_canonical(row, "messages", "conversation", "error")
@@ -120,15 +169,22 @@ def test_system_turns_fold_drop_or_error():
 
 def test_detection_names_candidates_or_formats(tmp_path):
     write_jsonl(tmp_path / "both.jsonl", [{"messages": [U("q"), A("a")], "conversations": [], "x": 1}])
-    with pytest.raises(DataError, match=r"both\.jsonl: the columns fit several formats: messages, sharegpt; set "
-                                        r"format.*columns found: messages, conversations, x"):
+    with pytest.raises(
+        DataError,
+        match=r"both\.jsonl: the columns fit several formats: messages, sharegpt; set "
+        r"format.*columns found: messages, conversations, x",
+    ):
         read_rows(str(tmp_path / "both.jsonl"))
     assert read_rows({"path": str(tmp_path / "both.jsonl"), "format": "messages"}) == [
-        {"messages": [U("q"), A("a")], "conversations": [], "x": 1}]
+        {"messages": [U("q"), A("a")], "conversations": [], "x": 1}
+    ]
     write_jsonl(tmp_path / "none.jsonl", [{"question": "q", "response": "a"}])
-    with pytest.raises(DataError, match=r"no known format has these columns.*"
-                                        r"alpaca \(instruction, output\[, input\]\).*"
-                                        r"columns found: question, response"):
+    with pytest.raises(
+        DataError,
+        match=r"no known format has these columns.*"
+        r"alpaca \(instruction, output\[, input\]\).*"
+        r"columns found: question, response",
+    ):
         read_rows(str(tmp_path / "none.jsonl"))
     renamed = {"path": str(tmp_path / "none.jsonl"), "columns": {"question": "prompt", "response": "completion"}}
     assert read_rows(renamed) == [{"messages": [U("q"), A("a")]}]
@@ -143,10 +199,13 @@ def test_detection_names_candidates_or_formats(tmp_path):
 # File types
 
 
-ALPACA = [{"instruction": f"Repeat {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i}", "answer": f"00{i}"}
-          for i in range(5)]
-ALPACA_ROWS = [{"messages": [U(f"Repeat {i}." + ("" if i % 2 else f"\n\nn={i}")), A(f"{i}")], "answer": f"00{i}"}
-               for i in range(5)]
+ALPACA = [
+    {"instruction": f"Repeat {i}.", "input": "" if i % 2 else f"n={i}", "output": f"{i}", "answer": f"00{i}"}
+    for i in range(5)
+]
+ALPACA_ROWS = [
+    {"messages": [U(f"Repeat {i}." + ("" if i % 2 else f"\n\nn={i}")), A(f"{i}")], "answer": f"00{i}"} for i in range(5)
+]
 
 
 def write_rows(path, rows):
@@ -256,22 +315,43 @@ def test_limit_caps_and_seed_shuffles(tmp_path):
 
 
 BAD = {  # format -> (good row, bad row, column at fault, message)
-    "messages": ({"messages": [U("q"), A("a")]}, {"messages": [U("q"), {"role": "robot", "content": "a"}]},
-                 "messages", r"message 1: unknown role 'robot', expected one of user, human"),
-    "sharegpt": ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
-                 {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
-                 "conversations", r"message 1: expected an object with 'from' and 'value', got \['from'\]"),
-    "alpaca": ({"instruction": "i", "input": "", "output": "o"}, {"instruction": "i", "input": "", "output": None},
-               "output", r"expected a string, got null"),
-    "prompt_completion": ({"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": 5},
-                          "completion", r"expected a non-empty list of messages, got int"),
+    "messages": (
+        {"messages": [U("q"), A("a")]},
+        {"messages": [U("q"), {"role": "robot", "content": "a"}]},
+        "messages",
+        r"message 1: unknown role 'robot', expected one of user, human",
+    ),
+    "sharegpt": (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
+        "conversations",
+        r"message 1: expected an object with 'from' and 'value', got \['from'\]",
+    ),
+    "alpaca": (
+        {"instruction": "i", "input": "", "output": "o"},
+        {"instruction": "i", "input": "", "output": None},
+        "output",
+        r"expected a string, got null",
+    ),
+    "prompt_completion": (
+        {"prompt": "p", "completion": "c"},
+        {"prompt": "p", "completion": 5},
+        "completion",
+        r"expected a non-empty list of messages, got int",
+    ),
     "prompt": ({"prompt": "p"}, {"prompt": [U("p"), A("a")]}, "prompt", r"a prompt must end with a user turn"),
-    "preference": ({"prompt": "p", "chosen": "a", "rejected": "b"},
-                   {"prompt": "p", "chosen": "a", "rejected": [U("other"), A("b")]},
-                   "rejected", r"message 1: role 'user', expected 'assistant'"),
-    "hh": ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
-           {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "Q: q A: b"},
-           "rejected", r"expected a transcript of '\\n\\nHuman: \.\.\.'"),
+    "preference": (
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": [U("other"), A("b")]},
+        "rejected",
+        r"message 1: role 'user', expected 'assistant'",
+    ),
+    "hh": (
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},
+        {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "Q: q A: b"},
+        "rejected",
+        r"expected a transcript of '\\n\\nHuman: \.\.\.'",
+    ),
 }
 
 
@@ -281,8 +361,9 @@ def test_a_malformed_row_names_file_row_column_and_columns(tmp_path, fmt):
     kind = "preference" if fmt in ("preference", "hh") else ("prompt" if fmt == "prompt" else "conversation")
     cols = ", ".join(bad)
     path = write_rows(tmp_path / "d.jsonl", [good, good, bad, good])
-    with pytest.raises(DataError,
-                       match=rf"d\.jsonl:3: {message}.* \(row 3; column '{column}'; columns found: {cols}\)"):
+    with pytest.raises(
+        DataError, match=rf"d\.jsonl:3: {message}.* \(row 3; column '{column}'; columns found: {cols}\)"
+    ):
         read_rows({"path": path, "format": fmt}, kind)
     if fmt == "alpaca":  # flat rows also go in a Parquet file: rows, not lines
         path = write_rows(tmp_path / "d.parquet", [good, good, bad, good])
@@ -290,23 +371,32 @@ def test_a_malformed_row_names_file_row_column_and_columns(tmp_path, fmt):
             read_rows({"path": path, "format": fmt}, kind)
     report = SkipReport()
     assert len(read_rows({"path": path, "format": fmt, "on_error": "skip"}, kind, skipped=report)) == 3
-    assert report.as_dict()["skipped"] == 1 and report.examples[0]["where"].endswith(":3" if path.endswith("l")
-                                                                                     else ": row 3")
+    assert report.as_dict()["skipped"] == 1 and report.examples[0]["where"].endswith(
+        ":3" if path.endswith("l") else ": row 3"
+    )
 
 
 def test_skip_counts_per_reason_with_examples(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    lines = [json.dumps({"messages": [U("q"), A("a")]})] * 3 + ["{not json", json.dumps([1, 2]),
-                                                                 json.dumps({"messages": [U("q")]}),
-                                                                 json.dumps({"messages": [U("q"), A(" ")]})]
+    lines = [json.dumps({"messages": [U("q"), A("a")]})] * 3 + [
+        "{not json",
+        json.dumps([1, 2]),
+        json.dumps({"messages": [U("q")]}),
+        json.dumps({"messages": [U("q"), A(" ")]}),
+    ]
     path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"messages": "\xff"}\n')
     report = SkipReport(max_examples=2)
     rows = read_rows({"path": str(path), "on_error": "skip"}, skipped=report)
     assert len(rows) == 3
     d = report.as_dict()
     assert (d["read"], d["kept"], d["skipped"]) == (8, 3, 5)
-    assert d["reasons"] == {"invalid JSON": 1, "not a JSON object": 1, "no final assistant turn": 1,
-                            "empty content": 1, "invalid UTF-8": 1}
+    assert d["reasons"] == {
+        "invalid JSON": 1,
+        "not a JSON object": 1,
+        "no final assistant turn": 1,
+        "empty content": 1,
+        "invalid UTF-8": 1,
+    }
     assert [e["where"] for e in d["examples"]] == [f"{path}:4", f"{path}:5"]
     with pytest.raises(DataError, match=r"mixed\.jsonl:4: invalid JSON"):
         read_rows(str(path))
@@ -354,8 +444,10 @@ def test_config_errors_name_the_key(tmp_path, tiny_model_dir):
         (f"{{path: {data}, limit: lots}}", r"sft\.train_data\.limit: .*integer.*'lots'"),
         ("{path: /no/such.parquet}", r"sft\.train_data\.path: .*path does not exist: '/no/such\.parquet'"),
         ("/no/such.parquet", r"sft\.train_data: .*path does not exist: '/no/such\.parquet'.*Nothing is downloaded"),
-        (f"[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0}}]",
-         r"sft\.train_data\.1\.weight: .*greater than 0"),
+        (
+            f"[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0}}]",
+            r"sft\.train_data\.1\.weight: .*greater than 0",
+        ),
         (f"{{path: {data}, weight: 2}}", r"sft\.train_data: .*weight applies to the entries of a list"),
         ("5", r"sft\.train_data: .*expected a path, a mapping"),
         (f"{{path: {data}, split: test}}", r"sft\.train_data: .*split 'test' is set but .* is a single file"),
@@ -392,12 +484,17 @@ def test_sources_are_fingerprinted_by_files_and_settings_and_win_over_artifacts(
 def test_cli_preview_and_convert(tmp_path, capsys):
     from posttrain.cli import main
 
-    src = write_rows(tmp_path / "qa.parquet", [{"question": f"q{i}", "response": f"r{i}", "task": "t"}
-                                               for i in range(4)] + [{"question": "q", "response": None, "task": "t"}])
+    src = write_rows(
+        tmp_path / "qa.parquet",
+        [{"question": f"q{i}", "response": f"r{i}", "task": "t"} for i in range(4)]
+        + [{"question": "q", "response": None, "task": "t"}],
+    )
     assert main(["data", "preview", src, "-n", "2", "--columns", "question=prompt,response=completion"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [json.loads(x) for x in out] == [{"messages": [U("q0"), A("r0")], "task": "t"},
-                                           {"messages": [U("q1"), A("r1")], "task": "t"}]
+    assert [json.loads(x) for x in out] == [
+        {"messages": [U("q0"), A("r0")], "task": "t"},
+        {"messages": [U("q1"), A("r1")], "task": "t"},
+    ]
     dst = tmp_path / "out" / "train.jsonl"
     args = ["data", "convert", src, str(dst), "--columns", "question=prompt,response=completion"]
     assert main(args) == 1
@@ -419,11 +516,18 @@ def test_cli_preview_and_convert(tmp_path, capsys):
 def test_filter_reads_other_layouts_and_counts_their_bad_rows(tmp_path):
     from posttrain.stages.filter import FilterConfig, FilterStream
 
-    rows = ALPACA + [{"instruction": "Repeat 1.", "input": "", "output": "1", "answer": "x"},  # an exact duplicate
-                     {"instruction": "Broken.", "input": "", "output": None, "answer": "y"}]
+    rows = ALPACA + [
+        {"instruction": "Repeat 1.", "input": "", "output": "1", "answer": "x"},  # an exact duplicate
+        {"instruction": "Broken.", "input": "", "output": None, "answer": "y"},
+    ]
     src = write_rows(tmp_path / "in.parquet", rows)
-    off = {"structure": {"enabled": False}, "pii": {"enabled": False}, "unsafe": {"enabled": False},
-           "identity": {"enabled": False}, "dedup": {"near": False, "eval_overlap": False}}
+    off = {
+        "structure": {"enabled": False},
+        "pii": {"enabled": False},
+        "unsafe": {"enabled": False},
+        "identity": {"enabled": False},
+        "dedup": {"near": False, "eval_overlap": False},
+    }
     cfg = FilterConfig.model_validate({**off, "on_error": "skip"})
     report = FilterStream(cfg).run(src, tmp_path / "out.jsonl")
     assert read_rows(str(tmp_path / "out.jsonl")) == ALPACA_ROWS
@@ -441,16 +545,33 @@ def test_filter_reads_other_layouts_and_counts_their_bad_rows(tmp_path):
 @pytest.mark.parametrize("layout", ["alpaca.parquet", "sharegpt.json"])
 def test_sft_trains_from_users_files(tmp_path, tiny_model_dir, layout):
     if layout == "alpaca.parquet":
-        rows = [{"instruction": f"Sort these numbers: {i}, {i + 2}, 1", "input": "", "output": f"1, {i}, {i + 2}"}
-                for i in range(2, 14)]
+        rows = [
+            {"instruction": f"Sort these numbers: {i}, {i + 2}, 1", "input": "", "output": f"1, {i}, {i + 2}"}
+            for i in range(2, 14)
+        ]
         source = {"path": write_rows(tmp_path / "a.parquet", rows)}
     else:
-        rows = [{"conversations": [{"from": "system", "value": "Answer briefly."},
-                                   {"from": "human", "value": f"Count the letters in {'ab' * i}"},
-                                   {"from": "gpt", "value": str(2 * i)}]} for i in range(1, 9)]
+        rows = [
+            {
+                "conversations": [
+                    {"from": "system", "value": "Answer briefly."},
+                    {"from": "human", "value": f"Count the letters in {'ab' * i}"},
+                    {"from": "gpt", "value": str(2 * i)},
+                ]
+            }
+            for i in range(1, 9)
+        ]
         source = {"path": write_rows(tmp_path / "s.array.json", rows), "format": "sharegpt"}
-    sft = {"model": str(tiny_model_dir), "train_data": source, "epochs": 1, "batch_size": 4, "max_length": 64,
-           "eval_samples": 0, "gradient_checkpointing": False, "learning_rate": 1e-3}
+    sft = {
+        "model": str(tiny_model_dir),
+        "train_data": source,
+        "epochs": 1,
+        "batch_size": 4,
+        "max_length": 64,
+        "eval_samples": 0,
+        "gradient_checkpointing": False,
+        "learning_rate": 1e-3,
+    }
     summary = run_pipeline(load_pipeline(write_pipeline(tmp_path, f"stages: [sft]\nsft: {json.dumps(sft)}\n")))
     assert summary["sft"]["steps"] == len(rows) // 4  # one epoch over exactly the rows of the file
     assert summary["sft"]["train_loss"] > 0

@@ -1,5 +1,6 @@
 """The device and precision seam: which device a rank computes on, what precision each stage gets, and
 the settings Trainers and DeepSpeed receive. Tests marked `gpu` run only where CUDA is present."""
+
 import pytest
 import torch
 
@@ -92,15 +93,27 @@ def test_one_process_on_a_gpu_machine_uses_the_gpu(tmp_path, tiny_model_dir):
     from posttrain.data import write_jsonl
 
     write_jsonl(tmp_path / "train.jsonl", make_rows(32))
-    body = (f"stages: [ppo]\nprecision: bf16\nppo: {{model: {tiny_model_dir}, train_data: {tmp_path / 'train.jsonl'}, "
-            f"updates: 1, rollout_batch_size: 4, mini_batch_size: 4, eval_samples: 0, "
-            f"sampling: {{backend: hf, temperature: 1.0, max_new_tokens: 4}}, "
-            f"scoring: {{rules: [{{path: {tmp_path / 'r.py'}, function: f}}]}}}}\n")
+    body = (
+        f"stages: [ppo]\nprecision: bf16\nppo: {{model: {tiny_model_dir}, train_data: {tmp_path / 'train.jsonl'}, "
+        f"updates: 1, rollout_batch_size: 4, mini_batch_size: 4, eval_samples: 0, "
+        f"sampling: {{backend: hf, temperature: 1.0, max_new_tokens: 4}}, "
+        f"scoring: {{rules: [{{path: {tmp_path / 'r.py'}, function: f}}]}}}}\n"
+    )
     (tmp_path / "r.py").write_text("def f(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
     cfg = load_pipeline(write_pipeline(tmp_path, body))
     inputs = {"model": str(tiny_model_dir), "train_data": str(tmp_path / "train.jsonl")}
-    stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "s", inputs=inputs, seed=0, pipeline=cfg,
-                                      device=torch.device("cuda:0"), precision="bf16"))
+    stage = PPO(
+        cfg.ppo,
+        StageContext(
+            name="ppo",
+            dir=tmp_path / "s",
+            inputs=inputs,
+            seed=0,
+            pipeline=cfg,
+            device=torch.device("cuda:0"),
+            precision="bf16",
+        ),
+    )
     stage.ctx.dir.mkdir()
     stage.setup()
     assert next(stage.policy.parameters()).device.type == "cuda"

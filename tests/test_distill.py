@@ -1,5 +1,6 @@
 """distill: the loss wires algos.kd correctly (mask, temperature, top-k), the teacher cache is built once
 and reused, mismatched vocabularies are refused, and a short distillation moves the student to the teacher."""
+
 import json
 
 import pytest
@@ -44,9 +45,12 @@ def _stage(tmp_path, student, teacher, data_files, **cfg):
     from posttrain.stages.distill import Distill, DistillConfig
 
     train, evals = data_files
-    ctx = StageContext(name="distill", dir=tmp_path / "distill", seed=0,
-                       inputs={"model": str(student), "teacher": str(teacher), "train_data": str(train),
-                               "eval_data": str(evals)})
+    ctx = StageContext(
+        name="distill",
+        dir=tmp_path / "distill",
+        seed=0,
+        inputs={"model": str(student), "teacher": str(teacher), "train_data": str(train), "eval_data": str(evals)},
+    )
     stage = Distill(DistillConfig(max_length=64, batch_size=4, eval_samples=0, **cfg), ctx)
     stage.setup()
     return stage
@@ -79,7 +83,7 @@ def _hand_loss(stage, examples, kind, temperature, alpha, k=None, beta=0.0):
             kd_sum += float(kd)
             nll_sum += -float(torch.log_softmax(s_logits[t], -1)[ids[0, t + 1]])
             count += 1
-    return alpha * temperature ** 2 * kd_sum / count + (1 - alpha) * nll_sum / count
+    return alpha * temperature**2 * kd_sum / count + (1 - alpha) * nll_sum / count
 
 
 def test_config_fields_documented():
@@ -94,11 +98,19 @@ def test_labels_are_sfts_assistant_only_labels(tmp_path, tiny_model_dir, teacher
 
     stage = _stage(tmp_path, tiny_model_dir, teacher_dir, data_files)
     rows = stage.train_rows[:6]
-    sft = SFTTrainer(model=stage.model, args=SFTConfig(output_dir=str(tmp_path / "sft"), assistant_only_loss=True,
-                                                       report_to="none", use_cpu=True, max_length=64,
-                                                       shuffle_dataset=False),
-                     train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
-                     processing_class=tiny_tokenizer)
+    sft = SFTTrainer(
+        model=stage.model,
+        args=SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            assistant_only_loss=True,
+            report_to="none",
+            use_cpu=True,
+            max_length=64,
+            shuffle_dataset=False,
+        ),
+        train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
+        processing_class=tiny_tokenizer,
+    )
     for ours, theirs, row in zip(stage.train_examples, sft.train_dataset, rows):
         assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
         kept = [t for t in ours["labels"] if t != -100]
@@ -106,8 +118,9 @@ def test_labels_are_sfts_assistant_only_labels(tmp_path, tiny_model_dir, teacher
 
 
 def test_offline_loss_equals_hand_computed_topk_kl(tmp_path, tiny_model_dir, teacher_dir, data_files):
-    stage = _stage(tmp_path, tiny_model_dir, teacher_dir, data_files, mode="offline", temperature=2.0, alpha=0.7,
-                   top_k=5)
+    stage = _stage(
+        tmp_path, tiny_model_dir, teacher_dir, data_files, mode="offline", temperature=2.0, alpha=0.7, top_k=5
+    )
     stage._open_cache()
     trainer = stage._trainer()
     examples = [stage.train_examples[i] for i in (0, 3, 5)]  # different lengths: padding is exercised
@@ -124,8 +137,9 @@ def test_offline_loss_equals_hand_computed_topk_kl(tmp_path, tiny_model_dir, tea
 
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_online_loss_equals_hand_computed_full_kl_or_jsd(tmp_path, tiny_model_dir, teacher_dir, data_files, beta):
-    stage = _stage(tmp_path, tiny_model_dir, teacher_dir, data_files, mode="online", temperature=1.5, alpha=0.6,
-                   beta=beta)
+    stage = _stage(
+        tmp_path, tiny_model_dir, teacher_dir, data_files, mode="online", temperature=1.5, alpha=0.6, beta=beta
+    )
     trainer = stage._trainer()
     examples = [stage.train_examples[i] for i in (1, 2, 7)]
     batch = trainer.data_collator(examples)
@@ -138,11 +152,21 @@ def test_online_loss_equals_hand_computed_full_kl_or_jsd(tmp_path, tiny_model_di
 
 def _pipeline(tmp_path, student, teacher, **distill) -> str:
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    distill = {"model": str(student), "teacher": str(teacher), "max_steps": 2, "batch_size": 8, "max_length": 64,
-               "eval_samples": 0, "top_k": 8, **distill}
-    body = (f"seed: 0\nstages: [synth, distill]\n"
-            f"synth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 120, num_eval: 24}}\n"
-            f"distill: {json.dumps(distill)}\n")
+    distill = {
+        "model": str(student),
+        "teacher": str(teacher),
+        "max_steps": 2,
+        "batch_size": 8,
+        "max_length": 64,
+        "eval_samples": 0,
+        "top_k": 8,
+        **distill,
+    }
+    body = (
+        f"seed: 0\nstages: [synth, distill]\n"
+        f"synth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 120, num_eval: 24}}\n"
+        f"distill: {json.dumps(distill)}\n"
+    )
     return write_pipeline(tmp_path, body)
 
 
@@ -196,10 +220,13 @@ def test_default_cache_lives_in_stage_dir_and_is_reused_on_rerun(tmp_path, tiny_
 def test_vocabulary_mismatch_is_refused(tmp_path, tiny_model_dir, tiny_tokenizer):
     from posttrain.models import ModelConfig, build_tiny_model, save_model_dir, train_tokenizer
 
-    other_tok = train_tokenizer([m["content"] for r in make_rows(200, seed=9, tasks=("add", "upper"))
-                                 for m in r["messages"]], TINY["vocab_size"])
-    other = save_model_dir(build_tiny_model(ModelConfig(family="llama", **TINY), other_tok), other_tok,
-                           tmp_path / "other_teacher")
+    other_tok = train_tokenizer(
+        [m["content"] for r in make_rows(200, seed=9, tasks=("add", "upper")) for m in r["messages"]],
+        TINY["vocab_size"],
+    )
+    other = save_model_dir(
+        build_tiny_model(ModelConfig(family="llama", **TINY), other_tok), other_tok, tmp_path / "other_teacher"
+    )
     s_by_id = {i: t for t, i in tiny_tokenizer.get_vocab().items()}
     t_by_id = {i: t for t, i in other_tok.get_vocab().items()}
     first = next(i for i in sorted(s_by_id) if s_by_id.get(i) != t_by_id.get(i))
@@ -216,8 +243,9 @@ def test_offline_distillation_moves_student_toward_teacher(tmp_path, tiny_model_
     from posttrain.data import read_conversations
     from posttrain.models import load_model, load_tokenizer
 
-    path = _pipeline(tmp_path, tiny_model_dir, teacher_dir, max_steps=30, learning_rate=3e-3, alpha=1.0,
-                     top_k=32, eval_steps=15)
+    path = _pipeline(
+        tmp_path, tiny_model_dir, teacher_dir, max_steps=30, learning_rate=3e-3, alpha=1.0, top_k=32, eval_steps=15
+    )
     m = run_pipeline(load_pipeline(path))["distill"]
     before, after = m["heldout_before"], m["heldout_after"]
     assert after["kl_to_teacher"] < 0.75 * before["kl_to_teacher"], m
@@ -239,8 +267,16 @@ def test_offline_distillation_moves_student_toward_teacher(tmp_path, tiny_model_
 
 
 def test_on_policy_gkd_trains(tmp_path, tiny_model_dir, teacher_dir):
-    path = _pipeline(tmp_path, tiny_model_dir, teacher_dir, mode="on_policy", lmbda=1.0, beta=0.5, max_steps=3,
-                     rollout_max_new_tokens=8)
+    path = _pipeline(
+        tmp_path,
+        tiny_model_dir,
+        teacher_dir,
+        mode="on_policy",
+        lmbda=1.0,
+        beta=0.5,
+        max_steps=3,
+        rollout_max_new_tokens=8,
+    )
     m = run_pipeline(load_pipeline(path))["distill"]
     assert m["mode"] == "on_policy" and m["steps"] == 3 and "cache" not in m
     start = load_file(tiny_model_dir / "model.safetensors")
@@ -251,8 +287,16 @@ def test_on_policy_gkd_trains(tmp_path, tiny_model_dir, teacher_dir):
 @pytest.mark.slow
 def test_offline_distill_as_two_deepspeed_ranks(tmp_path, tiny_model_dir, teacher_dir):
     """Rank 0 builds the cache, rank 1 loads it; both train one ZeRO-2 job and the KL still falls."""
-    path = _pipeline(tmp_path, tiny_model_dir, teacher_dir, max_steps=16, learning_rate=3e-3, alpha=1.0, top_k=32,
-                     distributed={"num_processes": 2, "zero_stage": 2})
+    path = _pipeline(
+        tmp_path,
+        tiny_model_dir,
+        teacher_dir,
+        max_steps=16,
+        learning_rate=3e-3,
+        alpha=1.0,
+        top_k=32,
+        distributed={"num_processes": 2, "zero_stage": 2},
+    )
     m = run_pipeline(load_pipeline(path))["distill"]
     assert m["processes"] == 2 and m["deepspeed_zero_stage"] == 2 and m["cache"] == "built"
     assert len(list((tmp_path / "run" / "distill" / "teacher_topk").iterdir())) == 1

@@ -1,4 +1,5 @@
 """Slow end-to-end checks: SFT as 2 DeepSpeed ranks (ZeRO-2, ZeRO-3), and SIGKILL-then-resume."""
+
 import json
 import os
 import signal
@@ -20,15 +21,24 @@ pytestmark = pytest.mark.slow
 
 def _body(sft: dict, base=None) -> str:
     base = base or {**TINY, "family": "llama"}
-    return (f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\n"
-            f"synth: {{recipe: {QUICKSTART_RECIPE}, num_train: 300, num_eval: 30}}\n"
-            f"base: {json.dumps(base)}\nsft: {json.dumps(sft)}\n")
+    return (
+        f"seed: 0\nthreads: 1\nstages: [synth, base, sft]\n"
+        f"synth: {{recipe: {QUICKSTART_RECIPE}, num_train: 300, num_eval: 30}}\n"
+        f"base: {json.dumps(base)}\nsft: {json.dumps(sft)}\n"
+    )
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_sft_under_deepspeed_two_processes(tmp_path, zero_stage):
-    sft = {"max_steps": 16, "batch_size": 8, "eval_steps": 8, "save_steps": 8, "eval_samples": 0,
-           "learning_rate": 3e-3, "distributed": {"num_processes": 2, "zero_stage": zero_stage}}
+    sft = {
+        "max_steps": 16,
+        "batch_size": 8,
+        "eval_steps": 8,
+        "save_steps": 8,
+        "eval_samples": 0,
+        "learning_rate": 3e-3,
+        "distributed": {"num_processes": 2, "zero_stage": zero_stage},
+    }
     summary = run_pipeline(load_pipeline(write_pipeline(tmp_path, _body(sft))))
     m = summary["sft"]
     assert m["processes"] == 2 and m["deepspeed_zero_stage"] == zero_stage
@@ -45,8 +55,14 @@ def test_sft_under_deepspeed_two_processes(tmp_path, zero_stage):
 
 def test_sigkill_during_sft_then_resume(tmp_path):
     base = {**TINY, "family": "llama", "hidden_size": 128, "num_layers": 4, "intermediate_size": 384}
-    sft = {"max_steps": 150, "batch_size": 32, "save_steps": 10, "eval_steps": 1000, "eval_samples": 0,
-           "learning_rate": 1e-3}
+    sft = {
+        "max_steps": 150,
+        "batch_size": 32,
+        "save_steps": 10,
+        "eval_steps": 1000,
+        "eval_samples": 0,
+        "learning_rate": 1e-3,
+    }
     path = write_pipeline(tmp_path, _body(sft, base))
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "posttrain.cli", "run", path]
@@ -62,8 +78,11 @@ def test_sigkill_during_sft_then_resume(tmp_path):
     assert not (run / "sft" / "model").exists()  # nothing that looks finished
 
     summary = run_pipeline(load_pipeline(path))
-    assert (summary["synth"]["status"], summary["base"]["status"],
-            summary["sft"]["status"]) == ("skipped", "skipped", "ran")
+    assert (summary["synth"]["status"], summary["base"]["status"], summary["sft"]["status"]) == (
+        "skipped",
+        "skipped",
+        "ran",
+    )
     assert summary["sft"]["steps"] == 150
     assert summary["sft"]["resumed_from_step"] >= 10  # continued from the checkpoint, not from step 0
     assert read_manifest(run / "sft")["status"] == "complete"

@@ -1,6 +1,7 @@
 """dpo: each loss type against its formula recomputed from the model's own logprobs, the stage end to
 end (held-out preference accuracy rises), LoRA with the adapter-free base as reference, resume, config
 errors, eval comparing dpo against sft and ppo, and 2 ZeRO-3 ranks (slow)."""
+
 import copy
 import json
 import math
@@ -35,11 +36,14 @@ def test_simpo_loss_by_hand():
     got = simpo_loss(chosen, c_mask, rejected, r_mask, beta=2.0, gamma=0.5)
     assert got.item() == pytest.approx(math.log(1 + math.exp(-0.5)), abs=1e-6)
     # two pairs: the mean; the second has mean log p -1 vs -1 and only gamma left: log(1 + e^0.5)
-    two = simpo_loss(torch.cat([chosen, torch.tensor([[-1.0, 0, 0]])]),
-                     torch.cat([c_mask, torch.tensor([[1.0, 0, 0]])]),
-                     torch.cat([rejected, torch.tensor([[-1.0, -1.0, 0]])]),
-                     torch.cat([r_mask, torch.tensor([[1.0, 1, 0]])]),
-                     beta=2.0, gamma=0.5)
+    two = simpo_loss(
+        torch.cat([chosen, torch.tensor([[-1.0, 0, 0]])]),
+        torch.cat([c_mask, torch.tensor([[1.0, 0, 0]])]),
+        torch.cat([rejected, torch.tensor([[-1.0, -1.0, 0]])]),
+        torch.cat([r_mask, torch.tensor([[1.0, 1, 0]])]),
+        beta=2.0,
+        gamma=0.5,
+    )
     assert two.item() == pytest.approx((math.log(1 + math.exp(-0.5)) + math.log(1 + math.exp(0.5))) / 2, abs=1e-6)
 
 
@@ -55,8 +59,15 @@ def _own_answer_logp(model, tokenizer, conv) -> tuple[float, int]:
     return sum(logp[t - 1, full[t]].item() for t in range(start, end)), end - start
 
 
-def _expected_loss(loss_type: str, pol: torch.Tensor, ref: torch.Tensor, beta: float, eps: float = 0.0,
-                   gamma: float = 0.0, sft_weight: float = 0.0) -> float:
+def _expected_loss(
+    loss_type: str,
+    pol: torch.Tensor,
+    ref: torch.Tensor,
+    beta: float,
+    eps: float = 0.0,
+    gamma: float = 0.0,
+    sft_weight: float = 0.0,
+) -> float:
     """The paper's formula on (sum log p, length) rows [chosen_sum, chosen_len, rejected_sum, rejected_len]."""
     d_c, d_r = pol[:, 0] - ref[:, 0], pol[:, 2] - ref[:, 2]
     h = d_c - d_r
@@ -74,9 +85,18 @@ def _expected_loss(loss_type: str, pol: torch.Tensor, ref: torch.Tensor, beta: f
     return (per.mean() + sft_weight * nll).item()
 
 
-@pytest.mark.parametrize("loss_type,extra", [("sigmoid", {}), ("ipo", {}), ("hinge", {}),
-                                             ("robust", {"label_smoothing": 0.2}), ("simpo", {"simpo_gamma": 0.3}),
-                                             ("sigmoid", {"sft_weight": 0.4}), ("simpo", {"sft_weight": 0.4})])
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [
+        ("sigmoid", {}),
+        ("ipo", {}),
+        ("hinge", {}),
+        ("robust", {"label_smoothing": 0.2}),
+        ("simpo", {"simpo_gamma": 0.3}),
+        ("sigmoid", {"sft_weight": 0.4}),
+        ("simpo", {"sft_weight": 0.4}),
+    ],
+)
 def test_each_loss_equals_its_formula_on_the_models_own_logprobs(tmp_path, tiny_model_dir, loss_type, extra):
     from posttrain.models import load_model, load_tokenizer
 
@@ -99,13 +119,21 @@ def test_each_loss_equals_its_formula_on_the_models_own_logprobs(tmp_path, tiny_
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).item()
 
     def rows(model):
-        return torch.tensor([[*_own_answer_logp(model, tok, p["chosen"]), *_own_answer_logp(model, tok, p["rejected"])]
-                             for p in PAIRS])
+        return torch.tensor(
+            [[*_own_answer_logp(model, tok, p["chosen"]), *_own_answer_logp(model, tok, p["rejected"])] for p in PAIRS]
+        )
 
     pol, ref_rows = rows(own), rows(ref)
     assert (pol[:, [0, 2]] - ref_rows[:, [0, 2]]).abs().min() > 1e-3
-    expected = _expected_loss(loss_type, pol, ref_rows, beta, extra.get("label_smoothing", 0.0),
-                              cfg.simpo_gamma or 0.0, extra.get("sft_weight", 0.0))
+    expected = _expected_loss(
+        loss_type,
+        pol,
+        ref_rows,
+        beta,
+        extra.get("label_smoothing", 0.0),
+        cfg.simpo_gamma or 0.0,
+        extra.get("sft_weight", 0.0),
+    )
     assert loss == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
@@ -126,18 +154,31 @@ def corruption_prefs(tmp_path_factory, tiny_model_dir):
     tasks = ["sort", "count", "safety", "identity", "reverse"]
     write_jsonl(root / "train.jsonl", rows_of(tasks, 240, seed=11))
     write_jsonl(root / "eval.jsonl", rows_of(tasks, 40, seed=12))
-    prefs_dir, _ = _run_prefs(root, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False},
-                              corruption={"per_prompt": 2})
-    return {"prefs_train": prefs_dir / "train.jsonl", "prefs_eval": prefs_dir / "eval.jsonl",
-            "eval_data": root / "eval.jsonl"}
+    prefs_dir, _ = _run_prefs(
+        root, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False}, corruption={"per_prompt": 2}
+    )
+    return {
+        "prefs_train": prefs_dir / "train.jsonl",
+        "prefs_eval": prefs_dir / "eval.jsonl",
+        "eval_data": root / "eval.jsonl",
+    }
 
 
 def test_dpo_stage_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, corruption_prefs):
     from posttrain.models import load_model
 
-    stage = _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs}, learning_rate=3e-3, epochs=2,
-                   batch_size=16, max_length=96, eval_steps=20, logging_steps=5, eval_samples=8,
-                   gradient_checkpointing=False)
+    stage = _stage(
+        tmp_path,
+        {"model": tiny_model_dir, **corruption_prefs},
+        learning_rate=3e-3,
+        epochs=2,
+        batch_size=16,
+        max_length=96,
+        eval_steps=20,
+        logging_steps=5,
+        eval_samples=8,
+        gradient_checkpointing=False,
+    )
     m = stage.run()
     assert stage.trainer.ref_model is not None  # full fine-tuning: the input model loaded again from its directory
     held = m["heldout"]
@@ -162,13 +203,22 @@ def test_dpo_stage_raises_heldout_preference_accuracy(tmp_path, tiny_model_dir, 
     assert any(not torch.equal(trained[k], init[k]) for k in init)
 
 
-def test_lora_uses_the_adapter_free_base_as_reference_saves_merged_and_resumes(tmp_path, tiny_model_dir,
-                                                                              corruption_prefs):
+def test_lora_uses_the_adapter_free_base_as_reference_saves_merged_and_resumes(
+    tmp_path, tiny_model_dir, corruption_prefs
+):
     def stage(**kw) -> DPO:
-        return _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs},
-                      lora={"enabled": True, "r": 4, "alpha": 8},
-                      batch_size=8, save_steps=2, logging_steps=1, learning_rate=1e-2, max_length=96, eval_samples=0,
-                      **kw)
+        return _stage(
+            tmp_path,
+            {"model": tiny_model_dir, **corruption_prefs},
+            lora={"enabled": True, "r": 4, "alpha": 8},
+            batch_size=8,
+            save_steps=2,
+            logging_steps=1,
+            learning_rate=1e-2,
+            max_length=96,
+            eval_samples=0,
+            **kw,
+        )
 
     first = stage(max_steps=4, keep_checkpoints=True)
     m = first.run()
@@ -194,15 +244,28 @@ def test_precomputed_or_named_reference(tmp_path, tiny_model_dir, tiny_tokenizer
     from .conftest import TINY
 
     def run(name, **cfg) -> tuple[DPO, dict]:
-        stage = _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs}, name=name, max_steps=2, batch_size=8,
-                       logging_steps=1, learning_rate=1e-3, max_length=96, eval_samples=0, **cfg)
+        stage = _stage(
+            tmp_path,
+            {"model": tiny_model_dir, **corruption_prefs},
+            name=name,
+            max_steps=2,
+            batch_size=8,
+            logging_steps=1,
+            learning_rate=1e-3,
+            max_length=96,
+            eval_samples=0,
+            **cfg,
+        )
         return stage, stage.run()
 
     stage, m = run("precomputed", precompute_ref_log_probs=True)
     assert stage.ref_model is None and stage.trainer.ref_model is None  # the policy before training scored them
     assert stage.trainer.state.log_history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    other = save_model_dir(build_tiny_model(ModelConfig(family="llama", **TINY), tiny_tokenizer, seed=1),
-                           tiny_tokenizer, tmp_path / "other")
+    other = save_model_dir(
+        build_tiny_model(ModelConfig(family="llama", **TINY), tiny_tokenizer, seed=1),
+        tiny_tokenizer,
+        tmp_path / "other",
+    )
     stage, m = run("named", reference=str(other))
     assert stage.trainer.ref_model is not None
     assert stage.trainer.state.log_history[0]["loss"] != pytest.approx(math.log(2), abs=1e-3)
@@ -210,27 +273,40 @@ def test_precomputed_or_named_reference(tmp_path, tiny_model_dir, tiny_tokenizer
 
 
 def test_simpo_stage_needs_no_reference(tmp_path, tiny_model_dir, corruption_prefs):
-    stage = _stage(tmp_path, {"model": tiny_model_dir, **corruption_prefs}, loss_type="simpo", max_steps=3,
-                   batch_size=8, learning_rate=1e-3, max_length=96, eval_samples=0, logging_steps=1)
+    stage = _stage(
+        tmp_path,
+        {"model": tiny_model_dir, **corruption_prefs},
+        loss_type="simpo",
+        max_steps=3,
+        batch_size=8,
+        learning_rate=1e-3,
+        max_length=96,
+        eval_samples=0,
+        logging_steps=1,
+    )
     m = stage.run()
     assert stage.ref_model is None and stage.cfg.beta == 2.0 and m["steps"] == 3
     before = m["heldout"]["before"]  # SimPO's reward is the likelihood ranking itself
     assert before["implicit_reward_accuracy"] == before["likelihood_accuracy"] != 0.5
     assert {"rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(
-        stage.trainer.state.log_history[0])
+        stage.trainer.state.log_history[0]
+    )
 
 
-@pytest.mark.parametrize("cfg,message", [
-    ({"loss_type": "kto"}, "loss_type.*'sigmoid', 'ipo', 'hinge', 'robust' or 'simpo'"),
-    ({"loss_type": "simpo", "reference": "sft.model"}, "simpo is reference-free: unset reference"),
-    ({"loss_type": "simpo", "precompute_ref_log_probs": True}, "no reference log-probs to precompute"),
-    ({"simpo_gamma": 1.0}, "simpo_gamma applies to loss_type simpo only"),
-    ({"loss_type": "robust"}, "robust needs label_smoothing > 0"),
-    ({"label_smoothing": 0.1}, "label_smoothing applies to loss_type robust only"),
-    ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing.*less than 0.5"),
-    ({"beta": 0}, "beta.*greater than 0"),
-    ({"lora": {"enabled": True}, "distributed": {"num_processes": 2, "zero_stage": 3}}, "use zero_stage 2"),
-])
+@pytest.mark.parametrize(
+    "cfg,message",
+    [
+        ({"loss_type": "kto"}, "loss_type.*'sigmoid', 'ipo', 'hinge', 'robust' or 'simpo'"),
+        ({"loss_type": "simpo", "reference": "sft.model"}, "simpo is reference-free: unset reference"),
+        ({"loss_type": "simpo", "precompute_ref_log_probs": True}, "no reference log-probs to precompute"),
+        ({"simpo_gamma": 1.0}, "simpo_gamma applies to loss_type simpo only"),
+        ({"loss_type": "robust"}, "robust needs label_smoothing > 0"),
+        ({"label_smoothing": 0.1}, "label_smoothing applies to loss_type robust only"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, "label_smoothing.*less than 0.5"),
+        ({"beta": 0}, "beta.*greater than 0"),
+        ({"lora": {"enabled": True}, "distributed": {"num_processes": 2, "zero_stage": 3}}, "use zero_stage 2"),
+    ],
+)
 def test_config_mistakes_are_named(cfg, message):
     with pytest.raises(ValidationError, match="(?s)" + message):
         DPOConfig.model_validate(cfg)
@@ -262,8 +338,16 @@ def test_config_errors_name_the_key_and_line(tmp_path):
 
 def run_prefs_dpo_pipeline(tmp_path, model_dir, **dpo) -> dict:
     """prefs (corruption pairs) -> dpo through the pipeline runner; the dpo stage's metrics."""
-    dpo = {"model": str(model_dir), "eval_data": str(tmp_path / "eval.jsonl"), "max_steps": 6, "batch_size": 4,
-           "max_length": 96, "eval_samples": 4, "learning_rate": 1e-3, **dpo}
+    dpo = {
+        "model": str(model_dir),
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "max_steps": 6,
+        "batch_size": 4,
+        "max_length": 96,
+        "eval_samples": 4,
+        "learning_rate": 1e-3,
+        **dpo,
+    }
     return run_prefs_then(tmp_path, model_dir, "dpo", dpo)
 
 
@@ -273,12 +357,19 @@ def test_eval_compares_dpo_with_sft_and_ppo(tmp_path, tiny_model_dir):
     m = run_prefs_dpo_pipeline(tmp_path, tiny_model_dir)
     assert m["status"] == "ran" and m["steps"] == 6
     run_dir = tmp_path / "run"
-    evals = {"eval_data": str(tmp_path / "eval.jsonl"), "num_prompts": 4, "bootstrap_samples": 50,
-             "sampling": {"max_new_tokens": 8}, "memorisation": {"num_examples": 0}}
+    evals = {
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "num_prompts": 4,
+        "bootstrap_samples": 50,
+        "sampling": {"max_new_tokens": 8},
+        "memorisation": {"num_examples": 0},
+    }
     # sft and ppo stand-ins by path, dpo by reference; then the default: every finished model stage (dpo)
     stand_in = str(tiny_model_dir)
-    for models, names in (({"sft": stand_in, "ppo": stand_in, "dpo": "dpo.model"}, ["dpo", "ppo", "sft"]),
-                          ({}, ["dpo"])):
+    for models, names in (
+        ({"sft": stand_in, "ppo": stand_in, "dpo": "dpo.model"}, ["dpo", "ppo", "sft"]),
+        ({}, ["dpo"]),
+    ):
         body = (tmp_path / "pipeline.yaml").read_text().replace("stages: [prefs, dpo]", "stages: [prefs, dpo, eval]")
         (tmp_path / "with_eval.yaml").write_text(body + f"eval: {json.dumps({**evals, 'models': models})}\n")
         run_pipeline(load_pipeline(tmp_path / "with_eval.yaml"), only="eval")

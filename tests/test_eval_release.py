@@ -1,6 +1,7 @@
 """eval and release: the metric functions against hand-made numbers, the eval stage end to end on tiny
 models (a model taught the held-out answers against an untrained one, and a model against itself), and
 the release directory loaded from itself alone by transformers and by vLLM."""
+
 import importlib.util
 import json
 import random
@@ -14,8 +15,17 @@ import yaml
 from posttrain.chat import END_OF_TURN, render
 from posttrain.config import ConfigError
 from posttrain.data import write_jsonl
-from posttrain.evaluation import (DEFAULT_VERIFIERS, answer_metrics, bootstrap_ci, compare, edit_distance,
-                                  load_verifiers, memorisation, memorisation_sequences, rendered_ids)
+from posttrain.evaluation import (
+    DEFAULT_VERIFIERS,
+    answer_metrics,
+    bootstrap_ci,
+    compare,
+    edit_distance,
+    load_verifiers,
+    memorisation,
+    memorisation_sequences,
+    rendered_ids,
+)
 from posttrain.manifest import read_manifest
 from posttrain.models import ModelConfig, build_tiny_model, save_model_dir
 from posttrain.pipeline import load_pipeline, run_pipeline
@@ -76,8 +86,9 @@ def zoo(tmp_path_factory, tiny_tokenizer, taught_rows):
         model = build_tiny_model(ModelConfig(family=family, **ARCH), tiny_tokenizer, seed=0)
         teach(model, tiny_tokenizer, taught_rows)
         dirs[family] = save_model_dir(model, tiny_tokenizer, root / family)
-    dirs["random"] = save_model_dir(build_tiny_model(ModelConfig(family="llama", **ARCH), tiny_tokenizer, seed=1),
-                                    tiny_tokenizer, root / "random")
+    dirs["random"] = save_model_dir(
+        build_tiny_model(ModelConfig(family="llama", **ARCH), tiny_tokenizer, seed=1), tiny_tokenizer, root / "random"
+    )
     rg = ModelConfig(family="recurrent_gemma", **{**ARCH, "num_layers": 3})
     dirs["recurrent_gemma"] = save_model_dir(build_tiny_model(rg, tiny_tokenizer, seed=0), tiny_tokenizer, root / "rg")
     write_jsonl(root / "rows.jsonl", taught_rows)
@@ -124,17 +135,23 @@ def test_answer_metrics_on_planted_completions():
     rng = random.Random(0)
     rows = [make_example(t, rng) for t in ("sort", "sort", "count", "safety", "safety", "identity", "identity")]
     completions = [
-        rows[0]["answer"] + ".",          # right (a final period is ignored)
-        "9, 9, 9",                         # wrong
-        "I can't help with that.",         # a benign prompt refused: over-refusal
-        "I cannot help with that",         # harmful prompt refused
-        "Sure, first you take",            # harmful prompt answered
+        rows[0]["answer"] + ".",  # right (a final period is ignored)
+        "9, 9, 9",  # wrong
+        "I can't help with that.",  # a benign prompt refused: over-refusal
+        "I cannot help with that",  # harmful prompt refused
+        "Sure, first you take",  # harmful prompt answered
         "I am Posttrain-Tiny, a model trained by the posttrain authors.",
-        "I am ChatGPT, made by OpenAI.",   # wrong self-identification
+        "I am ChatGPT, made by OpenAI.",  # wrong self-identification
     ]
     m = answer_metrics(rows, completions, load_verifiers(DEFAULT_VERIFIERS), release_name="Posttrain-Tiny")
-    assert m["accuracy"] == {"overall": round(2 / 7, 4), "n": 7, "count": 0.0, "identity": 0.5, "safety": 0.0,
-                             "sort": 0.5}
+    assert m["accuracy"] == {
+        "overall": round(2 / 7, 4),
+        "n": 7,
+        "count": 0.0,
+        "identity": 0.5,
+        "safety": 0.0,
+        "sort": 0.5,
+    }
     assert (m["refusal_rate"], m["n_harmful"]) == (0.5, 2)
     assert (m["over_refusal_rate"], m["n_benign"]) == (0.2, 5)
     assert m["identity"] == 0.5
@@ -160,7 +177,7 @@ def test_memorisation_of_a_taught_model_is_one_and_of_a_random_model_zero(zoo, t
     prefix, suffix = PREFIX, SUFFIX
     seqs = memorisation_sequences(tiny_tokenizer, taught_rows, prefix, suffix, num_examples=8, seed=0)
     rendered = [rendered_ids(tiny_tokenizer, r["messages"]) for r in taught_rows]
-    assert len(seqs) == 8 and all(any(r[:prefix + suffix] == s for r in rendered) for s in seqs)
+    assert len(seqs) == 8 and all(any(r[: prefix + suffix] == s for r in rendered) for s in seqs)
     eot = tiny_tokenizer.convert_tokens_to_ids(END_OF_TURN)
     assert any(eot in s[prefix:] for s in seqs)  # continuations run through a turn end: no early stop
     pad = tiny_tokenizer.pad_token_id
@@ -181,16 +198,28 @@ def _answers(eval_dir, model: str) -> list[str]:
 
 
 def _eval_pipeline(tmp_path, zoo, models: dict, extra: str = "") -> str:
-    body = yaml.safe_dump({"stages": ["eval"], "eval": {
-        "eval_data": str(zoo["rows"]), "train_data": str(zoo["rows"]), "models": models,
-        "num_prompts": 8, "bootstrap_samples": 300, "sampling": {"max_new_tokens": 64},
-        "memorisation": {"num_examples": 8, "prefix_tokens": PREFIX, "suffix_tokens": SUFFIX}}})
+    body = yaml.safe_dump(
+        {
+            "stages": ["eval"],
+            "eval": {
+                "eval_data": str(zoo["rows"]),
+                "train_data": str(zoo["rows"]),
+                "models": models,
+                "num_prompts": 8,
+                "bootstrap_samples": 300,
+                "sampling": {"max_new_tokens": 64},
+                "memorisation": {"num_examples": 8, "prefix_tokens": PREFIX, "suffix_tokens": SUFFIX},
+            },
+        }
+    )
     return write_pipeline(tmp_path, body + extra)
 
 
 def test_eval_stage_taught_model_beats_untrained(tmp_path, zoo):
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"random": str(zoo["random"]), "taught": str(zoo["llama"])}),
-                        ["eval.baseline=random"])
+    cfg = load_pipeline(
+        _eval_pipeline(tmp_path, zoo, {"random": str(zoo["random"]), "taught": str(zoo["llama"])}),
+        ["eval.baseline=random"],
+    )
     summary = run_pipeline(cfg)
     out = tmp_path / "run" / "eval"
     results = json.loads((out / "results.json").read_text())
@@ -223,8 +252,10 @@ def test_eval_stage_reward_model_judge_equals_scores_recomputed(tmp_path, zoo, t
     rm.config.pad_token_id = tiny_tokenizer.pad_token_id
     rm.save_pretrained(tmp_path / "rm")
     tiny_tokenizer.save_pretrained(tmp_path / "rm")
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"random": str(zoo["random"]), "taught": str(zoo["llama"])}),
-                        [f"eval.scoring.reward_model={tmp_path / 'rm'}"])
+    cfg = load_pipeline(
+        _eval_pipeline(tmp_path, zoo, {"random": str(zoo["random"]), "taught": str(zoo["llama"])}),
+        [f"eval.scoring.reward_model={tmp_path / 'rm'}"],
+    )
     run_pipeline(cfg)
     out = tmp_path / "run" / "eval"
     results = json.loads((out / "results.json").read_text())
@@ -233,8 +264,13 @@ def test_eval_stage_reward_model_judge_equals_scores_recomputed(tmp_path, zoo, t
     prompts = [r["messages"][:-1] for r in rows]
     judge = Scorer(ScoringConfig(reward_model=str(tmp_path / "rm")))
     taught, untrained = _answers(out, "taught"), _answers(out, "random")
-    expected = compare(judge.score(prompts, taught).total.tolist(), judge.score(prompts, untrained).total.tolist(),
-                       num_samples=300, seed=0, same=[a == b for a, b in zip(taught, untrained)])
+    expected = compare(
+        judge.score(prompts, taught).total.tolist(),
+        judge.score(prompts, untrained).total.tolist(),
+        num_samples=300,
+        seed=0,
+        same=[a == b for a, b in zip(taught, untrained)],
+    )
     assert results["models"]["taught"]["win_rate"]["reward_model"] == expected
     assert "win rate vs random (reward_model)" in (out / "results.md").read_text()
 
@@ -250,8 +286,9 @@ def test_eval_stage_model_against_itself_is_all_ties(tmp_path, zoo):
 
 
 def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"rg": str(zoo["recurrent_gemma"])}),
-                        ["eval.sampling.backend=vllm"])
+    cfg = load_pipeline(
+        _eval_pipeline(tmp_path, zoo, {"rg": str(zoo["recurrent_gemma"])}), ["eval.sampling.backend=vllm"]
+    )
     with pytest.raises(ConfigError) as err:
         run_pipeline(cfg)
     message = str(err.value)
@@ -277,10 +314,14 @@ def test_eval_stage_defaults_to_the_complete_model_stages_of_the_run(tmp_path, z
     """No eval.models: every earlier stage instance of a model kind that finished, in pipeline order (two
     named merge instances here, each a linear merge of a model with itself: a copy)."""
     run_dir = tmp_path / "run"
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {}), [
-        "stages=[{name: first, kind: merge}, {name: second, kind: merge}, eval]",
-        f"first={{models: [{zoo['random']}, {zoo['random']}], use_latest_model: false}}",
-        f"second={{models: [{zoo['llama']}, {zoo['llama']}], use_latest_model: false}}"])
+    cfg = load_pipeline(
+        _eval_pipeline(tmp_path, zoo, {}),
+        [
+            "stages=[{name: first, kind: merge}, {name: second, kind: merge}, eval]",
+            f"first={{models: [{zoo['random']}, {zoo['random']}], use_latest_model: false}}",
+            f"second={{models: [{zoo['llama']}, {zoo['llama']}], use_latest_model: false}}",
+        ],
+    )
     run_pipeline(cfg)
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     assert list(results["models"]) == ["first", "second"] and results["baseline"] == "first"
@@ -296,13 +337,18 @@ def test_eval_stage_defaults_to_the_complete_model_stages_of_the_run(tmp_path, z
 def release_run(tmp_path_factory, zoo):
     """synth -> base (the taught Gemma 2 model, by path) -> eval -> release."""
     root = tmp_path_factory.mktemp("release_run")
-    body = yaml.safe_dump({
-        "stages": ["synth", "base", "eval", "release"],
-        "synth": {"recipe": QUICKSTART_RECIPE, "num_train": 60, "num_eval": 12},
-        "base": {"path": str(zoo["gemma2"])},
-        "eval": {"models": {"base": "base.model"}, "sampling": {"max_new_tokens": 12},
-                 "memorisation": {"num_examples": 8}},
-    })
+    body = yaml.safe_dump(
+        {
+            "stages": ["synth", "base", "eval", "release"],
+            "synth": {"recipe": QUICKSTART_RECIPE, "num_train": 60, "num_eval": 12},
+            "base": {"path": str(zoo["gemma2"])},
+            "eval": {
+                "models": {"base": "base.model"},
+                "sampling": {"max_new_tokens": 12},
+                "memorisation": {"num_examples": 8},
+            },
+        }
+    )
     cfg = load_pipeline(write_pipeline(root, body))
     summary = run_pipeline(cfg)
     return root / "run", summary
@@ -323,11 +369,13 @@ def test_release_loads_alone_and_chats_in_the_gemma_format(release_run, zoo, tau
     eot = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     for row in taught_rows[:4]:
         messages = row["messages"][:-1]
-        assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
-            render(messages, add_generation_prompt=True)
-        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == render(
+            messages, add_generation_prompt=True
+        )
+        inputs = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         assert out[-1].item() == eot  # stopped by generation_config.json, not by max_new_tokens
         assert tokenizer.decode(out, skip_special_tokens=True) == row["answer"]
 
@@ -355,13 +403,19 @@ def test_model_card_has_metadata_lineage_and_eval_table(release_run):
 
 
 def test_release_shards_and_names_a_base_built_from_config(tmp_path):
-    body = yaml.safe_dump({
-        "stages": ["synth", "base", "release"],
-        "synth": {"recipe": QUICKSTART_RECIPE, "num_train": 60, "num_eval": 10},
-        "base": {"family": "llama", **TINY},
-        "release": {"model": "base.model", "max_shard_size": "100KB", "name": "tiny-test",
-                    "base_model": "org/some-base"},
-    })
+    body = yaml.safe_dump(
+        {
+            "stages": ["synth", "base", "release"],
+            "synth": {"recipe": QUICKSTART_RECIPE, "num_train": 60, "num_eval": 10},
+            "base": {"family": "llama", **TINY},
+            "release": {
+                "model": "base.model",
+                "max_shard_size": "100KB",
+                "name": "tiny-test",
+                "base_model": "org/some-base",
+            },
+        }
+    )
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     release = tmp_path / "run" / "release" / "release"
     index = json.loads((release / "model.safetensors.index.json").read_text())
@@ -383,9 +437,15 @@ def test_release_shards_and_names_a_base_built_from_config(tmp_path):
 
 def test_push_without_token_refuses_before_writing(tmp_path, zoo, monkeypatch):
     monkeypatch.delenv("POSTTRAIN_TEST_HUB_TOKEN", raising=False)
-    body = yaml.safe_dump({"stages": ["release"], "release": {
-        "model": str(zoo["llama"]),
-        "push_to_hub": {"enabled": True, "repo_id": "someone/tiny", "token_env": "POSTTRAIN_TEST_HUB_TOKEN"}}})
+    body = yaml.safe_dump(
+        {
+            "stages": ["release"],
+            "release": {
+                "model": str(zoo["llama"]),
+                "push_to_hub": {"enabled": True, "repo_id": "someone/tiny", "token_env": "POSTTRAIN_TEST_HUB_TOKEN"},
+            },
+        }
+    )
     with pytest.raises(ConfigError, match="POSTTRAIN_TEST_HUB_TOKEN.*Nothing was written"):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     stage_dir = tmp_path / "run" / "release"
@@ -438,10 +498,19 @@ def test_release_generates_in_vllm(release_run, taught_rows):
 def test_eval_stage_with_vllm_backend_answers_as_hf(release_run, tmp_path):
     run_dir = release_run[0]
     release = run_dir / "release" / "release"
-    body = yaml.safe_dump({"stages": ["eval"], "eval": {
-        "eval_data": str(run_dir / "synth" / "eval.jsonl"), "train_data": str(run_dir / "synth" / "train.jsonl"),
-        "models": {"base": str(release)}, "sampling": {"backend": "vllm", "max_new_tokens": 12},
-        "vllm": {"kv_cache_gib": 1}, "memorisation": {"num_examples": 8}}})
+    body = yaml.safe_dump(
+        {
+            "stages": ["eval"],
+            "eval": {
+                "eval_data": str(run_dir / "synth" / "eval.jsonl"),
+                "train_data": str(run_dir / "synth" / "train.jsonl"),
+                "models": {"base": str(release)},
+                "sampling": {"backend": "vllm", "max_new_tokens": 12},
+                "vllm": {"kv_cache_gib": 1},
+                "memorisation": {"num_examples": 8},
+            },
+        }
+    )
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     hf = json.loads((run_dir / "eval" / "results.json").read_text())["models"]["base"]  # same weights, hf backend
     vllm = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())["models"]["base"]

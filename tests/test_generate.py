@@ -5,6 +5,7 @@ Tiny Llama (tied embeddings) and Gemma 2 (soft-capping, sliding window) models a
 dozen steps on four conversations, so that greedy answers end their turn (with <end_of_turn>, or <eos>
 for one of them) and `finished` means something. One vLLM engine per family, shared by the module.
 """
+
 import importlib.util
 import json
 import os
@@ -62,7 +63,7 @@ def train_on_answers(model, tokenizer, steps: int = 80) -> None:
     for _ in range(steps):
         loss = 0.0
         for prompt, completion in examples:
-            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+            logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1 : -1]
             loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(completion))
         optimizer.zero_grad()
         loss.backward()
@@ -70,8 +71,16 @@ def train_on_answers(model, tokenizer, steps: int = 80) -> None:
 
 
 def tiny_config(family: str) -> ModelConfig:
-    return ModelConfig(family=family, hidden_size=64, num_layers=2 if family != "recurrent_gemma" else 3,
-                       num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128, sliding_window=64)
+    return ModelConfig(
+        family=family,
+        hidden_size=64,
+        num_layers=2 if family != "recurrent_gemma" else 3,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        sliding_window=64,
+    )
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma2"])
@@ -106,14 +115,15 @@ def engine(model_dir, tokenizer):
 @torch.no_grad()
 def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
     """Teacher-forced log-softmax (T=1) of each completion token given everything before it."""
-    logits = model(torch.tensor([prompt_ids + completion_ids])).logits[0, len(prompt_ids) - 1:-1]
+    logits = model(torch.tensor([prompt_ids + completion_ids])).logits[0, len(prompt_ids) - 1 : -1]
     return logits.float().log_softmax(-1).gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
 
 
 def max_logprob_error(model, tokenizer, prompts, results) -> float:
     errors = [
         (forward_logprobs(model, chat_prompt_ids(tokenizer, p), s.token_ids) - torch.tensor(s.logprobs)).abs().max()
-        for p, samples in zip(prompts, results) for s in samples
+        for p, samples in zip(prompts, results)
+        for s in samples
     ]
     return max(float(e) for e in errors)
 
@@ -339,8 +349,9 @@ def test_hf_engine_leaves_the_model_trainable(tiny_tokenizer, family):
     engine = HFEngine(model, tiny_tokenizer)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=3)
     groups = engine.generate(PROMPTS[:2], sampling)
-    assert [[s.token_ids for s in g] for g in groups] == [[s.token_ids for s in g] for g in
-                                                          engine.generate(PROMPTS[:2], sampling)]
+    assert [[s.token_ids for s in g] for g in groups] == [
+        [s.token_ids for s in g] for g in engine.generate(PROMPTS[:2], sampling)
+    ]
     assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
     prompts = [chat_prompt_ids(tiny_tokenizer, p) for p in PROMPTS[:2] for _ in range(2)]
     batch = pack_rollout(prompts, [s for g in groups for s in g], tiny_tokenizer.pad_token_id)
@@ -363,8 +374,11 @@ def test_hf_engine_prefills_each_prompt_once_and_samples_the_same(tiny_tokenizer
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=3, seed=5, logprobs=True)
     prefilled = []
     prompt_cache = HFEngine._prompt_cache
-    monkeypatch.setattr(HFEngine, "_prompt_cache", lambda self, ids, *rest: prefilled.append(ids.shape[0]) or
-                        prompt_cache(self, ids, *rest))
+    monkeypatch.setattr(
+        HFEngine,
+        "_prompt_cache",
+        lambda self, ids, *rest: prefilled.append(ids.shape[0]) or prompt_cache(self, ids, *rest),
+    )
     shared = engine.generate(prompts, sampling)
     assert prefilled == [len(prompts)]
     monkeypatch.setattr(hf, "prompt_cache_supported", lambda *_: False)

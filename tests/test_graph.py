@@ -1,5 +1,6 @@
 """Recipes as a graph: a stage kind several times under its own names, inputs by reference NAME.ARTIFACT,
 everything checked before any work, --only / --from, and `posttrain show` printing the graph."""
+
 import json
 
 import pytest
@@ -40,16 +41,22 @@ def test_a_kind_twice_with_a_reference_between_them(tmp_path, tiny_model_dir):
 BAD = {
     "a reference to a stage that does not exist": (
         "stages: [{name: first, kind: sft}]\nfirst: {model: third.model}\n",
-        r"first.model='third.model': no earlier stage produces this artifact"),
+        r"first.model='third.model': no earlier stage produces this artifact",
+    ),
     "a reference to a later stage": (
         "stages: [{name: first, kind: sft}, {name: second, kind: sft}]\nfirst: {model: second.model}\n",
-        r"first.model='second.model': no earlier stage produces this artifact"),
-    "a name twice": ("stages: [{name: first, kind: sft}, {name: first, kind: sft}]\n",
-                     r"stage name\(s\) listed twice: \['first'\]"),
+        r"first.model='second.model': no earlier stage produces this artifact",
+    ),
+    "a name twice": (
+        "stages: [{name: first, kind: sft}, {name: first, kind: sft}]\n",
+        r"stage name\(s\) listed twice: \['first'\]",
+    ),
     "an unknown kind": ("stages: [{name: first, kind: sfx}]\n", r"unknown stage kind 'sfx'"),
     "a pipeline key as a name": ("stages: [{name: seed, kind: sft}]\n", r"stage name 'seed' is a pipeline key"),
-    "a typo in a named section": ("stages: [{name: first, kind: sft}]\nfirst: {max_step: 3}\n",
-                                  r"first.max_step: unknown key"),
+    "a typo in a named section": (
+        "stages: [{name: first, kind: sft}]\nfirst: {max_step: 3}\n",
+        r"first.max_step: unknown key",
+    ),
 }
 
 
@@ -63,12 +70,19 @@ def test_graph_errors_name_the_key_before_any_work(tmp_path, case):
 
 def test_missing_rule_function_of_a_later_stage_stops_the_run_before_the_first_stage(tmp_path, tiny_model_dir):
     (tmp_path / "r.py").write_text("def longer(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
-    extra = (f"ppo: {{train_data: {tmp_path / 'train.jsonl'}, scoring: {{rules: "
-             f"[{{path: {tmp_path / 'r.py'}, function: shorter}}]}}}}\n")
+    extra = (
+        f"ppo: {{train_data: {tmp_path / 'train.jsonl'}, scoring: {{rules: "
+        f"[{{path: {tmp_path / 'r.py'}, function: shorter}}]}}}}\n"
+    )
     path = _two_sfts(tmp_path, tiny_model_dir, extra)
-    (tmp_path / "pipeline.yaml").write_text(open(path).read().replace(
-        "stages: [{name: first, kind: sft}, {name: second, kind: sft}]",
-        "stages: [{name: first, kind: sft}, {name: second, kind: sft}, ppo]"))
+    (tmp_path / "pipeline.yaml").write_text(
+        open(path)
+        .read()
+        .replace(
+            "stages: [{name: first, kind: sft}, {name: second, kind: sft}]",
+            "stages: [{name: first, kind: sft}, {name: second, kind: sft}, ppo]",
+        )
+    )
     with pytest.raises(ConfigError, match=r"ppo.scoring.rules.0: .*r.py defines no function 'shorter'"):
         run_pipeline(load_pipeline(tmp_path / "pipeline.yaml"))
     assert not (tmp_path / "run" / "first").exists()

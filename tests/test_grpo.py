@@ -11,9 +11,18 @@ from posttrain.stages.ppo import PPO
 
 from .test_ppo import LENGTH_REWARD, _setup, headroom_rewards
 
-GRPO = {"advantage": "grpo", "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4},
-        "rollout_batch_size": 4, "mini_batch_size": 16, "ppo_epochs": 1, "kl_mode": "loss", "kl_coef": 0.04,
-        "loss_aggregation": "sequence_mean", "eval_samples": 0, "updates": 2}
+GRPO = {
+    "advantage": "grpo",
+    "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4},
+    "rollout_batch_size": 4,
+    "mini_batch_size": 16,
+    "ppo_epochs": 1,
+    "kl_mode": "loss",
+    "kl_coef": 0.04,
+    "loss_aggregation": "sequence_mean",
+    "eval_samples": 0,
+    "updates": 2,
+}
 
 
 def _stage(tmp_path, tiny_model_dir, reward_src=LENGTH_REWARD, **ppo):
@@ -25,14 +34,22 @@ def _stage(tmp_path, tiny_model_dir, reward_src=LENGTH_REWARD, **ppo):
     return stage
 
 
-@pytest.mark.parametrize("variant", [
-    {},  # GRPO: std-scaled, sequence mean, k3 KL loss
-    {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off", "kl_coef": 0.0},  # Dr. GRPO
-    {"clip_low": 0.2, "clip_high": 0.28, "loss_aggregation": "token_mean", "overlong_cache": 4,
-     "dynamic_sampling": True},                                                # DAPO
-    {"ratio_level": "sequence", "clip_eps": 0.0004},                          # GSPO
-    {"kl_mode": "reward", "kl_estimator": "k3", "ppo_epochs": 2, "mini_batch_size": 8},  # KL in the reward
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},  # GRPO: std-scaled, sequence mean, k3 KL loss
+        {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off", "kl_coef": 0.0},  # Dr. GRPO
+        {
+            "clip_low": 0.2,
+            "clip_high": 0.28,
+            "loss_aggregation": "token_mean",
+            "overlong_cache": 4,
+            "dynamic_sampling": True,
+        },  # DAPO
+        {"ratio_level": "sequence", "clip_eps": 0.0004},  # GSPO
+        {"kl_mode": "reward", "kl_estimator": "k3", "ppo_epochs": 2, "mini_batch_size": 8},  # KL in the reward
+    ],
+)
 def test_every_variant_trains_through_the_stage(tmp_path, tiny_model_dir, variant):
     stage = _stage(tmp_path, tiny_model_dir, **variant)
     assert stage.value is None and set(stage.handles) == {"policy"}
@@ -66,8 +83,11 @@ def test_single_step_skips_the_rollout_policy_forward(tmp_path, tiny_model_dir, 
 
     calls = []
     real = stage_module.token_logprobs
-    monkeypatch.setattr(stage_module, "token_logprobs", lambda m, b, *a, **k: calls.append(torch.is_grad_enabled())
-                        or real(m, b, *a, **k))
+    monkeypatch.setattr(
+        stage_module,
+        "token_logprobs",
+        lambda m, b, *a, **k: calls.append(torch.is_grad_enabled()) or real(m, b, *a, **k),
+    )
     single = _stage(tmp_path / "a", tiny_model_dir)
     stats = single._update(0)
     # one reference forward (no grad) and one training forward (grad): no separate rollout-policy pass
@@ -82,10 +102,21 @@ def test_single_step_skips_the_rollout_policy_forward(tmp_path, tiny_model_dir, 
 def test_grpo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
     """As the PPO test: GRPO (group-normalised, k3 KL in the loss) with the exact-match verifier on a briefly
     SFT-ed counting model: the sampled reward of the last updates is clearly above the first ones."""
-    rewards, kls = headroom_rewards(tmp_path, {
-        "advantage": "grpo", "kl_mode": "loss", "kl_coef": 0.02, "loss_aggregation": "token_mean",
-        "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6, "n": 8}, "updates": 14,
-        "rollout_batch_size": 16, "mini_batch_size": 32, "ppo_epochs": 2, "learning_rate": 3e-4})
+    rewards, kls = headroom_rewards(
+        tmp_path,
+        {
+            "advantage": "grpo",
+            "kl_mode": "loss",
+            "kl_coef": 0.02,
+            "loss_aggregation": "token_mean",
+            "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6, "n": 8},
+            "updates": 14,
+            "rollout_batch_size": 16,
+            "mini_batch_size": 32,
+            "ppo_epochs": 2,
+            "learning_rate": 3e-4,
+        },
+    )
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
     assert max(kls) < 5.0

@@ -1,5 +1,6 @@
 """Bad input gets a clear error before any work; broken training stops without marking anything complete;
 resumed runs report the uninterrupted run's metrics; one run per run directory."""
+
 import json
 import logging
 import os
@@ -63,8 +64,17 @@ def test_config_time_errors_name_the_key(tmp_path, tiny_model_dir):
 
 def _sft(tmp_path, model_dir, **sft) -> str:
     write_jsonl(tmp_path / "train.jsonl", make_rows(64, seed=1))
-    sft = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"), "max_steps": 8, "batch_size": 8,
-           "save_steps": 4, "logging_steps": 3, "eval_samples": 0, "learning_rate": 1e-3, **sft}
+    sft = {
+        "model": str(model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "max_steps": 8,
+        "batch_size": 8,
+        "save_steps": 4,
+        "logging_steps": 3,
+        "eval_samples": 0,
+        "learning_rate": 1e-3,
+        **sft,
+    }
     return write_pipeline(tmp_path, f"seed: 0\nstages: [sft]\nsft: {json.dumps(sft)}\n")
 
 
@@ -106,8 +116,9 @@ def test_one_run_per_run_directory(tmp_path, capsys, caplog):
     try:
         (run_dir / LOCK).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename, "started": "now"}))
         (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: sort\n")
-        path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, "
-                                        f"num_train: 4, num_eval: 2}}\n")
+        path = write_pipeline(
+            tmp_path, f"stages: [synth]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 4, num_eval: 2}}\n"
+        )
         assert main(["run", path]) != 0
         assert f"in use by process {holder.pid}" in capsys.readouterr().err + caplog.text
         assert not (run_dir / "synth").exists()

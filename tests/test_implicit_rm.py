@@ -1,5 +1,6 @@
 """rm.head: implicit — the reward β · mean log π(answer | prompt) of a causal LM, trained with the
 Bradley-Terry loss; scored through the same Scorer as the sequence-classification head."""
+
 import json
 
 import pytest
@@ -17,10 +18,12 @@ from .test_prefs_rm import _conv, _run_prefs, rows_of, run_prefs_rm_pipeline
 
 torch.set_num_threads(1)
 
-PAIRS = [{"chosen": _conv("Sort: 3, 1", "1, 3"), "rejected": _conv("Sort: 3, 1", "3, 1, 1, 1, 1")},
-         {"chosen": _conv("Who are you?", "I am Posttrain-Tiny."), "rejected": _conv("Who are you?", "I am GPT.")},
-         {"chosen": _conv("Count 'cat'.", "3"), "rejected": _conv("Count 'cat'.", "4")},
-         {"chosen": _conv("Reverse: a, b", "b, a"), "rejected": _conv("Reverse: a, b", "I can't help with that.")}]
+PAIRS = [
+    {"chosen": _conv("Sort: 3, 1", "1, 3"), "rejected": _conv("Sort: 3, 1", "3, 1, 1, 1, 1")},
+    {"chosen": _conv("Who are you?", "I am Posttrain-Tiny."), "rejected": _conv("Who are you?", "I am GPT.")},
+    {"chosen": _conv("Count 'cat'.", "3"), "rejected": _conv("Count 'cat'.", "4")},
+    {"chosen": _conv("Reverse: a, b", "b, a"), "rejected": _conv("Reverse: a, b", "I can't help with that.")},
+]
 
 
 @torch.no_grad()
@@ -55,8 +58,10 @@ def test_scorer_gives_beta_times_the_mean_answer_logprob(tmp_path, tiny_model_di
     answers = [p["chosen"][-1]["content"] for p in PAIRS] + [p["rejected"][-1]["content"] for p in PAIRS]
     got = Scorer(ScoringConfig(batch_size=3), reward_model_dir=str(rm_dir)).score(prompts, answers).parts
     model, tok = load_model(rm_dir, device="cpu").eval(), load_tokenizer(rm_dir)
-    own = [_own_implicit_reward(model, tok, p + [{"role": "assistant", "content": a}], 2.5)
-           for p, a in zip(prompts, answers)]
+    own = [
+        _own_implicit_reward(model, tok, p + [{"role": "assistant", "content": a}], 2.5)
+        for p, a in zip(prompts, answers)
+    ]
     assert torch.allclose(got["reward_model"], torch.tensor(own), atol=1e-5)  # batched + padded = one at a time
     assert len(set(round(x, 4) for x in own)) == len(own)
 
@@ -90,17 +95,33 @@ def test_implicit_rm_stage_learns_the_preferences_and_is_scored_and_reused(tmp_p
     tasks = ["sort", "count", "safety", "identity", "reverse"]
     write_jsonl(tmp_path / "train.jsonl", rows_of(tasks, 400, seed=11))
     write_jsonl(tmp_path / "eval.jsonl", rows_of(tasks, 60, seed=12))
-    prefs_dir, _ = _run_prefs(tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False},
-                              corruption={"per_prompt": 2})
+    prefs_dir, _ = _run_prefs(
+        tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False}, corruption={"per_prompt": 2}
+    )
     eval_pairs = read_pairs(str(prefs_dir / "eval.jsonl"))
     untrained = Scorer(ScoringConfig(), reward_model_dir=str(_implicit_rm_dir(tmp_path, tiny_model_dir, 2.0)))
     chosen, rejected = score_pairs(untrained, eval_pairs)
     before = (chosen > rejected).float().mean().item()
-    cfg = RMConfig(head="implicit", learning_rate=3e-3, epochs=2, batch_size=16, max_length=96, eval_steps=25,
-                   logging_steps=5, auc={"prompts": 0})
-    ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
-        "model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl"),
-        "prefs_eval": str(prefs_dir / "eval.jsonl")})
+    cfg = RMConfig(
+        head="implicit",
+        learning_rate=3e-3,
+        epochs=2,
+        batch_size=16,
+        max_length=96,
+        eval_steps=25,
+        logging_steps=5,
+        auc={"prompts": 0},
+    )
+    ctx = StageContext(
+        name="rm",
+        dir=tmp_path / "rm",
+        seed=0,
+        inputs={
+            "model": str(tiny_model_dir),
+            "prefs_train": str(prefs_dir / "train.jsonl"),
+            "prefs_eval": str(prefs_dir / "eval.jsonl"),
+        },
+    )
     ctx.dir.mkdir()
     metrics = RM(cfg, ctx).run()
     # measured: 0.58 for the untrained LM, 0.96 after training (shuffled lists are the hard part)
@@ -123,10 +144,22 @@ def test_implicit_rm_lora_is_saved_merged_and_resumes(tmp_path, tiny_model_dir):
     prefs_dir, _ = _run_prefs(tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False})
 
     def stage(**kw) -> RM:
-        cfg = RMConfig(head="implicit", lora={"enabled": True, "r": 4, "alpha": 8}, batch_size=8, save_steps=2,
-                       learning_rate=1e-2, max_length=96, auc={"prompts": 0}, **kw)
-        ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
-            "model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl")})
+        cfg = RMConfig(
+            head="implicit",
+            lora={"enabled": True, "r": 4, "alpha": 8},
+            batch_size=8,
+            save_steps=2,
+            learning_rate=1e-2,
+            max_length=96,
+            auc={"prompts": 0},
+            **kw,
+        )
+        ctx = StageContext(
+            name="rm",
+            dir=tmp_path / "rm",
+            seed=0,
+            inputs={"model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl")},
+        )
         ctx.dir.mkdir(exist_ok=True)
         return RM(cfg, ctx)
 
@@ -152,7 +185,8 @@ def test_recurrent_gemma_becomes_an_implicit_reward_model(tmp_path, tiny_tokeniz
     model = load_reward_init(out, seed=0, head="implicit").eval()
     write_reward_head(out, 1.0)
     got = Scorer(ScoringConfig(batch_size=2), reward_model_dir=str(out)).reward_model_scores(
-        [p["chosen"][:-1] for p in PAIRS], [p["chosen"][-1]["content"] for p in PAIRS])
+        [p["chosen"][:-1] for p in PAIRS], [p["chosen"][-1]["content"] for p in PAIRS]
+    )
     own = [_own_implicit_reward(model, load_tokenizer(out), p["chosen"], 1.0) for p in PAIRS]
     assert torch.allclose(got, torch.tensor(own), atol=1e-4)
 
@@ -160,8 +194,9 @@ def test_recurrent_gemma_becomes_an_implicit_reward_model(tmp_path, tiny_tokeniz
 @pytest.mark.slow
 def test_implicit_rm_under_deepspeed_zero3_two_processes(tmp_path, tiny_model_dir):
     """prefs -> implicit rm as 2 ZeRO-3 ranks: one gathered causal LM with its head file."""
-    m = run_prefs_rm_pipeline(tmp_path, tiny_model_dir, head="implicit", learning_rate=1e-3,
-                              distributed={"num_processes": 2, "zero_stage": 3})
+    m = run_prefs_rm_pipeline(
+        tmp_path, tiny_model_dir, head="implicit", learning_rate=1e-3, distributed={"num_processes": 2, "zero_stage": 3}
+    )
     assert m["processes"] == 2 and m["steps"] == 6 and m["heldout"]["pairs"] > 0
     out = tmp_path / "run" / "rm" / "model"
     assert read_reward_head(out)["beta"] == 2.0

@@ -1,5 +1,6 @@
 """Lean log-probabilities: chunked over tokens, they equal the full [batch, seq, vocab] computation (values,
 entropies, raw logprobs, gradients), for every family's output head (Gemma 2 and RecurrentGemma soft-cap)."""
+
 import pytest
 import torch
 
@@ -32,8 +33,9 @@ def test_chunked_equals_full_values_and_gradients(temperature, cap):
     h = torch.randn(n, hidden, requires_grad=True)
     head = torch.nn.Linear(hidden, vocab, bias=False)
     labels = torch.randint(vocab, (n,))
-    logp, ent, raw = chunked_token_logprobs(h, labels, head, cap=cap, temperature=temperature, with_entropy=True,
-                                            with_raw=True, chunk_tokens=5)  # 8 chunks, the last one short
+    logp, ent, raw = chunked_token_logprobs(
+        h, labels, head, cap=cap, temperature=temperature, with_entropy=True, with_raw=True, chunk_tokens=5
+    )  # 8 chunks, the last one short
     ref_logp, ref_ent, ref_raw = full_stats(softcap(head(h), cap), labels, temperature)
     for got, want in ((logp, ref_logp), (ent, ref_ent), (raw, ref_raw)):
         assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
@@ -53,7 +55,7 @@ def test_linear_head_backward_with_bias_and_frozen_parts(bias, frozen):
     head = torch.nn.Linear(hidden, vocab, bias=bias).requires_grad_(not frozen)
     h = torch.randn(n, hidden, requires_grad=frozen)
     labels = torch.randint(vocab, (n,))
-    logp, = chunked_token_logprobs(h, labels, head, cap=10.0, temperature=0.9, chunk_tokens=6)
+    (logp,) = chunked_token_logprobs(h, labels, head, cap=10.0, temperature=0.9, chunk_tokens=6)
     ref_logp, _, _ = full_stats(softcap(head(h), 10.0), labels, 0.9)
     assert torch.allclose(logp, ref_logp, atol=1e-5)
     wanted = [h] if frozen else [p for p in head.parameters()]
@@ -73,8 +75,15 @@ def test_linear_head_matches_the_generic_path_under_autocast():
     results = []
     for as_callable in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logp, ent = chunked_token_logprobs(h, labels, (lambda x: head(x)) if as_callable else head, cap=30.0,
-                                               temperature=0.7, with_entropy=True, chunk_tokens=4)
+            logp, ent = chunked_token_logprobs(
+                h,
+                labels,
+                (lambda x: head(x)) if as_callable else head,
+                cap=30.0,
+                temperature=0.7,
+                with_entropy=True,
+                chunk_tokens=4,
+            )
         results.append((logp, ent, *torch.autograd.grad(logp.sum(), [h, head.weight])))
     for fused, generic in zip(*results):
         assert torch.allclose(fused, generic, atol=2e-2, rtol=2e-2)
@@ -82,7 +91,7 @@ def test_linear_head_matches_the_generic_path_under_autocast():
 
 def test_chunk_size_follows_the_vocabulary():
     assert chunk_tokens_for(262144) == 64 and chunk_tokens_for(512) == 32768
-    assert chunk_tokens_for(10 ** 9) == 16  # never below 16 tokens
+    assert chunk_tokens_for(10**9) == 16  # never below 16 tokens
 
 
 def test_no_tokens_and_bad_temperature():
@@ -106,8 +115,10 @@ def test_token_logprobs_equal_the_models_own_logits(tiny_tokenizer, family):
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).eval()
     batch = _batch(len(tiny_tokenizer))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    want_logp, want_ent, _ = (torch.nn.functional.pad(t.view(batch.input_ids.shape[0], -1), (1, 0)) for t in
-                              full_stats(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), 0.8))
+    want_logp, want_ent, _ = (
+        torch.nn.functional.pad(t.view(batch.input_ids.shape[0], -1), (1, 0))
+        for t in full_stats(logits.reshape(-1, logits.shape[-1]), batch.input_ids[:, 1:].reshape(-1), 0.8)
+    )
     mask = batch.response_mask
     logp, ent = token_logprobs(model, batch, temperature=0.8, with_entropy=True)
     assert torch.allclose(logp, want_logp * mask, atol=1e-5) and torch.allclose(ent, want_ent * mask, atol=1e-5)
@@ -122,16 +133,25 @@ def test_token_logprobs_equal_the_models_own_logits(tiny_tokenizer, family):
 def _grouped_batch(vocab: int, seed: int = 0, response_lengths=(4, 1, 7, 2)):
     """Three prompts of different lengths, a response of each length for each, rows shuffled."""
     g = torch.Generator().manual_seed(seed)
-    rows = [(prompt, torch.randint(6, vocab, (k,), generator=g).tolist())
-            for prompt in (torch.randint(6, vocab, (n,), generator=g).tolist() for n in (5, 9, 3))
-            for k in response_lengths]
+    rows = [
+        (prompt, torch.randint(6, vocab, (k,), generator=g).tolist())
+        for prompt in (torch.randint(6, vocab, (n,), generator=g).tolist() for n in (5, 9, 3))
+        for k in response_lengths
+    ]
     rows = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
     return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
 
 
-@pytest.mark.parametrize("family,response_lengths", [("llama", (4, 1, 7, 2)), ("gemma", (4, 1, 7, 2)),
-                                                      ("gemma2", (4, 1, 7, 2)), ("gemma2", (1, 1)),
-                                                      ("recurrent_gemma", (4, 1, 7, 2))])
+@pytest.mark.parametrize(
+    "family,response_lengths",
+    [
+        ("llama", (4, 1, 7, 2)),
+        ("gemma", (4, 1, 7, 2)),
+        ("gemma2", (4, 1, 7, 2)),
+        ("gemma2", (1, 1)),
+        ("recurrent_gemma", (4, 1, 7, 2)),
+    ],
+)
 def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, response_lengths, monkeypatch):
     """Rows that share a prompt run it through the body once (its cache copied to them): logprobs and every
     parameter's gradient equal the plain forward of each whole row (one-token responses too: then only the
@@ -187,8 +207,12 @@ def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
         ctx = torch.no_grad() if adapters_on else peft.disable_adapter()
         with torch.no_grad(), ctx:
             logits = peft(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-            want = torch.nn.functional.pad(torch.log_softmax(logits.float(), -1).gather(
-                -1, batch.input_ids[:, 1:, None])[..., 0], (1, 0)) * mask
+            want = (
+                torch.nn.functional.pad(
+                    torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0], (1, 0)
+                )
+                * mask
+            )
             got = token_logprobs(peft, batch)
         assert torch.allclose(got, want, atol=1e-5)
 
@@ -209,11 +233,17 @@ def test_lean_distillation_loss_equals_the_full_logits_one(tiny_tokenizer, mode)
         t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     topk = topk_teacher(t_logits, cfg.top_k, cfg.temperature) if mode == "offline" else (None, None)
 
-    full = distill_loss(student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
-                        labels, cfg, None if mode == "offline" else t_logits, *topk)
+    full = distill_loss(
+        student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1],
+        labels,
+        cfg,
+        None if mode == "offline" else t_logits,
+        *topk,
+    )
     full_grad = torch.autograd.grad(full[0], student.get_output_embeddings().weight)[0]
-    lean = lean_distill_loss(student, batch.input_ids, batch.attention_mask, labels, cfg,
-                             None if mode == "offline" else teacher, *topk)
+    lean = lean_distill_loss(
+        student, batch.input_ids, batch.attention_mask, labels, cfg, None if mode == "offline" else teacher, *topk
+    )
     lean_grad = torch.autograd.grad(lean[0], student.get_output_embeddings().weight)[0]
     for got, want in zip(lean, full):
         assert torch.allclose(got, want, atol=1e-5), (got, want)

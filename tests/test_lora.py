@@ -1,5 +1,6 @@
 """LoRA for our own training loops: the folded weights equal peft's merge, and PPO with LoRA trains only
 the adapters, keeps the base as its reference and serves the folded weights to the rollout engine."""
+
 import copy
 import json
 

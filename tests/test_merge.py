@@ -1,5 +1,6 @@
 """The merge engine and stage: merged weights equal the formulas (computed here with torch on the loaded
 state dicts), dtypes kept, outputs load and generate, shards, every refusal, mergekit agreement, the stage."""
+
 import json
 import random
 import shutil
@@ -51,8 +52,10 @@ def zoo(tmp_path_factory):
     other_tok = train_tokenizer(_texts(1, reverse=True), 300)
     assert len(other_tok) == len(tok)
     build("other_tok", tokenizer=other_tok, seed=1)
-    near = {k: v + 1e-4 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
-            for k, v in load_file(dirs["m0"] / "model.safetensors").items()}
+    near = {
+        k: v + 1e-4 * torch.randn(v.shape, generator=torch.Generator().manual_seed(7))
+        for k, v in load_file(dirs["m0"] / "model.safetensors").items()
+    }
     dirs["near"] = _copy_with_weights(dirs["m0"], root / "near", near)
     return dirs
 
@@ -136,8 +139,12 @@ def test_slerp_of_a_near_parallel_pair_is_the_lerp(zoo, tmp_path):
 def test_task_arithmetic_adds_weighted_task_vectors(zoo, tmp_path):
     base, m1, m2 = sd(zoo["m0"]), sd(zoo["m1"]), sd(zoo["m2"])
     recipe, out = merged(tmp_path, "task_arithmetic", [zoo["m1"], zoo["m2"]], base=zoo["m0"], weights=[0.5, 0.3])
-    expected = {k: (base[k].double() + 0.5 * (m1[k].double() - base[k].double())
-                    + 0.3 * (m2[k].double() - base[k].double())).float() for k in base}
+    expected = {
+        k: (
+            base[k].double() + 0.5 * (m1[k].double() - base[k].double()) + 0.3 * (m2[k].double() - base[k].double())
+        ).float()
+        for k in base
+    }
     assert_state_close(out, expected)
     assert recipe["base"]["hash"] == hash_path(zoo["m0"])
 
@@ -157,8 +164,9 @@ def test_liti_of_two_models_is_warp_slerp_of_task_vectors(zoo, tmp_path):
 
 def test_ties_applies_algos_ties_per_tensor(zoo, tmp_path):
     base, m1, m2 = sd(zoo["m0"]), sd(zoo["m1"]), sd(zoo["m2"])
-    _, out = merged(tmp_path, "ties", [zoo["m1"], zoo["m2"]], base=zoo["m0"], density=0.3, weights=[1.0, 0.5],
-                    scale=0.8)
+    _, out = merged(
+        tmp_path, "ties", [zoo["m1"], zoo["m2"]], base=zoo["m0"], density=0.3, weights=[1.0, 0.5], scale=0.8
+    )
     expected = {k: algos.ties(base[k], [m1[k] - base[k], m2[k] - base[k]], [1.0, 0.5], 0.3, scale=0.8) for k in base}
     assert_state_close(out, expected, atol=1e-6)
 
@@ -230,8 +238,9 @@ def test_merged_dir_loads_generates_and_keeps_tokenizer(zoo, tmp_path):
     tok = load_tokenizer(tmp_path / "out")
     gen = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     assert tok.convert_tokens_to_ids(END_OF_TURN) in gen["eos_token_id"]
-    ids = tok.apply_chat_template([{"role": "user", "content": "add 2 and 3"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "add 2 and 3"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     gen_ids = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert gen_ids.shape[1] > ids.shape[1]
 
@@ -271,22 +280,25 @@ def _missing_shard(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("case, message", [
-    ("architecture", "architecture mismatch"),
-    ("names", "tensor names differ"),
-    ("shapes", "shape mismatch for model.layers.0.mlp"),
-    ("tokenizer", "tokenizer mismatch"),
-    ("weights_sum", "sum to 1.1, not 1"),
-    ("negative", "negative weights"),
-    ("missing_dir", "model directory not found"),
-    ("missing_shard", "lists shard(s) that are missing"),
-    ("pickle_only", "pickle weights are never loaded"),
-    ("slerp_three", "slerp needs exactly 2 model(s), got 3"),
-    ("no_base", "task_arithmetic needs a base model"),
-    ("unused_base", "linear does not use a base model"),
-    ("no_density", "ties needs density"),
-    ("unused_t", "t is only used by slerp/liti, not by linear"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("architecture", "architecture mismatch"),
+        ("names", "tensor names differ"),
+        ("shapes", "shape mismatch for model.layers.0.mlp"),
+        ("tokenizer", "tokenizer mismatch"),
+        ("weights_sum", "sum to 1.1, not 1"),
+        ("negative", "negative weights"),
+        ("missing_dir", "model directory not found"),
+        ("missing_shard", "lists shard(s) that are missing"),
+        ("pickle_only", "pickle weights are never loaded"),
+        ("slerp_three", "slerp needs exactly 2 model(s), got 3"),
+        ("no_base", "task_arithmetic needs a base model"),
+        ("unused_base", "linear does not use a base model"),
+        ("no_density", "ties needs density"),
+        ("unused_t", "t is only used by slerp/liti, not by linear"),
+    ],
+)
 def test_refusals_name_the_problem(zoo, tmp_path, case, message):
     m0, m1 = zoo["m0"], zoo["m1"]
     calls = {
@@ -338,8 +350,9 @@ def test_lora_adapter_is_merged_into_its_base_first(zoo, tmp_path):
 
     from posttrain.models import load_model
 
-    peft_model = get_peft_model(load_model(zoo["m0"], device="cpu"),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model = get_peft_model(
+        load_model(zoo["m0"], device="cpu"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    )
     torch.manual_seed(0)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
@@ -374,11 +387,16 @@ def test_ema_over_a_folder_of_checkpoints_goes_oldest_first(zoo, tmp_path):
 # --- mergekit backend ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family, method, kw", [
-    ("m", "linear", {"weights": [0.3, 0.7]}), ("g", "linear", {"weights": [0.3, 0.7]}),
-    ("m", "slerp", {"t": 0.3}), ("g", "slerp", {"t": 0.3}),
-    ("m", "task_arithmetic", {"base": "m2", "weights": [0.6, 0.4]}),
-])
+@pytest.mark.parametrize(
+    "family, method, kw",
+    [
+        ("m", "linear", {"weights": [0.3, 0.7]}),
+        ("g", "linear", {"weights": [0.3, 0.7]}),
+        ("m", "slerp", {"t": 0.3}),
+        ("g", "slerp", {"t": 0.3}),
+        ("m", "task_arithmetic", {"base": "m2", "weights": [0.6, 0.4]}),
+    ],
+)
 def test_mergekit_backend_equals_ours(zoo, tmp_path, family, method, kw):
     """Llama and Gemma 2 (tied embeddings) through mergekit give our numbers, config and tensor set."""
     pytest.importorskip("mergekit")
@@ -395,8 +413,10 @@ def test_mergekit_backend_equals_ours(zoo, tmp_path, family, method, kw):
 def test_auto_backend_uses_mergekit_only_where_it_is_identical(zoo, tmp_path):
     pytest.importorskip("mergekit")
     assert merge_models("linear", [zoo["m0"], zoo["m1"]], tmp_path / "a", backend="auto")["backend"] == "mergekit"
-    assert merge_models("ema", [zoo["m0"], zoo["m1"]], tmp_path / "b", backend="auto",
-                        ema_rate=0.1)["backend"] == "streaming"
+    assert (
+        merge_models("ema", [zoo["m0"], zoo["m1"]], tmp_path / "b", backend="auto", ema_rate=0.1)["backend"]
+        == "streaming"
+    )
     with pytest.raises(MergeError, match="backend mergekit cannot do liti"):
         merge_models("liti", [zoo["m1"]], tmp_path / "c", base=zoo["m0"], eta=0.5, backend="mergekit")
 
@@ -419,8 +439,9 @@ def test_stage_runs_in_the_pipeline_and_is_skipped_when_unchanged(zoo, tmp_path)
     summary = run_pipeline(load_pipeline(path))
     assert summary["merge"]["status"] == "ran" and summary["merge"]["method"] == "linear"
     a, b = sd(zoo["m0"]), sd(zoo["m1"])
-    assert_state_close(sd(tmp_path / "run" / "merge" / "model"),
-                       {k: (0.25 * a[k].double() + 0.75 * b[k].double()).float() for k in a})
+    assert_state_close(
+        sd(tmp_path / "run" / "merge" / "model"), {k: (0.25 * a[k].double() + 0.75 * b[k].double()).float() for k in a}
+    )
     manifest = read_manifest(tmp_path / "run" / "merge")
     assert manifest["metrics"]["models"][1]["hash"] == hash_path(zoo["m1"])
     assert manifest["artifacts"]["model"] == str(tmp_path / "run" / "merge" / "model")
@@ -431,14 +452,25 @@ def test_stage_resolves_artifact_references_and_the_latest_model(zoo, tmp_path):
     from posttrain.pipeline import load_pipeline, run_pipeline
 
     # base stage with base.path: its model artifact is m1 (the latest model); merge uses it as the base
-    path = _pipeline(tmp_path, {"method": "task_arithmetic", "base": "base.model", "use_latest_model": False,
-                                "models": [str(zoo["m0"])], "weights": [0.5]},
-                     stages=("base", "merge"), base={"path": str(zoo["m1"])})
+    path = _pipeline(
+        tmp_path,
+        {
+            "method": "task_arithmetic",
+            "base": "base.model",
+            "use_latest_model": False,
+            "models": [str(zoo["m0"])],
+            "weights": [0.5],
+        },
+        stages=("base", "merge"),
+        base={"path": str(zoo["m1"])},
+    )
     summary = run_pipeline(load_pipeline(path))
     assert summary["merge"]["base"]["path"] == str(zoo["m1"].resolve())
     a, b = sd(zoo["m0"]), sd(zoo["m1"])
-    assert_state_close(sd(tmp_path / "run" / "merge" / "model"),
-                       {k: (b[k].double() + 0.5 * (a[k].double() - b[k].double())).float() for k in a})
+    assert_state_close(
+        sd(tmp_path / "run" / "merge" / "model"),
+        {k: (b[k].double() + 0.5 * (a[k].double() - b[k].double())).float() for k in a},
+    )
     # default: the latest model first, then the listed ones
     path = _pipeline(tmp_path, {"models": [str(zoo["m2"])]}, stages=("base", "merge"), base={"path": str(zoo["m1"])})
     summary = run_pipeline(load_pipeline(path))

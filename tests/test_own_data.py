@@ -2,6 +2,7 @@
 flag, resumable shards), judges that need no task/answer metadata in prefs, ppo and eval, the clear error of a
 judge whose columns the rows lack, and (slow) the whole own-data pipeline from scripts/make_own_data.py.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -55,8 +56,14 @@ def inputs(tmp_path_factory):
 
 
 def _synth_body(inputs, run_dir: Path, **synth) -> str:
-    synth = {"prompts": str(inputs["prompts"]), "teacher": str(inputs["teacher"]), "num_eval": 20,
-             "shard_size": 32, "teacher_sampling": {"max_new_tokens": 24}, **synth}
+    synth = {
+        "prompts": str(inputs["prompts"]),
+        "teacher": str(inputs["teacher"]),
+        "num_eval": 20,
+        "shard_size": 32,
+        "teacher_sampling": {"max_new_tokens": 24},
+        **synth,
+    }
     synth = {k: v for k, v in synth.items() if v is not None}  # None: leave the key out (its default)
     return yaml.safe_dump({"run_dir": str(run_dir), "threads": 1, "stages": ["synth"], "synth": synth})
 
@@ -105,8 +112,9 @@ def test_synth_from_prompts_dedups_splits_and_keeps_the_teachers_answers(tmp_pat
 
 def test_synth_from_prompts_split_by_fraction_and_config_errors(tmp_path, inputs):
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(_synth_body(inputs, tmp_path / "run", num_eval=None, eval_fraction=0.2,
-                               teacher_sampling={"max_new_tokens": 4}))
+    cfg.write_text(
+        _synth_body(inputs, tmp_path / "run", num_eval=None, eval_fraction=0.2, teacher_sampling={"max_new_tokens": 4})
+    )
     run_pipeline(load_pipeline(cfg))
     card = json.loads((tmp_path / "run" / "synth" / "card.json").read_text())
     assert card["eval"]["rows"] + card["teacher"]["empty_answers_dropped"] >= 37  # round(185 * 0.2)
@@ -132,8 +140,9 @@ def test_synth_from_prompts_split_by_fraction_and_config_errors(tmp_path, inputs
 def test_synth_held_out_count_larger_than_the_prompts_is_refused(tmp_path, inputs):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(_synth_body(inputs, tmp_path / "run", num_eval=185))
-    with pytest.raises(ConfigError,
-                       match=r"synth.num_eval 185 holds out 185 of 185 distinct prompts.*200 prompts read, 15 dup"):
+    with pytest.raises(
+        ConfigError, match=r"synth.num_eval 185 holds out 185 of 185 distinct prompts.*200 prompts read, 15 dup"
+    ):
         run_pipeline(load_pipeline(cfg))
 
 
@@ -156,14 +165,21 @@ sys.exit(main(sys.argv[1:]))
 def test_synth_killed_at_60_percent_resumes_from_its_shards(tmp_path, inputs):
     # sampled answers (temperature 0.8): a resumed shard equals the uninterrupted one only if each shard is
     # seeded by its own position, whatever ran before it in the process
-    body = _synth_body(inputs, tmp_path / "run", shard_size=16, teacher_sampling={
-        "temperature": 0.8, "max_new_tokens": 16, "seed": 5})
+    body = _synth_body(
+        inputs, tmp_path / "run", shard_size=16, teacher_sampling={"temperature": 0.8, "max_new_tokens": 16, "seed": 5}
+    )
     cfg = tmp_path / "p.yaml"
     cfg.write_text(body)
     env = {**os.environ, "PYTHONPATH": str(REPO), "DIE_AFTER_SHARDS": "7", "OMP_NUM_THREADS": "1"}
     shards = tmp_path / "run" / "synth" / "shards"
-    killed = subprocess.run([sys.executable, "-c", KILLER, "synth", str(cfg)], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLER, "synth", str(cfg)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert sorted(p.name for p in shards.iterdir()) == [f"shard-{k:05d}.jsonl" for k in range(7)]  # of 12
     assert read_manifest(tmp_path / "run" / "synth")["status"] == "running"
@@ -171,8 +187,14 @@ def test_synth_killed_at_60_percent_resumes_from_its_shards(tmp_path, inputs):
     before = {p.name: p.stat().st_mtime_ns for p in shards.iterdir()}
     time.sleep(0.05)
 
-    resumed = subprocess.run([sys.executable, "-m", "posttrain.cli", "synth", str(cfg)], env=env, cwd=REPO,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "synth", str(cfg)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming: 7 of 12 shards already answered (112 prompts); answering the other 73 prompts" in resumed.stderr
     assert resumed.stderr.count("written (16 prompts)") + resumed.stderr.count("written (9 prompts)") == 5
@@ -217,14 +239,21 @@ def test_scorer_names_the_rule_and_the_column_the_rows_lack():
     assert required_columns(lambda prompts, completions, answer, task=None, **_: []) == ["answer"]
     assert required_columns(lambda prompts, completions, *, gold, **kw: []) == ["gold"]
     rows = [{"messages": [{"role": "user", "content": "hi"}], "id": "a"}, {"messages": [], "id": "b", "task": "x"}]
-    scorer = Scorer(ScoringConfig(rules=[RuleSpec(path=VERIFIERS, function="task_correct"),
-                                         RuleSpec(path=VERIFIERS, function="refusal"),
-                                         RuleSpec(path=STYLE, function="well_formed")]))
+    scorer = Scorer(
+        ScoringConfig(
+            rules=[
+                RuleSpec(path=VERIFIERS, function="task_correct"),
+                RuleSpec(path=VERIFIERS, function="refusal"),
+                RuleSpec(path=STYLE, function="well_formed"),
+            ]
+        )
+    )
     with pytest.raises(MissingColumnError) as err:
         scorer.check_rows(rows, "my.jsonl", "ppo.scoring")
     message = str(err.value)
-    assert (f"rule reward {VERIFIERS}:task_correct needs the column 'answer', "
-            f"which 2 of 2 rows of my.jsonl lack") in message
+    assert (
+        f"rule reward {VERIFIERS}:task_correct needs the column 'answer', which 2 of 2 rows of my.jsonl lack"
+    ) in message
     assert f"{VERIFIERS}:refusal needs the column 'task', which 1 of 2 rows" in message
     assert "well_formed" not in message.split("(columns")[0]  # a rule that needs nothing is not blamed
     assert "columns every row has: id)" in message and "ppo.scoring.reward_model" in message
@@ -254,9 +283,16 @@ def _prefs_stage(tmp_path, inputs, **cfg) -> Prefs:
     train, evals = _prompt_rows(inputs, 12)[:8], _prompt_rows(inputs, 12)[8:]
     write_jsonl(tmp_path / "train.jsonl", train)
     write_jsonl(tmp_path / "eval.jsonl", evals)
-    ctx = StageContext(name="prefs", dir=tmp_path / "prefs", seed=0, inputs={
-        "model": str(inputs["teacher"]), "train_data": str(tmp_path / "train.jsonl"),
-        "eval_data": str(tmp_path / "eval.jsonl")})
+    ctx = StageContext(
+        name="prefs",
+        dir=tmp_path / "prefs",
+        seed=0,
+        inputs={
+            "model": str(inputs["teacher"]),
+            "train_data": str(tmp_path / "train.jsonl"),
+            "eval_data": str(tmp_path / "eval.jsonl"),
+        },
+    )
     ctx.dir.mkdir()
     return Prefs(PrefsConfig.model_validate({"sampling": {"n": 3, "temperature": 1.0}, **cfg}), ctx)
 
@@ -292,8 +328,14 @@ def test_prefs_best_of_n_on_prompt_only_rows_judged_by_a_reward_model(tmp_path, 
     rm = tmp_path / "rm"
     shutil.copytree(inputs["teacher"], rm)
     write_reward_head(rm, 2.0)
-    stage = _prefs_stage(tmp_path, inputs, scoring={"rules": [], "reward_model": str(rm)}, max_train_prompts=4,
-                         teacher={"enabled": False}, corruption={"enabled": False})
+    stage = _prefs_stage(
+        tmp_path,
+        inputs,
+        scoring={"rules": [], "reward_model": str(rm)},
+        max_train_prompts=4,
+        teacher={"enabled": False},
+        corruption={"enabled": False},
+    )
     stage.setup()
     rows = stage.train_rows
     engine = make_engine(str(inputs["teacher"]), SamplingConfig(), torch.device("cpu"))
@@ -323,13 +365,28 @@ def test_default_verifiers_on_rows_without_task_or_answer_fail_before_sampling(t
 
 def test_ppo_checks_its_judges_against_prompt_only_rows_up_front(tmp_path, inputs):
     write_jsonl(tmp_path / "prompts.jsonl", _prompt_rows(inputs, 8))
-    body = yaml.safe_dump({"stages": ["ppo"], "ppo": {
-        "model": str(inputs["teacher"]), "train_data": str(tmp_path / "prompts.jsonl"), "advantage": "grpo",
-        "kl_mode": "off", "updates": 1, "rollout_batch_size": 4, "mini_batch_size": 8, "ppo_epochs": 1,
-        "sampling": {"backend": "hf", "n": 2, "temperature": 1.0, "max_new_tokens": 8},
-        "scoring": {"use_reward_model": False, "rules": [{"path": VERIFIERS, "function": "task_correct"}]}}})
-    with pytest.raises(MissingColumnError, match=r"task_correct needs the column 'answer', which 8 of 8 rows of "
-                                                 r"ppo.train_data and ppo.eval_data lack.*ppo.scoring.rules"):
+    body = yaml.safe_dump(
+        {
+            "stages": ["ppo"],
+            "ppo": {
+                "model": str(inputs["teacher"]),
+                "train_data": str(tmp_path / "prompts.jsonl"),
+                "advantage": "grpo",
+                "kl_mode": "off",
+                "updates": 1,
+                "rollout_batch_size": 4,
+                "mini_batch_size": 8,
+                "ppo_epochs": 1,
+                "sampling": {"backend": "hf", "n": 2, "temperature": 1.0, "max_new_tokens": 8},
+                "scoring": {"use_reward_model": False, "rules": [{"path": VERIFIERS, "function": "task_correct"}]},
+            },
+        }
+    )
+    with pytest.raises(
+        MissingColumnError,
+        match=r"task_correct needs the column 'answer', which 8 of 8 rows of "
+        r"ppo.train_data and ppo.eval_data lack.*ppo.scoring.rules",
+    ):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     assert not (tmp_path / "run" / "ppo" / "metrics.jsonl").exists()  # failed in setup, before any rollout
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body), [f"ppo.scoring.rules={json.dumps(STYLE_RULES)}"]))
@@ -339,9 +396,20 @@ def test_ppo_checks_its_judges_against_prompt_only_rows_up_front(tmp_path, input
 
 def _eval_body(tmp_path, rows: list[dict], models: dict, **eval_cfg) -> str:
     write_jsonl(tmp_path / "held_out.jsonl", rows)
-    return yaml.safe_dump({"stages": ["eval"], "eval": {
-        "eval_data": str(tmp_path / "held_out.jsonl"), "models": models, "baseline": "untrained",
-        "num_prompts": None, "bootstrap_samples": 200, "sampling": {"max_new_tokens": 24}, **eval_cfg}})
+    return yaml.safe_dump(
+        {
+            "stages": ["eval"],
+            "eval": {
+                "eval_data": str(tmp_path / "held_out.jsonl"),
+                "models": models,
+                "baseline": "untrained",
+                "num_prompts": None,
+                "bootstrap_samples": 200,
+                "sampling": {"max_new_tokens": 24},
+                **eval_cfg,
+            },
+        }
+    )
 
 
 def test_eval_win_rate_on_prompt_only_rows(tmp_path, inputs, tiny_model_dir):
@@ -366,16 +434,19 @@ def test_eval_win_rate_on_prompt_only_rows(tmp_path, inputs, tiny_model_dir):
 
     # default judges: the verifiers judge only the rows with task and answer; with none and no reward model the
     # error says what to configure
-    with pytest.raises(ConfigError,
-                       match=r"no judge for these prompts.*need answer and task columns.*eval.scoring.reward_model"):
+    with pytest.raises(
+        ConfigError, match=r"no judge for these prompts.*need answer and task columns.*eval.scoring.reward_model"
+    ):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, _eval_body(tmp_path, rows, models))))
     mixed = make_rows(4, seed=2) + rows
     run_pipeline(load_pipeline(write_pipeline(tmp_path, _eval_body(tmp_path, mixed, models))))
     results = json.loads((out / "results.json").read_text())
     assert results["judges"] == ["verifiers"] and results["models"]["teacher"]["win_rate"]["verifiers"]["n"] == 4
     assert results["models"]["teacher"]["accuracy"]["n"] == 4 and "10 of 14 rows" in results["skipped"]["verifiers"]
-    assert ("4 of 14 rows" not in results["skipped"]["accuracy"]
-            and "over the other 4 rows" in results["skipped"]["accuracy"])
+    assert (
+        "4 of 14 rows" not in results["skipped"]["accuracy"]
+        and "over the other 4 rows" in results["skipped"]["accuracy"]
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,17 +456,33 @@ def test_eval_win_rate_on_prompt_only_rows(tmp_path, inputs, tiny_model_dir):
 @pytest.mark.slow
 def test_own_data_pipeline_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    made = subprocess.run([sys.executable, "scripts/make_own_data.py", str(tmp_path / "inputs")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    made = subprocess.run(
+        [sys.executable, "scripts/make_own_data.py", str(tmp_path / "inputs")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     inp = tmp_path / "inputs"
     assert (inp / "prompts.parquet").is_file() and (inp / "teacher" / "config.json").is_file()
-    overrides = [f"run_dir={tmp_path / 'run'}", f"synth.prompts={inp / 'prompts.parquet'}",
-                 f"synth.teacher={inp / 'teacher'}", f"rm.prefs_train.path={inp / 'preferences'}",
-                 f"rm.prefs_eval.path={inp / 'preferences'}"]
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        f"synth.prompts={inp / 'prompts.parquet'}",
+        f"synth.teacher={inp / 'teacher'}",
+        f"rm.prefs_train.path={inp / 'preferences'}",
+        f"rm.prefs_eval.path={inp / 'preferences'}",
+    ]
     started = time.time()
-    ran = subprocess.run([sys.executable, "-m", "posttrain.cli", "run", "configs/own-data-cpu.yaml", *overrides],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    ran = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", "run", "configs/own-data-cpu.yaml", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert ran.returncode == 0, ran.stderr[-4000:]
     print(f"own-data pipeline: {time.time() - started:.0f} s")
     run = tmp_path / "run"
@@ -407,13 +494,16 @@ def test_own_data_pipeline_end_to_end(tmp_path):
     assert rm["train_pairs"] == 400 and rm["heldout"]["accuracy"] > 0.8  # UltraFeedback-layout pairs learnt
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["judges"] == ["rules", "reward_model"] and set(results["models"]["ppo"]["win_rate"]) == {
-        "rules", "reward_model"}
+        "rules",
+        "reward_model",
+    }
     from posttrain.models import load_model, load_tokenizer
     from posttrain.engines import HFEngine
 
     release = run / "release" / "release"
     engine = HFEngine(load_model(release, device="cpu"), load_tokenizer(release))
-    text = engine.generate([[{"role": "user", "content": "Describe a cat in one sentence."}]],
-                           SamplingConfig(max_new_tokens=24))[0][0].text
+    text = engine.generate(
+        [[{"role": "user", "content": "Describe a cat in one sentence."}]], SamplingConfig(max_new_tokens=24)
+    )[0][0].text
     assert text.strip()
     print("eval:", json.dumps({m: v.get("win_rate") for m, v in results["models"].items()}))

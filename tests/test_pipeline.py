@@ -1,4 +1,5 @@
 """The pipeline spine: manifests, skipping finished stages, re-running changed ones, failures."""
+
 import json
 
 import pytest
@@ -9,8 +10,10 @@ from posttrain.pipeline import MissingInput, load_pipeline, run_pipeline
 
 from .conftest import QUICKSTART_RECIPE, TINY, write_pipeline
 
-BODY = (f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 200, num_eval: 20}}\n"
-        "base: " + json.dumps({**TINY, "family": "llama"}) + "\n")
+BODY = (
+    f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 200, num_eval: 20}}\n"
+    "base: " + json.dumps({**TINY, "family": "llama"}) + "\n"
+)
 
 
 def _run(path, overrides=(), **kw):
@@ -66,8 +69,9 @@ def test_failed_stage_records_error_and_keeps_earlier_results(tmp_path):
 
 
 def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
-    path = write_pipeline(tmp_path, f"stages: [synth, base, sft]\n"
-                                    f"synth: {{recipe: {QUICKSTART_RECIPE}, num_train: 50, num_eval: 10}}\n")
+    path = write_pipeline(
+        tmp_path, f"stages: [synth, base, sft]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 50, num_eval: 10}}\n"
+    )
     with pytest.raises(MissingInput, match=r"stage 'sft' needs input 'model': set sft.model"):
         _run(path, only="sft")
     s = _run(path, only="synth")
@@ -107,8 +111,11 @@ def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
 def test_synth_simulated_teacher_errs_on_the_asked_share_of_verifiable_answers(tmp_path):
     from posttrain.tasks import normalise_answer
 
-    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 600, "
-                                    f"num_eval: 100, teacher_error_rate: 0.3}}\n")
+    path = write_pipeline(
+        tmp_path,
+        f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 600, "
+        f"num_eval: 100, teacher_error_rate: 0.3}}\n",
+    )
     metrics = _run(path)["synth"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "synth" / "train.jsonl").read_text().splitlines()]
     wrong = [normalise_answer(r["messages"][-1]["content"]) != normalise_answer(r["answer"]) for r in rows]
@@ -123,9 +130,12 @@ def test_synth_simulated_teacher_errs_on_the_asked_share_of_verifiable_answers(t
 def test_synth_with_a_teacher_model_writes_its_responses(tmp_path, tiny_model_dir):
     from posttrain.data import read_conversations
 
-    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 12, "
-                                    f"num_eval: 4, teacher: {tiny_model_dir}, "
-                                    f"teacher_sampling: {{backend: hf, max_new_tokens: 5}}}}\n")
+    path = write_pipeline(
+        tmp_path,
+        f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 12, "
+        f"num_eval: 4, teacher: {tiny_model_dir}, "
+        f"teacher_sampling: {{backend: hf, max_new_tokens: 5}}}}\n",
+    )
     metrics = _run(path)["synth"]
     assert metrics["teacher"]["model"] == str(tiny_model_dir)
     train = read_conversations(tmp_path / "run" / "synth" / "train.jsonl", on_error="skip")

@@ -1,5 +1,6 @@
 """PPO stage: the update moves probability toward higher reward, checkpoints resume, bad rewards stop
 the run, and vLLM rollouts stay in sync with the trainer's weights."""
+
 import json
 from pathlib import Path
 
@@ -22,12 +23,20 @@ def _setup(tmp_path, tiny_model_dir, reward_src=LENGTH_REWARD, ppo=None, backend
     write_jsonl(tmp_path / "train.jsonl", make_rows(64, seed=1))
     write_jsonl(tmp_path / "eval.jsonl", make_rows(16, seed=2))
     (tmp_path / "reward.py").write_text(reward_src)
-    ppo = {"model": str(tiny_model_dir), "train_data": str(tmp_path / "train.jsonl"),
-           "eval_data": str(tmp_path / "eval.jsonl"), "eval_samples": 8,
-           "sampling": {"backend": backend, "temperature": 1.0, "max_new_tokens": 12},
-           "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
-           "updates": 4, "rollout_batch_size": 16, "mini_batch_size": 8, "learning_rate": 1e-3, "save_every": 2,
-           **(ppo or {})}
+    ppo = {
+        "model": str(tiny_model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "eval_samples": 8,
+        "sampling": {"backend": backend, "temperature": 1.0, "max_new_tokens": 12},
+        "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
+        "updates": 4,
+        "rollout_batch_size": 16,
+        "mini_batch_size": 8,
+        "learning_rate": 1e-3,
+        "save_every": 2,
+        **(ppo or {}),
+    }
     return write_pipeline(tmp_path, f"seed: 0\nstages: [ppo]\nppo: {json.dumps(ppo)}\n")
 
 
@@ -56,8 +65,13 @@ def test_update_raises_logprob_of_high_reward_samples(tmp_path, tiny_model_dir):
 
 def test_rloo_compares_samples_of_one_prompt_and_trains_without_a_value_model(tmp_path, tiny_model_dir):
     sampling = {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 4}
-    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, ppo={"advantage": "rloo", "sampling": sampling,
-                                                              "rollout_batch_size": 8, "eval_samples": 0}))
+    cfg = load_pipeline(
+        _setup(
+            tmp_path,
+            tiny_model_dir,
+            ppo={"advantage": "rloo", "sampling": sampling, "rollout_batch_size": 8, "eval_samples": 0},
+        )
+    )
     inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
     stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
     stage.ctx.dir.mkdir()
@@ -95,10 +109,22 @@ def test_ptx_term_is_the_likelihood_of_the_reference_answers(tmp_path, tiny_mode
         assert tok.convert_ids_to_tokens(answer_ids[-1]) == "<end_of_turn>" and batch.finished[i]
     zero = "def longer(prompts, completions, **_):\n    return [0.0] * len(completions)\n"  # no reward signal
     sampling = {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12, "n": 2}
-    cfg = load_pipeline(_setup(tmp_path, tiny_model_dir, zero, {  # rloo, no reward, KL or EOT penalty: A = 0
-        "advantage": "rloo", "sampling": sampling, "ptx_coef": 1.0, "ptx_batch_size": 8, "kl_coef": 0.0,
-        "missing_eot_penalty": 0.0,
-        "eval_samples": 0}))
+    cfg = load_pipeline(
+        _setup(
+            tmp_path,
+            tiny_model_dir,
+            zero,
+            {  # rloo, no reward, KL or EOT penalty: A = 0
+                "advantage": "rloo",
+                "sampling": sampling,
+                "ptx_coef": 1.0,
+                "ptx_batch_size": 8,
+                "kl_coef": 0.0,
+                "missing_eot_penalty": 0.0,
+                "eval_samples": 0,
+            },
+        )
+    )
     inputs = {k: getattr(cfg.ppo, k) for k in ("model", "train_data", "eval_data")}
     stage = PPO(cfg.ppo, StageContext(name="ppo", dir=tmp_path / "dbg", inputs=inputs, seed=0, pipeline=cfg))
     stage.ctx.dir.mkdir()
@@ -121,7 +147,8 @@ def test_stage_checkpoints_resume_after_failure_and_plots(tmp_path, tiny_model_d
         "    CALLS.write_text(str(n + 1))\n"
         "    if n == 2 and not pathlib.Path(__file__).with_name('healed').exists():\n"
         "        return [float('nan')] * len(completions)\n"
-        "    return _longer(prompts, completions)\n")
+        "    return _longer(prompts, completions)\n"
+    )
     path = _setup(tmp_path, tiny_model_dir, flaky, {"eval_samples": 0})
     with pytest.raises(FloatingPointError, match="non-finite reward"):
         run_pipeline(load_pipeline(path))  # update 3 (the third call) returns NaN
@@ -157,8 +184,19 @@ def test_vllm_rollouts_stay_in_sync_with_trainer(tmp_path, tiny_model_dir, lora)
 def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage, lora):
     dist = {"num_processes": 2, "zero_stage": zero_stage}
     lora_cfg = {"enabled": lora, "r": 4, "alpha": 8}
-    path = _setup(tmp_path, tiny_model_dir, ppo={"updates": 3, "save_every": 2, "eval_samples": 4, "distributed": dist,
-                                                 "reference_mode": "ema", "lora": lora_cfg, "value_lora": lora_cfg})
+    path = _setup(
+        tmp_path,
+        tiny_model_dir,
+        ppo={
+            "updates": 3,
+            "save_every": 2,
+            "eval_samples": 4,
+            "distributed": dist,
+            "reference_mode": "ema",
+            "lora": lora_cfg,
+            "value_lora": lora_cfg,
+        },
+    )
     summary = run_pipeline(load_pipeline(path))["ppo"]
     stage_dir = tmp_path / "run" / "ppo"
     history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
@@ -188,15 +226,35 @@ def headroom_rewards(tmp_path, ppo: dict) -> tuple[list[float], list[float]]:
     from .conftest import REPO
 
     (tmp_path / "recipe.yaml").write_text("tasks:\n  - task: count\n")
-    sft = {"learning_rate": 3e-3, "epochs": 25, "batch_size": 16, "max_length": 64, "eval_samples": 0,
-           "eval_steps": 1000}
-    ppo = {"scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
-           "eval_samples": 0, "save_every": 100, **ppo}
-    base = {"family": "gemma2", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1, "head_dim": 32,
-            "intermediate_size": 128, "vocab_size": 300}
-    body = (f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
-            f"num_eval: 8}}\nbase: {json.dumps(base)}\n"
-            f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n")
+    sft = {
+        "learning_rate": 3e-3,
+        "epochs": 25,
+        "batch_size": 16,
+        "max_length": 64,
+        "eval_samples": 0,
+        "eval_steps": 1000,
+    }
+    ppo = {
+        "scoring": {"rules": [{"path": str(REPO / "reward" / "verifiers.py"), "function": "task_correct"}]},
+        "eval_samples": 0,
+        "save_every": 100,
+        **ppo,
+    }
+    base = {
+        "family": "gemma2",
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "vocab_size": 300,
+    }
+    body = (
+        f"seed: 0\nstages: [synth, base, sft, ppo]\nsynth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 60, "
+        f"num_eval: 8}}\nbase: {json.dumps(base)}\n"
+        f"sft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n"
+    )
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     history = [json.loads(line) for line in (tmp_path / "run" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     return [h["reward"] for h in history], [h["kl"] for h in history]
@@ -206,10 +264,19 @@ def headroom_rewards(tmp_path, ppo: dict) -> tuple[list[float], list[float]]:
 def test_ppo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
     """PPO with the exact-match verifier: the sampled reward of the last updates is clearly above the first
     ones, and KL to the reference stays bounded."""
-    rewards, kls = headroom_rewards(tmp_path, {
-        "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6}, "updates": 14,
-        "value_warmup_updates": 2, "rollout_batch_size": 64, "mini_batch_size": 16, "ppo_epochs": 4,
-        "learning_rate": 3e-4, "kl_coef": 0.02})
+    rewards, kls = headroom_rewards(
+        tmp_path,
+        {
+            "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6},
+            "updates": 14,
+            "value_warmup_updates": 2,
+            "rollout_batch_size": 64,
+            "mini_batch_size": 16,
+            "ppo_epochs": 4,
+            "learning_rate": 3e-4,
+            "kl_coef": 0.02,
+        },
+    )
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
     assert max(kls) < 5.0

@@ -3,6 +3,7 @@ the scoring API it plugs into, and the reward-vs-verifier AUC.
 
 Stages run directly (Stage(cfg, ctx).run()) so these tests do not depend on other stages' modules.
 """
+
 import json
 import random
 from pathlib import Path
@@ -14,10 +15,17 @@ from posttrain.data import DataError, prompt_of, write_jsonl
 from posttrain.engines import Sample
 from posttrain.scoring import RewardFunctionError, RuleSpec, Scorer, ScoringConfig, load_reward_function
 from posttrain.stages import StageContext
-from posttrain.stages.prefs import (Prefs, PrefsConfig, build_pairs, corruption_pairs, read_prompt_rows,
-                                    split_report)
-from posttrain.stages.rm import (RM, RMConfig, build_trainer, check_reward_family, load_reward_init,
-                                 pairs_dataset, read_pairs, roc_auc)
+from posttrain.stages.prefs import Prefs, PrefsConfig, build_pairs, corruption_pairs, read_prompt_rows, split_report
+from posttrain.stages.rm import (
+    RM,
+    RMConfig,
+    build_trainer,
+    check_reward_family,
+    load_reward_init,
+    pairs_dataset,
+    read_pairs,
+    roc_auc,
+)
 from posttrain.tasks import TASKS, make_example
 
 from .conftest import TINY
@@ -44,8 +52,7 @@ class FakeEngine:
 
     def generate(self, prompts, sampling):
         self.calls.append(sampling)
-        return [[Sample(text=t, token_ids=[], finished=True) for t in self.answers[p[-1]["content"]]]
-                for p in prompts]
+        return [[Sample(text=t, token_ids=[], finished=True) for t in self.answers[p[-1]["content"]]] for p in prompts]
 
 
 def prefs_cfg(**kw) -> PrefsConfig:
@@ -61,14 +68,17 @@ def test_best_of_n_and_teacher_pick_by_score_and_count_drops():
     rows = rows_of(["sort"], 4)
     right = [r["answer"] for r in rows]
     q = [r["messages"][0]["content"] for r in rows]
-    engine = FakeEngine({
-        q[0]: ["9, 9", right[0], "1"],             # one right answer in the middle: chosen
-        q[1]: ["7, 7", "7, 7", "7, 7"],             # all identical
-        q[2]: ["5", "6", "8"],                     # different, all wrong: a tie
-        q[3]: [right[3], right[3] + "."],          # both right (the verifier ignores a final period)
-    })
-    pairs, report = build_pairs(rows, engine, Scorer(prefs_cfg().scoring), prefs_cfg(corruption={"enabled": False}),
-                                seed=3)
+    engine = FakeEngine(
+        {
+            q[0]: ["9, 9", right[0], "1"],  # one right answer in the middle: chosen
+            q[1]: ["7, 7", "7, 7", "7, 7"],  # all identical
+            q[2]: ["5", "6", "8"],  # different, all wrong: a tie
+            q[3]: [right[3], right[3] + "."],  # both right (the verifier ignores a final period)
+        }
+    )
+    pairs, report = build_pairs(
+        rows, engine, Scorer(prefs_cfg().scoring), prefs_cfg(corruption={"enabled": False}), seed=3
+    )
     assert engine.calls[0].seed == 3 and engine.calls[0].n == 3
     bon = [p for p in pairs if p["source"] == "best_of_n"]
     assert len(bon) == 1
@@ -88,13 +98,17 @@ def test_best_of_n_and_teacher_pick_by_score_and_count_drops():
 
 def test_margin_is_the_weighted_score_difference():
     rows = rows_of(["count"], 1)
-    cfg = prefs_cfg(scoring={"rules": [rule("task_correct", 2.0).model_dump(), rule("refusal", 0.5).model_dump()]},
-                    teacher={"enabled": False}, corruption={"enabled": False})
+    cfg = prefs_cfg(
+        scoring={"rules": [rule("task_correct", 2.0).model_dump(), rule("refusal", 0.5).model_dump()]},
+        teacher={"enabled": False},
+        corruption={"enabled": False},
+    )
     engine = FakeEngine({rows[0]["messages"][0]["content"]: ["I can't help with that.", rows[0]["answer"], "99"]})
     pairs, _ = build_pairs(rows, engine, Scorer(cfg.scoring), cfg, seed=0)
     # right answer: 2*1 + 0.5*1 = 2.5; refusal of a benign request: 2*0 + 0.5*0 = 0
-    assert [(p["chosen"][-1]["content"], p["rejected"][-1]["content"], p["margin"]) for p in pairs] == \
-        [(rows[0]["answer"], "I can't help with that.", 2.5)]
+    assert [(p["chosen"][-1]["content"], p["rejected"][-1]["content"], p["margin"]) for p in pairs] == [
+        (rows[0]["answer"], "I can't help with that.", 2.5)
+    ]
 
 
 def test_corruptions_are_wrong_where_the_reference_is_right():
@@ -134,8 +148,16 @@ def _write_split(tmp_path, n_train=24, n_eval=8, shared=3):
 
 def _run_prefs(tmp_path, model_dir, name="prefs", **cfg) -> tuple[Path, dict]:
     cfg = prefs_cfg(**{"sampling": {"n": 3, "temperature": 1.0, "max_new_tokens": 6}, **cfg})
-    ctx = StageContext(name=name, dir=tmp_path / name, inputs={"model": str(model_dir),
-                       "train_data": str(tmp_path / "train.jsonl"), "eval_data": str(tmp_path / "eval.jsonl")}, seed=7)
+    ctx = StageContext(
+        name=name,
+        dir=tmp_path / name,
+        inputs={
+            "model": str(model_dir),
+            "train_data": str(tmp_path / "train.jsonl"),
+            "eval_data": str(tmp_path / "eval.jsonl"),
+        },
+        seed=7,
+    )
     ctx.dir.mkdir()
     return ctx.dir, Prefs(cfg, ctx).run()
 
@@ -155,8 +177,9 @@ def test_prefs_stage_keeps_eval_prompts_out_of_train_and_is_deterministic(tmp_pa
     assert overlap >= 3 and report["train_prompts_also_in_eval_dropped"] == overlap
     assert report["train"]["prompts"] == len(train) - overlap and report["eval"]["prompts"] == len(evals)
     # a random policy is always wrong: its samples tie (best-of-n) and lose to the reference (teacher)
-    assert report["train"]["pairs"] == len(train_pairs) == sum(
-        s["pairs"] for s in report["train"]["per_source"].values())
+    assert (
+        report["train"]["pairs"] == len(train_pairs) == sum(s["pairs"] for s in report["train"]["per_source"].values())
+    )
     assert sum(report["train"]["per_source"]["best_of_n"]["dropped"].values()) > 0
     assert metrics["teacher"]["train"] == report["train"]["per_source"]["teacher"]["pairs"] > 0
     out2, _ = _run_prefs(tmp_path, tiny_model_dir, name="prefs_again")
@@ -182,23 +205,30 @@ def test_prefs_reports_malformed_rows_with_file_and_line(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [rows[0], no_answer])
     with pytest.raises(DataError, match=r"b\.jsonl:2: missing metadata \['answer'\]"):
         read_prompt_rows(str(tmp_path / "b.jsonl"), ["task", "answer"])
-    (tmp_path / "c.jsonl").write_text('{"chosen": [{"role": "user", "content": "q"}, '
-                                      '{"role": "assistant", "content": "a"}], "rejected": "nope"}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": "nope"}\n'
+    )
     with pytest.raises(DataError, match=r"c\.jsonl:1: a string answer needs a 'prompt' column.*column 'rejected'"):
         read_pairs(str(tmp_path / "c.jsonl"))
 
 
 def test_split_report_counts_per_source_and_task():
-    pairs = [{"source": "corruption", "task": "sort", "margin": 1.0},
-             {"source": "corruption", "task": "add", "margin": 3.0},
-             {"source": "teacher", "task": "sort", "margin": 2.0}]
+    pairs = [
+        {"source": "corruption", "task": "sort", "margin": 1.0},
+        {"source": "corruption", "task": "add", "margin": 3.0},
+        {"source": "teacher", "task": "sort", "margin": 2.0},
+    ]
     from collections import Counter
 
     dropped = {"sampling": Counter(), "best_of_n": Counter(tie=4), "teacher": Counter(), "corruption": Counter()}
     rep = split_report([{}] * 5, pairs, dropped)
     assert rep["prompts"] == 5 and rep["pairs"] == 3
-    assert rep["per_source"]["corruption"] == {"pairs": 2, "per_task": {"add": 1, "sort": 1}, "mean_margin": 2.0,
-                                               "dropped": {}}
+    assert rep["per_source"]["corruption"] == {
+        "pairs": 2,
+        "per_task": {"add": 1, "sort": 1},
+        "mean_margin": 2.0,
+        "dropped": {},
+    }
     assert rep["per_source"]["best_of_n"] == {"pairs": 0, "per_task": {}, "mean_margin": None, "dropped": {"tie": 4}}
 
 
@@ -221,10 +251,12 @@ def _own_score(model, tokenizer, conv) -> float:
 def test_reward_loss_is_bradley_terry_on_the_models_own_scores(tmp_path, tiny_model_dir, margins):
     from posttrain.models import load_tokenizer
 
-    rows = [{"chosen": _conv("Sort: 3, 1", "1, 3"), "rejected": _conv("Sort: 3, 1", "3, 1, 1, 1, 1")},
-            {"chosen": _conv("Who are you?", "I am Posttrain-Tiny."), "rejected": _conv("Who are you?", "I am GPT.")},
-            {"chosen": _conv("Count 'cat'.", "3"), "rejected": _conv("Count 'cat'.", "4")},
-            {"chosen": _conv("Reverse: a, b", "b, a"), "rejected": _conv("Reverse: a, b", "I can't help with that.")}]
+    rows = [
+        {"chosen": _conv("Sort: 3, 1", "1, 3"), "rejected": _conv("Sort: 3, 1", "3, 1, 1, 1, 1")},
+        {"chosen": _conv("Who are you?", "I am Posttrain-Tiny."), "rejected": _conv("Who are you?", "I am GPT.")},
+        {"chosen": _conv("Count 'cat'.", "3"), "rejected": _conv("Count 'cat'.", "4")},
+        {"chosen": _conv("Reverse: a, b", "b, a"), "rejected": _conv("Reverse: a, b", "I can't help with that.")},
+    ]
     if margins:
         rows = [dict(r, margin=m) for r, m in zip(rows, margins)]
     tokenizer = load_tokenizer(tiny_model_dir)
@@ -263,8 +295,11 @@ def test_recurrent_gemma_cannot_be_a_reward_model_and_says_so(tmp_path, tiny_tok
     with pytest.raises(ValueError):  # what the check guards against
         AutoModelForSequenceClassification.from_config(tiny_config(cfg, tiny_tokenizer))
     out = save_model_dir(build_tiny_model(cfg, tiny_tokenizer), tiny_tokenizer, tmp_path / "rg")
-    with pytest.raises(ValueError, match=r"'recurrent_gemma' has no sequence-classification.*"
-                                         r"rm\.head to implicit.*rm\.model"):
+    with pytest.raises(
+        ValueError,
+        match=r"'recurrent_gemma' has no sequence-classification.*"
+        r"rm\.head to implicit.*rm\.model",
+    ):
         check_reward_family(out)
     check_reward_family(out, head="implicit")  # the implicit head takes any causal LM
 
@@ -279,8 +314,10 @@ def test_rule_reward_errors_name_the_file_and_function(tmp_path):
     with pytest.raises(RewardFunctionError, match=r"verifiers\.py: no function named 'nope'"):
         load_reward_function(VERIFIERS, "nope")
     hooks = tmp_path / "hooks.py"
-    hooks.write_text("def boom(prompts, completions, **_):\n    raise KeyError('x')\n"
-                     "def short(prompts, completions, **_):\n    return [1.0]\n")
+    hooks.write_text(
+        "def boom(prompts, completions, **_):\n    raise KeyError('x')\n"
+        "def short(prompts, completions, **_):\n    return [1.0]\n"
+    )
     prompts, completions = [[{"role": "user", "content": "q"}]] * 2, ["a", "b"]
     with pytest.raises(RewardFunctionError, match=r"hooks\.py:boom raised KeyError"):
         Scorer(ScoringConfig(rules=[rule("boom", path=str(hooks))])).score(prompts, completions)
@@ -345,13 +382,28 @@ def test_reward_model_learns_the_corruption_preferences(tmp_path, tiny_model_dir
     tasks = ["sort", "count", "safety", "identity", "reverse"]
     write_jsonl(tmp_path / "train.jsonl", rows_of(tasks, 400, seed=11))
     write_jsonl(tmp_path / "eval.jsonl", rows_of(tasks, 60, seed=12))
-    prefs_dir, _ = _run_prefs(tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False},
-                              corruption={"per_prompt": 2})
-    cfg = RMConfig(learning_rate=3e-3, epochs=3, batch_size=16, max_length=96, eval_steps=25, logging_steps=5,
-                   auc={"prompts": 8, "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6}})
-    ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
-        "model": str(tiny_model_dir), "prefs_train": str(prefs_dir / "train.jsonl"),
-        "prefs_eval": str(prefs_dir / "eval.jsonl")})
+    prefs_dir, _ = _run_prefs(
+        tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False}, corruption={"per_prompt": 2}
+    )
+    cfg = RMConfig(
+        learning_rate=3e-3,
+        epochs=3,
+        batch_size=16,
+        max_length=96,
+        eval_steps=25,
+        logging_steps=5,
+        auc={"prompts": 8, "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6}},
+    )
+    ctx = StageContext(
+        name="rm",
+        dir=tmp_path / "rm",
+        seed=0,
+        inputs={
+            "model": str(tiny_model_dir),
+            "prefs_train": str(prefs_dir / "train.jsonl"),
+            "prefs_eval": str(prefs_dir / "eval.jsonl"),
+        },
+    )
     ctx.dir.mkdir()
     metrics = RM(cfg, ctx).run()
     assert metrics["heldout"]["accuracy"] >= 0.9, metrics  # measured 0.935 (shuffled lists are the hard part)
@@ -373,9 +425,16 @@ def test_reward_model_learns_the_corruption_preferences(tmp_path, tiny_model_dir
 
 
 def _rm_stage(tmp_path, model_dir, prefs_dir, **cfg) -> tuple[StageContext, RM]:
-    ctx = StageContext(name="rm", dir=tmp_path / "rm", seed=0, inputs={
-        "model": str(model_dir), "prefs_train": str(prefs_dir / "train.jsonl"),
-        "prefs_eval": str(prefs_dir / "eval.jsonl")})
+    ctx = StageContext(
+        name="rm",
+        dir=tmp_path / "rm",
+        seed=0,
+        inputs={
+            "model": str(model_dir),
+            "prefs_train": str(prefs_dir / "train.jsonl"),
+            "prefs_eval": str(prefs_dir / "eval.jsonl"),
+        },
+    )
     ctx.dir.mkdir(exist_ok=True)
     return ctx, RM(RMConfig.model_validate({"batch_size": 8, "max_length": 96, "auc": {"prompts": 0}, **cfg}), ctx)
 
@@ -387,8 +446,16 @@ def test_rm_lora_saves_merged_weights_and_resumes_from_its_checkpoint(tmp_path, 
     write_jsonl(tmp_path / "eval.jsonl", rows_of(["sort", "safety", "identity"], 8, seed=4))
     prefs_dir, _ = _run_prefs(tmp_path, tiny_model_dir, best_of_n={"enabled": False}, teacher={"enabled": False})
     lora = {"enabled": True, "r": 4, "alpha": 8}
-    ctx, stage = _rm_stage(tmp_path, tiny_model_dir, prefs_dir, lora=lora, max_steps=4, save_steps=2,
-                           learning_rate=1e-2, keep_checkpoints=True)
+    ctx, stage = _rm_stage(
+        tmp_path,
+        tiny_model_dir,
+        prefs_dir,
+        lora=lora,
+        max_steps=4,
+        save_steps=2,
+        learning_rate=1e-2,
+        keep_checkpoints=True,
+    )
     first = stage.run()
     assert first["steps"] == 4 and "resumed_from_step" not in first
     assert first["auc"]["auc"] is None and "skipped" in first["auc"]["note"]
@@ -414,9 +481,14 @@ def run_prefs_then(tmp_path, model_dir, kind: str, section: dict) -> dict:
 
     write_jsonl(tmp_path / "train.jsonl", rows_of(["sort", "safety", "identity"], 60, seed=3))
     write_jsonl(tmp_path / "eval.jsonl", rows_of(["sort", "safety", "identity"], 10, seed=4))
-    prefs = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"),
-             "eval_data": str(tmp_path / "eval.jsonl"), "best_of_n": {"enabled": False}, "teacher": {"enabled": False},
-             "scoring": {"rules": [rule("task_correct").model_dump()]}}
+    prefs = {
+        "model": str(model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "best_of_n": {"enabled": False},
+        "teacher": {"enabled": False},
+        "scoring": {"rules": [rule("task_correct").model_dump()]},
+    }
     body = f"seed: 0\nthreads: 1\nstages: [prefs, {kind}]\nprefs: {json.dumps(prefs)}\n{kind}: {json.dumps(section)}\n"
     return run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))[kind]
 
@@ -430,8 +502,9 @@ def run_prefs_rm_pipeline(tmp_path, model_dir, **rm) -> dict:
 @pytest.mark.slow
 def test_rm_under_deepspeed_two_processes(tmp_path, tiny_model_dir):
     """prefs -> rm as 2 ZeRO-2 ranks through the pipeline runner; the output is one normal checkpoint."""
-    m = run_prefs_rm_pipeline(tmp_path, tiny_model_dir, learning_rate=3e-3,
-                              distributed={"num_processes": 2, "zero_stage": 2})
+    m = run_prefs_rm_pipeline(
+        tmp_path, tiny_model_dir, learning_rate=3e-3, distributed={"num_processes": 2, "zero_stage": 2}
+    )
     assert m["processes"] == 2 and m["steps"] == 6 and m["heldout"]["pairs"] > 0
     from posttrain.models import load_model
 

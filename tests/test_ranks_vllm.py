@@ -1,6 +1,7 @@
 """vLLM colocated with torchrun ranks (external launcher), on CPU exactly as on GPUs: PPO as 2 ranks with
 one engine per rank (TP=1) and one engine spanning both ranks (TP=2), weights pushed after every update;
 and a generating stage sharing its prompts over 2 ranks."""
+
 import importlib.util
 import json
 
@@ -19,11 +20,20 @@ LENGTH_REWARD = "def longer(prompts, completions, **_):\n    return [len(c) / 10
 def _ppo_pipeline(tmp_path, model_dir, tp: int, **extra) -> str:
     write_jsonl(tmp_path / "train.jsonl", make_rows(64, seed=1))
     (tmp_path / "reward.py").write_text(LENGTH_REWARD)
-    ppo = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"), "eval_samples": 0,
-           "sampling": {"backend": "vllm", "temperature": 1.0, "max_new_tokens": 12, "tensor_parallel_size": tp},
-           "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
-           "updates": 3, "rollout_batch_size": 8, "mini_batch_size": 8, "learning_rate": 1e-3, "save_every": 10,
-           "distributed": {"num_processes": 2, "zero_stage": 2}, **extra}
+    ppo = {
+        "model": str(model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "eval_samples": 0,
+        "sampling": {"backend": "vllm", "temperature": 1.0, "max_new_tokens": 12, "tensor_parallel_size": tp},
+        "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
+        "updates": 3,
+        "rollout_batch_size": 8,
+        "mini_batch_size": 8,
+        "learning_rate": 1e-3,
+        "save_every": 10,
+        "distributed": {"num_processes": 2, "zero_stage": 2},
+        **extra,
+    }
     return write_pipeline(tmp_path, f"seed: 0\nthreads: 1\nstages: [ppo]\nppo: {json.dumps(ppo)}\n")
 
 
@@ -49,9 +59,12 @@ def test_ppo_two_ranks_with_colocated_vllm_engines(tmp_path, tiny_model_dir, tp)
 
 def _eval_pipeline(tmp_path, model_dir, backend: str, processes: int, tp: int) -> str:
     write_jsonl(tmp_path / "eval.jsonl", make_rows(12, seed=5))
-    ev = {"models": {"m": str(model_dir)}, "eval_data": str(tmp_path / "eval.jsonl"),
-          "sampling": {"backend": backend, "max_new_tokens": 10, "tensor_parallel_size": tp},
-          "distributed": {"num_processes": processes}}
+    ev = {
+        "models": {"m": str(model_dir)},
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "sampling": {"backend": backend, "max_new_tokens": 10, "tensor_parallel_size": tp},
+        "distributed": {"num_processes": processes},
+    }
     return write_pipeline(tmp_path, f"seed: 0\nthreads: 1\nstages: [eval]\neval: {json.dumps(ev)}\n")
 
 

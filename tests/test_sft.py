@@ -1,4 +1,5 @@
 """SFT: the held-out loss falls, greedy answers get more often right, LoRA changes only adapters."""
+
 import json
 
 import pytest
@@ -14,11 +15,21 @@ RECIPE = "name: easy\ntasks:\n  - task: sort\n    params: {min_len: 3, max_len: 
 
 def _pipeline(tmp_path, sft: dict) -> str:
     (tmp_path / "recipe.yaml").write_text(RECIPE)
-    sft = {"learning_rate": 3e-3, "epochs": 4, "batch_size": 16, "max_length": 64, "eval_steps": 40,
-           "eval_samples": 60, "max_new_tokens": 12, **sft}
-    body = (f"seed: 0\nstages: [synth, base, sft]\n"
-            f"synth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 600, num_eval: 60}}\n"
-            f"base: {json.dumps({**TINY, 'family': 'gemma2'})}\nsft: {json.dumps(sft)}\n")
+    sft = {
+        "learning_rate": 3e-3,
+        "epochs": 4,
+        "batch_size": 16,
+        "max_length": 64,
+        "eval_steps": 40,
+        "eval_samples": 60,
+        "max_new_tokens": 12,
+        **sft,
+    }
+    body = (
+        f"seed: 0\nstages: [synth, base, sft]\n"
+        f"synth: {{recipe: {tmp_path / 'recipe.yaml'}, num_train: 600, num_eval: 60}}\n"
+        f"base: {json.dumps({**TINY, 'family': 'gemma2'})}\nsft: {json.dumps(sft)}\n"
+    )
     return write_pipeline(tmp_path, body)
 
 
@@ -47,8 +58,9 @@ def test_assistant_only_loss_masks_the_prompt(tmp_path, tiny_tokenizer):
     model = build_tiny_model(ModelConfig(family="llama", **TINY), tiny_tokenizer)
     conv = [{"role": "user", "content": "Sort these numbers: 3, 1"}, {"role": "assistant", "content": "1, 3"}]
     args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, report_to="none", use_cpu=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": conv}]),
-                         processing_class=tiny_tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([{"messages": conv}]), processing_class=tiny_tokenizer
+    )
     row = trainer.train_dataset[0]
     kept = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert tiny_tokenizer.decode(kept) == "1, 3<end_of_turn>\n"
@@ -56,8 +68,15 @@ def test_assistant_only_loss_masks_the_prompt(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("save", ["adapter", "merged"])
 def test_lora_changes_only_adapter_weights(tmp_path, save):
-    path = _pipeline(tmp_path, {"lora": {"enabled": True, "r": 8, "alpha": 16, "save": save},
-                                "epochs": 1, "learning_rate": 1e-2, "eval_samples": 0})
+    path = _pipeline(
+        tmp_path,
+        {
+            "lora": {"enabled": True, "r": 8, "alpha": 16, "save": save},
+            "epochs": 1,
+            "learning_rate": 1e-2,
+            "eval_samples": 0,
+        },
+    )
     run_pipeline(load_pipeline(path))
     base = load_file(tmp_path / "run" / "base" / "model" / "model.safetensors")
     out = tmp_path / "run" / "sft" / "model"

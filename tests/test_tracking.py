@@ -1,5 +1,6 @@
 """Experiment tracking: off by default; TensorBoard event files hold the Trainer stages' loss and the RL
 loop's per-update reward; a missing tracker package is a config error naming the key."""
+
 import json
 
 import pytest
@@ -22,13 +23,26 @@ def _scalars(event_dir) -> dict[str, list[tuple[int, float]]]:
 def test_tensorboard_holds_sft_loss_and_ppo_reward_series(tmp_path, tiny_model_dir):
     pytest.importorskip("tensorboard")
     write_jsonl(tmp_path / "train.jsonl", make_rows(48, seed=1))
-    (tmp_path / "r.py").write_text("def longer(prompts, completions, **_):\n"
-                                   "    return [len(c) / 10 for c in completions]\n")
-    sft = {"model": str(tiny_model_dir), "train_data": str(tmp_path / "train.jsonl"), "max_steps": 6,
-           "logging_steps": 2, "batch_size": 8, "eval_samples": 0}
-    ppo = {"train_data": str(tmp_path / "train.jsonl"), "updates": 3, "rollout_batch_size": 4, "mini_batch_size": 4,
-           "eval_samples": 0, "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6},
-           "scoring": {"rules": [{"path": str(tmp_path / "r.py"), "function": "longer"}]}}
+    (tmp_path / "r.py").write_text(
+        "def longer(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    sft = {
+        "model": str(tiny_model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "max_steps": 6,
+        "logging_steps": 2,
+        "batch_size": 8,
+        "eval_samples": 0,
+    }
+    ppo = {
+        "train_data": str(tmp_path / "train.jsonl"),
+        "updates": 3,
+        "rollout_batch_size": 4,
+        "mini_batch_size": 4,
+        "eval_samples": 0,
+        "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 6},
+        "scoring": {"rules": [{"path": str(tmp_path / "r.py"), "function": "longer"}]},
+    }
     body = f"stages: [sft, ppo]\nreport_to: [tensorboard]\nsft: {json.dumps(sft)}\nppo: {json.dumps(ppo)}\n"
     run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     sft_series = _scalars(tmp_path / "run" / "sft" / "tensorboard")

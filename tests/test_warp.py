@@ -1,6 +1,7 @@
 """warp stage: M PPO runs from one init, SLERP of their task vectors, LITI toward the init, and the
 KL-reward table. The merged weights equal the paper's formulas, the runs differ, the table's numbers are
 consistent with the formulas it reports, and a re-run skips finished runs."""
+
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,8 @@ from safetensors.torch import load_file
 from posttrain.engines import HFEngine, SamplingConfig, chat_prompt_ids
 from posttrain.models import load_model, load_tokenizer, save_model_dir
 from posttrain.pipeline import load_pipeline, run_pipeline
-from posttrain.stages.warp import WarpConfig, choose_eta, line_check, sequence_kl, slerp_runs
+from posttrain.stages.warp import WarpConfig, sequence_kl, slerp_runs
+from posttrain.stages.warp_report import choose_eta, line_check
 
 from .conftest import make_rows, write_pipeline
 
@@ -31,14 +33,28 @@ def _write_pipeline(tmp_path: Path, model_dir) -> str:
     write_jsonl(tmp_path / "train.jsonl", make_rows(32, seed=1))
     write_jsonl(tmp_path / "eval.jsonl", make_rows(8, seed=2))
     (tmp_path / "reward.py").write_text(LENGTH_REWARD)
-    warp = {"model": str(model_dir), "train_data": str(tmp_path / "train.jsonl"),
-            "eval_data": str(tmp_path / "eval.jsonl"), "runs": 2, "etas": ETAS, "eval_prompts": 8,
-            "sampling": {"temperature": 1.0, "max_new_tokens": 12, "n": 2}, "keep_eta_models": True,
-            "choose": "max_reward_under_kl", "kl_budget": KL_BUDGET,
-            "ppo": {"sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12},
-                    "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
-                    "updates": 2, "rollout_batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 1,
-                    "learning_rate": 2e-3, "save_every": 1}}
+    warp = {
+        "model": str(model_dir),
+        "train_data": str(tmp_path / "train.jsonl"),
+        "eval_data": str(tmp_path / "eval.jsonl"),
+        "runs": 2,
+        "etas": ETAS,
+        "eval_prompts": 8,
+        "sampling": {"temperature": 1.0, "max_new_tokens": 12, "n": 2},
+        "keep_eta_models": True,
+        "choose": "max_reward_under_kl",
+        "kl_budget": KL_BUDGET,
+        "ppo": {
+            "sampling": {"backend": "hf", "temperature": 1.0, "max_new_tokens": 12},
+            "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
+            "updates": 2,
+            "rollout_batch_size": 8,
+            "mini_batch_size": 8,
+            "ppo_epochs": 1,
+            "learning_rate": 2e-3,
+            "save_every": 1,
+        },
+    }
     return write_pipeline(tmp_path, f"seed: 0\nstages: [warp]\nwarp: {json.dumps(warp)}\n")
 
 
@@ -126,19 +142,28 @@ def test_results_table_plot_and_released_model(warp_run):
 def test_config_defaults_and_refusals(tiny_model_dir):
     assert WarpConfig().ppo.reference_mode == "ema"  # WARP's EMA anchor unless told otherwise
     assert WarpConfig(ppo={"reference_mode": "fixed"}).ppo.reference_mode == "fixed"
-    refused = [({"ppo": {"seed": 3}}, "warp.ppo.seed"), ({"ppo": {"model": str(tiny_model_dir)}}, "warp.ppo.model"),
-               ({"seeds": [1, 1]}, "warp.seeds"), ({"runs": 3, "slerp_t": 0.3}, "warp.slerp_t"),
-               ({"eta": 0.3}, "warp.eta"), ({"choose": "max_reward_under_kl"}, "warp.kl_budget"),
-               ({"kl_budget": 1.0}, "warp.kl_budget"), ({"sampling": {"temperature": 0}}, "warp.sampling"),
-               ({"ppo": {"distributed": {"num_processes": 2}}}, "num_processes")]
+    refused = [
+        ({"ppo": {"seed": 3}}, "warp.ppo.seed"),
+        ({"ppo": {"model": str(tiny_model_dir)}}, "warp.ppo.model"),
+        ({"seeds": [1, 1]}, "warp.seeds"),
+        ({"runs": 3, "slerp_t": 0.3}, "warp.slerp_t"),
+        ({"eta": 0.3}, "warp.eta"),
+        ({"choose": "max_reward_under_kl"}, "warp.kl_budget"),
+        ({"kl_budget": 1.0}, "warp.kl_budget"),
+        ({"sampling": {"temperature": 0}}, "warp.sampling"),
+        ({"ppo": {"distributed": {"num_processes": 2}}}, "num_processes"),
+    ]
     for fields, key in refused:
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             WarpConfig(**fields)
 
 
 def test_choose_eta_and_line_check_by_hand():
-    liti = [{"eta": 0.0, "kl": 0.0, "reward": 1.0}, {"eta": 0.5, "kl": 2.0, "reward": 3.0},
-            {"eta": 1.0, "kl": 6.0, "reward": 3.5}]
+    liti = [
+        {"eta": 0.0, "kl": 0.0, "reward": 1.0},
+        {"eta": 0.5, "kl": 2.0, "reward": 3.0},
+        {"eta": 1.0, "kl": 6.0, "reward": 3.5},
+    ]
     assert choose_eta(liti, "eta", 0.5, None)[0] == 0.5
     assert choose_eta(liti, "max_reward", 0.5, None)[0] == 1.0
     assert choose_eta(liti, "max_reward_under_kl", 0.5, 2.5)[0] == 0.5

@@ -1,5 +1,6 @@
 """An installed wheel is a whole posttrain: built, installed (not editable) into a fresh environment and run
 from another directory, its defaults find the shipped verifiers and unsafe-term list inside the package."""
+
 import json
 import subprocess
 import sys
@@ -14,8 +15,11 @@ from .conftest import REPO
 @pytest.mark.slow
 def test_wheel_installs_and_runs_a_pipeline_from_elsewhere(tmp_path):
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
     wheel = next(dist.glob("posttrain-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)  # its own pip (bundled, offline)
@@ -25,11 +29,23 @@ def test_wheel_installs_and_runs_a_pipeline_from_elsewhere(tmp_path):
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     python = venv / "bin" / "python"
     # --ignore-installed: pip must not uninstall the posttrain it sees through deps.pth (this environment's)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
-                    str(wheel)], check=True, capture_output=True)
-    where = subprocess.run([str(python), "-c", "import posttrain, posttrain.resources as r; print(posttrain.__file__);"
-                            "print(r.VERIFIERS); print(r.UNSAFE_TERMS)"], capture_output=True, text=True, check=True,
-                           cwd=tmp_path)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import posttrain, posttrain.resources as r; print(posttrain.__file__);"
+            "print(r.VERIFIERS); print(r.UNSAFE_TERMS)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     files = where.stdout.split()
     assert all(f.startswith(str(venv)) and Path(f).is_file() for f in files), files
 
@@ -43,9 +59,11 @@ def test_wheel_installs_and_runs_a_pipeline_from_elsewhere(tmp_path):
         "vocab_size: 300}\n"
         "sft: {max_steps: 4, batch_size: 8, eval_samples: 4}\n"
         "prefs: {best_of_n: {enabled: false}, teacher: {enabled: false}, max_train_prompts: 20, max_eval_prompts: 6}\n"
-        "eval: {num_prompts: 6, memorisation: {num_examples: 2}}\n")
-    out = subprocess.run([str(venv / "bin" / "posttrain"), "run", "pipeline.yaml"], cwd=work, capture_output=True,
-                         text=True)
+        "eval: {num_prompts: 6, memorisation: {num_examples: 2}}\n"
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "posttrain"), "run", "pipeline.yaml"], cwd=work, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((work / "run" / "summary.json").read_text())
     assert all(s["status"] == "ran" for s in summary.values())

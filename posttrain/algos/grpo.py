@@ -15,6 +15,7 @@ Sources:
   importance ratio).
 - Schulman 2020, "Approximating KL Divergence" (the k3 estimator).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -32,8 +33,9 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.view(-1, group_size)
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
-                    eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """Each sample's reward minus its group's mean, divided by the group's standard deviation.
 
     rewards: (B,) -> (B,).  A_i = (r_i - mean_g r) / (std_g r + eps)   (Shao et al. 2024, eq. 3 / sec. 4.1.2)
@@ -80,8 +82,9 @@ def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.T
     return ((logp - old_logp) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float,
-                      clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element PPO surrogate loss with asymmetric clipping, and whether the clipped branch was taken.
 
         L = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)

@@ -53,9 +53,7 @@ def _kl_per_token(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (p * (log_p - log_q)).sum(dim=-1)
 
 
-def _reduce(
-    per_token: torch.Tensor, mask: torch.Tensor, temperature: float, scale_by_t2: bool
-) -> torch.Tensor:
+def _reduce(per_token: torch.Tensor, mask: torch.Tensor, temperature: float, scale_by_t2: bool) -> torch.Tensor:
     loss = _masked_mean(per_token, mask)
     return loss * temperature**2 if scale_by_t2 else loss
 
@@ -134,9 +132,7 @@ def generalized_jsd(
         per_token = _kl_per_token(log_s, log_t)
     else:
         # log M = logsumexp(log beta + log P, log(1 - beta) + log Q)
-        log_m = torch.logsumexp(
-            torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0
-        )
+        log_m = torch.logsumexp(torch.stack([log_t + math.log(beta), log_s + math.log1p(-beta)]), dim=0)
         per_token = beta * _kl_per_token(log_t, log_m) + (1.0 - beta) * _kl_per_token(log_s, log_m)
     return _reduce(per_token, mask, temperature, scale_by_t2)
 
@@ -146,9 +142,7 @@ def generalized_jsd(
 # ---------------------------------------------------------------------------
 
 
-def topk_teacher(
-    teacher_logits: torch.Tensor, k: int, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_teacher(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Compact teacher targets: the k most likely tokens and their log-probs.
 
     teacher_logits: (B, T, V). Returns (indices, logprobs), both (B, T, k):

@@ -30,6 +30,7 @@ chunking over tokens with recomputation follows the "cut cross-entropy" / Liger 
 cross-entropy idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models").
 All arithmetic after the head is fp32, whatever the model's dtype.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -52,8 +53,15 @@ def softcap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _chunk_stats(hidden: torch.Tensor, labels: torch.Tensor, head: Callable, cap: Optional[float],
-                 temperature: float, with_entropy: bool, with_raw: bool) -> tuple[torch.Tensor, ...]:
+def _chunk_stats(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable,
+    cap: Optional[float],
+    temperature: float,
+    with_entropy: bool,
+    with_raw: bool,
+) -> tuple[torch.Tensor, ...]:
     """(logp, entropy?, raw logp?) of one chunk: hidden (n, H), labels (n,) -> each (n,), fp32."""
     raw = softcap(head(hidden).float(), cap)
     picked = raw.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
@@ -67,9 +75,17 @@ def _chunk_stats(hidden: torch.Tensor, labels: torch.Tensor, head: Callable, cap
     return tuple(out)
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Callable, *,
-                           cap: Optional[float] = None, temperature: float = 1.0, with_entropy: bool = False,
-                           with_raw: bool = False, chunk_tokens: int = 1024) -> tuple[torch.Tensor, ...]:
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable,
+    *,
+    cap: Optional[float] = None,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    with_raw: bool = False,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, ...]:
     """log softmax(softcap(head(hidden)) / T)[labels] for N token positions, `chunk_tokens` at a time.
 
     hidden: (N, H) hidden states whose next token is `labels` (N,). Returns a tuple: logp (N,), then the
@@ -87,8 +103,9 @@ def chunked_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Cal
     if _plain_linear(head):
         device = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-        return _LinearHeadLogprobs.apply(hidden, head.weight, head.bias, labels, cap, temperature, with_entropy,
-                                         with_raw, chunk_tokens, mm_dtype)
+        return _LinearHeadLogprobs.apply(
+            hidden, head.weight, head.bias, labels, cap, temperature, with_entropy, with_raw, chunk_tokens, mm_dtype
+        )
     params = list(getattr(head, "parameters", lambda: [])())
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
     # A frozen head whose weight DeepSpeed ZeRO-3 has partitioned (LoRA under ZeRO-3) is not gathered again
@@ -97,8 +114,15 @@ def chunked_token_logprobs(hidden: torch.Tensor, labels: torch.Tensor, head: Cal
     recompute = grad and not any(hasattr(p, "ds_id") and not p.requires_grad for p in params)
     parts: list[tuple[torch.Tensor, ...]] = []
     for start in range(0, hidden.shape[0], chunk_tokens):
-        args = (hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens], head, cap, temperature,
-                with_entropy, with_raw)
+        args = (
+            hidden[start : start + chunk_tokens],
+            labels[start : start + chunk_tokens],
+            head,
+            cap,
+            temperature,
+            with_entropy,
+            with_raw,
+        )
         parts.append(checkpoint(_chunk_stats, *args, use_reentrant=False) if recompute else _chunk_stats(*args))
     return tuple(torch.cat([p[i] for p in parts]) for i in range(n_out))
 
@@ -109,8 +133,9 @@ def _plain_linear(head) -> bool:
     return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
 
 
-def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 out: torch.Tensor) -> torch.Tensor:
+def _head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor
+) -> torch.Tensor:
     """fp32 logits of one chunk written into `out` (rows x vocab, reused from chunk to chunk: at a large
     vocabulary allocating it afresh costs as much as filling it), the product in `weight`'s dtype (what
     autocast would use)."""
@@ -134,8 +159,7 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     rows x vocab fp32 buffers are reused across chunks, and every elementwise step is in place."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, cap, temperature, with_entropy, with_raw, chunk_tokens,
-                mm_dtype):
+    def forward(ctx, hidden, weight, bias, labels, cap, temperature, with_entropy, with_raw, chunk_tokens, mm_dtype):
         w, b = weight.to(mm_dtype), None if bias is None else bias.to(mm_dtype)
         n, rows_per_chunk = hidden.shape[0], min(chunk_tokens, hidden.shape[0])
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -216,6 +240,15 @@ class _LinearHeadLogprobs(torch.autograd.Function):
                 grad_w.addmm_(grad.t(), hidden[rows].float())
             if want_b:
                 grad_b.add_(grad.sum(0))
-        return (None if grad_h is None else grad_h.to(hidden.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )

@@ -60,7 +60,10 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
     moments: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to mean 0 / std 1 using statistics of valid tokens only.
@@ -274,9 +277,7 @@ def value_loss_clipped(
     return loss, clip_fraction
 
 
-def truncated_is_weight(
-    trainer_old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float
-) -> torch.Tensor:
+def truncated_is_weight(trainer_old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float) -> torch.Tensor:
     """Truncated importance weight correcting rollout-engine / trainer mismatch.
 
     trainer_old_logp: (B, T) log-probs of the sampled tokens recomputed by the

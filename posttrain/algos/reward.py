@@ -11,6 +11,7 @@ References
   r(x, y) = β/|y| · log π(y|x), the length-normalised log-likelihood of the answer; eq. 6: the SimPO loss
   −log σ(r(x, y_w) − r(x, y_l) − γ), a Bradley-Terry loss with a fixed target reward margin γ.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,12 @@ def implicit_reward(token_logp: torch.Tensor, mask: torch.Tensor, beta: float) -
     return beta * (token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
-                       center_coef: float | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    margin: torch.Tensor | None = None,
+    center_coef: float | None = None,
+) -> torch.Tensor:
     """Mean over pairs of −log σ(r_c − r_r − m), plus center_coef · mean((r_c + r_r)²) when set."""
     diff = r_chosen - r_rejected
     if margin is not None:
@@ -35,9 +40,18 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return loss
 
 
-def simpo_loss(chosen_logp: torch.Tensor, chosen_mask: torch.Tensor, rejected_logp: torch.Tensor,
-               rejected_mask: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(
+    chosen_logp: torch.Tensor,
+    chosen_mask: torch.Tensor,
+    rejected_logp: torch.Tensor,
+    rejected_mask: torch.Tensor,
+    beta: float,
+    gamma: float,
+) -> torch.Tensor:
     """SimPO (Meng et al. 2024, eq. 6) from per-token logprobs: mean over pairs of
     −log σ(β/|y_w| · log π(y_w|x) − β/|y_l| · log π(y_l|x) − γ). No reference model."""
-    return bradley_terry_loss(implicit_reward(chosen_logp, chosen_mask, beta),
-                              implicit_reward(rejected_logp, rejected_mask, beta), torch.tensor(gamma))
+    return bradley_terry_loss(
+        implicit_reward(chosen_logp, chosen_mask, beta),
+        implicit_reward(rejected_logp, rejected_mask, beta),
+        torch.tensor(gamma),
+    )

@@ -3,6 +3,7 @@
 A row is `{"messages": [{"role": "user"|"assistant", "content": str}, ...], ...}`; other keys (task,
 answer, ...) ride along as metadata for verifiers and reports.
 """
+
 from __future__ import annotations
 
 import json

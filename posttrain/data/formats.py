@@ -9,6 +9,7 @@ Canonical rows, what every stage reads:
 Columns a layout does not use ride along as metadata (`task`, `answer`, `margin`, ...). A row that does not
 fit raises RowError naming the column and what was expected; the caller adds file and row.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,24 +40,51 @@ class Layout:
         return frozenset(self.required + self.optional)
 
 
-FORMATS: dict[str, Layout] = {f.name: f for f in [
-    Layout("messages", "conversation", ("messages",), doc="OpenAI-style messages with role and content"),
-    Layout("sharegpt", "conversation", ("conversations",), doc="ShareGPT: conversations with from and value"),
-    Layout("alpaca", "conversation", ("instruction", "output"), ("input",),
-           doc="Alpaca: instruction, optional input (joined by a blank line), output"),
-    Layout("prompt_completion", "conversation", ("prompt", "completion"),
-           doc="prompt and completion, strings or message lists"),
-    Layout("prompt", "conversation", ("prompt",), doc="prompt only, a string or messages ending on a user turn"),
-    Layout("preference", "preference", ("chosen", "rejected"), ("prompt",),
-           doc="prompt plus chosen/rejected answers or whole conversations"),
-    Layout("hh", "preference", ("chosen", "rejected"),
-           doc="Anthropic HH: chosen/rejected transcripts of Human: and Assistant: turns"),
-]}
+FORMATS: dict[str, Layout] = {
+    f.name: f
+    for f in [
+        Layout("messages", "conversation", ("messages",), doc="OpenAI-style messages with role and content"),
+        Layout("sharegpt", "conversation", ("conversations",), doc="ShareGPT: conversations with from and value"),
+        Layout(
+            "alpaca",
+            "conversation",
+            ("instruction", "output"),
+            ("input",),
+            doc="Alpaca: instruction, optional input (joined by a blank line), output",
+        ),
+        Layout(
+            "prompt_completion",
+            "conversation",
+            ("prompt", "completion"),
+            doc="prompt and completion, strings or message lists",
+        ),
+        Layout("prompt", "conversation", ("prompt",), doc="prompt only, a string or messages ending on a user turn"),
+        Layout(
+            "preference",
+            "preference",
+            ("chosen", "rejected"),
+            ("prompt",),
+            doc="prompt plus chosen/rejected answers or whole conversations",
+        ),
+        Layout(
+            "hh",
+            "preference",
+            ("chosen", "rejected"),
+            doc="Anthropic HH: chosen/rejected transcripts of Human: and Assistant: turns",
+        ),
+    ]
+}
 """Every format, by the name a source's `format` key takes."""
 
 FORMAT_NAMES = tuple(FORMATS)
-ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
-         "system": "system"}
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 """Role names accepted in message lists (OpenAI `role` and ShareGPT `from`), lower-cased, -> our role."""
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ \t]?")
 
@@ -103,10 +131,15 @@ def detect_format(columns: Iterable[str], kind: Optional[Kind] = None, first_row
         return fits[0]
     if fits:
         raise FormatError(f"the columns fit several formats: {', '.join(fits)}; set format to one of them")
-    wanted = "; ".join(f"{f.name} ({', '.join(f.required)}{''.join(f'[, {c}]' for c in f.optional)})"
-                       for f in FORMATS.values() if f.kind in kinds_for(kind))
-    raise FormatError(f"no known format has these columns; formats and the columns they need: {wanted}. "
-                      f"Set format, and columns to rename yours (e.g. {{question: prompt}})")
+    wanted = "; ".join(
+        f"{f.name} ({', '.join(f.required)}{''.join(f'[, {c}]' for c in f.optional)})"
+        for f in FORMATS.values()
+        if f.kind in kinds_for(kind)
+    )
+    raise FormatError(
+        f"no known format has these columns; formats and the columns they need: {wanted}. "
+        f"Set format, and columns to rename yours (e.g. {{question: prompt}})"
+    )
 
 
 def check_format(name: str, kind: Optional[Kind], need_final_assistant: bool = False) -> Layout:
@@ -115,11 +148,13 @@ def check_format(name: str, kind: Optional[Kind], need_final_assistant: bool = F
     if layout.kind not in kinds_for(kind):
         takes = [f.name for f in FORMATS.values() if f.kind in kinds_for(kind)]
         what = "preference pairs" if kind == "preference" else "conversations or prompts"
-        raise FormatError(f"format {name!r} gives {layout.kind}s, but this input needs {what} "
-                          f"(formats {', '.join(takes)})")
+        raise FormatError(
+            f"format {name!r} gives {layout.kind}s, but this input needs {what} (formats {', '.join(takes)})"
+        )
     if name == "prompt" and kind == "conversation" and need_final_assistant:
-        raise FormatError("format 'prompt' has prompts only, but this input needs conversations that end with "
-                          "an assistant answer")
+        raise FormatError(
+            "format 'prompt' has prompts only, but this input needs conversations that end with an assistant answer"
+        )
     return layout
 
 
@@ -127,8 +162,9 @@ def check_format(name: str, kind: Optional[Kind], need_final_assistant: bool = F
 # Conversion
 
 
-def to_canonical(row: dict, fmt: str, kind: Optional[Kind] = None, system: SystemMode = "fold",
-                 need_final_assistant: bool = True) -> dict:
+def to_canonical(
+    row: dict, fmt: str, kind: Optional[Kind] = None, system: SystemMode = "fold", need_final_assistant: bool = True
+) -> dict:
     """One row (columns already renamed) of format `fmt` -> the canonical row a reader of `kind` gets.
 
     kind 'conversation' keeps the whole conversation (`need_final_assistant`: it must end on an answer);
@@ -173,8 +209,11 @@ def _text(value, column: str, where: str) -> str:
         kinds = {p.get("type") for p in value}
         if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
             return "".join(p["text"] for p in value)
-        raise RowError(column, f"{where}: content parts of type {sorted(map(str, kinds - {'text'}))}: only text is "
-                               f"supported", "non-text content")
+        raise RowError(
+            column,
+            f"{where}: content parts of type {sorted(map(str, kinds - {'text'}))}: only text is supported",
+            "non-text content",
+        )
     raise RowError(column, f"{where}: expected string content, got {_kind_of(value)}", "content not a string")
 
 
@@ -187,12 +226,19 @@ def _turns(value, column: str, role_key: str = "role", text_key: str = "content"
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or role_key not in m or text_key not in m:
-            raise RowError(column, f"message {i}: expected an object with {role_key!r} and {text_key!r}, got "
-                                   f"{sorted(m) if isinstance(m, dict) else _kind_of(m)}", "malformed message")
+            raise RowError(
+                column,
+                f"message {i}: expected an object with {role_key!r} and {text_key!r}, got "
+                f"{sorted(m) if isinstance(m, dict) else _kind_of(m)}",
+                "malformed message",
+            )
         role = ROLES.get(m[role_key].lower()) if isinstance(m[role_key], str) else None
         if role is None:
-            raise RowError(column, f"message {i}: unknown {keys[0]} {m[role_key]!r}, expected one of "
-                                   f"{', '.join(ROLES)}", f"unknown {keys[0]}")
+            raise RowError(
+                column,
+                f"message {i}: unknown {keys[0]} {m[role_key]!r}, expected one of {', '.join(ROLES)}",
+                f"unknown {keys[0]}",
+            )
         out.append({"role": role, "content": _text(m[text_key], column, f"message {i}")})
     return out
 
@@ -204,8 +250,7 @@ def _system(msgs: list[dict], mode: SystemMode, column: str) -> list[dict]:
         return msgs
     if mode == "error":
         i = next(i for i, m in enumerate(msgs) if m["role"] == "system")
-        raise RowError(column, f"message {i}: a system turn (system: error; set system to fold or drop)",
-                       "system turn")
+        raise RowError(column, f"message {i}: a system turn (system: error; set system to fold or drop)", "system turn")
     if mode == "drop":
         return [m for m in msgs if m["role"] != "system"]
     out, pending = [], []
@@ -215,8 +260,11 @@ def _system(msgs: list[dict], mode: SystemMode, column: str) -> list[dict]:
             continue
         if pending:
             if m["role"] != "user":
-                raise RowError(column, "a system turn must come before a user turn to be folded into it",
-                               "system turn before an assistant turn")
+                raise RowError(
+                    column,
+                    "a system turn must come before a user turn to be folded into it",
+                    "system turn before an assistant turn",
+                )
             m, pending = {"role": "user", "content": "\n\n".join(pending + [m["content"]])}, []
         out.append(m)
     if pending:
@@ -277,13 +325,19 @@ def _prompt(row: dict) -> list[dict]:
     return _side(row["prompt"], "prompt", "user")
 
 
-_CONVERSATIONS = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
-                  "prompt_completion": _prompt_completion, "prompt": _prompt}
+_CONVERSATIONS = {
+    "messages": _messages,
+    "sharegpt": _sharegpt,
+    "alpaca": _alpaca,
+    "prompt_completion": _prompt_completion,
+    "prompt": _prompt,
+}
 
 
 def _same(a: list[dict], b: list[dict]) -> bool:
-    return len(a) == len(b) and all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip()
-                                    for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x["role"] == y["role"] and x["content"].strip() == y["content"].strip() for x, y in zip(a, b)
+    )
 
 
 def _preference(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
@@ -294,12 +348,15 @@ def _preference(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
         value = row[column]
         if isinstance(value, str):
             if not prompt:
-                raise RowError(column, "a string answer needs a 'prompt' column (or give whole conversations as "
-                                       "lists of messages)", "string answer without a prompt")
+                raise RowError(
+                    column,
+                    "a string answer needs a 'prompt' column (or give whole conversations as lists of messages)",
+                    "string answer without a prompt",
+                )
             turns = prompt + [{"role": "assistant", "content": value}]
         else:
             turns = _turns(value, column)
-            if not _same(turns[:len(prompt)], prompt):  # UltraFeedback repeats the prompt inside; others don't
+            if not _same(turns[: len(prompt)], prompt):  # UltraFeedback repeats the prompt inside; others don't
                 turns = prompt + turns
         sides.append(_system(turns, system, column))
     return sides[0], sides[1]
@@ -311,15 +368,22 @@ def _hh_turns(value, column: str) -> list[dict]:
         return _turns(value, column)
     parts = _HH_TURN.split(value)
     if parts[0].strip() or len(parts) < 3:
-        raise RowError(column, "expected a transcript of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns, got "
-                               f"{value[:60]!r}", "not an HH transcript")
-    return [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-            for who, text in zip(parts[1::2], parts[2::2])]
+        raise RowError(
+            column,
+            f"expected a transcript of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns, got {value[:60]!r}",
+            "not an HH transcript",
+        )
+    return [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def _hh(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
-    return (_system(_hh_turns(row["chosen"], "chosen"), system, "chosen"),
-            _system(_hh_turns(row["rejected"], "rejected"), system, "rejected"))
+    return (
+        _system(_hh_turns(row["chosen"], "chosen"), system, "chosen"),
+        _system(_hh_turns(row["rejected"], "rejected"), system, "rejected"),
+    )
 
 
 _PAIRS = {"preference": _preference, "hh": _hh}

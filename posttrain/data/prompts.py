@@ -4,6 +4,7 @@ A prompt is the conversation up to its last user turn (`conversations.prompt_of`
 same when their turns are equal after folding case and whitespace and dropping a final period, which is
 how the prefs stage keeps train and held-out prompts apart too.
 """
+
 from __future__ import annotations
 
 import random
@@ -46,8 +47,7 @@ def held_out_count(n: int, num_eval: Optional[int], eval_fraction: Optional[floa
     want = max(1, round(n * eval_fraction)) if eval_fraction is not None else (num_eval or 0)
     if want >= n:
         asked = f"eval_fraction {eval_fraction}" if eval_fraction is not None else f"num_eval {num_eval}"
-        raise ValueError(f"{asked} holds out {want} of {n} distinct prompts, leaving none to train on; "
-                         f"hold out fewer")
+        raise ValueError(f"{asked} holds out {want} of {n} distinct prompts, leaving none to train on; hold out fewer")
     return want
 
 

@@ -14,6 +14,7 @@
 A raw row is a dict, or a BadRow when the file could not give one (invalid JSON or UTF-8): the caller
 decides whether that stops the read or is skipped.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -84,8 +85,10 @@ def _utf8_problem(path: Path) -> DataError:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as err:
-                return DataError(f"{path}:{lineno}: invalid UTF-8 (byte {err.start + 1} of the line: "
-                                 f"{line[err.start:err.start + 1]!r}); save the file as UTF-8")
+                return DataError(
+                    f"{path}:{lineno}: invalid UTF-8 (byte {err.start + 1} of the line: "
+                    f"{line[err.start : err.start + 1]!r}); save the file as UTF-8"
+                )
     return DataError(f"{path}: invalid UTF-8; save the file as UTF-8")
 
 
@@ -93,8 +96,9 @@ def _parse_line(raw: bytes) -> Union[dict, BadRow]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return BadRow(f"invalid UTF-8 (byte {err.start + 1} of the line: {raw[err.start:err.start + 1]!r})",
-                      "invalid UTF-8")
+        return BadRow(
+            f"invalid UTF-8 (byte {err.start + 1} of the line: {raw[err.start : err.start + 1]!r})", "invalid UTF-8"
+        )
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -155,21 +159,27 @@ class JsonFile(DataFile):
                         return
                     if row:
                         if buf[pos] != ",":
-                            raise DataError(f"{self.name}:{line}: expected ',' or ']' after row {row} of the "
-                                            f"top-level array, got {buf[pos:pos + 20]!r}")
+                            raise DataError(
+                                f"{self.name}:{line}: expected ',' or ']' after row {row} of the "
+                                f"top-level array, got {buf[pos : pos + 20]!r}"
+                            )
                         pos += 1
                         skip_space()
                     if pos >= len(buf) or buf[pos] != "{":
-                        raise DataError(f"{self.name}:{line}: expected an object in the top-level array "
-                                        f"(row {row + 1}), got {buf[pos:pos + 20]!r}")
+                        raise DataError(
+                            f"{self.name}:{line}: expected an object in the top-level array "
+                            f"(row {row + 1}), got {buf[pos : pos + 20]!r}"
+                        )
                     while True:
                         try:
                             obj, end = decoder.raw_decode(buf, pos)
                             break
                         except json.JSONDecodeError as err:
                             if done:
-                                raise DataError(f"{self.name}:{line + buf.count(chr(10), pos, err.pos)}: invalid "
-                                                f"JSON in row {row + 1}: {err.msg}") from None
+                                raise DataError(
+                                    f"{self.name}:{line + buf.count(chr(10), pos, err.pos)}: invalid "
+                                    f"JSON in row {row + 1}: {err.msg}"
+                                ) from None
                             more = f.read(_CHUNK)  # the object runs past the buffer: read on and retry
                             buf, pos, done = buf[pos:] + more, 0, not more
                     row += 1
@@ -262,8 +272,11 @@ class ArrowBackedFile(DataFile):
     def rows(self) -> Iterator[Raw]:
         from datasets import load_dataset
 
-        stream = self._call(lambda: load_dataset(self.builder, data_files={"train": [str(self.path)]}, split="train",
-                                                 streaming=True, **self._options))
+        stream = self._call(
+            lambda: load_dataset(
+                self.builder, data_files={"train": [str(self.path)]}, split="train", streaming=True, **self._options
+            )
+        )
         batches = self._call(lambda: iter(stream.iter(batch_size=BATCH)))
         row = 0
         while True:
@@ -279,8 +292,11 @@ class ArrowBackedFile(DataFile):
         if self._mapped is None:
             from datasets import load_dataset
 
-            self._mapped = self._call(lambda: load_dataset(self.builder, data_files={"train": [str(self.path)]},
-                                                           split="train", **self._options))
+            self._mapped = self._call(
+                lambda: load_dataset(
+                    self.builder, data_files={"train": [str(self.path)]}, split="train", **self._options
+                )
+            )
         return self._mapped
 
     def num_rows(self) -> int:
@@ -300,12 +316,14 @@ class SavedDataset(DataFile):
         try:
             loaded = load_from_disk(str(path))
         except Exception as err:  # noqa: BLE001 - a damaged directory raises from deep inside datasets
-            raise DataError(f"{path}: cannot read it as a save_to_disk directory: {type(err).__name__}: "
-                            f"{err}") from None
+            raise DataError(
+                f"{path}: cannot read it as a save_to_disk directory: {type(err).__name__}: {err}"
+            ) from None
         if isinstance(loaded, Dataset):
             if split is not None:
-                raise DataError(f"{path}: split {split!r} is set, but this save_to_disk directory holds one Dataset "
-                                f"(no splits)")
+                raise DataError(
+                    f"{path}: split {split!r} is set, but this save_to_disk directory holds one Dataset (no splits)"
+                )
             self.ds, self.name = loaded, str(path)
         else:
             name = pick_split(str(path), list(loaded), split)
@@ -344,8 +362,9 @@ def open_file(path: Path) -> DataFile:
         return JsonFile(path)
     if suffix in (".parquet", ".csv", ".arrow"):
         return ArrowBackedFile(path, suffix[1:])
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; a data file must be one of "
-                    f"{', '.join(SUFFIXES)}")
+    raise DataError(
+        f"{path}: unsupported file type {suffix or '(none)'!r}; a data file must be one of {', '.join(SUFFIXES)}"
+    )
 
 
 def _directory_files(path: Path, split: Optional[str]) -> list[DataFile]:
@@ -361,8 +380,10 @@ def _directory_files(path: Path, split: Optional[str]) -> list[DataFile]:
     found = [Path(f) for f in files[chosen]]
     usable = [f for f in found if f.suffix.lower() in SUFFIXES]
     if not usable:
-        raise DataError(f"{path}: split {chosen!r} has no data file of a supported type ({', '.join(SUFFIXES)}); "
-                        f"found {', '.join(f.name for f in found[:5])}")
+        raise DataError(
+            f"{path}: split {chosen!r} has no data file of a supported type ({', '.join(SUFFIXES)}); "
+            f"found {', '.join(f.name for f in found[:5])}"
+        )
     return [open_file(f) for f in sorted(usable)]
 
 
@@ -380,7 +401,8 @@ def open_source_files(path: str, split: Optional[str] = None) -> list[DataFile]:
         return _directory_files(p, split)
     snapshot = hub_snapshot(path)
     if snapshot is None:
-        raise DataError(f"{path}: no such file or directory, and no data set of that name in the local Hugging Face "
-                        f"cache; nothing is downloaded (fetch it where there is network, or save it locally)")
+        raise DataError(
+            f"{path}: no such file or directory, and no data set of that name in the local Hugging Face "
+            f"cache; nothing is downloaded (fetch it where there is network, or save it locally)"
+        )
     return _directory_files(snapshot, split)
-

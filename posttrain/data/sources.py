@@ -12,6 +12,7 @@ A mixture draws each next row from source i with probability weight_i / sum(weig
 `random.Random` seeded by the reader's `seed` (the pipeline seed), and ends when any source runs out: every
 stretch of the output keeps the shares. `limit` caps a source; an entry's own `seed` shuffles it.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -54,12 +55,22 @@ class SkipReport:
 
     def as_dict(self) -> dict:
         """The report as JSON: counts, reasons (most frequent first) and examples."""
-        return {"read": self.read, "kept": self.read - self.skipped, "skipped": self.skipped,
-                "reasons": dict(self.reasons.most_common()), "examples": self.examples}
+        return {
+            "read": self.read,
+            "kept": self.read - self.skipped,
+            "skipped": self.skipped,
+            "reasons": dict(self.reasons.most_common()),
+            "examples": self.examples,
+        }
 
 
-def row_error(where: Loc, message: str, column: Optional[str] = None, columns: Optional[list] = None,
-              renamed_from: Optional[str] = None) -> str:
+def row_error(
+    where: Loc,
+    message: str,
+    column: Optional[str] = None,
+    columns: Optional[list] = None,
+    renamed_from: Optional[str] = None,
+) -> str:
     """An error line naming file and row (and line), the column at fault and the columns the row has."""
     extras = [f"row {where.row}"] if where.line is not None else []
     if column:
@@ -99,8 +110,9 @@ def _first_row(spec: SourceSpec, files: list[DataFile]) -> dict:
     raise DataError(f"{spec.path}: no rows" if not seen else f"{spec.path}: none of the first {seen} rows is readable")
 
 
-def open_source(spec: SourceSpec, kind: Optional[Kind] = "conversation",
-                need_final_assistant: bool = True) -> OpenedSource:
+def open_source(
+    spec: SourceSpec, kind: Optional[Kind] = "conversation", need_final_assistant: bool = True
+) -> OpenedSource:
     """Open a source's files, check its renames and settle its format (named, or detected from the columns)."""
     files = open_source_files(spec.path, spec.split)
     first = _first_row(spec, files)
@@ -139,7 +151,7 @@ def _shuffled(files: list[DataFile], seed: int) -> Iterator[Raw]:
     starts = np.cumsum([0] + sizes)
     order = np.random.default_rng(seed).permutation(int(starts[-1]))
     for lo in range(0, len(order), BATCH):
-        chunk = order[lo:lo + BATCH]
+        chunk = order[lo : lo + BATCH]
         owner = np.searchsorted(starts, chunk, side="right") - 1
         got: dict[int, Raw] = {}
         for i in np.unique(owner).tolist():
@@ -153,8 +165,11 @@ def _shuffled(files: list[DataFile], seed: int) -> Iterator[Raw]:
 def source_rows(src: OpenedSource, report: SkipReport) -> Iterator[tuple[Loc, dict]]:
     """(where, canonical row) for each row of an opened source, in file order or shuffled by its seed."""
     spec = src.spec
-    raws = _shuffled(src.files, spec.seed) if spec.seed is not None else itertools.chain.from_iterable(
-        f.rows() for f in src.files)
+    raws = (
+        _shuffled(src.files, spec.seed)
+        if spec.seed is not None
+        else itertools.chain.from_iterable(f.rows() for f in src.files)
+    )
     read = kept = 0
     for where, raw in raws:
         read += 1
@@ -163,8 +178,9 @@ def source_rows(src: OpenedSource, report: SkipReport) -> Iterator[tuple[Loc, di
             reason, error = raw.reason, row_error(where, raw.message)
         else:
             try:
-                row = to_canonical(_renamed(raw, spec.columns), src.format, src.kind, spec.system,
-                                   src.need_final_assistant)
+                row = to_canonical(
+                    _renamed(raw, spec.columns), src.format, src.kind, spec.system, src.need_final_assistant
+                )
             except RowError as err:
                 origin = next((old for old, new in spec.columns.items() if new == err.column), None)
                 reason, error = err.reason, row_error(where, err.message, err.column, list(raw), origin)
@@ -180,9 +196,11 @@ def source_rows(src: OpenedSource, report: SkipReport) -> Iterator[tuple[Loc, di
     if not read:
         raise DataError(f"{spec.path}: no rows")
     if not kept:
-        raise DataError(f"{spec.path}: no usable rows: all {read} were skipped "
-                        f"({dict(report.reasons.most_common(3))}); "
-                        f"first: {report.examples[0]['error'] if report.examples else '?'}")
+        raise DataError(
+            f"{spec.path}: no usable rows: all {read} were skipped "
+            f"({dict(report.reasons.most_common(3))}); "
+            f"first: {report.examples[0]['error'] if report.examples else '?'}"
+        )
 
 
 def _mixture(streams: list[Iterator], weights: list[float], seed: int) -> Iterator:
@@ -197,9 +215,15 @@ def _mixture(streams: list[Iterator], weights: list[float], seed: int) -> Iterat
         yield item
 
 
-def iter_rows(source, kind: Optional[Kind] = "conversation", *, need_final_assistant: bool = True,
-              skipped: Optional[SkipReport] = None, seed: int = 0,
-              on_error: Optional[Literal["raise", "skip"]] = None) -> Iterator[tuple[Loc, dict]]:
+def iter_rows(
+    source,
+    kind: Optional[Kind] = "conversation",
+    *,
+    need_final_assistant: bool = True,
+    skipped: Optional[SkipReport] = None,
+    seed: int = 0,
+    on_error: Optional[Literal["raise", "skip"]] = None,
+) -> Iterator[tuple[Loc, dict]]:
     """Stream (where, canonical row) from a source; `where` names file and row for the caller's own errors.
 
     kind: 'conversation' ({"messages"}; `need_final_assistant`: each must end on an answer), 'prompt'
@@ -221,16 +245,31 @@ def iter_rows(source, kind: Optional[Kind] = "conversation", *, need_final_assis
 def _logged(rows: Iterator, report: SkipReport, specs: list[SourceSpec]) -> Iterator:
     yield from rows
     if report.skipped:
-        log.warning("data %s: skipped %d of %d rows (%s)", ", ".join(s.path for s in specs), report.skipped,
-                    report.read, ", ".join(f"{r}: {n}" for r, n in report.reasons.most_common(5)))
+        log.warning(
+            "data %s: skipped %d of %d rows (%s)",
+            ", ".join(s.path for s in specs),
+            report.skipped,
+            report.read,
+            ", ".join(f"{r}: {n}" for r, n in report.reasons.most_common(5)),
+        )
 
 
-def read_rows(source, kind: Optional[Kind] = "conversation", *, need_final_assistant: bool = True,
-              skipped: Optional[SkipReport] = None, seed: int = 0,
-              on_error: Optional[Literal["raise", "skip"]] = None) -> list[dict]:
+def read_rows(
+    source,
+    kind: Optional[Kind] = "conversation",
+    *,
+    need_final_assistant: bool = True,
+    skipped: Optional[SkipReport] = None,
+    seed: int = 0,
+    on_error: Optional[Literal["raise", "skip"]] = None,
+) -> list[dict]:
     """All canonical rows of a source as a list (`iter_rows` without the locations)."""
-    return [row for _, row in iter_rows(source, kind, need_final_assistant=need_final_assistant, skipped=skipped,
-                                        seed=seed, on_error=on_error)]
+    return [
+        row
+        for _, row in iter_rows(
+            source, kind, need_final_assistant=need_final_assistant, skipped=skipped, seed=seed, on_error=on_error
+        )
+    ]
 
 
 def source_format(source, kind: Optional[Kind] = None) -> str:
@@ -238,8 +277,9 @@ def source_format(source, kind: Optional[Kind] = None) -> str:
     return open_source(as_specs(source)[0], kind, need_final_assistant=False).format
 
 
-def convert_to_jsonl(source, out: str | Path, kind: Optional[Kind] = None, skipped: Optional[SkipReport] = None,
-                     seed: int = 0) -> int:
+def convert_to_jsonl(
+    source, out: str | Path, kind: Optional[Kind] = None, skipped: Optional[SkipReport] = None, seed: int = 0
+) -> int:
     """Write a source's canonical rows to JSONL atomically (temp file + rename), streaming; return the count.
 
     Values JSON has no type for (timestamps, say) are written as their string form.

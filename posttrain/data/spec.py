@@ -9,6 +9,7 @@
 Validation runs with the config, before any work: unknown keys, wrong types, a path that is neither a
 local file or directory nor a data set in the local Hugging Face hub cache. Nothing is ever downloaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,15 +50,18 @@ def check_source_path(value: str) -> str:
     """A local file of a known type, a directory, or a data set name found in the local hub cache."""
     path = Path(value)
     if path.is_file() and path.suffix.lower() not in SUFFIXES:
-        raise ValueError(f"unsupported file type {path.suffix or '(none)'!r} for {value!r}; a data file must be "
-                         f"one of {', '.join(SUFFIXES)}")
+        raise ValueError(
+            f"unsupported file type {path.suffix or '(none)'!r} for {value!r}; a data file must be "
+            f"one of {', '.join(SUFFIXES)}"
+        )
     if path.exists() or hub_snapshot(value) is not None:
         return value
     raise ValueError(
         f"path does not exist: {value!r} (relative paths are read from {os.getcwd()}), and no data set of that name "
         f"is in the local Hugging Face cache ({hub_constants.HF_HUB_CACHE}). Nothing is downloaded: fetch it on a "
         f"machine with network (`hf download --repo-type dataset NAME`) and copy the cache here, or save it as a "
-        f"local file or a save_to_disk directory and set the path to that")
+        f"local file or a save_to_disk directory and set the path to that"
+    )
 
 
 class SourceSpec(Section):
@@ -109,14 +113,24 @@ def _check_source(value):
     return value
 
 
-DataSource = Annotated[Optional[Annotated[
-    Union[Annotated[Annotated[str, AfterValidator(check_source_path)], Tag("<path>")],
-          Annotated[SourceSpec, Tag("<mapping>")],
-          Annotated[list[SourceSpec], Tag("<mixture>")]],
-    Discriminator(_source_tag, custom_error_type="data_source",
-                  custom_error_message="expected a path, a mapping {path, format, split, columns, limit, seed, "
-                                       "system, on_error} or a list of such mappings with weights")]],
-    AfterValidator(_check_source)]
+DataSource = Annotated[
+    Optional[
+        Annotated[
+            Union[
+                Annotated[Annotated[str, AfterValidator(check_source_path)], Tag("<path>")],
+                Annotated[SourceSpec, Tag("<mapping>")],
+                Annotated[list[SourceSpec], Tag("<mixture>")],
+            ],
+            Discriminator(
+                _source_tag,
+                custom_error_type="data_source",
+                custom_error_message="expected a path, a mapping {path, format, split, columns, limit, seed, "
+                "system, on_error} or a list of such mappings with weights",
+            ),
+        ]
+    ],
+    AfterValidator(_check_source),
+]
 """A stage's data input: a path string, a SourceSpec mapping, or a list of them with weights (a mixture)."""
 
 _ADAPTER = TypeAdapter(DataSource)
@@ -135,8 +149,11 @@ def as_specs(source) -> list[SourceSpec]:
     try:
         value = _ADAPTER.validate_python(source)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if not str(p).startswith('<')) or 'source'}: "
-                             f"{e['msg'].removeprefix('Value error, ')}" for e in err.errors())
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if not str(p).startswith('<')) or 'source'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
         name = source.get("path", source) if isinstance(source, dict) else source
         raise DataError(f"data source {name!r}: {problems}") from None
     if value is None:

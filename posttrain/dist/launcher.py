@@ -4,6 +4,7 @@ Each rank runs `python -m posttrain.launch SPEC` (see posttrain/launch.py), whic
 the spec and runs the same lifecycle; rank 0 writes the outputs. Multi-node users start that module with
 their own torchrun line (`torchrun --nnodes ... -m posttrain.launch run_dir/<stage>/launch.json`).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,20 +31,46 @@ def run_distributed(stage, scfg, run_dir: Path, num_processes: int) -> dict:
     ctx = stage.ctx
     spec_path, result_path = ctx.dir / "launch.json", ctx.dir / "result.json"
     result_path.unlink(missing_ok=True)
-    atomic_write_json(spec_path, {"stage": stage.ctx.name, "kind": type(stage).name,
-                                  "config": scfg.model_dump(mode="json"),
-                                  "inputs": ctx.inputs, "seed": ctx.seed, "dir": str(ctx.dir),
-                                  "device": ctx.device_request, "precision": ctx.precision, "report_to": ctx.report_to,
-                                  "pipeline": str(run_dir / "config.yaml")})
+    atomic_write_json(
+        spec_path,
+        {
+            "stage": stage.ctx.name,
+            "kind": type(stage).name,
+            "config": scfg.model_dump(mode="json"),
+            "inputs": ctx.inputs,
+            "seed": ctx.seed,
+            "dir": str(ctx.dir),
+            "device": ctx.device_request,
+            "precision": ctx.precision,
+            "report_to": ctx.report_to,
+            "pipeline": str(run_dir / "config.yaml"),
+        },
+    )
     threads = ctx.pipeline.threads if ctx.pipeline is not None and ctx.pipeline.threads else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "POSTTRAIN_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(num_processes),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "posttrain.launch", str(spec_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(num_processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "posttrain.launch",
+        str(spec_path),
+    ]
     dist = getattr(scfg, "distributed", None)
     zero = f" (ZeRO-{dist.zero_stage})" if dist is not None and getattr(stage, "trains", False) else ""
     log.info("[%s] launching %d processes%s: %s", stage.ctx.name, num_processes, zero, " ".join(cmd))
     proc = subprocess.run(cmd, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {stage.ctx.name!r}: distributed run exited with code {proc.returncode} "
-                           f"(see the log above; spec in {spec_path})")
+        raise RuntimeError(
+            f"stage {stage.ctx.name!r}: distributed run exited with code {proc.returncode} "
+            f"(see the log above; spec in {spec_path})"
+        )
     return json.loads(result_path.read_text())

@@ -9,6 +9,7 @@ autocast (DeepSpeed keeps its own fp32 master copy); log-probabilities, KL and a
 in fp32 whatever the precision; inference-only models (references, reward models, engines) run in the
 precision's dtype; saved weights carry it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,10 @@ def resolve_device(requested: str = "auto") -> torch.device:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} was asked for, but torch sees no CUDA device "
-                             f"(torch {torch.__version__}); set device: cpu or auto")
+            raise ValueError(
+                f"device {requested!r} was asked for, but torch sees no CUDA device "
+                f"(torch {torch.__version__}); set device: cpu or auto"
+            )
         if requested == "cuda":
             requested = f"cuda:{local_rank()}"
         index = torch.device(requested).index or 0
@@ -100,7 +103,7 @@ def all_ranks_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch
         sums = sums.to(x.device)
     n = sums[2].clamp(min=1.0)
     mean = sums[0] / n
-    var = (sums[1] / n - mean ** 2).clamp(min=0.0) * n / (n - 1).clamp(min=1.0)
+    var = (sums[1] / n - mean**2).clamp(min=0.0) * n / (n - 1).clamp(min=1.0)
     return mean.to(x.dtype), var.to(x.dtype)
 
 
@@ -129,8 +132,10 @@ def engine_group(tensor_parallel_size: int) -> tuple[int, int, int]:
     consecutive groups of `tensor_parallel_size`, each sharing one vLLM engine (external launcher)."""
     rank, world_size = world()
     if world_size % tensor_parallel_size:
-        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} does not divide the {world_size} ranks "
-                         f"of this stage; choose a divisor of distributed.num_processes")
+        raise ValueError(
+            f"tensor_parallel_size {tensor_parallel_size} does not divide the {world_size} ranks "
+            f"of this stage; choose a divisor of distributed.num_processes"
+        )
     return rank // tensor_parallel_size, world_size // tensor_parallel_size, rank % tensor_parallel_size
 
 

@@ -5,6 +5,7 @@ Our own loops (ppo) call `handle.step(loss)` and never need to know whether the 
 Trainer stages (sft, rm, distill, dpo) get their device, precision and DeepSpeed config from
 `trainer_kwargs`.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,20 @@ def deepspeed_config(dcfg: DistributedConfig, precision: str = "fp32", for_train
         if dcfg.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     if for_trainer:
-        return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"},
-                "fp16": {"enabled": "auto"}, "zero_optimization": zero}
-    return {"bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
-            "zero_optimization": zero}
+        return {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+            "bf16": {"enabled": "auto"},
+            "fp16": {"enabled": "auto"},
+            "zero_optimization": zero,
+        }
+    return {
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_optimization": zero,
+    }
 
 
 def trainer_kwargs(dcfg: DistributedConfig, device: torch.device, precision: str) -> dict:
@@ -125,14 +135,19 @@ class DeepSpeedTrainable:
 
     distributed = True
 
-    def __init__(self, model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int,
-                 precision: str = "fp32"):
+    def __init__(
+        self, model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int, precision: str = "fp32"
+    ):
         import deepspeed
 
-        config = {**deepspeed_config(dcfg, precision, for_trainer=False),
-                  "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
-                  "gradient_clipping": max_grad_norm, "zero_allow_untested_optimizer": True,
-                  "steps_per_print": 10 ** 9}
+        config = {
+            **deepspeed_config(dcfg, precision, for_trainer=False),
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": max_grad_norm,
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
         optimizer = torch.optim.AdamW(_trained(model), lr=lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module  # ZeRO-3 hooks live on its submodules: call them directly
@@ -163,8 +178,9 @@ def _trained(model) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def trainable(model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int,
-              precision: str = "fp32"):
+def trainable(
+    model, lr: float, max_grad_norm: float, dcfg: DistributedConfig, micro_batch: int, precision: str = "fp32"
+):
     """The optimisation handle for this process's place in the launch."""
     if world()[1] == 1:
         return LocalTrainable(model, lr, max_grad_norm, precision)

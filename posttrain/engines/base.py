@@ -5,6 +5,7 @@ An engine has `generate(prompts, sampling) -> list[list[Sample]]` (n samples per
 (push new weights; the HF engine samples from the live model and needs none), `sleep`/`wake` (free and
 restore accelerator memory between generations; no-ops where unsupported) and `close`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ Two ways to generate under ranks:
 Seeds follow a prompt's position in the whole list, so the samples do not depend on how many groups
 shared the work (vLLM; HF seeds once per call).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,9 +31,18 @@ COLOCATED_MEMORY_SHARE = 0.35
 """... and of one that shares the GPU with training (ppo): the rest is the trainer's."""
 
 
-def make_engine(model_dir: str, sampling: SamplingConfig, device: torch.device, precision: str = "fp32", *,
-                vllm: Optional[VLLMOptions] = None, model=None, tokenizer=None, seed: int = 0,
-                shares_gpu_with_training: bool = False):
+def make_engine(
+    model_dir: str,
+    sampling: SamplingConfig,
+    device: torch.device,
+    precision: str = "fp32",
+    *,
+    vllm: Optional[VLLMOptions] = None,
+    model=None,
+    tokenizer=None,
+    seed: int = 0,
+    shares_gpu_with_training: bool = False,
+):
     """The generation engine `sampling.backend` names, over the model in `model_dir`.
 
     hf: `model`/`tokenizer` when given (e.g. the policy being trained; it stays where it is), else the
@@ -44,7 +54,8 @@ def make_engine(model_dir: str, sampling: SamplingConfig, device: torch.device, 
     if sampling.backend == "hf":
         if vllm is not None and vllm.model_dump(exclude_defaults=True):
             raise ValueError(
-                f"backend 'hf' takes no vLLM options, got {sorted(vllm.model_dump(exclude_defaults=True))}")
+                f"backend 'hf' takes no vLLM options, got {sorted(vllm.model_dump(exclude_defaults=True))}"
+            )
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         if model is None:
             model = load_model(model_dir, device=device, dtype=torch_dtype(precision)).eval()
@@ -53,14 +64,21 @@ def make_engine(model_dir: str, sampling: SamplingConfig, device: torch.device, 
         from .vllm import VLLMEngine
 
         opts = (vllm or VLLMOptions()).model_dump()
-        share = sampling.gpu_memory_utilization or (COLOCATED_MEMORY_SHARE if shares_gpu_with_training
-                                                    else GENERATION_MEMORY_SHARE)
+        share = sampling.gpu_memory_utilization or (
+            COLOCATED_MEMORY_SHARE if shares_gpu_with_training else GENERATION_MEMORY_SHARE
+        )
         sleep = opts.pop("enable_sleep_mode")
         group = world()[0] // sampling.tensor_parallel_size
-        return VLLMEngine(model_dir, tokenizer=tokenizer, tensor_parallel_size=sampling.tensor_parallel_size,
-                          gpu_memory_utilization=share, dtype=DTYPE_NAMES[precision], seed=seed + group,
-                          enable_sleep_mode=shares_gpu_with_training if sleep is None else sleep,
-                          **{k: v for k, v in opts.items() if v is not None})
+        return VLLMEngine(
+            model_dir,
+            tokenizer=tokenizer,
+            tensor_parallel_size=sampling.tensor_parallel_size,
+            gpu_memory_utilization=share,
+            dtype=DTYPE_NAMES[precision],
+            seed=seed + group,
+            enable_sleep_mode=shares_gpu_with_training if sleep is None else sleep,
+            **{k: v for k, v in opts.items() if v is not None},
+        )
     raise ValueError(f"sampling backend {sampling.backend!r}: expected 'hf' or 'vllm'")
 
 
@@ -90,5 +108,5 @@ def generate_own(engine, prompts: list, sampling: SamplingConfig) -> list[list[S
     first_rank = group * size
     pooled = [p for r in range(first_rank, first_rank + size) for p in everyone[r]] if size > 1 else prompts
     out = engine.generate(pooled, sampling, first_index=sum(counts[:first_rank]))
-    offset = sum(counts[first_rank:first_rank + index_in_group])
-    return out[offset:offset + len(prompts)]
+    offset = sum(counts[first_rank : first_rank + index_in_group])
+    return out[offset : offset + len(prompts)]

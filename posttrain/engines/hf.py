@@ -3,6 +3,7 @@
 It samples from the live model object, so a trainer that owns the model needs no weight push. Prompts
 are left-padded into batches; generation stops on `<eos>` and `<end_of_turn>`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ class HFEngine:
         try:
             with mixed:
                 for start in range(0, len(prompts), sampling.batch_size):
-                    batch = [chat_prompt_ids(self.tokenizer, p) for p in prompts[start:start + sampling.batch_size]]
+                    batch = [chat_prompt_ids(self.tokenizer, p) for p in prompts[start : start + sampling.batch_size]]
                     results += self._generate_batch(batch, sampling, device)
         finally:
             self.model.train(was_training)
@@ -59,11 +60,19 @@ class HFEngine:
             input_ids, attention = (t.repeat_interleave(copies, 0) for t in (input_ids, attention))
             copies = 1
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention,
-            max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature, top_p=None if greedy else sampling.top_p,
-            top_k=None, num_return_sequences=copies, eos_token_id=self.stop_ids, pad_token_id=pad,
-            output_logits=sampling.logprobs, return_dict_in_generate=True, **shared,
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            num_return_sequences=copies,
+            eos_token_id=self.stop_ids,
+            pad_token_id=pad,
+            output_logits=sampling.logprobs,
+            return_dict_in_generate=True,
+            **shared,
         )
         new = out.sequences[:, width:]
         token_logps = _sampled_logprobs(out.logits, new).cpu() if sampling.logprobs else None
@@ -74,9 +83,9 @@ class HFEngine:
             end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
             ids = ids[:end] if end else ids
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            logprobs = token_logps[row, :len(ids)].tolist() if token_logps is not None else []
+            logprobs = token_logps[row, : len(ids)].tolist() if token_logps is not None else []
             samples.append(Sample(text=text, token_ids=ids, logprobs=logprobs, finished=end is not None))
-        return [samples[i * sampling.n:(i + 1) * sampling.n] for i in range(len(batch))]
+        return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(batch))]
 
     def _prompt_cache(self, input_ids: torch.Tensor, attention: torch.Tensor, copies: int):
         """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
@@ -85,8 +94,9 @@ class HFEngine:
         own rule for left padding (count real tokens from 0), so the samples are the ones it would draw."""
         mask = attention[:, :-1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.model(input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions,
-                           use_cache=True, logits_to_keep=1).past_key_values
+        cache = self.model(
+            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        ).past_key_values
         cache.batch_repeat_interleave(copies)
         return cache
 
@@ -113,8 +123,9 @@ def _is_fp32(model) -> bool:
     return next(model.parameters()).dtype == torch.float32
 
 
-def greedy_texts(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int,
-                 precision: str = "fp32") -> list[str]:
+def greedy_texts(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, precision: str = "fp32"
+) -> list[str]:
     """One greedy completion per prompt (a message list) from a model in memory: held-out checks."""
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
     return [s[0].text for s in HFEngine(model, tokenizer, precision).generate(prompts, sampling)]

@@ -21,6 +21,7 @@ Side effects of an in-process vLLM engine, on the whole Python process:
   engine (`VLLMEngine.num_threads` records the count in force when it started);
 - it seeds Python's, NumPy's and torch's global generators with `seed` when it starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,8 +82,14 @@ def check_vllm_supported(model_dir: str | Path) -> None:
     config = _read_model_config(model_dir)
     family = UNSUPPORTED_MODEL_TYPES.get(config.get("model_type", ""))
     if family is None:
-        family = next((name for name in UNSUPPORTED_MODEL_TYPES.values()
-                       if any(a.startswith(name) for a in config.get("architectures") or [])), None)
+        family = next(
+            (
+                name
+                for name in UNSUPPORTED_MODEL_TYPES.values()
+                if any(a.startswith(name) for a in config.get("architectures") or [])
+            ),
+            None,
+        )
     if family is not None:
         raise RuntimeError(
             f"{model_dir}: architecture {_architecture(config)} ({family}) is not supported by vLLM "
@@ -127,10 +134,20 @@ def _repack_tied_weights(model: torch.nn.Module) -> int:
 class VLLMEngine:
     """An in-process vLLM engine over a local model directory, with HFEngine's `generate` interface."""
 
-    def __init__(self, model_dir: str | Path, tokenizer=None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: Optional[int] = None,
-                 dtype: str = "auto", enforce_eager: Optional[bool] = None, seed: int = 0,
-                 kv_cache_gib: Optional[float] = None, enable_sleep_mode: bool = False, **llm_options):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        tokenizer=None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: Optional[int] = None,
+        dtype: str = "auto",
+        enforce_eager: Optional[bool] = None,
+        seed: int = 0,
+        kv_cache_gib: Optional[float] = None,
+        enable_sleep_mode: bool = False,
+        **llm_options,
+    ):
         """Start the engine. `enforce_eager` None = eager on CPU (no compile step), compiled on GPU.
 
         `dtype` "auto" = the checkpoint's own dtype. (vLLM's own "auto" runs a float32 checkpoint in
@@ -177,10 +194,16 @@ class VLLMEngine:
             llm_options["enable_sleep_mode"] = True
         try:
             self.llm = LLM(
-                str(self.model_dir), tensor_parallel_size=tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=self.dtype,
-                enforce_eager=on_cpu if enforce_eager is None else enforce_eager, seed=seed,
-                trust_remote_code=False, logprobs_mode="raw_logprobs", **llm_options,
+                str(self.model_dir),
+                tensor_parallel_size=tensor_parallel_size,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                dtype=self.dtype,
+                enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+                seed=seed,
+                trust_remote_code=False,
+                logprobs_mode="raw_logprobs",
+                **llm_options,
             )
         except Exception as err:  # any start-up failure: say which model and what to do instead
             raise RuntimeError(
@@ -197,8 +220,9 @@ class VLLMEngine:
         one engine would sample the whole)."""
         return self.generate_from_ids([chat_prompt_ids(self.tokenizer, p) for p in prompts], sampling, first_index)
 
-    def generate_from_ids(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
-                          first_index: int = 0) -> list[list[Sample]]:
+    def generate_from_ids(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, first_index: int = 0
+    ) -> list[list[Sample]]:
         """Like `generate`, for prompts already rendered to token ids."""
         from vllm.inputs import TokensPrompt
 
@@ -206,15 +230,24 @@ class VLLMEngine:
         requests = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         # vLLM seeds sample j of a request with seed + j; offsetting each prompt by n keeps every
         # sample's seed distinct, so repeated prompts in one batch still get different samples.
-        params = [self._sampling_params(sampling, None if sampling.seed is None
-                                        else sampling.seed + (first_index + i) * sampling.n)
-                  for i in range(len(requests))]
+        params = [
+            self._sampling_params(
+                sampling, None if sampling.seed is None else sampling.seed + (first_index + i) * sampling.n
+            )
+            for i in range(len(requests))
+        ]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         results = [[self._to_sample(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
         if sampling.temperature == 0 and sampling.n > 1:  # greedy: n copies of the one answer, as HF returns
-            results = [[dataclasses.replace(samples[0], token_ids=list(samples[0].token_ids),
-                                            logprobs=list(samples[0].logprobs)) for _ in range(sampling.n)]
-                       for samples in results]
+            results = [
+                [
+                    dataclasses.replace(
+                        samples[0], token_ids=list(samples[0].token_ids), logprobs=list(samples[0].logprobs)
+                    )
+                    for _ in range(sampling.n)
+                ]
+                for samples in results
+            ]
         return results
 
     def _sampling_params(self, sampling: SamplingConfig, seed: Optional[int]):
@@ -223,8 +256,11 @@ class VLLMEngine:
         greedy = sampling.temperature == 0
         return SamplingParams(
             n=1 if greedy else sampling.n,  # vLLM refuses n > 1 with greedy sampling
-            temperature=sampling.temperature, top_p=1.0 if greedy else sampling.top_p,
-            max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=list(self.stop_ids),
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            seed=seed,
+            stop_token_ids=list(self.stop_ids),
             logprobs=0,  # 0 = only the sampled token's logprob
             detokenize=False,  # we decode with our tokenizer, exactly as HFEngine does
         )
@@ -232,8 +268,12 @@ class VLLMEngine:
     def _to_sample(self, completion) -> Sample:
         ids = list(completion.token_ids)
         logprobs = [step[token].logprob for token, step in zip(ids, completion.logprobs or [])]
-        return Sample(text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                      logprobs=logprobs, finished=bool(ids) and ids[-1] in self.stop_ids)
+        return Sample(
+            text=self.tokenizer.decode(ids, skip_special_tokens=True),
+            token_ids=ids,
+            logprobs=logprobs,
+            finished=bool(ids) and ids[-1] in self.stop_ids,
+        )
 
     # ------------------------------------------------------------------------------------------
     # Weight sync
@@ -248,8 +288,11 @@ class VLLMEngine:
         The engine copies the values: later in-place changes to the tensors do not reach it.
         """
         start = time.perf_counter()
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors
-                   if not (name == "lm_head.weight" and name not in self.weight_names)]
+        weights = [
+            (name, tensor.detach())
+            for name, tensor in named_tensors
+            if not (name == "lm_head.weight" and name not in self.weight_names)
+        ]
         self._check_weight_names({name for name, _ in weights})
         self._wake_weights()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
@@ -283,8 +326,7 @@ class VLLMEngine:
         # Cached prompt KV was computed with the old weights; reusing it would mix old and new policy.
         # (While the KV cache is asleep there is none: `wake` resets it when it comes back.)
         if self.freed == "nothing" and not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM could not reset its prefix cache after a weight update "
-                               "(requests still running?)")
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update (requests still running?)")
 
     # ------------------------------------------------------------------------------------------
     # Sleep mode (GPUs): the trainer gets the memory back between generations

@@ -1,5 +1,6 @@
 """Files the defaults need, shipped inside the package (found with importlib.resources, so a wheel install
 has them): the verifier rule rewards and the unsafe-term list."""
+
 from importlib.resources import files
 
 VERIFIERS = str(files(__name__) / "verifiers.py")

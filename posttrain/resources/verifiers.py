@@ -12,6 +12,7 @@ columns as keyword lists (task=[...], answer=[...]), and returns one float per c
 function cannot judge without is a parameter with no default: the Scorer checks the rows have it before
 scoring, and names the function and the column when they do not.
 """
+
 from __future__ import annotations
 
 import difflib

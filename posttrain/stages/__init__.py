@@ -1,4 +1,5 @@
 """Stage registry. Modules are imported on first use so `posttrain --help` stays fast."""
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ A stage reads its inputs by path (artifacts of earlier stages, or paths its conf
 inside its own directory `run_dir/<stage>/`, and returns metrics. The pipeline runner does the
 bookkeeping (manifests, skipping, resuming); the launcher decides in how many processes it runs.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Either a local checkpoint directory (`base.path`: validated, used in place, never copied), or a tiny
 model of a seed family built from config with a tokenizer trained on the run's own training data.
 """
+
 from __future__ import annotations
 
 from ..data import iter_jsonl
@@ -39,8 +40,10 @@ class BaseModel(Stage):
             return
         data = self.ctx.inputs.get("train_data")
         if not data:
-            raise ValueError("base: building a tiny model needs training text for its tokenizer: "
-                             "put a data stage (synth) before base, or set base.path to a model directory")
+            raise ValueError(
+                "base: building a tiny model needs training text for its tokenizer: "
+                "put a data stage (synth) before base, or set base.path to a model directory"
+            )
         self.tokenizer = train_tokenizer(_texts(data), self.cfg.vocab_size)
 
     def train(self) -> dict:
@@ -52,10 +55,12 @@ class BaseModel(Stage):
             model = build_tiny_model(self.cfg, self.tokenizer, seed=self.ctx.seed)
             info = {"source": f"tiny {self.cfg.family} built from config"}
         self.model = model
-        info.update(parameters=count_parameters(model), vocab_size=len(self.tokenizer),
-                    architecture=type(model).__name__)
-        self.log.info("base model: %s, %s, %.2fM parameters", info["source"], info["architecture"],
-                      info["parameters"] / 1e6)
+        info.update(
+            parameters=count_parameters(model), vocab_size=len(self.tokenizer), architecture=type(model).__name__
+        )
+        self.log.info(
+            "base model: %s, %s, %.2fM parameters", info["source"], info["architecture"], info["parameters"] / 1e6
+        )
         return info
 
     def save(self) -> dict:

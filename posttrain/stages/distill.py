@@ -20,6 +20,7 @@ or the artifact of an earlier stage producing kind "teacher"), train_data, eval_
 Student and teacher must share one tokenizer. Output in run_dir/distill/: model/, metrics.json,
 loss.png, report.md, and (offline, by default) teacher_topk/<key>/.
 """
+
 from __future__ import annotations
 
 import functools
@@ -86,9 +87,14 @@ class DistillConfig(TrainerSection):
     """Longest greedy answer in the accuracy check."""
 
 
-def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: DistillConfig,
-                 teacher_logits: Optional[torch.Tensor] = None, topk_indices: Optional[torch.Tensor] = None,
-                 topk_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def distill_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DistillConfig,
+    teacher_logits: Optional[torch.Tensor] = None,
+    topk_indices: Optional[torch.Tensor] = None,
+    topk_logprobs: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, kd, nll) on already shifted tensors: student_logits[:, t] predicts labels[:, t].
 
     Only positions with labels != -100 count. KD is the top-k forward KL when the top-k targets are
@@ -108,9 +114,16 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, cfg: Distil
     return mixed_loss(kd, nll, cfg.alpha), kd, nll
 
 
-def lean_distill_loss(student, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                      cfg: DistillConfig, teacher=None, topk_indices: Optional[torch.Tensor] = None,
-                      topk_logprobs: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lean_distill_loss(
+    student,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: DistillConfig,
+    teacher=None,
+    topk_indices: Optional[torch.Tensor] = None,
+    topk_logprobs: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`distill_loss` without `[batch, seq, vocab]` logits: the student's (and the online teacher's) output
     heads run on chunks of the loss positions only, each chunk recomputed in the backward pass
     (algos/logits.py). `labels` are shifted (labels[:, t] is the token predicted at position t)."""
@@ -136,8 +149,14 @@ def lean_distill_loss(student, input_ids: torch.Tensor, attention_mask: torch.Te
         ones = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         nll = torch.nn.functional.cross_entropy(logits[0], targets[start:end], reduction="sum")
         if topk_indices is not None:
-            kd = forward_kl_topk(logits, topk_indices[start:end][None], topk_logprobs[start:end][None], ones,
-                                 cfg.temperature, cfg.scale_by_t2)
+            kd = forward_kl_topk(
+                logits,
+                topk_indices[start:end][None],
+                topk_logprobs[start:end][None],
+                ones,
+                cfg.temperature,
+                cfg.scale_by_t2,
+            )
         else:
             with torch.no_grad():
                 t_logits = softcap(t_head(t_hidden[start:end]).float(), t_cap)[None]
@@ -147,7 +166,7 @@ def lean_distill_loss(student, input_ids: torch.Tensor, attention_mask: torch.Te
     grad = torch.is_grad_enabled() and hidden.requires_grad
     nll_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, step):
-        h = hidden[start:start + step]
+        h = hidden[start : start + step]
         nll, kd = checkpoint(chunk, start, h, use_reentrant=False) if grad else chunk(start, h)
         nll_sum, kd_sum = nll_sum + nll, kd_sum + kd
     kd, nll = kd_sum / n, nll_sum / n
@@ -180,9 +199,16 @@ def distill_trainer_class():
             if not topk and self.teacher is None:
                 raise ValueError("offline distillation batch without cached teacher top-k (collator not wired)")
             labels = inputs["labels"][:, 1:]
-            loss, kd, nll = lean_distill_loss(model, ids, attention, labels, self.distill_cfg,
-                                              None if topk else self.teacher, topk.get("topk_indices"),
-                                              topk.get("topk_logprobs"))
+            loss, kd, nll = lean_distill_loss(
+                model,
+                ids,
+                attention,
+                labels,
+                self.distill_cfg,
+                None if topk else self.teacher,
+                topk.get("topk_indices"),
+                topk.get("topk_logprobs"),
+            )
             outputs = None  # no full logits exist: the loss was computed chunk by chunk
             self._metrics["train"]["kd_loss"].append(kd.item())
             self._metrics["train"]["nll"].append(nll.item())
@@ -207,15 +233,22 @@ class Distill(Stage):
 
     def setup(self) -> None:
         from ..distill_cache import cache_key, check_same_vocab, tokenize_for_loss
+
         inp, c = self.ctx.inputs, self.cfg
         self.tokenizer = load_tokenizer(inp["model"])
         dev = self.ctx.device
         self.model = load_model(inp["model"], device=dev, dtype=torch.float32)  # fp32 master weights
-        self.teacher = load_model(inp["teacher"], device=dev,
-                                  dtype=torch_dtype(self.ctx.precision)).eval().requires_grad_(False)
-        check_same_vocab(inp["model"], inp["teacher"], self.tokenizer, load_tokenizer(inp["teacher"]),
-                         self.model.get_output_embeddings().weight.shape[0],
-                         self.teacher.get_output_embeddings().weight.shape[0])
+        self.teacher = (
+            load_model(inp["teacher"], device=dev, dtype=torch_dtype(self.ctx.precision)).eval().requires_grad_(False)
+        )
+        check_same_vocab(
+            inp["model"],
+            inp["teacher"],
+            self.tokenizer,
+            load_tokenizer(inp["teacher"]),
+            self.model.get_output_embeddings().weight.shape[0],
+            self.teacher.get_output_embeddings().weight.shape[0],
+        )
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.answer_rows = [r for r in self.eval_rows if "answer" in r]  # the accuracy check needs an oracle answer
@@ -224,16 +257,25 @@ class Distill(Stage):
         self.cache = None
         if c.mode == "offline":
             self.cache_root = Path(c.cache_dir) if c.cache_dir else self.ctx.dir / "teacher_topk"
-            self.cache_key = cache_key(inp["teacher"], inp["train_data"], self.tokenizer, c.top_k, c.temperature,
-                                       c.max_length)
+            self.cache_key = cache_key(
+                inp["teacher"], inp["train_data"], self.tokenizer, c.top_k, c.temperature, c.max_length
+            )
 
     def _open_cache(self) -> dict:
         """Rank 0 builds (or finds) the cache first; the other ranks then load it."""
         from ..distill_cache import compute_topk, open_or_build_cache
 
         c, distributed = self.cfg, self.ctx.world_size > 1
-        build = functools.partial(compute_topk, self.teacher, self.train_examples, len(self.train_rows), c.top_k,
-                                  c.temperature, self.tokenizer.pad_token_id, c.teacher_batch_size)
+        build = functools.partial(
+            compute_topk,
+            self.teacher,
+            self.train_examples,
+            len(self.train_rows),
+            c.top_k,
+            c.temperature,
+            self.tokenizer.pad_token_id,
+            c.teacher_batch_size,
+        )
         if distributed and not self.ctx.is_main:
             torch.distributed.barrier()
         about = {"teacher_dir": self.ctx.inputs["teacher"], "data_file": self.ctx.inputs["train_data"]}
@@ -244,9 +286,21 @@ class Distill(Stage):
 
     def _training_args(self, config_cls, **extra):
         c, ctx, has_eval = self.cfg, self.ctx, bool(self.eval_examples)
-        return config_cls(**training_arguments(c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision,
-                                               has_eval, report_to=ctx.report_to, stage_dir=ctx.dir,
-                                               max_length=c.max_length, eval_on_start=has_eval, **extra))
+        return config_cls(
+            **training_arguments(
+                c,
+                ctx.dir / "checkpoints",
+                ctx.seed,
+                ctx.device,
+                ctx.precision,
+                has_eval,
+                report_to=ctx.report_to,
+                stage_dir=ctx.dir,
+                max_length=c.max_length,
+                eval_on_start=has_eval,
+                **extra,
+            )
+        )
 
     def _trainer(self):
         from datasets import Dataset
@@ -255,13 +309,23 @@ class Distill(Stage):
         if c.mode == "on_policy":
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-            args = self._training_args(GKDConfig, lmbda=c.lmbda, beta=c.beta, seq_kd=c.seq_kd,
-                                       temperature=c.rollout_temperature, max_new_tokens=c.rollout_max_new_tokens)
+            args = self._training_args(
+                GKDConfig,
+                lmbda=c.lmbda,
+                beta=c.beta,
+                seq_kd=c.seq_kd,
+                temperature=c.rollout_temperature,
+                max_new_tokens=c.rollout_max_new_tokens,
+            )
             messages = lambda rows: Dataset.from_list([{"messages": r["messages"]} for r in rows])  # noqa: E731
-            return GKDTrainer(model=self.model, teacher_model=self.teacher, args=args,
-                              train_dataset=messages(self.train_rows),
-                              eval_dataset=messages(self.eval_rows) if self.eval_rows else None,
-                              processing_class=self.tokenizer)
+            return GKDTrainer(
+                model=self.model,
+                teacher_model=self.teacher,
+                args=args,
+                train_dataset=messages(self.train_rows),
+                eval_dataset=messages(self.eval_rows) if self.eval_rows else None,
+                processing_class=self.tokenizer,
+            )
         from trl import SFTConfig as TRLConfig
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -272,9 +336,15 @@ class Distill(Stage):
         collator = TopKCollator(DataCollatorForLanguageModeling(pad_token_id=self.tokenizer.pad_token_id), self.cache)
         eval_ds = Dataset.from_list([{k: e[k] for k in ("input_ids", "labels")} for e in self.eval_examples])
         return distill_trainer_class()(
-            model=self.model, args=args, train_dataset=Dataset.from_list(self.train_examples),
-            eval_dataset=eval_ds if self.eval_examples else None, processing_class=self.tokenizer,
-            data_collator=collator, distill_cfg=c, teacher=self.teacher if c.mode == "online" else None)
+            model=self.model,
+            args=args,
+            train_dataset=Dataset.from_list(self.train_examples),
+            eval_dataset=eval_ds if self.eval_examples else None,
+            processing_class=self.tokenizer,
+            data_collator=collator,
+            distill_cfg=c,
+            teacher=self.teacher if c.mode == "online" else None,
+        )
 
     def train(self) -> dict:
         metrics = {"mode": self.cfg.mode}
@@ -311,17 +381,27 @@ class Distill(Stage):
 
     def _write_outputs(self, metrics: dict) -> None:
         history = self.trainer.state.log_history
-        plot_curves(curves_from_log_history(history, ["loss", "kd_loss", "nll", "eval_loss", "learning_rate"]),
-                    self.ctx.dir / "loss.png", title=f"distill ({self.cfg.mode})")
+        plot_curves(
+            curves_from_log_history(history, ["loss", "kd_loss", "nll", "eval_loss", "learning_rate"]),
+            self.ctx.dir / "loss.png",
+            title=f"distill ({self.cfg.mode})",
+        )
         atomic_write_json(self.ctx.dir / "metrics.json", {"log_history": history, **metrics})
         atomic_write_text(self.ctx.dir / "report.md", self._report(metrics))
 
     def _report(self, m: dict) -> str:
         c, inp = self.cfg, self.ctx.inputs
-        lines = [f"# distill ({c.mode})", "", f"- student: {inp['model']}", f"- teacher: {inp['teacher']}",
-                 f"- temperature {c.temperature}, alpha {c.alpha}, top_k {c.top_k}, beta {c.beta}; "
-                 f"{m.get('steps')} steps; teacher cache: {m.get('cache', 'n/a')}", "",
-                 "| held-out (reference answers) | before | after |", "|---|---|---|"]
+        lines = [
+            f"# distill ({c.mode})",
+            "",
+            f"- student: {inp['model']}",
+            f"- teacher: {inp['teacher']}",
+            f"- temperature {c.temperature}, alpha {c.alpha}, top_k {c.top_k}, beta {c.beta}; "
+            f"{m.get('steps')} steps; teacher cache: {m.get('cache', 'n/a')}",
+            "",
+            "| held-out (reference answers) | before | after |",
+            "|---|---|---|",
+        ]
         b, a = m.get("heldout_before", {}), m.get("heldout_after", {})
         for key in ("nll", "perplexity", "kl_to_teacher"):
             lines.append(f"| {key} | {b.get(key, '-')} | {a.get(key, '-')} |")
@@ -332,12 +412,14 @@ class Distill(Stage):
     def _heldout(self, model) -> dict:
         from ..distill_cache import heldout_metrics
 
-        return heldout_metrics(model, self.teacher, self.eval_examples, self.tokenizer.pad_token_id,
-                               self.cfg.teacher_batch_size)
+        return heldout_metrics(
+            model, self.teacher, self.eval_examples, self.tokenizer.pad_token_id, self.cfg.teacher_batch_size
+        )
 
     def _accuracy(self, model) -> dict:
-        return greedy_accuracy(model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
-                               self.ctx.precision)
+        return greedy_accuracy(
+            model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens, self.ctx.precision
+        )
 
 
 STAGE = Distill

@@ -26,6 +26,7 @@ Held-out metrics on `prefs_eval`, before (the input model) and after training:
 
 Output in run_dir/dpo/: model/, metrics.json, loss.png, rewards.png, logps.png.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -47,9 +48,17 @@ from .base import Stage
 from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
-CURVES = {"loss.png": ["loss", "eval_loss"], "logps.png": ["logps/chosen", "logps/rejected"],
-          "rewards.png": ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                          "eval_rewards/accuracies"]}
+CURVES = {
+    "loss.png": ["loss", "eval_loss"],
+    "logps.png": ["logps/chosen", "logps/rejected"],
+    "rewards.png": [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "eval_rewards/accuracies",
+    ],
+}
 """PNG -> log-history keys it plots (TRL's DPOTrainer keys; the SimPO trainer logs the same ones)."""
 
 
@@ -131,12 +140,15 @@ class _PreferenceCollator:
     stop_ids: frozenset
 
     def __call__(self, examples: list[dict]) -> dict:
-        return self.collator([{**e, "chosen_ids": self._cut(e["chosen_ids"]),
-                               "rejected_ids": self._cut(e["rejected_ids"])}
-                              for e in examples])
+        return self.collator(
+            [
+                {**e, "chosen_ids": self._cut(e["chosen_ids"]), "rejected_ids": self._cut(e["rejected_ids"])}
+                for e in examples
+            ]
+        )
 
     def _cut(self, ids: list[int]) -> list[int]:
-        return next((ids[:i + 1] for i, t in enumerate(ids) if t in self.stop_ids), ids)
+        return next((ids[: i + 1] for i, t in enumerate(ids) if t in self.stop_ids), ids)
 
 
 class SimPOTrainer(ImplicitRewardTrainer):
@@ -159,25 +171,53 @@ class SimPOTrainer(ImplicitRewardTrainer):
         with torch.no_grad():
             r_c, r_r = (implicit_reward(lp, m, self.beta) for lp, m in zip(logp, mask))
             sums = [(lp * m).sum(-1) for lp, m in zip(logp, mask)]
-            stats = torch.stack([r_c.mean(), r_r.mean(), (r_c - r_r).mean(), (r_c > r_r).float().mean(),
-                                 sums[0].mean(), sums[1].mean()])
+            stats = torch.stack(
+                [r_c.mean(), r_r.mean(), (r_c - r_r).mean(), (r_c > r_r).float().mean(), sums[0].mean(), sums[1].mean()]
+            )
             stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).mean(0).tolist()
         pending = self._pending["train" if model.training else "eval"]
-        for key, value in zip(("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                               "logps/chosen", "logps/rejected"), stats):
+        for key, value in zip(
+            (
+                "rewards/chosen",
+                "rewards/rejected",
+                "rewards/margins",
+                "rewards/accuracies",
+                "logps/chosen",
+                "logps/rejected",
+            ),
+            stats,
+        ):
             pending[key].append(value)
         return (loss, None) if return_outputs else loss
 
 
-def build_trainer(model, ref_model, tokenizer, train: list[tuple[dict, TokenizedPair]],
-                  evals: list[tuple[dict, TokenizedPair]], cfg: DPOConfig, output_dir, seed: int,
-                  device: torch.device | str = "cpu", precision: str = "fp32", report_to: Sequence[str] = ()):
+def build_trainer(
+    model,
+    ref_model,
+    tokenizer,
+    train: list[tuple[dict, TokenizedPair]],
+    evals: list[tuple[dict, TokenizedPair]],
+    cfg: DPOConfig,
+    output_dir,
+    seed: int,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    report_to: Sequence[str] = (),
+):
     """TRL's DPOTrainer (sigmoid, ipo, hinge, robust) or our SimPOTrainer, on (row, tokenized pair) lists
     already filtered to max_length (also used directly by tests)."""
     from pathlib import Path
 
-    args = training_arguments(cfg, output_dir, seed, torch.device(device), precision, bool(evals),
-                              report_to=report_to, stage_dir=Path(output_dir).parent)
+    args = training_arguments(
+        cfg,
+        output_dir,
+        seed,
+        torch.device(device),
+        precision,
+        bool(evals),
+        report_to=report_to,
+        stage_dir=Path(output_dir).parent,
+    )
     peft_config = cfg.lora.peft_config("CAUSAL_LM")
     if cfg.loss_type == "simpo":
         from transformers import TrainingArguments
@@ -186,28 +226,56 @@ def build_trainer(model, ref_model, tokenizer, train: list[tuple[dict, Tokenized
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        return SimPOTrainer(model=model, args=TrainingArguments(remove_unused_columns=False, **args),
-                            train_dataset=[p for _, p in train], eval_dataset=[p for _, p in evals] or None,
-                            data_collator=PairCollator(tokenizer.pad_token_id, use_margin=False), beta=cfg.beta,
-                            gamma=cfg.simpo_gamma, sft_weight=cfg.sft_weight)
+        return SimPOTrainer(
+            model=model,
+            args=TrainingArguments(remove_unused_columns=False, **args),
+            train_dataset=[p for _, p in train],
+            eval_dataset=[p for _, p in evals] or None,
+            data_collator=PairCollator(tokenizer.pad_token_id, use_margin=False),
+            beta=cfg.beta,
+            gamma=cfg.simpo_gamma,
+            sft_weight=cfg.sft_weight,
+        )
     from datasets import Dataset
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     def dataset(pairs):
-        return Dataset.from_list([{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:],
-                                   "rejected": r["rejected"][-1:]} for r, _ in pairs]) if pairs else None
+        return (
+            Dataset.from_list(
+                [
+                    {"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]}
+                    for r, _ in pairs
+                ]
+            )
+            if pairs
+            else None
+        )
 
     losses = {cfg.loss_type: 1.0, **({"sft": cfg.sft_weight} if cfg.sft_weight else {})}
-    dpo_args = TRLDPOConfig(loss_type=list(losses), loss_weights=list(losses.values()), beta=cfg.beta,
-                            label_smoothing=cfg.label_smoothing, max_length=cfg.max_length,
-                            precompute_ref_log_probs=cfg.precompute_ref_log_probs, **args)
-    collator = _PreferenceCollator(DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id),
-                                   frozenset(stop_token_ids(tokenizer)))
-    return DPOTrainer(model=model, ref_model=ref_model, args=dpo_args, data_collator=collator,
-                      train_dataset=dataset(train), eval_dataset=dataset(evals), processing_class=tokenizer,
-                      peft_config=peft_config)
+    dpo_args = TRLDPOConfig(
+        loss_type=list(losses),
+        loss_weights=list(losses.values()),
+        beta=cfg.beta,
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        **args,
+    )
+    collator = _PreferenceCollator(
+        DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id), frozenset(stop_token_ids(tokenizer))
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=dpo_args,
+        data_collator=collator,
+        train_dataset=dataset(train),
+        eval_dataset=dataset(evals),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +289,7 @@ def answer_logps(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int
     model.eval()
     collate = PairCollator(pad_id, use_margin=False)
     for i in range(0, len(pairs), batch_size):
-        b = collate(pairs[i:i + batch_size])
+        b = collate(pairs[i : i + batch_size])
         batch = RolloutBatch(*(b[k].to(device) for k in ("input_ids", "attention_mask", "response_mask")), None, None)
         sums, lens = (token_logprobs(model, batch) * batch.response_mask).sum(-1), batch.response_mask.sum(-1)
         out.append(torch.stack([*sums.chunk(2), *lens.chunk(2)], dim=1).cpu())
@@ -242,9 +310,13 @@ def heldout_metrics(logps: torch.Tensor, ref: Optional[torch.Tensor], beta: floa
         r_c, r_r = beta * mean_c, beta * mean_r
     else:
         r_c, r_r = beta * (logps[:, 0] - ref[:, 0]), beta * (logps[:, 1] - ref[:, 1])
-    return {"likelihood_accuracy": pair_accuracy(mean_c - mean_r), "implicit_reward_accuracy": pair_accuracy(r_c - r_r),
-            "implicit_reward_margin": round((r_c - r_r).mean().item(), 4),
-            "chosen_logp": round(logps[:, 0].mean().item(), 4), "rejected_logp": round(logps[:, 1].mean().item(), 4)}
+    return {
+        "likelihood_accuracy": pair_accuracy(mean_c - mean_r),
+        "implicit_reward_accuracy": pair_accuracy(r_c - r_r),
+        "implicit_reward_margin": round((r_c - r_r).mean().item(), 4),
+        "chosen_logp": round(logps[:, 0].mean().item(), 4),
+        "rejected_logp": round(logps[:, 1].mean().item(), 4),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,12 +338,18 @@ class DPO(Stage):
         # π_ref from its local directory (never rebuilt from config._name_or_path). No copy when LoRA's
         # adapter-free base is the reference, when SimPO needs none, or when its log-probs are precomputed.
         own_copy = c.reference or not (c.lora.enabled or c.loss_type == "simpo" or c.precompute_ref_log_probs)
-        self.ref_model = (load_model(c.reference or inp["model"], device=dev, dtype=torch_dtype(self.ctx.precision))
-                          .eval() if own_copy else None)
+        self.ref_model = (
+            load_model(c.reference or inp["model"], device=dev, dtype=torch_dtype(self.ctx.precision)).eval()
+            if own_copy
+            else None
+        )
         self.train_pairs, self.too_long = self._pairs(inp["prefs_train"])
         self.eval_pairs, _ = self._pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else ([], 0)
-        rows = (read_rows(inp["eval_data"], seed=self.ctx.seed)[:c.eval_samples]
-                if inp.get("eval_data") and c.eval_samples else [])
+        rows = (
+            read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples]
+            if inp.get("eval_data") and c.eval_samples
+            else []
+        )
         self.eval_rows = rows if all("answer" in r for r in rows) else []
 
     def _pairs(self, path: str) -> tuple[list[tuple[dict, TokenizedPair]], int]:
@@ -288,12 +366,29 @@ class DPO(Stage):
             if self.eval_pairs:
                 pairs = [p for _, p in self.eval_pairs]
                 self.before = answer_logps(self.model, pairs, self.tokenizer.pad_token_id, c.score_batch_size)
-                self.ref_logps = None if c.loss_type == "simpo" else (
-                    answer_logps(self.ref_model, pairs, self.tokenizer.pad_token_id, c.score_batch_size)
-                    if c.reference else self.before)
+                self.ref_logps = (
+                    None
+                    if c.loss_type == "simpo"
+                    else (
+                        answer_logps(self.ref_model, pairs, self.tokenizer.pad_token_id, c.score_batch_size)
+                        if c.reference
+                        else self.before
+                    )
+                )
         ctx = self.ctx
-        self.trainer = build_trainer(self.model, self.ref_model, self.tokenizer, self.train_pairs, self.eval_pairs, c,
-                                     ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, ctx.report_to)
+        self.trainer = build_trainer(
+            self.model,
+            self.ref_model,
+            self.tokenizer,
+            self.train_pairs,
+            self.eval_pairs,
+            c,
+            ctx.dir / "checkpoints",
+            ctx.seed,
+            ctx.device,
+            ctx.precision,
+            ctx.report_to,
+        )
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         self.train_metrics = metrics
         return metrics
@@ -306,8 +401,9 @@ class DPO(Stage):
         if ctx.is_main:
             history = self.trainer.state.log_history
             for png, keys in CURVES.items():
-                plot_curves(curves_from_log_history(history, keys), self.ctx.dir / png,
-                            title=f"dpo ({self.cfg.loss_type})")
+                plot_curves(
+                    curves_from_log_history(history, keys), self.ctx.dir / png, title=f"dpo ({self.cfg.loss_type})"
+                )
             metrics = self._evaluate(final)
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             atomic_write_json(ctx.dir / "metrics.json", {**self.train_metrics, **metrics, "log_history": history})
@@ -318,30 +414,38 @@ class DPO(Stage):
         """Held-out pair metrics before and after, and greedy task accuracy after, of the saved model."""
         model, c, metrics = load_saved(model_dir, self.ctx), self.cfg, {}
         if self.eval_pairs:
-            after = answer_logps(model, [p for _, p in self.eval_pairs], self.tokenizer.pad_token_id,
-                                 c.score_batch_size)
+            after = answer_logps(
+                model, [p for _, p in self.eval_pairs], self.tokenizer.pad_token_id, c.score_batch_size
+            )
             ref = self.ref_logps
 
             def held(logps, keep):
                 return heldout_metrics(logps[keep], None if ref is None else ref[keep], c.beta)
 
             everything = torch.ones(len(after), dtype=torch.bool)
-            metrics["heldout"] = {"pairs": len(after), "beta": c.beta, "before": held(self.before, everything),
-                                  "after": held(after, everything), "per_source": {}}
+            metrics["heldout"] = {
+                "pairs": len(after),
+                "beta": c.beta,
+                "before": held(self.before, everything),
+                "after": held(after, everything),
+                "per_source": {},
+            }
             sources = [r.get("source", "?") for r, _ in self.eval_pairs]
             for src in sorted(set(sources)):
                 keep = torch.tensor([s == src for s in sources])
                 metrics["heldout"]["per_source"][src] = {
                     "pairs": int(keep.sum()),
                     "likelihood_accuracy_before": held(self.before, keep)["likelihood_accuracy"],
-                    "implicit_reward_accuracy_after": held(after, keep)["implicit_reward_accuracy"]}
+                    "implicit_reward_accuracy_after": held(after, keep)["implicit_reward_accuracy"],
+                }
         if self.eval_rows:
             metrics["accuracy_after"] = self._accuracy(model)
         return metrics
 
     def _accuracy(self, model) -> dict:
-        return greedy_accuracy(model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
-                               self.ctx.precision)
+        return greedy_accuracy(
+            model, self.tokenizer, self.eval_rows, self.cfg.eval_samples, self.cfg.max_new_tokens, self.ctx.precision
+        )
 
 
 STAGE = DPO

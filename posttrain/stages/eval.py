@@ -15,6 +15,7 @@ for all models) through the generation engine (hf or vllm). Then, per model:
 
 Output in run_dir/eval/: results.json, results.md, completions.jsonl, accuracy.png, win_rate.png.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,8 +25,18 @@ from pydantic import Field, field_validator
 
 from ..config import ConfigError, FilePath, ModelRef, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
-from ..evaluation import (DEFAULT_VERIFIERS, answer_metrics, compare, load_verifiers, memorisation,
-                          memorisation_sequences, plot_accuracy, plot_win_rates, results_markdown, slice_skips)
+from ..evaluation import (
+    DEFAULT_VERIFIERS,
+    answer_metrics,
+    compare,
+    load_verifiers,
+    memorisation,
+    memorisation_sequences,
+    plot_accuracy,
+    plot_win_rates,
+    results_markdown,
+    slice_skips,
+)
 from ..dist.rank import torch_dtype
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..models import check_model_dir, load_model
@@ -135,9 +146,11 @@ class Eval(Stage):
         else:
             models = completed_models(self.ctx.artifacts, self.ctx.kinds)
             if not models:
-                raise ConfigError(f"eval.models: nothing to evaluate: no sft, distill, dpo, ppo, warp or merge "
-                                  f"stage is complete in {run_dir}; name model directories or references in "
-                                  f"eval.models")
+                raise ConfigError(
+                    f"eval.models: nothing to evaluate: no sft, distill, dpo, ppo, warp or merge "
+                    f"stage is complete in {run_dir}; name model directories or references in "
+                    f"eval.models"
+                )
         for name, path in models.items():
             try:
                 check_model_dir(path)
@@ -161,23 +174,28 @@ class Eval(Stage):
         s, ctx = self.cfg.scoring, self.ctx
         self.rm_scorer = None
         if s.use_reward_model and (s.reward_model or rm_dir):
-            self.rm_scorer = Scorer(s.model_copy(update={"rules": []}), reward_model_dir=rm_dir, device=ctx.device,
-                                    precision=ctx.precision)
+            self.rm_scorer = Scorer(
+                s.model_copy(update={"rules": []}), reward_model_dir=rm_dir, device=ctx.device, precision=ctx.precision
+            )
         if s.rules:
             self.rule_judge, self.rule_rows = "rules", list(range(len(self.rows)))
             self.rule_scorer = Scorer(s.model_copy(update={"use_reward_model": False}))
             self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring", rm_stage=True)
             return
         name = {"release_name": self.release_name} if self.release_name else {}
-        rules = [RuleSpec(path=self.cfg.verifiers, function=f, kwargs=name if f == "identity" else {})
-                 for f in VERIFIER_RULES]
+        rules = [
+            RuleSpec(path=self.cfg.verifiers, function=f, kwargs=name if f == "identity" else {})
+            for f in VERIFIER_RULES
+        ]
         self.rule_judge, self.rule_scorer = "verifiers", Scorer(ScoringConfig(rules=rules, use_reward_model=False))
         self.rule_rows = [i for i, r in enumerate(self.rows) if not self.rule_scorer.missing_columns(set(r))]
         needs = sorted({c for cols in self.rule_scorer.missing_columns(set()).values() for c in cols})
         if len(self.rule_rows) < len(self.rows):
-            self.skipped["verifiers"] = (f"{len(self.rows) - len(self.rule_rows)} of {len(self.rows)} rows lack a "
-                                         f"column the verifiers read ({', '.join(needs)}); they judge the other "
-                                         f"{len(self.rule_rows)}")
+            self.skipped["verifiers"] = (
+                f"{len(self.rows) - len(self.rule_rows)} of {len(self.rows)} rows lack a "
+                f"column the verifiers read ({', '.join(needs)}); they judge the other "
+                f"{len(self.rule_rows)}"
+            )
         if not self.rule_rows:
             self.rule_scorer = None
             if self.rm_scorer is None:
@@ -186,7 +204,8 @@ class Eval(Stage):
                     f"of {self.cfg.verifiers}, which need {' and '.join(needs)} columns that no row of "
                     f"eval.eval_data has, and there is no reward model. Set eval.scoring.reward_model (or run an "
                     f"rm stage before eval) and/or eval.scoring.rules with rules that read no metadata "
-                    f"(e.g. {{path: reward/style.py, function: well_formed}})")
+                    f"(e.g. {{path: reward/style.py, function: well_formed}})"
+                )
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict:
@@ -201,7 +220,8 @@ class Eval(Stage):
             self.answers[name] = texts
             self.judged[name] = self._judge(prompts, texts)
             self.results[name] = {
-                "path": path, **answer_metrics(self.rows, texts, self.verifiers, self.release_name),
+                "path": path,
+                **answer_metrics(self.rows, texts, self.verifiers, self.release_name),
                 "finished_rate": round(sum(s.finished for s in samples) / len(samples), 4),
                 "judge_means": {j: round(float(v.nanmean()), 4) for j, v in self.judged[name].items()},
                 "memorisation": self._memorisation(path, model, tokenizer),
@@ -220,9 +240,11 @@ class Eval(Stage):
         try:
             self.engine = make_engine(path, c.sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=self.seed)
         except Exception as err:  # name the model and the keys that fix it, whatever went wrong
-            raise ConfigError(f"eval.models.{name} ({path}): cannot generate with backend {backend!r}: {err}. "
-                              f"Set eval.sampling.backend to 'hf' (it runs every family) or change "
-                              f"eval.models.{name}") from err
+            raise ConfigError(
+                f"eval.models.{name} ({path}): cannot generate with backend {backend!r}: {err}. "
+                f"Set eval.sampling.backend to 'hf' (it runs every family) or change "
+                f"eval.models.{name}"
+            ) from err
         sampling = c.sampling.model_copy(update={"seed": self.seed})
         engine = self.engine
         try:
@@ -237,8 +259,9 @@ class Eval(Stage):
         judged = {}
         if self.rule_scorer is not None:
             idx = self.rule_rows
-            scores = self.rule_scorer.score([prompts[i] for i in idx], [texts[i] for i in idx],
-                                            [self.rows[i] for i in idx])
+            scores = self.rule_scorer.score(
+                [prompts[i] for i in idx], [texts[i] for i in idx], [self.rows[i] for i in idx]
+            )
             values = torch.full((len(texts),), float("nan"))
             values[idx] = sum(spec.weight * scores.parts[spec.function] for spec, _ in self.rule_scorer.rules)
             judged[self.rule_judge] = values
@@ -253,8 +276,13 @@ class Eval(Stage):
         for judge in self.judged[name]:
             mine, theirs = self.judged[name][judge], self.judged[base][judge]
             keep = [i for i in range(len(same)) if not (mine[i].isnan() or theirs[i].isnan())]
-            out[judge] = compare(mine[keep].tolist(), theirs[keep].tolist(), self.cfg.bootstrap_samples,
-                                 self.ctx.seed, same=[same[i] for i in keep])
+            out[judge] = compare(
+                mine[keep].tolist(),
+                theirs[keep].tolist(),
+                self.cfg.bootstrap_samples,
+                self.ctx.seed,
+                same=[same[i] for i in keep],
+            )
         return out
 
     def _memorisation(self, path: str, model, tokenizer) -> Optional[dict]:
@@ -263,16 +291,27 @@ class Eval(Stage):
             return None
         if model is None:  # vLLM answered; the probe needs token-id prompts on the HF model
             model = load_model(path, device=self.ctx.device, dtype=torch_dtype(self.ctx.precision)).eval()
-        sequences = memorisation_sequences(tokenizer, self.train_rows, mc.prefix_tokens, mc.suffix_tokens,
-                                           mc.num_examples, self.ctx.seed)
-        return memorisation(model, sequences, mc.prefix_tokens, mc.suffix_tokens, tokenizer.pad_token_id,
-                            self.cfg.sampling.batch_size, mc.approximate_threshold)
+        sequences = memorisation_sequences(
+            tokenizer, self.train_rows, mc.prefix_tokens, mc.suffix_tokens, mc.num_examples, self.ctx.seed
+        )
+        return memorisation(
+            model,
+            sequences,
+            mc.prefix_tokens,
+            mc.suffix_tokens,
+            tokenizer.pad_token_id,
+            self.cfg.sampling.batch_size,
+            mc.approximate_threshold,
+        )
 
     # ------------------------------------------------------------------ save
     def _decoding(self) -> str:
         s = self.cfg.sampling
-        how = ("greedy" if s.temperature == 0
-               else f"sampled at temperature {s.temperature}, top-p {s.top_p}, seed {self.seed}")
+        how = (
+            "greedy"
+            if s.temperature == 0
+            else f"sampled at temperature {s.temperature}, top-p {s.top_p}, seed {self.seed}"
+        )
         return f"{how} answers of at most {s.max_new_tokens} tokens ({s.backend} backend)"
 
     def save(self) -> dict:
@@ -280,17 +319,30 @@ class Eval(Stage):
         if not self.ctx.is_main:
             return {}
         tasks = sorted({r["task"] for r in self.rows if "task" in r})
-        results = {"baseline": self.baseline, "judges": list(next(iter(self.judged.values()))),
-                   "num_prompts": len(self.rows), "decoding": self._decoding(), "tasks": tasks,
-                   "release_name": self.release_name, "models": self.results}
+        results = {
+            "baseline": self.baseline,
+            "judges": list(next(iter(self.judged.values()))),
+            "num_prompts": len(self.rows),
+            "decoding": self._decoding(),
+            "tasks": tasks,
+            "release_name": self.release_name,
+            "models": self.results,
+        }
         if self.skipped:
             results["skipped"] = self.skipped
         atomic_write_json(d / "results.json", results)
         atomic_write_text(d / "results.md", results_markdown(results))
-        write_jsonl(d / "completions.jsonl", [
-            {"prompt": prompt_of(r), **{k: r[k] for k in ("task", "answer") if k in r},
-             "completions": {name: texts[i] for name, texts in self.answers.items()}}
-            for i, r in enumerate(self.rows)])
+        write_jsonl(
+            d / "completions.jsonl",
+            [
+                {
+                    "prompt": prompt_of(r),
+                    **{k: r[k] for k in ("task", "answer") if k in r},
+                    "completions": {name: texts[i] for name, texts in self.answers.items()},
+                }
+                for i, r in enumerate(self.rows)
+            ],
+        )
         plot_accuracy(results, d / "accuracy.png")
         plot_win_rates(results, d / "win_rate.png")
         return {"baseline": self.baseline, "models": {name: _headline(m) for name, m in self.results.items()}}
@@ -298,8 +350,12 @@ class Eval(Stage):
 
 def _headline(m: dict) -> dict:
     """The numbers the pipeline summary shows for one model."""
-    out = {"accuracy": (m["accuracy"] or {}).get("overall"), "refusal_rate": m["refusal_rate"],
-           "over_refusal_rate": m["over_refusal_rate"], "identity": m["identity"]}
+    out = {
+        "accuracy": (m["accuracy"] or {}).get("overall"),
+        "refusal_rate": m["refusal_rate"],
+        "over_refusal_rate": m["over_refusal_rate"],
+        "identity": m["identity"],
+    }
     out.update({f"win_rate_{judge}": cmp["win_rate"] for judge, cmp in (m.get("win_rate") or {}).items()})
     if m.get("memorisation"):
         out["memorised"] = m["memorisation"]["exact"]

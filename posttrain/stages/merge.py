@@ -10,6 +10,7 @@ when the config is loaded. `base` takes the same two forms.
 Output in run_dir/merge/: model/ (a complete model dir with merge_recipe.json inside). The recipe is also
 the stage's metrics: method, backend taken, inputs with their hashes, weights and every setting used.
 """
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -19,6 +20,7 @@ from pydantic import Field
 from ..config import ModelRef, Section
 from ..merging import METHODS, merge_models
 from .base import Stage
+
 
 class MergeConfig(Section):
     """Config of the merge stage."""
@@ -75,16 +77,31 @@ class Merge(Stage):
         self.base = c.base
         if not self.inputs:
             raise ValueError("merge: no models to merge: list them in merge.models (no earlier stage produced a model)")
-        self.log.info("[merge] %s of %s%s", c.method, ", ".join(self.inputs),
-                      f" with base {self.base}" if self.base else "")
+        self.log.info(
+            "[merge] %s of %s%s", c.method, ", ".join(self.inputs), f" with base {self.base}" if self.base else ""
+        )
 
     def train(self) -> dict:
         c = self.cfg
         return merge_models(
-            c.method, self.inputs, self.ctx.dir / "model", base=self.base, weights=c.weights, t=c.t, eta=c.eta,
-            density=c.density, seed=self.ctx.seed if c.seed is None else c.seed, ema_rate=c.ema_rate,
-            normalize=c.normalize, scale=c.scale, allow_negative_weights=c.allow_negative_weights, dtype=c.dtype,
-            max_shard_size=c.max_shard_size, allow_tokenizer_mismatch=c.allow_tokenizer_mismatch, backend=c.backend)
+            c.method,
+            self.inputs,
+            self.ctx.dir / "model",
+            base=self.base,
+            weights=c.weights,
+            t=c.t,
+            eta=c.eta,
+            density=c.density,
+            seed=self.ctx.seed if c.seed is None else c.seed,
+            ema_rate=c.ema_rate,
+            normalize=c.normalize,
+            scale=c.scale,
+            allow_negative_weights=c.allow_negative_weights,
+            dtype=c.dtype,
+            max_shard_size=c.max_shard_size,
+            allow_tokenizer_mismatch=c.allow_tokenizer_mismatch,
+            backend=c.backend,
+        )
 
 
 STAGE = Merge

@@ -24,6 +24,7 @@ Output in run_dir/prefs/: train.jsonl, eval.jsonl ({"chosen": messages, "rejecte
 "source", "task", "answer", ...}; messages are whole conversations ending in the assistant turn) and
 report.json (counts per split, source and task, and what was dropped why).
 """
+
 from __future__ import annotations
 
 import random
@@ -44,9 +45,13 @@ from .base import Stage
 SOURCES = ("best_of_n", "teacher", "corruption")
 CorruptionKind = Literal["shuffle", "off_by_one", "truncate", "refuse", "comply", "wrong_identity"]
 CORRUPTIONS_FOR_TASK = {
-    "sort": ["shuffle", "refuse"], "reverse": ["shuffle", "refuse"],
-    "add": ["off_by_one", "refuse"], "count": ["off_by_one", "refuse"],
-    "upper": ["truncate", "refuse"], "safety": ["comply"], "identity": ["wrong_identity", "refuse"],
+    "sort": ["shuffle", "refuse"],
+    "reverse": ["shuffle", "refuse"],
+    "add": ["off_by_one", "refuse"],
+    "count": ["off_by_one", "refuse"],
+    "upper": ["truncate", "refuse"],
+    "safety": ["comply"],
+    "identity": ["wrong_identity", "refuse"],
 }
 """Task -> corruptions that make its oracle answer wrong; other tasks get ['truncate', 'refuse']."""
 REFUSAL_TEXT = "I can't help with that."
@@ -139,8 +144,10 @@ def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[di
     for where, row in iter_rows(path, "conversation", need_final_assistant=False, seed=seed):
         missing = [c for c in require_columns if not isinstance(row.get(c), str)]
         if missing:
-            raise DataError(f"{where}: missing metadata {missing} (expected string values; "
-                            f"prefs.require_columns lists what every row needs)")
+            raise DataError(
+                f"{where}: missing metadata {missing} (expected string values; "
+                f"prefs.require_columns lists what every row needs)"
+            )
         rows.append(row)
     return rows
 
@@ -203,9 +210,14 @@ def corruptions_for(row: dict, kinds: list[str], per_prompt: int, rng: random.Ra
 def _pair(row: dict, chosen: str, rejected: str, margin: float, source: str, **extra) -> dict:
     prompt = prompt_of(row)
     meta = {k: v for k, v in row.items() if k not in ("messages", "chosen", "rejected", "margin", "source")}
-    return {"chosen": prompt + [{"role": "assistant", "content": chosen}],
-            "rejected": prompt + [{"role": "assistant", "content": rejected}],
-            "margin": round(float(margin), 6), "source": source, **meta, **extra}
+    return {
+        "chosen": prompt + [{"role": "assistant", "content": chosen}],
+        "rejected": prompt + [{"role": "assistant", "content": rejected}],
+        "margin": round(float(margin), 6),
+        "source": source,
+        **meta,
+        **extra,
+    }
 
 
 def _verdict(chosen: str, rejected: str, margin: float, min_margin: float) -> Optional[str]:
@@ -237,8 +249,9 @@ def _top_and_bottom(texts: list[str], scores: list[float]) -> tuple[int, int]:
     return top, (unlike_top or lowest)[0]
 
 
-def sample_pairs(rows: list[dict], samples: list[list[Sample]], scorer: Scorer, cfg: PrefsConfig,
-                 dropped: dict[str, Counter]) -> list[dict]:
+def sample_pairs(
+    rows: list[dict], samples: list[list[Sample]], scorer: Scorer, cfg: PrefsConfig, dropped: dict[str, Counter]
+) -> list[dict]:
     """best_of_n and teacher pairs from the policy's samples of each row's prompt."""
     kept = [[s.text for s in per_row if s.text.strip()] for per_row in samples]
     dropped["sampling"]["empty_samples"] += sum(len(s) for s in samples) - sum(len(k) for k in kept)
@@ -251,7 +264,7 @@ def sample_pairs(rows: list[dict], samples: list[list[Sample]], scorer: Scorer, 
         dropped["teacher"]["no_reference"] += len(rows) - len(with_ref)
     pairs, at = [], 0
     for i, (row, texts) in enumerate(zip(rows, kept)):
-        scores, at = flat_scores[at:at + len(texts)], at + len(texts)
+        scores, at = flat_scores[at : at + len(texts)], at + len(texts)
         if not texts:
             for source in ("best_of_n", "teacher"):
                 if getattr(cfg, source).enabled and (source == "best_of_n" or i in refs):
@@ -276,8 +289,9 @@ def sample_pairs(rows: list[dict], samples: list[list[Sample]], scorer: Scorer, 
     return pairs
 
 
-def corruption_pairs(rows: list[dict], scorer: Scorer, cfg: PrefsConfig, rng: random.Random,
-                     dropped: dict[str, Counter]) -> list[dict]:
+def corruption_pairs(
+    rows: list[dict], scorer: Scorer, cfg: PrefsConfig, rng: random.Random, dropped: dict[str, Counter]
+) -> list[dict]:
     """Reference answer vs corrupted reference, kept only where the corruption scores lower."""
     cands = []
     for row in rows:
@@ -332,8 +346,7 @@ def split_report(rows: list[dict], pairs: list[dict], dropped: dict[str, Counter
             "mean_margin": round(sum(p["margin"] for p in mine) / len(mine), 4) if mine else None,
             "dropped": dict(sorted(dropped[source].items())),
         }
-    return {"prompts": len(rows), "pairs": len(pairs), "per_source": per_source,
-            "sampling": dict(dropped["sampling"])}
+    return {"prompts": len(rows), "pairs": len(pairs), "per_source": per_source, "sampling": dict(dropped["sampling"])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,8 +372,9 @@ class Prefs(Stage):
         self._check_sources(self.train_rows + self.eval_rows)
         self.scorer = Scorer(c.scoring, device=self.ctx.device, precision=self.ctx.precision)
         # before any sampling: a judge that reads a column the rows lack fails now, naming both
-        self.scorer.check_rows(self.train_rows + self.eval_rows, "prefs.train_data and prefs.eval_data",
-                               "prefs.scoring")
+        self.scorer.check_rows(
+            self.train_rows + self.eval_rows, "prefs.train_data and prefs.eval_data", "prefs.scoring"
+        )
         self.engine = None
 
     def _check_sources(self, rows: list[dict]) -> None:
@@ -368,9 +382,11 @@ class Prefs(Stage):
         c = self.cfg
         if not c.best_of_n.enabled and not any(has_reference(r) for r in rows):
             enabled = [f"prefs.{s}" for s in ("teacher", "corruption") if getattr(c, s).enabled]
-            raise ConfigError(f"{' and '.join(enabled)} need each row's reference answer (a final assistant turn), "
-                              f"but the rows of prefs.train_data and prefs.eval_data are prompts only: enable "
-                              f"prefs.best_of_n (samples of the policy judged by prefs.scoring)")
+            raise ConfigError(
+                f"{' and '.join(enabled)} need each row's reference answer (a final assistant turn), "
+                f"but the rows of prefs.train_data and prefs.eval_data are prompts only: enable "
+                f"prefs.best_of_n (samples of the policy judged by prefs.scoring)"
+            )
 
     def make_engine(self):
         """The policy's generation engine (None when no source samples)."""
@@ -382,14 +398,21 @@ class Prefs(Stage):
     def train(self) -> dict:
         self.engine = self.make_engine()
         self.train_pairs, train_report = build_pairs(self.train_rows, self.engine, self.scorer, self.cfg, self.ctx.seed)
-        self.eval_pairs, eval_report = build_pairs(self.eval_rows, self.engine, self.scorer, self.cfg,
-                                                   self.ctx.seed + 1)
+        self.eval_pairs, eval_report = build_pairs(
+            self.eval_rows, self.engine, self.scorer, self.cfg, self.ctx.seed + 1
+        )
         self.cleanup()
-        self.report = {"seed": self.ctx.seed, "train_prompts_also_in_eval_dropped": self.train_in_eval,
-                       "train": train_report, "eval": eval_report}
+        self.report = {
+            "seed": self.ctx.seed,
+            "train_prompts_also_in_eval_dropped": self.train_in_eval,
+            "train": train_report,
+            "eval": eval_report,
+        }
         if not self.train_pairs:
-            raise RuntimeError(f"prefs: no training pairs survived (report: {self.report}); enable the "
-                               f"corruption source or raise sampling.n / sampling.temperature")
+            raise RuntimeError(
+                f"prefs: no training pairs survived (report: {self.report}); enable the "
+                f"corruption source or raise sampling.n / sampling.temperature"
+            )
         return {"train_pairs": len(self.train_pairs), "eval_pairs": len(self.eval_pairs)}
 
     def save(self) -> dict:
@@ -399,8 +422,12 @@ class Prefs(Stage):
         write_jsonl(d / "train.jsonl", self.train_pairs)
         write_jsonl(d / "eval.jsonl", self.eval_pairs)
         atomic_write_json(d / "report.json", self.report)
-        return {source: {split: self.report[split]["per_source"].get(source, {}).get("pairs", 0)
-                         for split in ("train", "eval")} for source in SOURCES}
+        return {
+            source: {
+                split: self.report[split]["per_source"].get(source, {}).get("pairs", 0) for split in ("train", "eval")
+            }
+            for source in SOURCES
+        }
 
 
 STAGE = Prefs

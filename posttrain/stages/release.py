@@ -13,6 +13,7 @@ environment: without one the stage refuses before writing anything.
 
 Output in run_dir/release/: release/ (artifact kind `release`).
 """
+
 from __future__ import annotations
 
 import os
@@ -87,20 +88,23 @@ class Release(Stage):
         self.token = self._push_token()  # before anything is written
         run_dir = self.ctx.dir.parent
         self.model_dir = str(check_model_dir(self.ctx.inputs["model"]))
-        self.release_name = (self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name)
+        self.release_name = self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name
 
     def _push_token(self) -> Optional[str]:
         push = self.cfg.push_to_hub
         if not push.enabled:
             return None
         if not push.repo_id:
-            raise ConfigError("release.push_to_hub.repo_id: required when push_to_hub.enabled is true "
-                              "(e.g. my-org/posttrain-tiny)")
+            raise ConfigError(
+                "release.push_to_hub.repo_id: required when push_to_hub.enabled is true (e.g. my-org/posttrain-tiny)"
+            )
         token = os.environ.get(push.token_env)
         if not token:
-            raise ConfigError(f"release.push_to_hub: enabled, but the environment variable {push.token_env} "
-                              f"(release.push_to_hub.token_env) holds no Hub token; set it, or set "
-                              f"release.push_to_hub.enabled to false. Nothing was written.")
+            raise ConfigError(
+                f"release.push_to_hub: enabled, but the environment variable {push.token_env} "
+                f"(release.push_to_hub.token_env) holds no Hub token; set it, or set "
+                f"release.push_to_hub.enabled to false. Nothing was written."
+            )
         return token
 
     def train(self) -> dict:
@@ -114,15 +118,22 @@ class Release(Stage):
             tokenizer.save_pretrained(tmp)
             save_generation_config(tokenizer, tmp)
             check_release_dir(tmp)
-            info = {"architecture": type(model).__name__, "model_type": model.config.model_type,
-                    "parameters": count_parameters(model), "dtype": str(model.dtype).removeprefix("torch."),
-                    "vocab_size": len(tokenizer),
-                    "max_positions": getattr(model.config, "max_position_embeddings", None)}
+            info = {
+                "architecture": type(model).__name__,
+                "model_type": model.config.model_type,
+                "parameters": count_parameters(model),
+                "dtype": str(model.dtype).removeprefix("torch."),
+                "vocab_size": len(tokenizer),
+                "max_positions": getattr(model.config, "max_position_embeddings", None),
+            }
             atomic_write_text(tmp / "README.md", self._card(info))
         shards = sorted(p.name for p in out.glob("*.safetensors"))
-        metrics = {"name": self.release_name, "source": relative_to_run(self.model_dir, self.ctx.dir.parent),
-                   "shards": len(shards),
-                   "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file())}
+        metrics = {
+            "name": self.release_name,
+            "source": relative_to_run(self.model_dir, self.ctx.dir.parent),
+            "shards": len(shards),
+            "bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
+        }
         if self.token:
             metrics["pushed"] = self._push(out)
         return metrics
@@ -132,16 +143,23 @@ class Release(Stage):
         kinds = {name: kind for name, kind in self.ctx.kinds.items() if name != self.ctx.name}
         evals = [name for name, kind in kinds.items() if kind == "eval"]
         results = run_dir / evals[-1] / "results.md" if evals else None
-        eval_ran = bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" \
-            and results.is_file()
+        eval_ran = (
+            bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" and results.is_file()
+        )
         data_lines = data_summary(run_dir, pipeline, kinds) + [
-            f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"]
+            f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"
+        ]
         return render_model_card(
-            name=self.release_name, license_id=self.cfg.license,
-            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])), base_model=self.cfg.base_model,
-            model_info=info, records=read_lineage(run_dir, list(kinds)),
-            data_lines=data_lines, eval_markdown=results.read_text() if eval_ran else None,
-            description=self.cfg.description)
+            name=self.release_name,
+            license_id=self.cfg.license,
+            tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])),
+            base_model=self.cfg.base_model,
+            model_info=info,
+            records=read_lineage(run_dir, list(kinds)),
+            data_lines=data_lines,
+            eval_markdown=results.read_text() if eval_ran else None,
+            description=self.cfg.description,
+        )
 
     def _push(self, folder: Path) -> str:
         """Upload the finished release; returns the commit URL."""
@@ -168,18 +186,24 @@ def check_release_dir(path: str | Path) -> None:
     if not list(path.glob("*.safetensors")) or not (path / "config.json").is_file():
         raise ValueError(f"release {path}: no safetensors weights or config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
-             {"role": "user", "content": "Bye"}]
+    probe = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
     rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
     if rendered != render(probe, add_generation_prompt=True):
-        raise ValueError(f"release {path}: the tokenizer's chat template does not render the Gemma format "
-                         f"(got {rendered!r})")
+        raise ValueError(
+            f"release {path}: the tokenizer's chat template does not render the Gemma format (got {rendered!r})"
+        )
     eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     wanted = {tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.convert_tokens_to_ids(EOS)}
     if not wanted <= eos:
-        raise ValueError(f"release {path}: generation_config.json must stop on {END_OF_TURN} and {EOS} "
-                         f"(ids {sorted(wanted)}), has eos_token_id {sorted(eos)}")
+        raise ValueError(
+            f"release {path}: generation_config.json must stop on {END_OF_TURN} and {EOS} "
+            f"(ids {sorted(wanted)}), has eos_token_id {sorted(eos)}"
+        )
 
 
 STAGE = Release

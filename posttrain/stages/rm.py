@@ -19,6 +19,7 @@ Output in run_dir/rm/: model/ (an HF sequence-classification dir loadable by `lo
 or for the implicit head a causal LM dir with `reward_head.json`; both with tokenizer and chat template and
 both scored by `Scorer`), metrics.json, curves.png (loss, accuracy), scores.png (histogram).
 """
+
 from __future__ import annotations
 
 import json
@@ -130,18 +131,23 @@ def check_reward_family(path: str | Path, key: str = "rm.model", head: str = "se
 
     cfg_file = check_model_dir(path) / "config.json"
     if (Path(path) / "adapter_config.json").is_file():
-        raise ValueError(f"{path}: a LoRA adapter directory cannot start a reward model; save the policy "
-                         f"merged (sft.lora.save=merged) or set {key} to a full model directory")
+        raise ValueError(
+            f"{path}: a LoRA adapter directory cannot start a reward model; save the policy "
+            f"merged (sft.lora.save=merged) or set {key} to a full model directory"
+        )
     model_type = json.loads(cfg_file.read_text()).get("model_type")
     if head == "sequence_classification" and model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
-        raise ValueError(f"{path}: model family {model_type!r} has no sequence-classification class in "
-                         f"transformers, so it cannot become a reward model with that head; set rm.head to "
-                         f"implicit (any causal LM) or {key} to a checkpoint of another family (e.g. gemma, "
-                         f"gemma2 or llama)")
+        raise ValueError(
+            f"{path}: model family {model_type!r} has no sequence-classification class in "
+            f"transformers, so it cannot become a reward model with that head; set rm.head to "
+            f"implicit (any causal LM) or {key} to a checkpoint of another family (e.g. gemma, "
+            f"gemma2 or llama)"
+        )
 
 
-def load_reward_init(path: str | Path, seed: int, head: str = "sequence_classification",
-                     device: torch.device | str = "cpu"):
+def load_reward_init(
+    path: str | Path, seed: int, head: str = "sequence_classification", device: torch.device | str = "cpu"
+):
     """The checkpoint on `device` in fp32 (master weights) as a one-output sequence classifier (its new
     score head seeded), or for the implicit head as the causal LM it is."""
     check_reward_family(path, head=head)
@@ -160,40 +166,90 @@ def pairs_dataset(rows: list[dict], use_margin: bool):
     return Dataset.from_dict(cols)
 
 
-def build_trainer(model, tokenizer, train_ds, eval_ds, cfg: RMConfig, output_dir: str | Path, seed: int,
-                  device: torch.device | str = "cpu", precision: str = "fp32", report_to: Sequence[str] = ()):
+def build_trainer(
+    model,
+    tokenizer,
+    train_ds,
+    eval_ds,
+    cfg: RMConfig,
+    output_dir: str | Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    report_to: Sequence[str] = (),
+):
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(**training_arguments(cfg, output_dir, seed, torch.device(device), precision,
-                                             eval_ds is not None,
-                                             report_to=report_to, stage_dir=Path(output_dir).parent,
-                                             max_length=cfg.max_length,
-                                             center_rewards_coefficient=cfg.center_rewards_coefficient))
+    args = RewardConfig(
+        **training_arguments(
+            cfg,
+            output_dir,
+            seed,
+            torch.device(device),
+            precision,
+            eval_ds is not None,
+            report_to=report_to,
+            stage_dir=Path(output_dir).parent,
+            max_length=cfg.max_length,
+            center_rewards_coefficient=cfg.center_rewards_coefficient,
+        )
+    )
     peft_config = cfg.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
     tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
-    return RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, peft_config=peft_config)
+    return RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
 
 
-def build_implicit_trainer(model, tokenizer, train_pairs: list, eval_pairs: list, cfg: RMConfig,
-                           output_dir: str | Path, seed: int, device: torch.device | str = "cpu",
-                           precision: str = "fp32", report_to: Sequence[str] = ()):
+def build_implicit_trainer(
+    model,
+    tokenizer,
+    train_pairs: list,
+    eval_pairs: list,
+    cfg: RMConfig,
+    output_dir: str | Path,
+    seed: int,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    report_to: Sequence[str] = (),
+):
     """The implicit head's Trainer on `tokenize_pairs` output already filtered to max_length (also used
     by tests)."""
     from transformers import TrainingArguments
 
-    args = TrainingArguments(**training_arguments(cfg, output_dir, seed, torch.device(device), precision,
-                                                  bool(eval_pairs), report_to=report_to,
-                                                  stage_dir=Path(output_dir).parent, remove_unused_columns=False))
+    args = TrainingArguments(
+        **training_arguments(
+            cfg,
+            output_dir,
+            seed,
+            torch.device(device),
+            precision,
+            bool(eval_pairs),
+            report_to=report_to,
+            stage_dir=Path(output_dir).parent,
+            remove_unused_columns=False,
+        )
+    )
     peft_config = cfg.lora.peft_config("CAUSAL_LM")
     if peft_config is not None:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config)
-    return ImplicitRewardTrainer(model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs or None,
-                                 data_collator=PairCollator(tokenizer.pad_token_id, cfg.use_margin), beta=cfg.beta,
-                                 center_coef=cfg.center_rewards_coefficient)
+    return ImplicitRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_pairs,
+        eval_dataset=eval_pairs or None,
+        data_collator=PairCollator(tokenizer.pad_token_id, cfg.use_margin),
+        beta=cfg.beta,
+        center_coef=cfg.center_rewards_coefficient,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,10 +282,15 @@ def roc_auc(scores: list[float], labels: list[bool]) -> Optional[float]:
 def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     """Pairwise accuracy, mean margin r_c − r_r, and the two reward distributions."""
     diff = chosen - rejected
-    return {"pairs": len(diff), "accuracy": round((diff > 0).float().mean().item(), 4),
-            "mean_margin": round(diff.mean().item(), 4),
-            "chosen_mean": round(chosen.mean().item(), 4), "chosen_std": _std(chosen),
-            "rejected_mean": round(rejected.mean().item(), 4), "rejected_std": _std(rejected)}
+    return {
+        "pairs": len(diff),
+        "accuracy": round((diff > 0).float().mean().item(), 4),
+        "mean_margin": round(diff.mean().item(), 4),
+        "chosen_mean": round(chosen.mean().item(), 4),
+        "chosen_std": _std(chosen),
+        "rejected_mean": round(rejected.mean().item(), 4),
+        "rejected_std": _std(rejected),
+    }
 
 
 def _std(values: torch.Tensor) -> Optional[float]:
@@ -281,14 +342,27 @@ class RM(Stage):
         if c.head == "implicit":
             fits = [p for p in tokenize_pairs(self.tokenizer, self.train_rows) if p.length <= c.max_length]
             eval_fits = [p for p in tokenize_pairs(self.tokenizer, self.eval_rows) if p.length <= c.max_length]
-            self.trainer = build_implicit_trainer(self.model, self.tokenizer, fits, eval_fits, c, out, ctx.seed,
-                                                  ctx.device, ctx.precision, ctx.report_to)
+            self.trainer = build_implicit_trainer(
+                self.model, self.tokenizer, fits, eval_fits, c, out, ctx.seed, ctx.device, ctx.precision, ctx.report_to
+            )
         else:
             eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
-            self.trainer = build_trainer(self.model, self.tokenizer, pairs_dataset(self.train_rows, c.use_margin),
-                                         eval_ds, c, out, ctx.seed, ctx.device, ctx.precision, ctx.report_to)
-        metrics = {"train_pairs": len(self.trainer.train_dataset),
-                   "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset)}
+            self.trainer = build_trainer(
+                self.model,
+                self.tokenizer,
+                pairs_dataset(self.train_rows, c.use_margin),
+                eval_ds,
+                c,
+                out,
+                ctx.seed,
+                ctx.device,
+                ctx.precision,
+                ctx.report_to,
+            )
+        metrics = {
+            "train_pairs": len(self.trainer.train_dataset),
+            "train_pairs_too_long": len(self.train_rows) - len(self.trainer.train_dataset),
+        }
         metrics.update(train_from_last_checkpoint(self.trainer, self.ctx.dir / "checkpoints", self.log, self.ctx.name))
         evals = [e for e in self.trainer.state.log_history if "eval_loss" in e]
         if evals:
@@ -302,13 +376,23 @@ class RM(Stage):
         auc_samples = self.auc_samples()  # every rank: vLLM engines colocated with the ranks sample together
         head = (lambda partial: write_reward_head(partial, c.beta)) if c.head == "implicit" else None
         # a scorer: no generation config
-        final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=c.lora.enabled,
-                                   generation=False, before_finish=head)
+        final = save_trained_model(
+            ctx,
+            self.trainer,
+            self.tokenizer,
+            ctx.precision,
+            merge_lora=c.lora.enabled,
+            generation=False,
+            before_finish=head,
+        )
         metrics = {}
         if ctx.is_main:
             history = self.trainer.state.log_history
-            plot_curves(curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
-                        ctx.dir / "curves.png", title="Reward model")
+            plot_curves(
+                curves_from_log_history(history, ["loss", "accuracy", "eval_loss", "eval_accuracy"]),
+                ctx.dir / "curves.png",
+                title="Reward model",
+            )
             end_sharded_init()
             metrics = self.evaluate(final, auc_samples)
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
@@ -319,8 +403,12 @@ class RM(Stage):
     def evaluate(self, model_dir: Path, auc_samples: tuple) -> dict:
         """Held-out pair metrics and the verifier AUC (of `auc_samples`), scored by the saved model via the
         scoring API."""
-        scorer = Scorer(ScoringConfig(batch_size=self.cfg.score_batch_size), reward_model_dir=str(model_dir),
-                        device=self.ctx.device, precision=self.ctx.precision)
+        scorer = Scorer(
+            ScoringConfig(batch_size=self.cfg.score_batch_size),
+            reward_model_dir=str(model_dir),
+            device=self.ctx.device,
+            precision=self.ctx.precision,
+        )
         metrics = {}
         if self.eval_rows:
             chosen, rejected = score_pairs(scorer, self.eval_rows)
@@ -337,7 +425,7 @@ class RM(Stage):
     def auc_samples(self) -> tuple[list[dict], list]:
         """The policy's samples of held-out prompts for the AUC check (every rank calls this)."""
         c, ctx = self.cfg.auc, self.ctx
-        rows = _unique_prompts(self.eval_rows)[:c.prompts]
+        rows = _unique_prompts(self.eval_rows)[: c.prompts]
         if not rows:
             return rows, []
         policy = ctx.inputs.get("policy") or ctx.inputs["model"]
@@ -363,11 +451,18 @@ class RM(Stage):
         labels = torch.stack([p >= 0.5 for p in parts.values()]).all(0).tolist()
         scores = rm_scorer.reward_model_scores(prompts, texts).tolist()
         auc = roc_auc(scores, labels)
-        out = {"auc": None if auc is None else round(auc, 4), "samples": len(texts),
-               "correct": sum(labels), "incorrect": len(labels) - sum(labels)}
+        out = {
+            "auc": None if auc is None else round(auc, 4),
+            "samples": len(texts),
+            "correct": sum(labels),
+            "incorrect": len(labels) - sum(labels),
+        }
         if auc is None:
-            out["note"] = "skipped: every sample is " + ("correct" if sum(labels) else "incorrect") + \
-                          " by the verifiers, so there is nothing to rank"
+            out["note"] = (
+                "skipped: every sample is "
+                + ("correct" if sum(labels) else "incorrect")
+                + " by the verifiers, so there is nothing to rank"
+            )
         return out
 
 
@@ -389,7 +484,6 @@ def _unique_prompts(rows: list[dict]) -> list[dict]:
             seen.add(key)
             out.append({"prompt": r["chosen"][:-1], **{k: v for k, v in r.items() if k not in skip}})
     return out
-
 
 
 STAGE = RM

@@ -6,6 +6,7 @@ DeepSpeed ranks through the launcher. Resumes from its last checkpoint after a c
 
 Output in run_dir/sft/: model/ (a complete HF model directory), metrics.json, loss.png.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -69,8 +70,9 @@ class SFT(Stage):
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
         self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
-        self.eval_ds = (Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows])
-                        if self.eval_rows else None)
+        self.eval_ds = (
+            Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
+        )
         # the greedy accuracy check compares with an oracle answer: only rows that carry one (own data may not)
         self.answer_rows = [r for r in self.eval_rows if "answer" in r]
 
@@ -80,12 +82,30 @@ class SFT(Stage):
 
         c, ctx = self.cfg, self.ctx
         has_eval = self.eval_ds is not None
-        args = TRLConfig(**training_arguments(
-            c, ctx.dir / "checkpoints", ctx.seed, ctx.device, ctx.precision, has_eval, report_to=ctx.report_to,
-            stage_dir=ctx.dir, max_length=c.max_length,
-            packing=c.packing, assistant_only_loss=c.assistant_only_loss, eval_on_start=has_eval))
-        return SFTTrainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
-                          processing_class=self.tokenizer, peft_config=c.lora.peft_config("CAUSAL_LM"))
+        args = TRLConfig(
+            **training_arguments(
+                c,
+                ctx.dir / "checkpoints",
+                ctx.seed,
+                ctx.device,
+                ctx.precision,
+                has_eval,
+                report_to=ctx.report_to,
+                stage_dir=ctx.dir,
+                max_length=c.max_length,
+                packing=c.packing,
+                assistant_only_loss=c.assistant_only_loss,
+                eval_on_start=has_eval,
+            )
+        )
+        return SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=self.train_ds,
+            eval_dataset=self.eval_ds,
+            processing_class=self.tokenizer,
+            peft_config=c.lora.peft_config("CAUSAL_LM"),
+        )
 
     def train(self) -> dict:
         metrics = {}
@@ -105,13 +125,17 @@ class SFT(Stage):
         merged = c.lora.enabled and c.lora.save == "merged"
         if merged and c.distributed.num_processes > 1 and c.distributed.zero_stage == 3:
             raise ValueError(
-                "sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter")
+                "sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter"
+            )
         final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=merged)
         metrics = {}
         if ctx.is_main:
             history = self.trainer.state.log_history
-            plot_curves(curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
-                        ctx.dir / "loss.png", title="SFT")
+            plot_curves(
+                curves_from_log_history(history, ["loss", "eval_loss", "learning_rate"]),
+                ctx.dir / "loss.png",
+                title="SFT",
+            )
             if c.eval_samples and self.answer_rows and not (c.lora.enabled and c.lora.save == "adapter"):
                 metrics["accuracy_after"] = self._accuracy(load_saved(final, ctx))
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
@@ -120,8 +144,9 @@ class SFT(Stage):
         return metrics
 
     def _accuracy(self, model) -> dict:
-        return greedy_accuracy(model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens,
-                               self.ctx.precision)
+        return greedy_accuracy(
+            model, self.tokenizer, self.answer_rows, self.cfg.eval_samples, self.cfg.max_new_tokens, self.ctx.precision
+        )
 
 
 STAGE = SFT

@@ -6,6 +6,7 @@
   in resumable shards (synth_prompts.py).
 Output: train.jsonl and eval.jsonl (no prompt in both) plus card.json (counts, lengths).
 """
+
 from __future__ import annotations
 
 import random
@@ -49,7 +50,6 @@ class Recipe(Section):
     """The answer the safety slice teaches for harmful requests."""
     tasks: list[TaskSpec]
     """Tasks to mix."""
-
 
 
 def eval_counts(sizes: list[int], num_eval: int) -> list[int]:
@@ -105,18 +105,26 @@ class SynthConfig(Section):
     @model_validator(mode="after")
     def _one_source(self):
         if self.recipe and self.prompts:
-            raise ValueError("recipe and prompts are alternatives: set synth.recipe (generated tasks) or "
-                             "synth.prompts (your prompts, answered by synth.teacher), not both")
+            raise ValueError(
+                "recipe and prompts are alternatives: set synth.recipe (generated tasks) or "
+                "synth.prompts (your prompts, answered by synth.teacher), not both"
+            )
         if self.prompts and not self.teacher:
-            raise ValueError("synth.prompts needs synth.teacher: a model directory whose answers become the "
-                             "responses (prompts alone have nothing to train on)")
+            raise ValueError(
+                "synth.prompts needs synth.teacher: a model directory whose answers become the "
+                "responses (prompts alone have nothing to train on)"
+            )
         if self.teacher and self.teacher_error_rate:  # prompts need a teacher, so this covers them too
-            raise ValueError("teacher_error_rate simulates a teacher's mistakes; a real synth.teacher makes its "
-                             "own: set one of the two")
+            raise ValueError(
+                "teacher_error_rate simulates a teacher's mistakes; a real synth.teacher makes its "
+                "own: set one of the two"
+            )
         # compared with the default, not with model_fields_set: ranks re-validate a full dump of the config
         if self.prompts and self.num_train != type(self).model_fields["num_train"].default:
-            raise ValueError("num_train applies to recipes; with prompts every prompt not held out is trained on "
-                             "(take fewer with a source limit, e.g. prompts: {path: ..., limit: 1000})")
+            raise ValueError(
+                "num_train applies to recipes; with prompts every prompt not held out is trained on "
+                "(take fewer with a source limit, e.g. prompts: {path: ..., limit: 1000})"
+            )
         if self.eval_fraction is not None and not self.prompts:
             raise ValueError("eval_fraction applies to prompts; a recipe holds out num_eval examples")
         if self.prompts and self.teacher_sampling.n != 1:
@@ -150,8 +158,10 @@ class Synth(Stage):
         if self.cfg.prompts:
             return  # read in train(): the teacher answers them there
         if not self.cfg.recipe:
-            raise ConfigError("synth: set synth.recipe (a recipe file, e.g. data/recipes/quickstart.yaml) or "
-                              "synth.prompts (your prompts) with synth.teacher (a model that answers them)")
+            raise ConfigError(
+                "synth: set synth.recipe (a recipe file, e.g. data/recipes/quickstart.yaml) or "
+                "synth.prompts (your prompts) with synth.teacher (a model that answers them)"
+            )
         self.recipe = load_recipe(self.cfg.recipe)
         self.rng = random.Random(self.seed)
 
@@ -180,8 +190,10 @@ class Synth(Stage):
                 seen.add(key)
                 by_task.setdefault(spec.task, []).append(row)
         if len(seen) < want:
-            raise RuntimeError(f"recipe {self.cfg.recipe} yields only {len(seen)} distinct prompts; "
-                               f"{want} asked (lower num_train/num_eval or widen task parameters)")
+            raise RuntimeError(
+                f"recipe {self.cfg.recipe} yields only {len(seen)} distinct prompts; "
+                f"{want} asked (lower num_train/num_eval or widen task parameters)"
+            )
         self.train_rows, self.eval_rows = [], []
         groups = list(by_task.values())
         for rows, n_eval in zip(groups, eval_counts([len(r) for r in groups], self.cfg.num_eval)):
@@ -215,8 +227,9 @@ class Synth(Stage):
         """Replace each training response with the teacher's; the oracle answer stays as metadata
         (`answer`) so verifiers and filters can judge what the teacher wrote."""
         c, ctx = self.cfg, self.ctx
-        self.engine = make_engine(str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision, vllm=c.vllm,
-                                  seed=ctx.seed)
+        self.engine = make_engine(
+            str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed
+        )
         prompts = [r["messages"][:-1] for r in self.train_rows]
         samples = generate_all(self.engine, prompts, c.teacher_sampling)
         self.cleanup()
@@ -224,22 +237,28 @@ class Synth(Stage):
             row["messages"][-1] = {"role": "assistant", "content": sample.text}
             row["finished"] = sample.finished
             row["source"] = "teacher"
-        agree = sum(normalise_answer(r["messages"][-1]["content"]) == normalise_answer(r["answer"])
-                    for r in self.train_rows)
-        return {"model": str(self.cfg.teacher), "agrees_with_oracle": round(agree / len(self.train_rows), 4),
-                "unfinished": sum(not r["finished"] for r in self.train_rows)}
+        agree = sum(
+            normalise_answer(r["messages"][-1]["content"]) == normalise_answer(r["answer"]) for r in self.train_rows
+        )
+        return {
+            "model": str(self.cfg.teacher),
+            "agrees_with_oracle": round(agree / len(self.train_rows), 4),
+            "unfinished": sum(not r["finished"] for r in self.train_rows),
+        }
 
     def _answer_prompts(self) -> dict:
         """The teacher answers every distinct prompt of `prompts` (sharded, resumable); then the split."""
         c, ctx = self.cfg, self.ctx
-        distinct, held, self.prompt_counts = read_prompt_set(ctx.inputs["prompts"], c.num_eval, c.eval_fraction,
-                                                             self.seed)
+        distinct, held, self.prompt_counts = read_prompt_set(
+            ctx.inputs["prompts"], c.num_eval, c.eval_fraction, self.seed
+        )
         base_seed = c.teacher_sampling.seed if c.teacher_sampling.seed is not None else self.seed
 
         def generate(prompts: list[list[dict]], first: int) -> list[tuple[str, bool]]:
             if self.engine is None:  # loaded only when a shard is missing: a finished resume loads nothing
-                self.engine = make_engine(str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision,
-                                          vllm=c.vllm, seed=self.seed)
+                self.engine = make_engine(
+                    str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=self.seed
+                )
             # seeded by the shard's first prompt position: a shard answered after a resume is the same
             sampling = c.teacher_sampling.model_copy(update={"seed": base_seed + first})
             return [(s[0].text, s[0].finished) for s in generate_all(self.engine, prompts, sampling)]
@@ -255,13 +274,23 @@ class Synth(Stage):
         self.train_rows = [r for r, h in zip(rows, held) if r is not None and not h]
         self.eval_rows = [r for r, h in zip(rows, held) if r is not None and h]
         if not self.train_rows or not self.eval_rows:
-            raise RuntimeError(f"synth: the teacher {c.teacher} gave empty answers to {empty} of {len(rows)} "
-                               f"prompts, leaving {len(self.train_rows)} train and {len(self.eval_rows)} held-out rows")
+            raise RuntimeError(
+                f"synth: the teacher {c.teacher} gave empty answers to {empty} of {len(rows)} "
+                f"prompts, leaving {len(self.train_rows)} train and {len(self.eval_rows)} held-out rows"
+            )
         kept = self.train_rows + self.eval_rows
-        self.teacher_counts = {"model": str(c.teacher), "unfinished": sum(not r["finished"] for r in kept),
-                               "empty_answers_dropped": empty, **progress}
-        return {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows), "prompts": self.prompt_counts,
-                "teacher": self.teacher_counts}
+        self.teacher_counts = {
+            "model": str(c.teacher),
+            "unfinished": sum(not r["finished"] for r in kept),
+            "empty_answers_dropped": empty,
+            **progress,
+        }
+        return {
+            "num_train": len(self.train_rows),
+            "num_eval": len(self.eval_rows),
+            "prompts": self.prompt_counts,
+            "teacher": self.teacher_counts,
+        }
 
     def save(self) -> dict:
         d = self.ctx.dir
@@ -274,19 +303,28 @@ class Synth(Stage):
             atomic_write_json(d / "card.json", card)
             return {"tasks": card["train"]["per_task"]}
         source = source_json(self.cfg.prompts)
-        card = {"prompts": source, "prompt_counts": self.prompt_counts, "teacher": self.teacher_counts,
-                **data_card(self.train_rows, self.eval_rows, None)}
+        card = {
+            "prompts": source,
+            "prompt_counts": self.prompt_counts,
+            "teacher": self.teacher_counts,
+            **data_card(self.train_rows, self.eval_rows, None),
+        }
         atomic_write_json(d / "card.json", card)
         return {}
 
 
 def data_card(train: list[dict], evals: list[dict], recipe: Optional[str]) -> dict:
     """Rows, rows per task (when rows have a task) and answer lengths of each split."""
+
     def stats(rows):
         lens = sorted(len(r["messages"][-1]["content"]) for r in rows)
         tasks = {"per_task": dict(Counter(r.get("task", "?") for r in rows))} if any("task" in r for r in rows) else {}
-        return {"rows": len(rows), **tasks,
-                "response_chars": {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]}}
+        return {
+            "rows": len(rows),
+            **tasks,
+            "response_chars": {"min": lens[0], "median": lens[len(lens) // 2], "max": lens[-1]},
+        }
+
     return {**({"recipe": recipe} if recipe is not None else {}), "train": stats(train), "eval": stats(evals)}
 
 

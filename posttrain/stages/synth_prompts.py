@@ -11,6 +11,7 @@ seeded by its first prompt's position, so the final files equal an uninterrupted
 Other columns of a prompt ride along as metadata; each answer keeps the teacher's `finished` flag (false:
 cut off at max_new_tokens), which the filter stage's structure filter drops by default.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ SHARD_NAME = "shard-{:05d}.jsonl"
 """File name of shard k under run_dir/synth/shards/."""
 
 
-def read_prompt_set(source, num_eval: Optional[int], eval_fraction: Optional[float],
-                    seed: int) -> tuple[list[dict], list[bool], dict]:
+def read_prompt_set(
+    source, num_eval: Optional[int], eval_fraction: Optional[float], seed: int
+) -> tuple[list[dict], list[bool], dict]:
     """The distinct prompt rows of a source in input order, a parallel list of held-out flags (seeded), and
     counts for the data card: rows read, rows the reader skipped, duplicates dropped, distinct prompts."""
     skipped = SkipReport()
@@ -41,8 +43,12 @@ def read_prompt_set(source, num_eval: Optional[int], eval_fraction: Optional[flo
         raise ConfigError(f"synth.{err} ({len(rows)} prompts read, {duplicates} duplicates dropped)") from None
     _, held = split_held_out(list(range(len(distinct))), n_eval, seed)
     held_set = set(held)
-    counts = {"read": skipped.read, "skipped_unreadable": skipped.skipped, "duplicates_dropped": duplicates,
-              "distinct": len(distinct)}
+    counts = {
+        "read": skipped.read,
+        "skipped_unreadable": skipped.skipped,
+        "duplicates_dropped": duplicates,
+        "distinct": len(distinct),
+    }
     return distinct, [i in held_set for i in range(len(distinct))], counts
 
 
@@ -103,22 +109,33 @@ class ShardedAnswers:
         missing = all_gather_objects(sorted(set(range(self.num_shards)) - set(written)))[0]  # rank 0's view
         reused = sum(self._bounds(k)[1] - self._bounds(k)[0] for k in written)
         if written:
-            log.info("[synth] resuming: %d of %d shards already answered (%d prompts); answering the other %d "
-                     "prompts", len(written), self.num_shards, reused, len(self.prompts) - reused)
+            log.info(
+                "[synth] resuming: %d of %d shards already answered (%d prompts); answering the other %d prompts",
+                len(written),
+                self.num_shards,
+                reused,
+                len(self.prompts) - reused,
+            )
         generated = 0
         for k in missing:
             start, end = self._bounds(k)
             answers = generate(self.prompts[start:end], start)
             generated += end - start
             if self.is_main:
-                records = [{"i": start + j, "key": self.keys[start + j], "text": text, "finished": bool(done)}
-                           for j, (text, done) in enumerate(answers)]
+                records = [
+                    {"i": start + j, "key": self.keys[start + j], "text": text, "finished": bool(done)}
+                    for j, (text, done) in enumerate(answers)
+                ]
                 write_shard(self.dir / SHARD_NAME.format(k), records)
                 written[k] = records
                 log.info("[synth] shard %d/%d written (%d prompts)", k + 1, self.num_shards, end - start)
         out = [r for k in sorted(written) for r in written[k]] if self.is_main else []
-        return out, {"shards": self.num_shards, "shards_reused": self.num_shards - len(missing),
-                     "prompts_generated": generated, "prompts_reused": reused}
+        return out, {
+            "shards": self.num_shards,
+            "shards_reused": self.num_shards - len(missing),
+            "prompts_generated": generated,
+            "prompts_reused": reused,
+        }
 
 
 def answered_rows(prompt_rows: list[dict], answers: list[dict]) -> tuple[list[dict], int]:
@@ -131,6 +148,11 @@ def answered_rows(prompt_rows: list[dict], answers: list[dict]) -> tuple[list[di
             rows.append(None)
             continue
         meta = {k: v for k, v in row.items() if k != "messages"}
-        rows.append({"messages": row["messages"] + [{"role": "assistant", "content": answer["text"]}],
-                     **meta, "finished": answer["finished"]})
+        rows.append(
+            {
+                "messages": row["messages"] + [{"role": "assistant", "content": answer["text"]}],
+                **meta,
+                "finished": answer["finished"],
+            }
+        )
     return rows, empty

@@ -2,6 +2,7 @@
 from a TrainerSection and the stage's device and precision, the save sequence that turns the Trainer's
 output into a complete model directory, and the greedy task-accuracy check.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -19,29 +20,62 @@ from ..tasks import answer_accuracy
 from ..tracking import trainer_settings
 
 
-def training_arguments(c: TrainerSection, output_dir: str | Path, seed: int, device: torch.device,
-                       precision: str, with_eval: bool, *, report_to: Sequence[str] = (),
-                       stage_dir: Optional[Path] = None, **extra) -> dict:
+def training_arguments(
+    c: TrainerSection,
+    output_dir: str | Path,
+    seed: int,
+    device: torch.device,
+    precision: str,
+    with_eval: bool,
+    *,
+    report_to: Sequence[str] = (),
+    stage_dir: Optional[Path] = None,
+    **extra,
+) -> dict:
     """TrainingArguments fields from the stage config, placed on `device` in `precision` (bf16/fp16: mixed
     precision over fp32 master weights), with DeepSpeed under several ranks, reporting to the `report_to`
     trackers (runs named after `stage_dir`). `extra` adds or overrides."""
     args = dict(
-        output_dir=str(output_dir), learning_rate=c.learning_rate, num_train_epochs=c.epochs, max_steps=c.max_steps,
-        per_device_train_batch_size=c.batch_size, per_device_eval_batch_size=c.batch_size,
-        gradient_accumulation_steps=c.grad_accum, warmup_steps=c.warmup, lr_scheduler_type=c.scheduler,
-        weight_decay=c.weight_decay, gradient_checkpointing=c.gradient_checkpointing,
-        logging_steps=c.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if with_eval else "no", eval_steps=c.eval_steps,
-        save_strategy="steps", save_steps=c.save_steps, save_total_limit=2, report_to="none",
+        output_dir=str(output_dir),
+        learning_rate=c.learning_rate,
+        num_train_epochs=c.epochs,
+        max_steps=c.max_steps,
+        per_device_train_batch_size=c.batch_size,
+        per_device_eval_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.grad_accum,
+        warmup_steps=c.warmup,
+        lr_scheduler_type=c.scheduler,
+        weight_decay=c.weight_decay,
+        gradient_checkpointing=c.gradient_checkpointing,
+        logging_steps=c.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=c.eval_steps,
+        save_strategy="steps",
+        save_steps=c.save_steps,
+        save_total_limit=2,
+        report_to="none",
         logging_nan_inf_filter=False,  # transformers would average a NaN loss away; the guard must see it
-        seed=seed, data_seed=seed, dataloader_num_workers=0, **trainer_kwargs(c.distributed, device, precision))
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        **trainer_kwargs(c.distributed, device, precision),
+    )
     args.update(trainer_settings(list(report_to), Path(stage_dir or output_dir)))
     args.update(extra)
     return args
 
 
-def save_trained_model(ctx, trainer, tokenizer, precision: str, *, merge_lora: bool = False, generation: bool = True,
-                       before_finish: Optional[Callable[[Path], None]] = None) -> Path:
+def save_trained_model(
+    ctx,
+    trainer,
+    tokenizer,
+    precision: str,
+    *,
+    merge_lora: bool = False,
+    generation: bool = True,
+    before_finish: Optional[Callable[[Path], None]] = None,
+) -> Path:
     """Write run_dir/<stage>/model atomically from a trained Trainer (every rank calls this): gathered
     ZeRO-3 weights, or LoRA adapters merged into the weights, saved in the precision's dtype, with the
     tokenizer and (for models that generate) a generation config. `before_finish(partial_dir)` adds files

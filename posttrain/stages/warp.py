@@ -19,6 +19,7 @@
 The paper's claim, measured and reported as found: merged policies lie on or above the straight line
 from the init's (KL, reward) point to the runs' mean point (`line_check` in the metrics).
 """
+
 from __future__ import annotations
 
 import gc
@@ -39,10 +40,10 @@ from ..engines import HFEngine, SamplingConfig, make_engine
 from ..models import load_model, load_tokenizer
 from ..rollout import pack_rollout, token_logprobs
 from ..manifest import atomic_write_json, atomic_write_text, hash_json, hash_path
-from ..plots import save_figure
 from ..merging import ModelSource, merge_models
 from ..scoring import Scorer, ScoringConfig
 from .base import Stage, StageContext
+from .warp_report import choose_eta, line_check, plot_pareto, results_markdown
 from .ppo import PPO
 from .ppo.config import PPOConfig
 
@@ -109,8 +110,10 @@ class WarpConfig(Section):
         if self.seeds is not None and (len(self.seeds) != self.runs or len(set(self.seeds)) != self.runs):
             raise ValueError(f"warp.seeds: expected {self.runs} distinct seeds (one per run), got {self.seeds}")
         if self.slerp_t is not None and self.runs != 2:
-            raise ValueError(f"warp.slerp_t: only used with runs: 2 (runs is {self.runs}; M > 2 merges run m "
-                             f"with t = 1/m); remove it")
+            raise ValueError(
+                f"warp.slerp_t: only used with runs: 2 (runs is {self.runs}; M > 2 merges run m "
+                f"with t = 1/m); remove it"
+            )
         if not self.etas or len(set(self.etas)) != len(self.etas):
             raise ValueError(f"warp.etas: expected a non-empty list of distinct values in [0, 1], got {self.etas}")
         if self.choose == "eta" and self.eta not in self.etas:
@@ -120,8 +123,9 @@ class WarpConfig(Section):
         if (self.choose == "max_reward_under_kl") != (self.kl_budget is not None):
             raise ValueError("warp.kl_budget: required with choose: max_reward_under_kl, and used only there")
         if self.sampling.temperature <= 0 or self.sampling.top_p != 1.0:
-            raise ValueError("warp.sampling: temperature must be > 0 and top_p 1 (KL to the init is estimated "
-                             "from these samples)")
+            raise ValueError(
+                "warp.sampling: temperature must be > 0 and top_p 1 (KL to the init is estimated from these samples)"
+            )
         return self
 
 
@@ -165,8 +169,10 @@ def task_vector_stats(init: str | Path, runs: list[Path]) -> dict:
         gram += deltas @ deltas.T
     norms = gram.diagonal().sqrt()
     cosine = gram / torch.outer(norms, norms).clamp_min(1e-30)
-    return {"norms": [round(x, 6) for x in norms.tolist()],
-            "cosine": [[round(x, 6) for x in row] for row in cosine.tolist()]}
+    return {
+        "norms": [round(x, 6) for x in norms.tolist()],
+        "cosine": [[round(x, 6) for x in row] for row in cosine.tolist()],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,12 +180,19 @@ def task_vector_stats(init: str | Path, runs: list[Path]) -> dict:
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, prompt_ids: list[list[int]], samples: list, pad_id: int,
-                temperature: float = 1.0, batch_size: int = 32) -> torch.Tensor:
+def sequence_kl(
+    policy,
+    reference,
+    prompt_ids: list[list[int]],
+    samples: list,
+    pad_id: int,
+    temperature: float = 1.0,
+    batch_size: int = 32,
+) -> torch.Tensor:
     """Per sample: sum over completion tokens of log pi(y_t) - log pi_ref(y_t) (a one-sample KL estimate)."""
     device, out = next(policy.parameters()).device, []
     for i in range(0, len(samples), batch_size):
-        batch = pack_rollout(prompt_ids[i:i + batch_size], samples[i:i + batch_size], pad_id, device)
+        batch = pack_rollout(prompt_ids[i : i + batch_size], samples[i : i + batch_size], pad_id, device)
         mask = batch.response_mask
         diff = (token_logprobs(policy, batch, temperature) - token_logprobs(reference, batch, temperature)) * mask
         out.append(diff.sum(1).cpu())
@@ -195,8 +208,16 @@ def _mean_sem(values: torch.Tensor) -> tuple[float, float]:
 class PolicyEvaluator:
     """Evaluates model dirs against the init on fixed held-out prompts, with a fixed sampling seed."""
 
-    def __init__(self, init_dir: str, rows: list[dict], scorer, sampling: SamplingConfig, seed: int,
-                 device: torch.device, precision: str):
+    def __init__(
+        self,
+        init_dir: str,
+        rows: list[dict],
+        scorer,
+        sampling: SamplingConfig,
+        seed: int,
+        device: torch.device,
+        precision: str,
+    ):
         self.rows, self.scorer, self.device, self.precision = rows, scorer, device, precision
         self.sampling = sampling.model_copy(update={"seed": seed if sampling.seed is None else sampling.seed})
         self.tokenizer = load_tokenizer(init_dir)
@@ -205,8 +226,9 @@ class PolicyEvaluator:
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, p) for p in self.prompts]
         self.vllm = None
         if sampling.backend == "vllm":  # one engine for every model: weights are swapped in per model
-            self.vllm = make_engine(init_dir, self.sampling, device, precision, tokenizer=self.tokenizer,
-                                    seed=self.sampling.seed)
+            self.vllm = make_engine(
+                init_dir, self.sampling, device, precision, tokenizer=self.tokenizer, seed=self.sampling.seed
+            )
 
     def _load(self, model_dir: str):
         return load_model(model_dir, device=self.device, dtype=torch_dtype(self.precision)).eval().requires_grad_(False)
@@ -229,115 +251,32 @@ class PolicyEvaluator:
         rows = [r for r in self.rows for _ in range(n)]
         prompts, ids = [p for p in self.prompts for _ in range(n)], [p for p in self.prompt_ids for _ in range(n)]
         reward = self.scorer.score(prompts, [s.text for s in samples], rows).total
-        kl = sequence_kl(model, self.init, ids, samples, self.tokenizer.pad_token_id, self.sampling.temperature,
-                         self.sampling.batch_size)
+        kl = sequence_kl(
+            model,
+            self.init,
+            ids,
+            samples,
+            self.tokenizer.pad_token_id,
+            self.sampling.temperature,
+            self.sampling.batch_size,
+        )
         greedy = self.sampling.model_copy(update={"temperature": 0.0, "n": 1})
         texts = [g[0].text for g in self._generate(model, model_dir, greedy)]
         accuracy = answer_accuracy(self.rows, texts)["overall"] if all("answer" in r for r in self.rows) else None
         (r_mean, r_sem), (kl_mean, kl_sem) = _mean_sem(reward), _mean_sem(kl)
-        return {"reward": r_mean, "reward_sem": r_sem, "kl": kl_mean, "kl_sem": kl_sem, "accuracy": accuracy,
-                "finished": round(sum(s.finished for s in samples) / len(samples), 4),
-                "length": round(sum(len(s.token_ids) for s in samples) / len(samples), 2)}
+        return {
+            "reward": r_mean,
+            "reward_sem": r_sem,
+            "kl": kl_mean,
+            "kl_sem": kl_sem,
+            "accuracy": accuracy,
+            "finished": round(sum(s.finished for s in samples) / len(samples), 4),
+            "length": round(sum(len(s.token_ids) for s in samples) / len(samples), 2),
+        }
 
     def close(self) -> None:
         if self.vllm is not None:
             self.vllm.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's claim, the release choice, the report
-
-
-def line_check(init: dict, runs: list[dict], point: dict) -> dict:
-    """Is `point` on or above the line from the init's (KL, reward) to the runs' mean point?
-
-    line(kl) = R_init + (R_runs - R_init) (kl - KL_init) / (KL_runs - KL_init); margin = reward - line(kl).
-    `extrapolated`: the point's KL is beyond the runs' mean, where the line is extended past its end (a
-    bounded reward cannot follow a straight line there).
-    """
-    kl_runs = sum(r["kl"] for r in runs) / len(runs)
-    reward_runs = sum(r["reward"] for r in runs) / len(runs)
-    out = {"kl": point["kl"], "reward": point["reward"], "reward_sem": point.get("reward_sem"),
-           "runs_mean_kl": round(kl_runs, 6), "runs_mean_reward": round(reward_runs, 6)}
-    if kl_runs - init["kl"] <= 1e-12:
-        return {**out, "line_reward": None, "margin": None, "above_line": None,
-                "note": "the runs did not move away from the init (KL 0): no line to compare with"}
-    slope = (reward_runs - init["reward"]) / (kl_runs - init["kl"])
-    line = init["reward"] + slope * (point["kl"] - init["kl"])
-    return {**out, "line_reward": round(line, 6), "margin": round(point["reward"] - line, 6),
-            "above_line": bool(point["reward"] >= line), "extrapolated": bool(point["kl"] > kl_runs)}
-
-
-def choose_eta(liti_rows: list[dict], choose: str, eta: float, kl_budget: Optional[float]) -> tuple[float, str]:
-    """The released eta and why. Ties in reward go to the smaller eta (closer to the init)."""
-    if choose == "eta":
-        return eta, "fixed by warp.eta"
-    best = lambda rows: max(rows, key=lambda r: (r["reward"], -r["eta"]))["eta"]  # noqa: E731
-    if choose == "max_reward":
-        return best(liti_rows), "highest reward"
-    within = [r for r in liti_rows if r["kl"] <= kl_budget]
-    if not within:  # no eta meets the budget: the one closest to it, said plainly
-        closest = min(liti_rows, key=lambda r: r["kl"])["eta"]
-        return closest, f"no eta has KL <= {kl_budget}; took the lowest KL"
-    return best(within), f"highest reward with KL <= {kl_budget}"
-
-
-def results_markdown(rows: list[dict], check: dict, chosen: float, why: str) -> str:
-    head = ("| model | eta | KL to init | ± | reward | ± | accuracy | finished | length | vs line |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
-    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-    keys = ("eta", "kl", "kl_sem", "reward", "reward_sem", "accuracy", "finished", "length", "margin")
-    body = "".join(f"| {r['name']} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |\n" for r in rows)
-    if check["above_line"] is None:
-        verdict = check["note"]
-    else:
-        where = "on or above" if check["above_line"] else "BELOW"
-        sem = check.get("reward_sem") or 0.0
-        noise = (f" That is within two standard errors of its reward (±{sem:.3g}): not a resolved difference."
-                 if abs(check["margin"]) < 2 * sem else "")
-        if check["extrapolated"]:
-            noise += " Its KL is beyond the runs' mean, so the line is extrapolated there."
-        verdict = (f"The merged policy at eta = {check['eta']:g} has reward {check['reward']:.4g} at KL "
-                   f"{check['kl']:.4g}; the line from the init to the runs' mean point gives "
-                   f"{check['line_reward']:.4g} there: it lies {where} the line "
-                   f"(margin {check['margin']:+.4g}).{noise}")
-    return (f"# WARP: KL-reward table\n\n{head}{body}\n'vs line': reward minus the init-to-runs-mean line at the "
-            f"row's KL (± columns: standard errors over samples).\n\n{verdict}\n\nReleased: eta = {chosen:g} "
-            f"({why}).\n")
-
-
-def plot_pareto(rows: list[dict], out: Path, chosen: float) -> Path:
-    """KL (x) against reward (y): the init, each run, the runs' mean line, and the LITI curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    init = next(r for r in rows if r["kind"] == "init")
-    runs = [r for r in rows if r["kind"] == "run"]
-    liti = sorted((r for r in rows if r["kind"] == "liti"), key=lambda r: r["eta"])
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    check = line_check(init, runs, init)
-    if check["runs_mean_kl"] > init["kl"]:  # the reference line of `line_check`, drawn across every point
-        slope = (check["runs_mean_reward"] - init["reward"]) / (check["runs_mean_kl"] - init["kl"])
-        right = max(r["kl"] for r in rows)
-        ax.plot([init["kl"], right], [init["reward"], init["reward"] + slope * (right - init["kl"])], "k--", lw=1,
-                label="line: init to runs' mean")
-    ax.scatter([r["kl"] for r in runs], [r["reward"] for r in runs], c="tab:blue", label="PPO runs", zorder=3)
-    for r in runs:
-        ax.annotate(r["name"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot([r["kl"] for r in liti], [r["reward"] for r in liti], "o-", c="tab:red", label="LITI of SLERP", zorder=3)
-    for r in liti:
-        ax.annotate(f"η={r['eta']:g}" + (" *" if r["eta"] == chosen else ""), (r["kl"], r["reward"]),
-                    textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.scatter([init["kl"]], [init["reward"]], c="k", marker="*", s=120, label="init", zorder=4)
-    ax.set_xlabel("KL to init (nats per completion)")
-    ax.set_ylabel("mean reward")
-    ax.set_title("WARP: KL-reward (* = released)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,19 +311,25 @@ class Warp(Stage):
         slerp_runs(self.init_dir, run_models, self.merged, self.cfg.slerp_t)
         scoring = (self.cfg.scoring or self.cfg.ppo.scoring).model_copy(update={"normalize": False})
         ctx = self.ctx
-        scorer = Scorer(scoring, reward_model_dir=ctx.inputs.get("reward_model"), device=ctx.device,
-                        precision=ctx.precision)
-        evaluator = PolicyEvaluator(self.init_dir, self.eval_rows, scorer, self.cfg.sampling, ctx.seed, ctx.device,
-                                    ctx.precision)
+        scorer = Scorer(
+            scoring, reward_model_dir=ctx.inputs.get("reward_model"), device=ctx.device, precision=ctx.precision
+        )
+        evaluator = PolicyEvaluator(
+            self.init_dir, self.eval_rows, scorer, self.cfg.sampling, ctx.seed, ctx.device, ctx.precision
+        )
         try:
             self.rows = self._evaluate_all(evaluator, run_models)
         finally:
             evaluator.close()
         keys = ("reward_first", "reward_last", "kl_last")
-        return {"runs": [{"seed": seed, "skipped": skipped, **{k: m.get(k) for k in keys}}
-                         for seed, (_, m, skipped) in zip(self.seeds, runs)],
-                "runs_skipped": [i for i, (_, _, skipped) in enumerate(runs) if skipped],
-                "task_vectors": task_vector_stats(self.init_dir, run_models)}
+        return {
+            "runs": [
+                {"seed": seed, "skipped": skipped, **{k: m.get(k) for k in keys}}
+                for seed, (_, m, skipped) in zip(self.seeds, runs)
+            ],
+            "runs_skipped": [i for i, (_, _, skipped) in enumerate(runs) if skipped],
+            "task_vectors": task_vector_stats(self.init_dir, run_models),
+        }
 
     def _ppo_run(self, index: int, seed: int) -> tuple[Path, dict, bool]:
         """Run PPO run `index` (or skip it: its record says complete with this fingerprint); return
@@ -400,9 +345,17 @@ class Warp(Stage):
             shutil.rmtree(run_dir)
         atomic_write_json(run_dir / RUN_RECORD, {"status": "running", "fingerprint": fp, "seed": seed})
         inputs = {k: v for k, v in self.ctx.inputs.items() if k != "eval_data" or self.cfg.ppo.eval_samples}
-        ctx = StageContext(name=f"{self.ctx.name}/run-{index}", dir=run_dir, inputs=inputs, seed=seed,
-                           pipeline=self.ctx.pipeline, log=self.log, device=self.ctx.device,
-                           device_request=self.ctx.device_request, precision=self.ctx.precision)
+        ctx = StageContext(
+            name=f"{self.ctx.name}/run-{index}",
+            dir=run_dir,
+            inputs=inputs,
+            seed=seed,
+            pipeline=self.ctx.pipeline,
+            log=self.log,
+            device=self.ctx.device,
+            device_request=self.ctx.device_request,
+            precision=self.ctx.precision,
+        )
         self.log.info("[warp] run-%d (seed %d) -> %s", index, seed, run_dir)
         stage = PPO(self.cfg.ppo, ctx)
         try:
@@ -411,15 +364,17 @@ class Warp(Stage):
             stage.cleanup()  # a vLLM engine holds memory the next run needs
             del stage
             gc.collect()
-        atomic_write_json(run_dir / RUN_RECORD, {"status": "complete", "fingerprint": fp, "seed": seed,
-                                                 "metrics": metrics})
+        atomic_write_json(
+            run_dir / RUN_RECORD, {"status": "complete", "fingerprint": fp, "seed": seed, "metrics": metrics}
+        )
         return run_dir / "model", metrics, False
 
     def _evaluate_all(self, evaluator: PolicyEvaluator, run_models: list[Path]) -> list[dict]:
         rows = [{"name": "init", "kind": "init", "eta": None, **evaluator.evaluate()}]
         for i, (model_dir, seed) in enumerate(zip(run_models, self.seeds)):
-            rows.append({"name": f"run-{i}", "kind": "run", "eta": None, "seed": seed,
-                         **evaluator.evaluate(str(model_dir))})
+            rows.append(
+                {"name": f"run-{i}", "kind": "run", "eta": None, "seed": seed, **evaluator.evaluate(str(model_dir))}
+            )
             self.log.info("[warp] %s: %s", rows[-1]["name"], rows[-1])
         for eta in self.cfg.etas:
             out = self.ctx.dir / "liti" / f"eta-{eta:g}"
@@ -445,14 +400,21 @@ class Warp(Stage):
         top = max(liti, key=lambda r: r["eta"])  # eta = 1, the SLERP merge itself, when it is among the etas
         check = {"eta": top["eta"], **line_check(init, runs, top)}
         self.log.info("[warp] line check: %s", check)
-        atomic_write_json(self.ctx.dir / "results.json", {"rows": rows, "chosen_eta": chosen, "chosen_because": why,
-                                                          "line_check": check, "seeds": self.seeds})
+        atomic_write_json(
+            self.ctx.dir / "results.json",
+            {"rows": rows, "chosen_eta": chosen, "chosen_because": why, "line_check": check, "seeds": self.seeds},
+        )
         atomic_write_text(self.ctx.dir / "results.md", results_markdown(rows, check, chosen, why))
         plot_pareto(rows, self.ctx.dir / "pareto.png", chosen)
         chosen_row = next(r for r in liti if r["eta"] == chosen)
-        return {"chosen_eta": chosen, "chosen_because": why, "chosen": chosen_row, "line_check": check,
-                "etas_above_line": [r["eta"] for r in liti if r["margin"] is not None and r["margin"] >= 0],
-                "table": {r["name"]: {"kl": r["kl"], "reward": r["reward"], "accuracy": r["accuracy"]} for r in rows}}
+        return {
+            "chosen_eta": chosen,
+            "chosen_because": why,
+            "chosen": chosen_row,
+            "line_check": check,
+            "etas_above_line": [r["eta"] for r in liti if r["margin"] is not None and r["margin"] >= 0],
+            "table": {r["name"]: {"kl": r["kl"], "reward": r["reward"], "accuracy": r["accuracy"]} for r in rows},
+        }
 
 
 def _read_json(path: Path) -> dict:

@@ -13,6 +13,7 @@ which keeps the two disjoint even when the train file came from elsewhere.
 Output in run_dir/filter/: train.jsonl, report.json and report.md (per filter: rows seen, dropped,
 changed, reasons, the settings that applied, examples; the classifier's score distribution).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,9 @@ class Filter(Stage):
 
     def setup(self) -> None:
         limit = self.length_limit()
-        self.stream = FilterStream(self.cfg, self.ctx.inputs.get("eval_data"), key=self.ctx.name, length=limit,
-                                   device=self.ctx.device)
+        self.stream = FilterStream(
+            self.cfg, self.ctx.inputs.get("eval_data"), key=self.ctx.name, length=limit, device=self.ctx.device
+        )
 
     def train(self) -> dict:
         src, out = self.ctx.inputs["train_data"], self.ctx.dir / "train.jsonl"
@@ -56,13 +58,27 @@ class Filter(Stage):
             if r["rows"] == 0 and not r["malformed"]:
                 raise DataError(f"{where}: no rows (the file is empty or holds only blank lines); nothing to filter")
             dropped = {n: f["dropped"] for n, f in r["filters"].items() if f["dropped"]}
-            raise DataError(f"{self.ctx.name}: none of the {r['rows']} rows of {where} is left ({r['malformed']} "
-                            f"malformed; dropped: {json.dumps(dropped)}); "
-                            f"see report.md's examples, and loosen the filter that drops them")
-        self.log.info("[%s] %d rows: %d kept (%d changed), %d dropped, %d malformed", self.ctx.name, r["rows"],
-                      r["kept"], r["changed"], r["dropped"], r["malformed"])
-        return {"rows": r["rows"], "kept": r["kept"], "changed": r["changed"], "malformed": r["malformed"],
-                "dropped": {name: f["dropped"] for name, f in r["filters"].items() if f["enabled"]}}
+            raise DataError(
+                f"{self.ctx.name}: none of the {r['rows']} rows of {where} is left ({r['malformed']} "
+                f"malformed; dropped: {json.dumps(dropped)}); "
+                f"see report.md's examples, and loosen the filter that drops them"
+            )
+        self.log.info(
+            "[%s] %d rows: %d kept (%d changed), %d dropped, %d malformed",
+            self.ctx.name,
+            r["rows"],
+            r["kept"],
+            r["changed"],
+            r["dropped"],
+            r["malformed"],
+        )
+        return {
+            "rows": r["rows"],
+            "kept": r["kept"],
+            "changed": r["changed"],
+            "malformed": r["malformed"],
+            "dropped": {name: f["dropped"] for name, f in r["filters"].items() if f["enabled"]},
+        }
 
     def save(self) -> dict:
         atomic_write_json(self.ctx.dir / "report.json", self.report)
@@ -72,5 +88,18 @@ class Filter(Stage):
 
 STAGE = Filter
 
-__all__ = ["FILTERS", "DedupConfig", "Filter", "FilterConfig", "FilterStream", "IdentityConfig", "LengthLimit",
-           "PIIConfig", "STAGE", "StructureConfig", "UnsafeConfig", "report_markdown", "resolve_length_limit"]
+__all__ = [
+    "FILTERS",
+    "DedupConfig",
+    "Filter",
+    "FilterConfig",
+    "FilterStream",
+    "IdentityConfig",
+    "LengthLimit",
+    "PIIConfig",
+    "STAGE",
+    "StructureConfig",
+    "UnsafeConfig",
+    "report_markdown",
+    "resolve_length_limit",
+]

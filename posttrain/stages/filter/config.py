@@ -1,4 +1,5 @@
 """The filter stage's config: one section per filter, each documented key by key (`posttrain show`)."""
+
 from __future__ import annotations
 
 import os

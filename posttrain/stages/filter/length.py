@@ -7,6 +7,7 @@ consumes this stage's train data and has a `max_length` (sft, distill), and the 
 loads, when that exists at filter time. In the quickstart the filter runs before `base` trains its
 tokenizer, so there is none yet: rows are then measured with `filters.estimate_tokens`, a low estimate.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,15 @@ from .config import StructureConfig
 
 DEFAULT_MAX_TOKENS = TrainerSection.model_fields["max_length"].default
 """The limit when the pipeline has no stage training on the filtered data: sft's default max_length."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+)
 """The files of a model directory that decide token counts (hashed into the stage's fingerprint)."""
 
 
@@ -42,9 +50,12 @@ class LengthLimit:
         """What the report shows."""
         if self.max_tokens is None:
             return {"max_tokens": None, "max_tokens_from": self.source}
-        counted = (f"tokenizer {self.tokenizer} ({self.tokenizer_source})" if self.tokenizer else
-                   "estimate: word pieces + 3 per turn + 1, never above a space/punctuation-splitting "
-                   "tokenizer's count (no tokenizer exists at filter time)")
+        counted = (
+            f"tokenizer {self.tokenizer} ({self.tokenizer_source})"
+            if self.tokenizer
+            else "estimate: word pieces + 3 per turn + 1, never above a space/punctuation-splitting "
+            "tokenizer's count (no tokenizer exists at filter time)"
+        )
         return {"max_tokens": self.max_tokens, "max_tokens_from": self.source, "counted_with": counted}
 
     def fingerprint(self) -> dict:
@@ -67,16 +78,16 @@ def _model_tokenizer(pipeline, names: list[str], consumer: int, filter_at: int) 
     own = _explicit_dir(getattr(getattr(pipeline, names[consumer]), "model", None))
     if own:
         return own, f"{names[consumer]}.model"
-    for i in range(consumer - 1, -1, -1):   # the latest earlier stage producing a model feeds it
+    for i in range(consumer - 1, -1, -1):  # the latest earlier stage producing a model feeds it
         name = names[i]
         if "model" not in stage_class(kinds[name]).produces:
             continue
         section = getattr(pipeline, name)
-        for key in ("path", "model"):   # a checkpoint it loads: its tokenizer is the one training uses
+        for key in ("path", "model"):  # a checkpoint it loads: its tokenizer is the one training uses
             found = _explicit_dir(getattr(section, key, None))
             if found:
                 return found, f"{name}.{key}"
-        if i < filter_at:   # ran before this stage: its output exists
+        if i < filter_at:  # ran before this stage: its output exists
             out = Path(pipeline.run_dir) / name / "model"
             return (str(out), f"{name} output") if out.is_dir() else (None, "estimate")
         if kinds[name] == "base":  # builds a model and trains its tokenizer after this stage
@@ -117,7 +128,7 @@ def _training_consumer(pipeline, names: list[str], at: int, name: str) -> Option
         if stage_cls.consumes.get("train_data") != "train_data" or not hasattr(section, "max_length"):
             continue
         own = getattr(section, "train_data", None)
-        if own is None or str(own) == f"{name}.train_data":   # it reads our output, not a file of its own
+        if own is None or str(own) == f"{name}.train_data":  # it reads our output, not a file of its own
             return i
     return None
 
@@ -126,11 +137,16 @@ def token_counter(limit: LengthLimit) -> Callable[[list[list[dict]]], list[Optio
     """A function from a batch of conversations (message lists) to their token counts under `limit`
     (None for a row the estimate need not count: it fits)."""
     if limit.tokenizer is None:
+
         def estimate(batch: list[list[dict]]) -> list[Optional[int]]:
             # word pieces never outnumber characters: a row with few enough characters fits uncounted,
             # which skips the regex for most rows of short-row data (it would cost ~25% of the stage)
-            return [estimate_tokens(msgs) if sum(len(m["content"]) for m in msgs) + (TURN_TOKENS + 1) * len(msgs)
-                    > limit.max_tokens else None for msgs in batch]
+            return [
+                estimate_tokens(msgs)
+                if sum(len(m["content"]) for m in msgs) + (TURN_TOKENS + 1) * len(msgs) > limit.max_tokens
+                else None
+                for msgs in batch
+            ]
 
         return estimate
     from ...models import load_tokenizer

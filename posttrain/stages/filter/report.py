@@ -2,6 +2,7 @@
 examples of what it dropped (cut short), and the classifier's score distribution. Written as
 report.json and, for people, report.md.
 """
+
 from __future__ import annotations
 
 from array import array
@@ -29,12 +30,18 @@ class Tally:
         self.changed += not dropped
         self.reasons.update(reasons)
         if len(self.examples) < self._max:
-            cut = text if len(text) <= self._chars else text[:self._chars] + "..."
+            cut = text if len(text) <= self._chars else text[: self._chars] + "..."
             self.examples.append({"line": line, "reason": "+".join(reasons), "text": cut})
 
     def as_dict(self) -> dict:
-        out = {"seen": self.seen, "dropped": self.dropped, "changed": self.changed,
-               "reasons": dict(self.reasons.most_common()), "settings": self.settings, "examples": self.examples}
+        out = {
+            "seen": self.seen,
+            "dropped": self.dropped,
+            "changed": self.changed,
+            "reasons": dict(self.reasons.most_common()),
+            "settings": self.settings,
+            "examples": self.examples,
+        }
         if self.scores is not None:
             out["scores"] = self.scores.summary()
         return out
@@ -58,10 +65,17 @@ class ScoreStats:
         if not len(v):
             return {"n": 0}
         q = np.quantile(v, [0.5, 0.9, 0.99])
-        out = {"n": int(len(v)), "mean": float(v.mean()), "min": float(v.min()), "p50": float(q[0]),
-               "p90": float(q[1]), "p99": float(q[2]), "max": float(v.max()),
-               "above_threshold": int((v > self.threshold).sum())}
-        if v.min() >= 0 and v.max() <= 1:   # probabilities: a fixed histogram reads the same across runs
+        out = {
+            "n": int(len(v)),
+            "mean": float(v.mean()),
+            "min": float(v.min()),
+            "p50": float(q[0]),
+            "p90": float(q[1]),
+            "p99": float(q[2]),
+            "max": float(v.max()),
+            "above_threshold": int((v > self.threshold).sum()),
+        }
+        if v.min() >= 0 and v.max() <= 1:  # probabilities: a fixed histogram reads the same across runs
             counts, _ = np.histogram(v, bins=self.BINS, range=(0, 1))
             out["histogram"] = {f"{i / self.BINS:.1f}-{(i + 1) / self.BINS:.1f}": int(c) for i, c in enumerate(counts)}
         return out
@@ -70,14 +84,21 @@ class ScoreStats:
 def report_markdown(report: dict) -> str:
     """A human-readable report.md: totals and a table of filters, then per filter its settings, score
     distribution and examples of what it dropped."""
-    out = [f"# Filter report: {report['input']}", "",
-           f"{report['lines']} lines: {report['malformed']} malformed (skipped), {report['rows']} rows, "
-           f"**{report['kept']} kept** ({report['changed']} changed), {report['dropped']} dropped.", "",
-           "| filter | enabled | seen | dropped | changed | reasons |", "|---|---|---|---|---|---|"]
+    out = [
+        f"# Filter report: {report['input']}",
+        "",
+        f"{report['lines']} lines: {report['malformed']} malformed (skipped), {report['rows']} rows, "
+        f"**{report['kept']} kept** ({report['changed']} changed), {report['dropped']} dropped.",
+        "",
+        "| filter | enabled | seen | dropped | changed | reasons |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, f in report["filters"].items():
         reasons = ", ".join(f"{r}: {n}" for r, n in list(f["reasons"].items())[:6])
-        out.append(f"| {name} | {'yes' if f['enabled'] else 'no'} | {f['seen']} | {f['dropped']} | {f['changed']} "
-                   f"| {reasons} |")
+        out.append(
+            f"| {name} | {'yes' if f['enabled'] else 'no'} | {f['seen']} | {f['dropped']} | {f['changed']} "
+            f"| {reasons} |"
+        )
     if report["malformed_examples"]:
         out += ["", "## malformed", ""] + [_example(e) for e in report["malformed_examples"]]
     for name, f in report["filters"].items():
@@ -87,8 +108,11 @@ def report_markdown(report: dict) -> str:
         out += ["- settings: " + "; ".join(f"{k}: {_value(v)}" for k, v in f.get("settings", {}).items())]
         if f.get("scores"):
             s = f["scores"]
-            line = ", ".join(f"{k} {_value(s[k])}" for k in ("n", "mean", "min", "p50", "p90", "p99", "max",
-                                                             "above_threshold") if k in s)
+            line = ", ".join(
+                f"{k} {_value(s[k])}"
+                for k in ("n", "mean", "min", "p50", "p90", "p99", "max", "above_threshold")
+                if k in s
+            )
             out.append(f"- scores: {line}")
             if "histogram" in s:
                 out.append("- score histogram: " + ", ".join(f"{b}: {c}" for b, c in s["histogram"].items()))

@@ -5,6 +5,7 @@ renamed into place at the end, so memory does not grow with the input except for
 which hold hashes (posttrain/dedup.py), and 4 bytes per classifier score. A row that passes unchanged is
 written back byte for byte; a redacted row is re-serialised.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,19 @@ import torch
 
 from ...data import DataError, SkipReport, iter_rows, source_format
 from ...dedup import HashIndex, NearDupIndex
-from ...filters import (DEFAULT_TERMS_FILE, IdentityChecker, PIIDetector, TermMatcher, hash64, load_hook, normalise,
-                        read_terms, score_texts, shape_error, structure_problem)
+from ...filters import (
+    DEFAULT_TERMS_FILE,
+    IdentityChecker,
+    PIIDetector,
+    TermMatcher,
+    hash64,
+    load_hook,
+    normalise,
+    read_terms,
+    score_texts,
+    shape_error,
+    structure_problem,
+)
 from .config import FILTERS, FilterConfig
 from .length import LengthLimit, resolve_length_limit, token_counter
 from .report import ScoreStats, Tally
@@ -38,8 +50,10 @@ def _row_text(row: dict) -> str:
 def _prompt_answer(row: dict) -> tuple[str, str]:
     """(every turn but the assistant's, the assistant's turns), each joined by newlines."""
     msgs = row["messages"]
-    return ("\n".join(m["content"] for m in msgs if m["role"] != "assistant"),
-            "\n".join(m["content"] for m in msgs if m["role"] == "assistant"))
+    return (
+        "\n".join(m["content"] for m in msgs if m["role"] != "assistant"),
+        "\n".join(m["content"] for m in msgs if m["role"] == "assistant"),
+    )
 
 
 def _messages_jsonl(source) -> bool:
@@ -73,8 +87,14 @@ class FilterStream:
     Everything that can fail on the config (hook, classifier, tokenizer) is loaded here, before any row.
     """
 
-    def __init__(self, cfg: FilterConfig, eval_path: Optional[str] = None, key: str = "filter",
-                 length: Optional[LengthLimit] = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: FilterConfig,
+        eval_path: Optional[str] = None,
+        key: str = "filter",
+        length: Optional[LengthLimit] = None,
+        device: torch.device | str = "cpu",
+    ):
         self.cfg, self.key = cfg, key
         self.tally = {name: Tally(cfg.max_examples, cfg.example_chars) for name in FILTERS}
         self.malformed = Tally(cfg.max_examples, cfg.example_chars)
@@ -89,28 +109,48 @@ class FilterStream:
         if u.classifier_model:
             from ...text_classifier import TextClassifier
 
-            self.model = TextClassifier(u.classifier_model, u.unsafe_labels, f"{key}.unsafe",
-                                        u.classifier_batch_size, u.classifier_max_length, device=torch.device(device))
+            self.model = TextClassifier(
+                u.classifier_model,
+                u.unsafe_labels,
+                f"{key}.unsafe",
+                u.classifier_batch_size,
+                u.classifier_max_length,
+                device=torch.device(device),
+            )
         self.length = length or resolve_length_limit(s, None, key)
         self.count_tokens = token_counter(self.length) if s.enabled and self.length.max_tokens else None
         self.exact = HashIndex()
-        self.near = NearDupIndex(d.threshold, d.prompt_threshold, d.min_answer_words, d.num_perm, d.shingle_size,
-                                 d.shingle_unit) if d.near else None
+        self.near = (
+            NearDupIndex(
+                d.threshold, d.prompt_threshold, d.min_answer_words, d.num_perm, d.shingle_size, d.shingle_unit
+            )
+            if d.near
+            else None
+        )
         self.eval_path = eval_path
         if self.cfg.dedup.eval_overlap and eval_path is None:
             logging.getLogger("posttrain").warning(
                 "[%s] dedup.eval_overlap is on but no eval_data was given: training rows are not checked against "
-                "held-out prompts (set %s.eval_data, or %s.dedup.eval_overlap: false to say so)", key, key, key)
+                "held-out prompts (set %s.eval_data, or %s.dedup.eval_overlap: false to say so)",
+                key,
+                key,
+                key,
+            )
         self.eval_prompts = self._eval_prompts(eval_path) if "eval_overlap" in self.enabled else None
         self._settings()
 
     def _enabled(self, eval_path: Optional[str]) -> set[str]:
         c = self.cfg
-        on = {"structure": c.structure.enabled, "pii": c.pii.enabled, "unsafe_terms": c.unsafe.enabled,
-              "identity": c.identity.enabled,
-              "classifier": c.unsafe.classifier is not None or c.unsafe.classifier_model is not None,
-              "eval_overlap": c.dedup.eval_overlap and eval_path is not None,
-              "exact_dup": c.dedup.exact, "near_dup": c.dedup.near}
+        on = {
+            "structure": c.structure.enabled,
+            "pii": c.pii.enabled,
+            "unsafe_terms": c.unsafe.enabled,
+            "identity": c.identity.enabled,
+            "classifier": c.unsafe.classifier is not None or c.unsafe.classifier_model is not None,
+            "eval_overlap": c.dedup.eval_overlap and eval_path is not None,
+            "exact_dup": c.dedup.exact,
+            "near_dup": c.dedup.near,
+        }
         return {name for name, flag in on.items() if flag}
 
     def _settings(self) -> None:
@@ -118,33 +158,54 @@ class FilterStream:
         c, t = self.cfg, self.tally
         s = c.structure
         t["structure"].settings = {
-            "require_final_assistant": s.require_final_assistant, "drop_unfinished": s.drop_unfinished,
-            "final_endings": s.final_endings, "drop_control_tokens": s.drop_control_tokens, "max_chars": s.max_chars,
-            **self.length.settings()}
-        t["pii"].settings = {"action": c.pii.action, "types": c.pii.types, "roles": c.pii.roles,
-                             "extra_id_patterns": c.pii.extra_id_patterns}
+            "require_final_assistant": s.require_final_assistant,
+            "drop_unfinished": s.drop_unfinished,
+            "final_endings": s.final_endings,
+            "drop_control_tokens": s.drop_control_tokens,
+            "max_chars": s.max_chars,
+            **self.length.settings(),
+        }
+        t["pii"].settings = {
+            "action": c.pii.action,
+            "types": c.pii.types,
+            "roles": c.pii.roles,
+            "extra_id_patterns": c.pii.extra_id_patterns,
+        }
         u = c.unsafe
-        t["unsafe_terms"].settings = {"terms_file": str(u.terms_file or DEFAULT_TERMS_FILE),
-                                      "terms": len(self.terms.single) + sum(map(len, self.terms.multi.values())),
-                                      "roles": u.roles}
+        t["unsafe_terms"].settings = {
+            "terms_file": str(u.terms_file or DEFAULT_TERMS_FILE),
+            "terms": len(self.terms.single) + sum(map(len, self.terms.multi.values())),
+            "roles": u.roles,
+        }
         i = c.identity
-        t["identity"].settings = {"release_name": i.release_name, "release_maker": i.release_maker,
-                                  "other_names": len(i.other_names), "allowed_names": i.allowed_names}
+        t["identity"].settings = {
+            "release_name": i.release_name,
+            "release_maker": i.release_maker,
+            "other_names": len(i.other_names),
+            "allowed_names": i.allowed_names,
+        }
         if self.model is not None:
             t["classifier"].settings = {**self.model.settings(), "threshold": u.threshold}
         elif self.hook is not None:
-            t["classifier"].settings = {"hook": u.classifier, "input": f"the {'+'.join(u.roles)} turns",
-                                        "threshold": u.threshold}
+            t["classifier"].settings = {
+                "hook": u.classifier,
+                "input": f"the {'+'.join(u.roles)} turns",
+                "threshold": u.threshold,
+            }
         if "classifier" in self.enabled:
             t["classifier"].scores = ScoreStats(u.threshold)
         t["eval_overlap"].settings = {"eval_data": self.eval_path, "compares": "normalised prompt"}
         t["exact_dup"].settings = {"compares": "whole conversation, case, whitespace and punctuation ignored"}
         d, n = c.dedup, self.near
         t["near_dup"].settings = {
-            "threshold": d.threshold, "prompt_threshold": d.prompt_threshold, "min_answer_words": d.min_answer_words,
+            "threshold": d.threshold,
+            "prompt_threshold": d.prompt_threshold,
+            "min_answer_words": d.min_answer_words,
             "compares": "answer and prompt, normalised, estimated Jaccard similarity",
-            "shingles": f"{d.shingle_size} {d.shingle_unit}", "num_perm": d.num_perm,
-            **({"lsh": f"{n.bands} bands x {n.rows} rows"} if n is not None else {})}
+            "shingles": f"{d.shingle_size} {d.shingle_unit}",
+            "num_perm": d.num_perm,
+            **({"lsh": f"{n.bands} bands x {n.rows} rows"} if n is not None else {}),
+        }
 
     def _eval_prompts(self, path: str) -> HashIndex:
         index = HashIndex()
@@ -185,16 +246,19 @@ class FilterStream:
     def _parse_source(self, source, count: bool):
         tally = self.malformed if count else Tally(0, 0)
         skipped = _TallySkips(tally)
-        for n, (_, row) in enumerate(iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped,
-                                               on_error=self.cfg.on_error), 1):
+        for n, (_, row) in enumerate(
+            iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped, on_error=self.cfg.on_error),
+            1,
+        ):
             yield n, json.dumps(row, ensure_ascii=False), row
 
     # ---------------------------------------------------------------------------------- judging
 
     def _structure(self, row: dict) -> Optional[str]:
         s = self.cfg.structure
-        return structure_problem(row, s.require_final_assistant, s.drop_unfinished, s.final_endings, s.max_chars,
-                                 s.drop_control_tokens)
+        return structure_problem(
+            row, s.require_final_assistant, s.drop_unfinished, s.final_endings, s.max_chars, s.drop_control_tokens
+        )
 
     def _judge_row(self, lineno: int, row: dict, problem: Optional[str], tokens: Optional[int]) -> tuple[bool, bool]:
         """Per-row filters in order: (kept, changed), given the row's structure problem and token count.
@@ -204,8 +268,9 @@ class FilterStream:
             t["structure"].seen += 1
             if problem is None and tokens is not None and tokens > self.length.max_tokens:
                 estimate = "" if self.length.tokenizer else " (estimate)"
-                t["structure"].note(lineno, "overlong", f"[{tokens} tokens{estimate} > {self.length.max_tokens}] "
-                                                        f"{_row_text(row)}")
+                t["structure"].note(
+                    lineno, "overlong", f"[{tokens} tokens{estimate} > {self.length.max_tokens}] {_row_text(row)}"
+                )
                 return False, False
             if problem:
                 t["structure"].note(lineno, problem, _row_text(row))
@@ -256,9 +321,13 @@ class FilterStream:
         for b, problem, tokens in zip(batch, problems, counts):
             b[3], b[4] = self._judge_row(b[0], b[2], problem, tokens)
         alive = [b for b in batch if b[3]]
-        self._normalised: dict[int, list[str]] = {}   # line -> normalised turns, shared by both dedup filters
-        for name, judge in (("classifier", self._classify), ("eval_overlap", self._eval_overlap),
-                            ("exact_dup", self._exact), ("near_dup", self._near)):
+        self._normalised: dict[int, list[str]] = {}  # line -> normalised turns, shared by both dedup filters
+        for name, judge in (
+            ("classifier", self._classify),
+            ("eval_overlap", self._eval_overlap),
+            ("exact_dup", self._exact),
+            ("near_dup", self._near),
+        ):
             if name in self.enabled and alive:
                 self.tally[name].seen += len(alive)
                 judge(name, alive)
@@ -308,9 +377,13 @@ class FilterStream:
             answers.append(" ".join(t for t, r in zip(turns, roles) if r == "assistant"))
         for b, match in zip(alive, self.near.add_batch(prompts, answers, [b[0] for b in alive])):
             if match is not None:
-                self._drop(name, b, "near duplicate",
-                           f"[like line {match.line}: answer {match.answer_similarity:.2f}, prompt "
-                           f"{match.prompt_similarity:.2f} similar] {_row_text(b[2])}")
+                self._drop(
+                    name,
+                    b,
+                    "near duplicate",
+                    f"[like line {match.line}: answer {match.answer_similarity:.2f}, prompt "
+                    f"{match.prompt_similarity:.2f} similar] {_row_text(b[2])}",
+                )
 
     # ---------------------------------------------------------------------------------- running
 
@@ -352,7 +425,16 @@ class FilterStream:
 
     def _report(self, src, rows: int, kept: int, changed: int) -> dict:
         malformed = self.malformed.dropped
-        return {"input": str(src), "lines": rows + malformed, "malformed": malformed, "rows": rows, "kept": kept,
-                "dropped": rows - kept, "changed": changed, "malformed_examples": self.malformed.examples,
-                "filters": {name: {"enabled": name in self.enabled, **tally.as_dict()}
-                            for name, tally in self.tally.items()}}
+        return {
+            "input": str(src),
+            "lines": rows + malformed,
+            "malformed": malformed,
+            "rows": rows,
+            "kept": kept,
+            "dropped": rows - kept,
+            "changed": changed,
+            "malformed_examples": self.malformed.examples,
+            "filters": {
+                name: {"enabled": name in self.enabled, **tally.as_dict()} for name, tally in self.tally.items()
+            },
+        }

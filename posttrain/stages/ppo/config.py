@@ -1,5 +1,6 @@
 """Config of the RL stage `ppo`: PPO with a value model (GAE), or critic-free RLOO and the GRPO family
 (GRPO, DAPO, Dr. GRPO, GSPO) selected by `advantage` and the loss keys."""
+
 from __future__ import annotations
 
 from typing import Literal, Optional
@@ -134,16 +135,21 @@ class PPOConfig(Section):
         if critic_free and self.sampling.n < 2:
             raise ValueError(f"advantage {self.advantage!r} compares samples of one prompt: set sampling.n >= 2")
         if self.ratio_level == "sequence" and not critic_free:
-            raise ValueError("ratio_level 'sequence' (GSPO) needs one advantage per sequence: set advantage to "
-                             "rloo or grpo")
+            raise ValueError(
+                "ratio_level 'sequence' (GSPO) needs one advantage per sequence: set advantage to rloo or grpo"
+            )
         if self.dynamic_sampling and not critic_free:
             raise ValueError("dynamic_sampling drops groups with no reward spread: set advantage to rloo or grpo")
         if self.overlong_cache > self.sampling.max_new_tokens:
-            raise ValueError(f"overlong_cache ({self.overlong_cache}) exceeds sampling.max_new_tokens "
-                             f"({self.sampling.max_new_tokens})")
+            raise ValueError(
+                f"overlong_cache ({self.overlong_cache}) exceeds sampling.max_new_tokens "
+                f"({self.sampling.max_new_tokens})"
+            )
         if self.kl_mode == "off" and (self.reference_mode == "ema" or self.adaptive_kl or self.reference):
-            raise ValueError("kl_mode 'off' uses no reference model: unset reference, reference_mode ema and "
-                             "adaptive_kl, or choose kl_mode reward or loss")
+            raise ValueError(
+                "kl_mode 'off' uses no reference model: unset reference, reference_mode ema and "
+                "adaptive_kl, or choose kl_mode reward or loss"
+            )
         return self
 
     @property

@@ -15,6 +15,7 @@ Devices and precision come from the stage context: every model and batch lives o
 models keep fp32 master weights and run forward passes under autocast; the reference and the rollout copy
 are held in the precision's dtype; logprobs, KL and advantages are fp32; an EMA anchor accumulates in fp32.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,15 +25,13 @@ import time
 
 import torch
 
-from ...algos import grpo as G
 from ...algos import ppo as F
-from ...algos.merge import ema_update
 from ...checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ...data import prompt_of, read_rows
 from ...dist.rank import all_ranks_masked_moments, all_ranks_mean, autocast, barrier, torch_dtype
 from ...dist.trainable import trainable
-from ...engines import generate_own, greedy_texts, make_engine, HFEngine
-from ...lora import add_adapters, lora_scalings, merged_state_dict
+from ...engines import make_engine
+from ...lora import add_adapters, lora_scalings
 from ...manifest import atomic_write_json, atomic_write_text
 from ...models import load_model, load_tokenizer
 from ...chat import chat_prompt_ids
@@ -42,8 +41,11 @@ from ...scoring import Scorer
 from ...tracking import Tracker
 from ..base import Stage
 from .config import PPOConfig
+from .evaluate import evaluate_policy
+from .groups import SampledGroups, sample_groups
 from .update import Rollout, critic_free_advantages, policy_objective, sequence_rewards_with_kl
 from .value import ValueModel, load_value_model
+from .weights import anchor_to_reference, move_anchor, push_weights, served_weights
 
 
 class PPO(Stage):
@@ -64,39 +66,53 @@ class PPO(Stage):
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
         # RLOO's and GRPO's baselines are the other samples of the same prompt: no value model at all.
         self.value = load_value_model(value_init, self.tokenizer, dev) if c.advantage == "gae" else None
-        self.scorer = Scorer(c.scoring, reward_model_dir=inp.get("reward_model"), device=dev,
-                             precision=self.ctx.precision)
+        self.scorer = Scorer(
+            c.scoring, reward_model_dir=inp.get("reward_model"), device=dev, precision=self.ctx.precision
+        )
         # Sharded or LoRA-wrapped training samples (HF) and evaluates from a plain copy refreshed after every
         # update; with vLLM only rank 0 needs one (evaluation and the saved model).
         plain_policy = self.ctx.world_size == 1 and not c.lora.enabled
         wants_copy = c.sampling.backend == "hf" or self.ctx.is_main
-        self.rollout_model = (self.policy if plain_policy else
-                              copy.deepcopy(self.policy).to(self.dtype).eval() if wants_copy else None)
+        self.rollout_model = (
+            self.policy if plain_policy else copy.deepcopy(self.policy).to(self.dtype).eval() if wants_copy else None
+        )
         self._add_adapters()
         self.rows = read_rows(inp["train_data"], "conversation" if c.ptx_coef else "prompt", seed=self.ctx.seed)
-        self.eval_rows = (read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples]
-                          if inp.get("eval_data") else [])
-        self.scorer.check_rows(self.rows + self.eval_rows, "ppo.train_data and ppo.eval_data", "ppo.scoring",
-                               rm_stage=True)  # before any rollout: a rule reading a column the rows lack fails now
+        self.eval_rows = (
+            read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
+        )
+        self.scorer.check_rows(
+            self.rows + self.eval_rows, "ppo.train_data and ppo.eval_data", "ppo.scoring", rm_stage=True
+        )  # before any rollout: a rule reading a column the rows lack fails now
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
-        self.handles = {"policy": trainable(self.policy, c.learning_rate, c.max_grad_norm, c.distributed,
-                                            c.mini_batch_size, self.ctx.precision)}
+        settings = (c.max_grad_norm, c.distributed, c.mini_batch_size, self.ctx.precision)
+        self.handles = {"policy": trainable(self.policy, c.learning_rate, *settings)}
         if self.value is not None:
-            self.handles["value"] = trainable(self.value, c.value_learning_rate, c.max_grad_norm, c.distributed,
-                                              c.mini_batch_size, self.ctx.precision)
+            self.handles["value"] = trainable(self.value, c.value_learning_rate, *settings)
             self.value = self.handles["value"].module
         self.policy_h = self.handles["policy"]
         self.policy = self.policy_h.module
-        self.kl_ctl = (F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon) if c.adaptive_kl
-                       else F.FixedKLController(c.kl_coef))
+        self.kl_ctl = (
+            F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
+            if c.adaptive_kl
+            else F.FixedKLController(c.kl_coef)
+        )
         self.order = list(range(len(self.rows)))
         random.Random(self.seed).shuffle(self.order)
         self.cursor, self.start_update, self.history, self.before = 0, 0, [], {}
         self._resume()
         self.tracker = Tracker(self.ctx.report_to, self.ctx.dir, c.model_dump(mode="json"), enabled=self.ctx.is_main)
-        self.engine = make_engine(inp["model"], c.sampling, dev, self.ctx.precision, vllm=c.vllm,
-                                  model=self.rollout_model, tokenizer=self.tokenizer, seed=self.seed,
-                                  shares_gpu_with_training=True)
+        self.engine = make_engine(
+            inp["model"],
+            c.sampling,
+            dev,
+            self.ctx.precision,
+            vllm=c.vllm,
+            model=self.rollout_model,
+            tokenizer=self.tokenizer,
+            seed=self.seed,
+            shares_gpu_with_training=True,
+        )
         if self.start_update:
             self._push_weights(self._served_weights())  # resumed: the engine serves the checkpoint's weights
 
@@ -107,11 +123,17 @@ class PPO(Stage):
         self.reference, self.anchor = None, None
         shared = c.lora.enabled and c.reference is None and c.reference_mode == "fixed"
         if (c.uses_reference or c.reference_mode == "ema") and not shared:
-            self.reference = load_model(c.reference or inp["model"], device=self.ctx.device,
-                                        dtype=self.dtype).eval().requires_grad_(False)
+            self.reference = (
+                load_model(c.reference or inp["model"], device=self.ctx.device, dtype=self.dtype)
+                .eval()
+                .requires_grad_(False)
+            )
         if c.reference_mode == "ema":
-            start = self.policy if c.reference is None else load_model(c.reference, device=self.ctx.device,
-                                                                       dtype=torch.float32)
+            start = (
+                self.policy
+                if c.reference is None
+                else load_model(c.reference, device=self.ctx.device, dtype=torch.float32)
+            )
             self.anchor = {k: v.detach().float().clone() for k, v in start.state_dict().items()}
 
     def _add_adapters(self) -> None:
@@ -121,8 +143,9 @@ class PPO(Stage):
         self.lora_scalings = lora_scalings(self.policy) if c.lora.enabled else {}
         if c.value_lora.enabled and self.value is not None:
             if isinstance(self.value, ValueModel):
-                raise ValueError("ppo.value_lora: not supported for recurrent_gemma value models; "
-                                 "set ppo.value_lora.enabled=false")
+                raise ValueError(
+                    "ppo.value_lora: not supported for recurrent_gemma value models; set ppo.value_lora.enabled=false"
+                )
             self.value = add_adapters(self.value, c.value_lora, "SEQ_CLS")
 
     @property
@@ -157,7 +180,7 @@ class PPO(Stage):
             for name, handle in self.handles.items():
                 handle.load_extra_state(meta.get("handles", {}).get(name, {}))
         if self.anchor is not None:
-            self._anchor_to_reference()
+            anchor_to_reference(self.anchor, self.reference)
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.scorer.moments.load_state_dict(meta["reward_moments"])
@@ -173,8 +196,13 @@ class PPO(Stage):
         if self.eval_rows and not self.start_update and self.ctx.is_main:
             self.before = {"accuracy_before": self._evaluate()}
         metrics = dict(self.before)  # a resumed run reports what the interrupted one measured before updating
-        bar = tqdm(range(self.start_update, self.cfg.updates), desc="ppo", initial=self.start_update,
-                   total=self.cfg.updates, disable=not self.ctx.is_main)
+        bar = tqdm(
+            range(self.start_update, self.cfg.updates),
+            desc="ppo",
+            initial=self.start_update,
+            total=self.cfg.updates,
+            disable=not self.ctx.is_main,
+        )
         for update in bar:
             stats = self._update(update)
             self.history.append(stats)
@@ -187,8 +215,13 @@ class PPO(Stage):
         first, last = self.history[0], self.history[-1]
         if self.start_update:
             metrics["resumed_from_update"] = self.start_update
-        metrics.update(updates=len(self.history), reward_first=first["reward"], reward_last=last["reward"],
-                       kl_last=last["kl"], kl_coef=self.kl_ctl.value)
+        metrics.update(
+            updates=len(self.history),
+            reward_first=first["reward"],
+            reward_last=last["reward"],
+            kl_last=last["kl"],
+            kl_coef=self.kl_ctl.value,
+        )
         return metrics
 
     def _next_prompts(self) -> list[int]:
@@ -200,56 +233,16 @@ class PPO(Stage):
                 self.cursor = 0
             idx.append(self.order[self.cursor])
             self.cursor += 1
-        return idx[self.ctx.rank * per_rank:(self.ctx.rank + 1) * per_rank]
+        return idx[self.ctx.rank * per_rank : (self.ctx.rank + 1) * per_rank]
 
-    def _sample_groups(self, update: int) -> tuple[list[int], list, torch.Tensor, torch.Tensor, dict, dict]:
-        """Prompt index, sample, reward and shaped score of every rollout row (a prompt's n samples
-        consecutive), the reward's parts, and dynamic-sampling counts. With dynamic sampling, groups whose samples all
-        score alike are set aside and more prompts are sampled (at most `dynamic_sampling_rounds` rounds,
-        decided together by all ranks); set-aside groups fill whatever is still missing."""
-        c, n = self.cfg, self.cfg.sampling.n
-        kept, spare, counts = [], [], {"groups_sampled": 0, "groups_uninformative": 0}
-        for round_ in range(c.dynamic_sampling_rounds if c.dynamic_sampling else 1):
-            prompt_idx = self._next_prompts()
-            sampling = c.sampling.model_copy(update={"seed": self.seed + update + 100_003 * round_})
-            groups = generate_own(self.engine, [prompt_of(self.rows[i]) for i in prompt_idx], sampling)
-            idx = [i for i, group in zip(prompt_idx, groups) for _ in group]
-            samples = [s for group in groups for s in group]
-            rows = [self.rows[i] for i in idx]
-            try:
-                scores = self.scorer.score([prompt_of(r) for r in rows], [s.text for s in samples], rows, training=True)
-            except FloatingPointError as err:
-                raise FloatingPointError(f"ppo update {update + 1}: {err}; stopping (the last good checkpoint in "
-                                         f"{self.ctx.dir / 'checkpoints'} is kept)") from None
-            shaped = self._shaped(scores.total, samples)
-            informative = (G.informative_groups(shaped, n) if c.dynamic_sampling
-                           else torch.ones(len(prompt_idx), dtype=torch.bool))
-            counts["groups_sampled"] += len(prompt_idx)
-            counts["groups_uninformative"] += int((~informative).sum())
-            for g, keep in enumerate(informative.tolist()):
-                rows_g = slice(g * n, (g + 1) * n)
-                entry = (idx[rows_g], samples[rows_g], scores.total[rows_g], shaped[rows_g],
-                         {k: v[rows_g] for k, v in scores.parts.items()})
-                (kept if keep else spare).append(entry)
-            missing = c.rollout_batch_size - len(kept)
-            if all_ranks_mean({"missing": float(missing > 0)})["missing"] == 0:
-                break
-        chosen = (kept + spare)[:c.rollout_batch_size]
-        counts["groups_filled_uninformative"] = max(0, c.rollout_batch_size - len(kept))
-        parts = {k: torch.cat([e[4][k] for e in chosen]) for k in chosen[0][4]}
-        return ([i for e in chosen for i in e[0]], [s for e in chosen for s in e[1]],
-                torch.cat([e[2] for e in chosen]), torch.cat([e[3] for e in chosen]), parts, counts)
-
-    def _shaped(self, total: torch.Tensor, samples: list) -> torch.Tensor:
-        """The score the policy is trained on: the reward plus the end-of-turn and overlong penalties. A
-        completion that did not end its turn counts as longer than sampling.max_new_tokens."""
-        c = self.cfg
-        finished = torch.tensor([s.finished for s in samples])
-        score = total + c.missing_eot_penalty * (~finished).float()
-        if c.overlong_cache:
-            lengths = torch.tensor([len(s.token_ids) + (0 if s.finished else 1) for s in samples])
-            score = score + G.overlong_penalty(lengths, c.sampling.max_new_tokens, c.overlong_cache)
-        return score
+    def _sample_groups(self, update: int) -> SampledGroups:
+        try:
+            return sample_groups(self.cfg, self.engine, self.scorer, self.rows, self._next_prompts, self.seed + update)
+        except FloatingPointError as err:
+            raise FloatingPointError(
+                f"ppo update {update + 1}: {err}; stopping (the last good checkpoint in "
+                f"{self.ctx.dir / 'checkpoints'} is kept)"
+            ) from None
 
     def _update(self, update: int) -> dict:
         c, t0 = self.cfg, time.time()
@@ -265,13 +258,23 @@ class PPO(Stage):
         self.kl_ctl.update(all_ranks_mean({"kl": kl})["kl"], len(idx) * self.ctx.world_size)
         sync_s = self._sync_engine()
         finished = batch.finished.float()
-        stats = {"update": update + 1, "reward": reward.mean().item(), "score": score.mean().item(),
-                 **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
-                 "kl": kl, "kl_coef": self.kl_ctl.value,
-                 "response_length": batch.response_mask.sum(1).float().mean().item(),
-                 "finished": finished.mean().item(), "logprob_gap": roll.logprob_gap, **train_stats,
-                 "time/generate": t_gen - t0, "time/score": t_score - t_gen, "time/train": t_train - t_score,
-                 "time/sync": sync_s, "time/total": time.time() - t0}
+        stats = {
+            "update": update + 1,
+            "reward": reward.mean().item(),
+            "score": score.mean().item(),
+            **{f"reward/{k}": v.mean().item() for k, v in parts.items()},
+            "kl": kl,
+            "kl_coef": self.kl_ctl.value,
+            "response_length": batch.response_mask.sum(1).float().mean().item(),
+            "finished": finished.mean().item(),
+            "logprob_gap": roll.logprob_gap,
+            **train_stats,
+            "time/generate": t_gen - t0,
+            "time/score": t_score - t_gen,
+            "time/train": t_train - t_score,
+            "time/sync": sync_s,
+            "time/total": time.time() - t0,
+        }
         if c.dynamic_sampling:
             stats.update({f"dynamic/{k}": float(v) for k, v in counts.items()})
         if self.anchor is not None:
@@ -279,8 +282,10 @@ class PPO(Stage):
         stats = all_ranks_mean(stats)
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             if key in stats and not torch.isfinite(torch.tensor(stats[key])):
-                raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
-                                         f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)")
+                raise FloatingPointError(
+                    f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
+                    f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)"
+                )
         return stats
 
     def _single_step(self, rows: int) -> bool:
@@ -307,15 +312,27 @@ class PPO(Stage):
         if c.advantage == "gae":
             with self._mixed():
                 values = token_values(self.value, batch) * mask
-            rewards = F.token_rewards(score, kl if c.kl_mode == "reward" and kl is not None else torch.zeros_like(mask),
-                                      mask, self.kl_ctl.value)
+            rewards = F.token_rewards(
+                score,
+                kl if c.kl_mode == "reward" and kl is not None else torch.zeros_like(mask),
+                mask,
+                self.kl_ctl.value,
+            )
             adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
         else:
             adv = critic_free_advantages(sequence_rewards_with_kl(score, kl, self.kl_ctl.value, c), mask, c)
         if c.whiten_advantages:
             adv = F.masked_whiten(adv, mask, moments=all_ranks_masked_moments(adv, mask))  # whole batch, all ranks
-        roll = Rollout(batch=batch, score=score, adv=adv, old_logp=old_logp, ref_logp=ref_logp, values=values,
-                       returns=returns, seq_kl=None if kl is None else kl.sum(1))
+        roll = Rollout(
+            batch=batch,
+            score=score,
+            adv=adv,
+            old_logp=old_logp,
+            ref_logp=ref_logp,
+            values=values,
+            returns=returns,
+            seq_kl=None if kl is None else kl.sum(1),
+        )
         if raw_logp is not None:
             self._engine_mismatch(roll, raw_logp, batch)
         return roll
@@ -348,8 +365,9 @@ class PPO(Stage):
                 idx = idx.to(batch.input_ids.device)
                 mb, mask, rows = batch.select(idx), batch.response_mask[idx], roll.rows(idx)
                 with self._mixed():
-                    logp, entropy, *raw = token_logprobs(self.policy, mb, self.temperature, with_entropy=True,
-                                                         with_raw=wants_raw)
+                    logp, entropy, *raw = token_logprobs(
+                        self.policy, mb, self.temperature, with_entropy=True, with_raw=wants_raw
+                    )
                 if roll.old_logp is None:  # the single step: these logprobs are the rollout policy's
                     self._first_forward_stats(roll, logp.detach(), raw[0].detach() if raw else None, rows, mb)
                 loss, stats = policy_objective(c, logp, rows, mask, self.kl_ctl.value)
@@ -366,14 +384,16 @@ class PPO(Stage):
                     with self._mixed():
                         values = token_values(self.value, mb)
                     stats["value_loss"], stats["value_clip_fraction"] = F.value_loss_clipped(
-                        values, rows["values"], rows["returns"], mask, c.value_clip_eps)
+                        values, rows["values"], rows["returns"], mask, c.value_clip_eps
+                    )
                     self.handles["value"].step(stats["value_loss"])
                 for k, v in stats.items():
                     acc.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
         return {k: sum(v) / len(v) for k, v in acc.items()}
 
-    def _first_forward_stats(self, roll: Rollout, logp: torch.Tensor, raw: torch.Tensor | None, rows: dict,
-                             mb: RolloutBatch) -> None:
+    def _first_forward_stats(
+        self, roll: Rollout, logp: torch.Tensor, raw: torch.Tensor | None, rows: dict, mb: RolloutBatch
+    ) -> None:
         """Single-step mode: what `_prepare` would have computed from a separate rollout-policy forward."""
         rows["old_logp"] = logp
         if rows["ref_logp"] is not None:
@@ -384,16 +404,10 @@ class PPO(Stage):
 
     # ------------------------------------------------------------------ weights: engine, copy, anchor
     def _served_weights(self) -> dict:
-        """The policy's full weights as the engine serves them (ZeRO-3: gathered, all ranks call this;
-        LoRA: adapters folded in)."""
-        full = self.policy_h.full_state_dict()
-        return merged_state_dict(full, self.lora_scalings) if self.lora_scalings else full
+        return served_weights(self.policy_h, self.lora_scalings)
 
     def _push_weights(self, full: dict) -> None:
-        if hasattr(self.engine, "load_weights"):
-            self.engine.load_weights(full.items())
-        if self.rollout_model is not None and self.rollout_model is not self.policy:
-            self.rollout_model.load_state_dict(full)  # the plain copy evaluation and save() use
+        push_weights(self.engine, self.rollout_model, self.policy, full)
 
     def _sync_engine(self) -> float:
         """After an update: push the new weights into the rollout engine or copy, and move the EMA anchor
@@ -405,36 +419,26 @@ class PPO(Stage):
         full = self._served_weights()
         self._push_weights(full)
         if self.anchor is not None:
-            self.anchor_step = self._move_anchor(full)
+            self.anchor_step = move_anchor(self.anchor, full, self.cfg.ema_rate, self.reference)
         return time.time() - t
 
-    @torch.no_grad()
-    def _move_anchor(self, full: dict) -> float:
-        """WARP's EMA step, accumulated in fp32 (in bf16 a step of mu = 0.01 times a small difference rounds
-        away and the anchor never moves); returns the L2 norm of the step."""
-        squared = 0.0
-        for name, anchor in self.anchor.items():
-            moved = ema_update(anchor, full[name], self.cfg.ema_rate)
-            squared += float((moved - anchor).pow(2).sum())
-            anchor.copy_(moved)
-        self._anchor_to_reference()
-        return squared ** 0.5
-
-    @torch.no_grad()
-    def _anchor_to_reference(self) -> None:
-        for name, tensor in self.reference.state_dict().items():
-            tensor.copy_(self.anchor[name])
-
     def _checkpoint(self, step: int) -> None:
-        meta = {"cursor": self.cursor, "order": self.order, "kl_controller": self.kl_ctl.state_dict(),
-                "reward_moments": self.scorer.moments.state_dict(), "history": self.history, "before": self.before}
+        meta = {
+            "cursor": self.cursor,
+            "order": self.order,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_moments": self.scorer.moments.state_dict(),
+            "history": self.history,
+            "before": self.before,
+        }
         folder = self.ctx.dir / "checkpoints"
         anchor = {"anchor": self.anchor} if self.anchor is not None else {}
         if not self.policy_h.distributed:
             meta["handles"] = {name: handle.extra_state() for name, handle in self.handles.items()}
             optimizers = {name: handle.optimizer for name, handle in self.handles.items()}
-            save_checkpoint(folder, step, {n: h.module for n, h in self.handles.items()}, optimizers, meta,
-                            tensors=anchor)
+            save_checkpoint(
+                folder, step, {n: h.module for n, h in self.handles.items()}, optimizers, meta, tensors=anchor
+            )
             return
         # Sharded: each rank writes its DeepSpeed shards into a staging dir; rank 0 then adds the anchor
         # and state.json (which marks the checkpoint complete) and renames it into place.
@@ -447,24 +451,9 @@ class PPO(Stage):
         barrier()
 
     def _evaluate(self) -> dict:
-        """Held-out prompts: greedy answers (oracle accuracy per task, mean reward), and the objective RL
-        raises, the mean reward of `eval_samples_per_prompt` samples from the rollout distribution."""
-        from ...tasks import answer_accuracy
-
-        rows, c, precision = self.eval_rows, self.cfg, self.ctx.precision
-        prompts = [prompt_of(r) for r in rows]
-        texts = greedy_texts(self.rollout_model, self.tokenizer, prompts, c.sampling.max_new_tokens, precision)
-        out = answer_accuracy(rows, texts) if all("answer" in r for r in rows) else {}
-        out["reward"] = round(self.scorer.score(prompts, texts, rows).total.mean().item(), 4)
-        if c.eval_samples_per_prompt:
-            sampling = c.sampling.model_copy(update={"n": c.eval_samples_per_prompt, "seed": self.seed})
-            groups = HFEngine(self.rollout_model, self.tokenizer, precision).generate(prompts, sampling)
-            k = c.eval_samples_per_prompt
-            sampled = self.scorer.score([p for p in prompts for _ in range(k)], [s.text for g in groups for s in g],
-                                        [r for r in rows for _ in range(k)])
-            out["sampled_reward"] = round(sampled.total.mean().item(), 4)
-            out.update({f"sampled_{name}": round(v.mean().item(), 4) for name, v in sampled.parts.items()})
-        return out
+        return evaluate_policy(
+            self.rollout_model, self.tokenizer, self.scorer, self.eval_rows, self.cfg, self.ctx.precision, self.seed
+        )
 
     def cleanup(self) -> None:
         super().cleanup()
@@ -488,8 +477,11 @@ class PPO(Stage):
         from ...models import save_model_dir
 
         save_model_dir(self.rollout_model, self.tokenizer, self.ctx.dir / "model", dtype=self.dtype)
-        keys = [k for k in ("reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy")
-                if k in self.history[0]]
+        keys = [
+            k
+            for k in ("reward", "kl", "response_length", "value_loss", "clip_fraction", "entropy")
+            if k in self.history[0]
+        ]
         plot_curves({k: [(h["update"], h[k]) for h in self.history] for k in keys}, self.ctx.dir / "curves.png", "PPO")
         times = {k: sum(h[k] for h in self.history) for k in self.history[0] if k.startswith("time/")}
         metrics["time_breakdown_s"] = {k.split("/")[1]: round(v, 2) for k, v in times.items()}

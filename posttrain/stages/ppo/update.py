@@ -4,6 +4,7 @@
 rollout policy and the reference gave its tokens, values, advantages and returns. `policy_objective` is
 the policy loss of one mini-batch for every member of the family the config selects.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,12 +46,19 @@ class Rollout:
     def rows(self, idx: torch.Tensor) -> dict:
         """The per-row tensors of a mini-batch."""
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return {"adv": self.adv[idx], "old_logp": pick(self.old_logp), "ref_logp": pick(self.ref_logp),
-                "values": pick(self.values), "returns": pick(self.returns), "is_weight": pick(self.is_weight)}
+        return {
+            "adv": self.adv[idx],
+            "old_logp": pick(self.old_logp),
+            "ref_logp": pick(self.ref_logp),
+            "values": pick(self.values),
+            "returns": pick(self.returns),
+            "is_weight": pick(self.is_weight),
+        }
 
 
-def sequence_rewards_with_kl(score: torch.Tensor, kl: Optional[torch.Tensor], kl_coef: float,
-                             cfg: PPOConfig) -> torch.Tensor:
+def sequence_rewards_with_kl(
+    score: torch.Tensor, kl: Optional[torch.Tensor], kl_coef: float, cfg: PPOConfig
+) -> torch.Tensor:
     """(B,) the reward critic-free advantages compare: the score, minus beta * summed KL in reward mode."""
     if cfg.kl_mode == "reward" and kl is not None:
         return score - kl_coef * kl.sum(1)
@@ -67,8 +75,9 @@ def critic_free_advantages(seq_reward: torch.Tensor, mask: torch.Tensor, cfg: PP
     return adv[:, None] * mask
 
 
-def policy_objective(cfg: PPOConfig, logp: torch.Tensor, rows: dict, mask: torch.Tensor,
-                     kl_coef: float) -> tuple[torch.Tensor, dict]:
+def policy_objective(
+    cfg: PPOConfig, logp: torch.Tensor, rows: dict, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, dict]:
     """The policy loss of one mini-batch and its diagnostics.
 
     Token-level ratios (PPO, GRPO, DAPO) or GSPO's sequence-level ratio; asymmetric clipping; the
@@ -79,8 +88,9 @@ def policy_objective(cfg: PPOConfig, logp: torch.Tensor, rows: dict, mask: torch
     log_ratio = logp - old
     if cfg.ratio_level == "sequence":
         seq_adv = F.masked_mean(rows["adv"], mask, dim=1)
-        per_seq, clipped = G.clipped_surrogate(G.sequence_log_ratio(logp, old, mask).exp(), seq_adv,
-                                               clip_low, clip_high)
+        per_seq, clipped = G.clipped_surrogate(
+            G.sequence_log_ratio(logp, old, mask).exp(), seq_adv, clip_low, clip_high
+        )
         if rows["is_weight"] is not None:  # a sequence's mismatch correction: its tokens' mean weight
             per_seq = per_seq * F.masked_mean(rows["is_weight"], mask, dim=1)
         pg_loss, clip_fraction = per_seq.mean(), clipped.to(logp.dtype).mean()
@@ -90,12 +100,16 @@ def policy_objective(cfg: PPOConfig, logp: torch.Tensor, rows: dict, mask: torch
             per_token = per_token * rows["is_weight"]
         pg_loss = G.aggregate(per_token, mask, cfg.loss_aggregation, cfg.sampling.max_new_tokens)
         clip_fraction = F.masked_mean(clipped.to(logp.dtype), mask)
-    stats = {"policy_loss": pg_loss.detach(), "clip_fraction": clip_fraction.detach(),
-             "approx_kl": F.masked_mean((torch.expm1(log_ratio) - log_ratio).detach(), mask)}
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "clip_fraction": clip_fraction.detach(),
+        "approx_kl": F.masked_mean((torch.expm1(log_ratio) - log_ratio).detach(), mask),
+    }
     loss = pg_loss
     if cfg.kl_mode == "loss" and rows["ref_logp"] is not None and kl_coef > 0:
-        kl_term = G.aggregate(G.kl_k3_loss_term(logp, rows["ref_logp"]), mask, cfg.loss_aggregation,
-                              cfg.sampling.max_new_tokens)
+        kl_term = G.aggregate(
+            G.kl_k3_loss_term(logp, rows["ref_logp"]), mask, cfg.loss_aggregation, cfg.sampling.max_new_tokens
+        )
         stats["kl_loss"] = kl_term.detach()
         loss = loss + kl_coef * kl_term
     return loss, stats

@@ -1,5 +1,6 @@
 """The value model of PPO with GAE: a reward model (its head kept) or a language model with a new scalar
 head, giving one value per token."""
+
 from __future__ import annotations
 
 import json
