@@ -169,6 +169,8 @@ def _prompt_plan(batch: RolloutBatch):
     if not bool((lengths > 0).all()):
         return None
     starts = response.int().argmax(1)
+    if not bool((starts > 0).all()):
+        return None  # a response with no prompt before it
     positions = torch.arange(response.shape[1], device=response.device)
     ends = (starts + lengths)[:, None]
     if not (
@@ -196,9 +198,9 @@ def shared_prompt_hidden(model, batch: RolloutBatch):
     per prompt of P tokens this saves (G-1)/G of the prompt's share of the body's forward and backward
     passes. The same idea as SGLang's RadixAttention prefix reuse and "shared-prefix" RL training,
     applied to one batch; values equal the plain forward to rounding (tests/test_lean_logprobs.py).
-    None where it does not apply: no shared prompt, a family without a plain key/value cache
-    (RecurrentGemma), a sequence reaching the sliding window, or gradient checkpointing (which turns the
-    cache off)."""
+    None where it does not apply: no shared prompt, or what `models.prompt_cache_supported` refuses (a
+    family without a plain key/value cache, gradient checkpointing, ZeRO-3, a sequence reaching the
+    sliding window)."""
     parts = lm_parts(model)
     if parts is None or not prompt_cache_supported(unwrap(model), batch.input_ids.shape[1]):
         return None

@@ -190,6 +190,8 @@ def test_shared_prompt_scoring_steps_aside_for_checkpointing_zero3_and_the_windo
     assert shared_prompt_hidden(model, batch) is None
     model.eval()  # checkpointing only acts in training
     assert shared_prompt_hidden(model, batch) is not None
+    no_prompt = pack_rollout([[], []], [Sample(text="", token_ids=[7, 8]), Sample(text="", token_ids=[9])], pad_id=0)
+    assert shared_prompt_hidden(model, no_prompt) is None  # an empty prompt has no cache to share
     next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
     assert shared_prompt_hidden(model, batch) is None  # its gathers are collectives: every rank runs alike
 

@@ -55,7 +55,9 @@ class HFEngine:
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         greedy = sampling.temperature == 0
         copies, shared = sampling.n, {}
-        if copies > 1 and width > 1 and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
+        # Greedy copies would all be alike: generate refuses n > 1 there, and the cache is not shared.
+        share = copies > 1 and not greedy and width > 1
+        if share and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
             shared = {"past_key_values": self._prompt_cache(input_ids, attention, copies)}
             input_ids, attention = (t.repeat_interleave(copies, 0) for t in (input_ids, attention))
             copies = 1
