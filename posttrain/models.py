@@ -181,7 +181,7 @@ def prompt_cache_supported(model, length: int) -> bool:
         return False
     if body.training and getattr(body, "gradient_checkpointing", False):
         return False
-    if hasattr(next(body.parameters()), "ds_id"):
+    if zero3_partitioned(body):
         # ZeRO-3 gathers the weights with collectives in every forward call: all ranks must make the same
         # calls, and whether a rank's batch shares prompts is its own.
         return False
@@ -254,11 +254,14 @@ def load_model(
     return _place(model, torch.device(device))
 
 
+def zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned `module`'s weights (it marks each with a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
 def _place(model, device: torch.device):
     """Move a freshly loaded model to `device`; a ZeRO-3-partitioned one stays put (DeepSpeed places it)."""
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        return model
-    return model.to(device)
+    return model if zero3_partitioned(model) else model.to(device)
 
 
 def save_generation_config(tokenizer, out: str | Path) -> None:
