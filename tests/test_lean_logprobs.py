@@ -1,6 +1,8 @@
 """Lean log-probabilities: chunked over tokens, they equal the full [batch, seq, vocab] computation (values,
 entropies, raw logprobs, gradients), for every family's output head (Gemma 2 and RecurrentGemma soft-cap)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -274,3 +276,82 @@ def test_heldout_metrics_equal_the_full_computation(tiny_tokenizer):
     assert got["tokens"] == int(mask.sum()) == 12
     assert got["nll"] == pytest.approx(round(nll, 4), abs=1e-4)
     assert got["kl_to_teacher"] == pytest.approx(round(forward_kl(s, t, mask).item(), 4), abs=1e-4)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_tied_embedding_training_holds_one_dense_gradient(tiny_tokenizer, grouped, monkeypatch):
+    """Gemma's head is its input embedding. Training through token_logprobs (the embedding's part of the
+    gradient sparse, the head's dense part taking it in place) gives every parameter the gradient autograd's
+    plain path gives, and a dense one. Shared-prompt and plain forwards alike."""
+    from contextlib import nullcontext
+
+    from posttrain import rollout
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1).train()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    batch = (_grouped_batch if grouped else _batch)(len(tiny_tokenizer))
+    assert (rollout.shared_prompt_hidden(model, batch) is not None) == grouped
+    weights = torch.randn(batch.input_ids.shape)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        (token_logprobs(model, batch, temperature=0.8) * weights).sum().backward()
+        assert not model.get_input_embeddings().sparse  # restored after the forward
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lean = grads()
+    monkeypatch.setattr(rollout, "tied_head", lambda model, head: nullcontext(head))
+    plain = grads()
+    assert all(not g.is_sparse for g in lean.values())
+    for name, got in lean.items():
+        assert torch.allclose(got, plain[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_tied_embedding_gradient_is_dense_without_the_head(tiny_tokenizer):
+    """If a loss reads the body but not the head, the weight's gradient is the embedding's sparse part
+    alone: it is made dense, as the optimiser needs, and equals the plain gradient."""
+    from posttrain.rollout import tied_head
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1).train()
+    ids = torch.randint(6, len(tiny_tokenizer), (2, 5))
+    weight = model.get_input_embeddings().weight
+    with tied_head(model, model.get_output_embeddings()):
+        model.model(input_ids=ids).last_hidden_state.sum().backward()
+    lean = weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.model(input_ids=ids).last_hidden_state.sum().backward()
+    assert not lean.is_sparse and torch.allclose(lean, weight.grad, atol=1e-6)
+
+
+def _peak_backward_mib(model, batch) -> float:
+    """Peak RSS above the start of one backward pass through token_logprobs (Linux: VmHWM reset)."""
+    from pathlib import Path
+
+    def rss(key):
+        return next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+
+    model.zero_grad(set_to_none=True)
+    loss = token_logprobs(model, batch).sum()
+    Path("/proc/self/clear_refs").write_text("5")
+    start = rss("VmRSS:")
+    loss.backward()
+    return (rss("VmHWM:") - start) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
+def test_tied_embedding_backward_holds_one_weight_sized_gradient(tiny_tokenizer, monkeypatch):
+    """At Gemma's vocabulary 262144 (a 64 MiB embedding here) the backward pass of a training forward
+    holds one weight-sized gradient, where autograd's plain path holds two (the head's and the
+    embedding's, then adds them)."""
+    from contextlib import nullcontext
+
+    from posttrain import rollout
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1).train()
+    model.resize_token_embeddings(262144, mean_resizing=False)
+    weight_mib = model.get_input_embeddings().weight.numel() * 4 / 2**20
+    batch = _grouped_batch(len(tiny_tokenizer), response_lengths=(1, 2))  # 9 tokens: 18 MiB of chunk buffers
+    lean = _peak_backward_mib(model, batch)
+    monkeypatch.setattr(rollout, "tied_head", lambda model, head: nullcontext(head))
+    plain = _peak_backward_mib(model, batch)
+    assert lean < 1.5 * weight_mib and plain > 1.8 * weight_mib, (lean, plain, weight_mib)

@@ -33,6 +33,7 @@ All arithmetic after the head is fp32, whatever the model's dtype.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -127,10 +128,22 @@ def chunked_token_logprobs(
     return tuple(torch.cat([p[i] for p in parts]) for i in range(n_out))
 
 
+@dataclass(frozen=True)
+class LinearHead:
+    """A linear head given by its weight and bias as one graph sees them (rollout's late-gradient view of
+    a weight tied to the input embedding), scored like a `torch.nn.Linear`."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
 def _plain_linear(head) -> bool:
-    """A `torch.nn.Linear` whose weight is all here (not a ZeRO-3 partition, which only the module's own
-    forward hooks gather)."""
-    return type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id")
+    """A `torch.nn.Linear` (or `LinearHead`) whose weight is all here (not a ZeRO-3 partition, which only
+    the module's own forward hooks gather)."""
+    return type(head) in (torch.nn.Linear, LinearHead) and not hasattr(head.weight, "ds_id")
 
 
 def _head_logits(

@@ -104,17 +104,19 @@ class LocalTrainable:
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad()
         if self.scaler is None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
             self.optimizer.step()
-            return
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        # Freed now, not before the next backward: no parameter-sized gradient is held through the next
+        # rollout's generation, scoring and forward pass.
+        self.optimizer.zero_grad(set_to_none=True)
 
     def full_state_dict(self) -> dict:
         return self.module.state_dict()
