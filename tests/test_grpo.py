@@ -120,3 +120,28 @@ def test_grpo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
     assert max(kls) < 5.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_grpo_groups_on_two_ranks(tmp_path, tiny_model_dir, zero_stage):
+    """Two processes (DDP, or DeepSpeed ZeRO-2), 4 samples per prompt: each rank's forwards share its groups'
+    prompts and give the tied embedding its gradient in two parts, with no collective in the forward pass.
+    The run must not hang (a rank that shares and one that does not would, under ZeRO-3), and it trains."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from posttrain.pipeline import run_pipeline
+
+    ppo = {**GRPO, "rollout_batch_size": 4, "distributed": {"num_processes": 2, "zero_stage": zero_stage}}
+    summary = run_pipeline(load_pipeline(_setup(tmp_path, tiny_model_dir, ppo=ppo)))["ppo"]
+    stage_dir = tmp_path / "run" / "ppo"
+    history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["updates"] == 2 and [h["update"] for h in history] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(v)) for h in history for v in h.values() if isinstance(v, float))
+    assert history[-1]["kl"] > 0  # the second update samples from a policy that moved
+    trained = load_file(stage_dir / "model" / "model.safetensors")
+    init = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert any(not torch.equal(trained[k], init[k]) for k in init)
