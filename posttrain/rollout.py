@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .algos.logits import LinearHead, chunk_tokens_for, chunked_token_logprobs
+from .algos.logits import LinearHead, chunk_tokens_for, chunked_token_logprobs, plain_linear
 from .chat import chat_prompt_ids, rendered_ids
 from .engines.base import Sample
 from .lora import unwrap
@@ -145,12 +145,11 @@ def tied_head(model, head):
     weight = getattr(head, "weight", None)
     if not (
         torch.is_grad_enabled()
-        and type(head) is torch.nn.Linear
+        and plain_linear(head)  # a linear layer, not a ZeRO-3 partition
         and isinstance(embedding, torch.nn.Embedding)
         and embedding.weight is weight
         and weight.requires_grad
         and not embedding.sparse
-        and not hasattr(weight, "ds_id")
     ):
         yield head
         return

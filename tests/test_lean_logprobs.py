@@ -326,7 +326,6 @@ def test_tied_embedding_gradient_is_dense_without_the_head(tiny_tokenizer):
 
 def _peak_backward_mib(model, batch) -> float:
     """Peak RSS above the start of one backward pass through token_logprobs (Linux: VmHWM reset)."""
-    from pathlib import Path
 
     def rss(key):
         return next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))

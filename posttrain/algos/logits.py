@@ -101,7 +101,7 @@ def chunked_token_logprobs(
     if hidden.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return tuple(empty for _ in range(n_out))
-    if _plain_linear(head):
+    if plain_linear(head):
         device = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
         return _LinearHeadLogprobs.apply(
@@ -140,7 +140,7 @@ class LinearHead:
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
 
 
-def _plain_linear(head) -> bool:
+def plain_linear(head) -> bool:
     """A `torch.nn.Linear` (or `LinearHead`) whose weight is all here (not a ZeRO-3 partition, which only
     the module's own forward hooks gather)."""
     return type(head) in (torch.nn.Linear, LinearHead) and not hasattr(head.weight, "ds_id")
