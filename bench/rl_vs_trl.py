@@ -15,6 +15,10 @@ Sides (each repeat of each side in its own child process, interleaved: ours, trl
   trl        TRL 1.16 GRPOTrainer
   ours-full  (vocab 262144 only) our stage with full [B, T, V] logits: `posttrain.rollout.LEAN_FAMILIES`
              emptied in the child, so `token_logprobs` falls back to `model(...).logits`
+A side may carry memory options after `+`, e.g. `--sides ours+refdisk+ckpt,trl+ckpt`:
+  +refdisk   (ours) `reference_placement: disk`: the reference is read from disk for each scoring, not held
+  +ckpt      gradient checkpointing (ours: `gradient_checkpointing: true`; TRL: `gradient_checkpointing=True`)
+Each ours side is compared with the TRL side that has the same +ckpt.
 With --vllm, also ours with `sampling.backend: vllm` and TRL with `use_vllm=True, vllm_mode="colocate"`
 (one repeat each, beta > 0).
 
@@ -57,6 +61,8 @@ TOKENIZER_VOCAB = 512
 (ids past the tokenizer's decode to nothing)."""
 GRPO = dict(prompts=8, generations=4, max_new_tokens=32, temperature=1.0, learning_rate=1e-6)
 BETAS = [0.04, 0.0]
+MODIFIERS = {"ours": ("refdisk", "ckpt"), "ours-full": ("refdisk", "ckpt"), "trl": ("ckpt",)}
+"""Memory options a side may carry after `+` (module docstring)."""
 UPDATES = {512: 4, 262144: 2}
 """Updates per child, the first a warm-up (not timed)."""
 RSS_CAP_GIB = 10.0
@@ -77,7 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--vocabs", default=",".join(map(str, VOCABS)))
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--betas", default=",".join(map(str, BETAS)))
-    p.add_argument("--sides", default="ours,trl,ours-full", help="which of ours, trl, ours-full to run")
+    p.add_argument(
+        "--sides", default="ours,trl,ours-full", help="which of ours, trl, ours-full to run (+refdisk, +ckpt: above)"
+    )
     p.add_argument("--quick", action="store_true", help="vocab 512, 1m body, beta > 0, 1 repeat")
     p.add_argument("--vllm", action="store_true", help="also ours-vllm and trl-vllm (1 repeat, beta > 0)")
     p.add_argument("--only-vllm", action="store_true", help="with --vllm: skip the HF configurations")
@@ -100,6 +108,10 @@ def parse_args(argv=None):
     args.sizes = args.sizes.split(",")
     args.betas = [float(b) for b in args.betas.split(",")]
     args.sides = args.sides.split(",")
+    for side in args.sides:
+        base, *mods = side.split("+")
+        if base not in ("ours", "trl", "ours-full") or not set(mods) <= set(MODIFIERS[base]):
+            p.error(f"--sides: {side!r}: expected ours, trl or ours-full, with modifiers {MODIFIERS}")
     args.out = args.out or BENCH / "results" / ("rl_vs_trl_quick.json" if args.quick else "rl_vs_trl.json")
     return args
 
@@ -151,7 +163,7 @@ def configurations(args) -> list[dict]:
         for vocab in args.vocabs:
             for size in args.sizes:
                 for beta in args.betas:
-                    sides = [s for s in args.sides if s != "ours-full" or vocab > TOKENIZER_VOCAB]
+                    sides = [s for s in args.sides if not s.startswith("ours-full") or vocab > TOKENIZER_VOCAB]
                     for rep in range(args.repeats):
                         runs += [dict(side=s, backend="hf", vocab=vocab, size=size, beta=beta, rep=rep) for s in sides]
     if args.vllm:
@@ -207,14 +219,16 @@ def aggregate(report: dict) -> dict:
 
 
 def ratios(agg: dict) -> dict:
-    """ours / trl and ours-full / trl (and ours / ours-full) per configuration, from the medians."""
+    """Each ours side / the TRL side with the same +ckpt, and ours / ours-full, per configuration, from the
+    medians."""
     out = {}
     for config in agg:
         side, rest = config.split("/", 1)
-        pairs = {
-            "ours": [("trl", "ours / trl"), ("ours-full", "ours / ours-full")],
-            "ours-full": [("trl", "ours-full / trl")],
-        }.get(side, [])
+        base, *mods = side.split("+")
+        if base not in ("ours", "ours-full"):
+            continue
+        trl = "+".join(["trl", *(m for m in mods if m == "ckpt")])
+        pairs = [(trl, f"{side} / {trl}")] + ([("ours-full", "ours / ours-full")] if side == "ours" else [])
         for other, label in pairs:
             b = agg.get(f"{other}/{rest}")
             if b is None:
@@ -273,7 +287,9 @@ def print_tables(report: dict) -> None:
 def _order(config: str):
     side, vocab, size, beta = config.split("/")
     sides = ["ours", "trl", "ours-full", "ours-vllm", "trl-vllm"]
-    return (int(vocab[1:]), list(SIZES).index(size), -float(beta[4:]), sides.index(side) if side in sides else 9)
+    base = side.split("+")[0]
+    rank = (sides.index(base) if base in sides else 9, side.count("+"), side)
+    return (int(vocab[1:]), list(SIZES).index(size), -float(beta[4:]), rank)
 
 
 def parent(args) -> None:
@@ -471,7 +487,8 @@ def child_ours(spec: dict) -> dict:
     from posttrain.pipeline import load_pipeline, run_pipeline
     from posttrain.stages.ppo import PPO as PPOStage
 
-    if spec["side"] == "ours-full":
+    base, *mods = spec["side"].split("+")
+    if base == "ours-full":
         rollout.LEAN_FAMILIES = set()  # token_logprobs falls back to model(...).logits
     g = spec["grpo"]
     beta = spec["beta"]
@@ -501,6 +518,8 @@ def child_ours(spec: dict) -> dict:
         "updates": spec["updates"],
         "save_every": spec["updates"],
         "eval_samples": 0,
+        "reference_placement": "disk" if "refdisk" in mods else "device",
+        "gradient_checkpointing": "ckpt" in mods,
     }
     if spec["backend"] == "vllm":
         ppo["vllm"] = {"kv_cache_gib": 1}
@@ -592,7 +611,7 @@ def child_trl(spec: dict) -> dict:
         max_grad_norm=1.0,
         bf16=False,
         fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing="+ckpt" in spec["side"],
         use_cpu=True,
         report_to="none",
         save_strategy="no",
@@ -696,7 +715,7 @@ def child_main(spec_path: str) -> None:
     global TRACE
     TRACE = RSSTrace(spec["rss_cap_gib"] * 1024)
     start = time.perf_counter()
-    result = (child_trl if spec["side"] == "trl" else child_ours)(spec)
+    result = (child_trl if spec["side"].startswith("trl") else child_ours)(spec)
     result.update(
         peak_rss_mib=max([status_mib("VmHWM"), *PEAK_BEFORE_RESET]),
         run_seconds=time.perf_counter() - start,

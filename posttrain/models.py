@@ -189,6 +189,17 @@ def prompt_cache_supported(model, length: int) -> bool:
     return not window or length < window - 1
 
 
+def enable_gradient_checkpointing(model, key: str) -> None:
+    """Turn on activation recomputation in `model`'s training forward passes (non-reentrant: it needs no
+    input that requires grad, so frozen embeddings and LoRA work); `key` names the setting in errors."""
+    inner = getattr(model, "base_model", model)  # our ValueModel wraps a backbone
+    for candidate in (model, inner):
+        if getattr(candidate, "supports_gradient_checkpointing", False):
+            candidate.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return
+    raise ValueError(f"{key}: {type(model).__name__} does not support gradient checkpointing; set it to false")
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -198,8 +198,8 @@ def engine_layouts(scfg) -> dict[str, tuple]:
 
 
 def check_devices(cfg: PipelineBase, names: list[str]):
-    """Resolve the pipeline's device and check every stage's precision runs there and its vLLM engine groups
-    divide its ranks, before any work."""
+    """Resolve the pipeline's device and check every stage's precision and reference placement work there and
+    its vLLM engine groups divide its ranks, before any work."""
     for name in names:
         for key, (tp, processes) in engine_layouts(getattr(cfg, name)).items():
             if processes > 1 and processes % tp:
@@ -216,6 +216,11 @@ def check_devices(cfg: PipelineBase, names: list[str]):
             key = f"{name}.precision" if getattr(getattr(cfg, name), "precision", None) else "precision"
             raise ConfigError(
                 f"{key}: fp16 mixed precision needs a CUDA device (this run computes on {device}); use bf16 or fp32"
+            )
+        if getattr(getattr(cfg, name), "reference_placement", None) == "cpu" and device.type == "cpu":
+            raise ConfigError(
+                f"{name}.reference_placement: 'cpu' moves the reference off an accelerator, but this run computes "
+                "on cpu: use 'disk' to free its memory between scorings, or 'device'"
             )
     return device
 

@@ -117,6 +117,6 @@ def test_one_process_on_a_gpu_machine_uses_the_gpu(tmp_path, tiny_model_dir):
     stage.ctx.dir.mkdir()
     stage.setup()
     assert next(stage.policy.parameters()).device.type == "cuda"
-    assert next(stage.reference.parameters()).dtype == torch.bfloat16
+    assert next(stage.reference.model.parameters()).dtype == torch.bfloat16
     summary = run_pipeline(cfg)
     assert summary["ppo"]["status"] == "ran" and summary["ppo"]["device"].startswith("cuda"), summary

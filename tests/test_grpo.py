@@ -123,11 +123,14 @@ def test_grpo_raises_verifier_reward_on_a_task_with_headroom(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_grpo_groups_on_two_ranks(tmp_path, tiny_model_dir, zero_stage):
+@pytest.mark.parametrize(
+    "zero_stage,extra", [(0, {}), (2, {}), (2, {"reference_placement": "disk", "gradient_checkpointing": True})]
+)
+def test_grpo_groups_on_two_ranks(tmp_path, tiny_model_dir, zero_stage, extra):
     """Two processes (DDP, or DeepSpeed ZeRO-2), 4 samples per prompt: each rank's forwards share its groups'
     prompts and give the tied embedding its gradient in two parts, with no collective in the forward pass.
-    The run must not hang (a rank that shares and one that does not would, under ZeRO-3), and it trains."""
+    The run must not hang (a rank that shares and one that does not would, under ZeRO-3), and it trains;
+    also with the reference read from disk by each rank and gradient checkpointing (no sharing in training)."""
     import json
     from pathlib import Path
 
@@ -135,7 +138,7 @@ def test_grpo_groups_on_two_ranks(tmp_path, tiny_model_dir, zero_stage):
 
     from posttrain.pipeline import run_pipeline
 
-    ppo = {**GRPO, "rollout_batch_size": 4, "distributed": {"num_processes": 2, "zero_stage": zero_stage}}
+    ppo = {**GRPO, "rollout_batch_size": 4, "distributed": {"num_processes": 2, "zero_stage": zero_stage}, **extra}
     summary = run_pipeline(load_pipeline(_setup(tmp_path, tiny_model_dir, ppo=ppo)))["ppo"]
     stage_dir = tmp_path / "run" / "ppo"
     history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]

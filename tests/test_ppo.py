@@ -180,8 +180,10 @@ def test_vllm_rollouts_stay_in_sync_with_trainer(tmp_path, tiny_model_dir, lora)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,lora", [(2, False), (3, False), (3, True)])
-def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage, lora):
+@pytest.mark.parametrize(
+    "zero_stage,lora,extra", [(2, False, {}), (3, False, {"gradient_checkpointing": True}), (3, True, {})]
+)
+def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tiny_model_dir, zero_stage, lora, extra):
     dist = {"num_processes": 2, "zero_stage": zero_stage}
     lora_cfg = {"enabled": lora, "r": 4, "alpha": 8}
     path = _setup(
@@ -195,6 +197,7 @@ def test_ppo_under_deepspeed_two_processes_checkpoints_and_resumes(tmp_path, tin
             "reference_mode": "ema",
             "lora": lora_cfg,
             "value_lora": lora_cfg,
+            **extra,
         },
     )
     summary = run_pipeline(load_pipeline(path))["ppo"]

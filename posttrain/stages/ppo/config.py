@@ -100,6 +100,10 @@ class PPOConfig(Section):
     """Added to the score of a completion that did not end its turn (0 = off)."""
     is_cap: Optional[float] = Field(2.0, gt=0)
     """Truncated importance-sampling cap on exp(trainer_logp - engine_logp); None = no correction."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass of the policy (and value model): the
+    activation memory of one layer instead of all, for about one more forward pass per step; the training
+    forward then runs each sample's prompt itself instead of sharing it."""
     ptx_coef: float = Field(0.0, ge=0)
     """Weight of the likelihood of train_data's own answers in the policy loss (InstructGPT's PPO-ptx):
     it holds what the reward does not ask for; 0 = off."""
@@ -107,6 +111,10 @@ class PPOConfig(Section):
     """Reference conversations per policy step for the ptx term."""
     reference_mode: Literal["fixed", "ema"] = "fixed"
     """KL anchor: the frozen starting policy, or an EMA of the policy (WARP)."""
+    reference_placement: Literal["device", "cpu", "disk"] = "device"
+    """Where the reference waits between its scoring forwards: on the training device; in host memory,
+    moved to the accelerator only to score; or on disk, read again from its model directory for each
+    scoring (frees its memory on any machine at one load per update; not with reference_mode ema)."""
     ema_rate: float = Field(0.01, gt=0, le=1)
     """WARP's mu: anchor <- (1 - mu) * anchor + mu * policy, every update."""
     save_every: int = Field(5, ge=1)
@@ -150,7 +158,25 @@ class PPOConfig(Section):
                 "kl_mode 'off' uses no reference model: unset reference, reference_mode ema and "
                 "adaptive_kl, or choose kl_mode reward or loss"
             )
+        self._check_reference_placement()
         return self
+
+    def _check_reference_placement(self) -> None:
+        if self.reference_placement == "device":
+            return
+        key = f"reference_placement {self.reference_placement!r}"
+        if not (self.uses_reference or self.reference_mode == "ema"):
+            raise ValueError(f"{key}: no KL term reads a reference, so there is none to place; set it to 'device'")
+        if self.lora.enabled and self.reference is None and self.reference_mode == "fixed":
+            raise ValueError(
+                f"{key}: with LoRA the reference is the policy with its adapters off, not a copy to place; "
+                "set it to 'device' (or name a separate `reference`)"
+            )
+        if self.reference_placement == "disk" and self.reference_mode == "ema":
+            raise ValueError(
+                "reference_placement 'disk' re-reads the starting reference, but reference_mode 'ema' moves it "
+                "every update: use 'cpu' (on an accelerator) or 'device'"
+            )
 
     @property
     def uses_reference(self) -> bool:

@@ -33,7 +33,7 @@ from ...dist.trainable import trainable
 from ...engines import make_engine
 from ...lora import add_adapters, lora_scalings
 from ...manifest import atomic_write_json, atomic_write_text
-from ...models import load_model, load_tokenizer
+from ...models import enable_gradient_checkpointing, load_model, load_tokenizer
 from ...chat import chat_prompt_ids
 from ...plots import plot_curves
 from ...rollout import RolloutBatch, answer_batch, pack_rollout, token_logprobs, token_values
@@ -45,7 +45,8 @@ from .evaluate import evaluate_policy
 from .groups import SampledGroups, sample_groups
 from .update import Rollout, critic_free_advantages, policy_objective, sequence_rewards_with_kl
 from .value import ValueModel, load_value_model
-from .weights import anchor_to_reference, move_anchor, push_weights, served_weights
+from .reference import Reference
+from .weights import move_anchor, push_weights, served_weights
 
 
 class PPO(Stage):
@@ -66,6 +67,10 @@ class PPO(Stage):
         value_init = c.value_model or inp.get("reward_model") or inp["model"]
         # RLOO's and GRPO's baselines are the other samples of the same prompt: no value model at all.
         self.value = load_value_model(value_init, self.tokenizer, dev) if c.advantage == "gae" else None
+        if c.gradient_checkpointing:
+            for model in (self.policy, self.value):
+                if model is not None:
+                    enable_gradient_checkpointing(model, "ppo.gradient_checkpointing")
         self.scorer = Scorer(
             c.scoring, reward_model_dir=inp.get("reward_model"), device=dev, precision=self.ctx.precision
         )
@@ -123,11 +128,7 @@ class PPO(Stage):
         self.reference, self.anchor = None, None
         shared = c.lora.enabled and c.reference is None and c.reference_mode == "fixed"
         if (c.uses_reference or c.reference_mode == "ema") and not shared:
-            self.reference = (
-                load_model(c.reference or inp["model"], device=self.ctx.device, dtype=self.dtype)
-                .eval()
-                .requires_grad_(False)
-            )
+            self.reference = Reference(c.reference or inp["model"], self.ctx.device, self.dtype, c.reference_placement)
         if c.reference_mode == "ema":
             start = (
                 self.policy
@@ -180,7 +181,7 @@ class PPO(Stage):
             for name, handle in self.handles.items():
                 handle.load_extra_state(meta.get("handles", {}).get(name, {}))
         if self.anchor is not None:
-            anchor_to_reference(self.anchor, self.reference)
+            self.reference.load_state(self.anchor)
         self.start_update, self.cursor, self.order = meta["step"], meta["cursor"], meta["order"]
         self.kl_ctl.load_state_dict(meta["kl_controller"])
         self.scorer.moments.load_state_dict(meta["reward_moments"])
@@ -349,7 +350,8 @@ class PPO(Stage):
 
     def _reference_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         if self.reference is not None:
-            return token_logprobs(self.reference, batch, self.temperature)
+            with self.reference.scoring() as reference:
+                return token_logprobs(reference, batch, self.temperature)
         with self.policy.disable_adapter():  # LoRA: the base weights are the reference
             return token_logprobs(self.policy, batch, self.temperature)
 

@@ -34,11 +34,5 @@ def move_anchor(anchor: dict, full: dict, ema_rate: float, reference) -> float:
         moved = ema_update(tensor, full[name], ema_rate)
         squared += float((moved - tensor).pow(2).sum())
         tensor.copy_(moved)
-    anchor_to_reference(anchor, reference)
+    reference.load_state(anchor)
     return squared**0.5
-
-
-@torch.no_grad()
-def anchor_to_reference(anchor: dict, reference) -> None:
-    for name, tensor in reference.state_dict().items():
-        tensor.copy_(anchor[name])
