@@ -1,6 +1,7 @@
 """Config loading: defaults, overrides, and errors that name the key, file and line."""
 
 import pytest
+import torch
 import yaml
 
 from posttrain.config import ConfigError, undocumented_fields
@@ -111,7 +112,11 @@ def test_gpu_config_is_laid_out_for_one_node_of_eight(monkeypatch, tiny_model_di
         assert bool(layouts) == (name in generating), name
         assert all(processes % tp == 0 for tp, processes in layouts.values()), (name, layouts)
     assert cfg.ppo.vllm.enable_sleep_mode and cfg.ppo.sampling.gpu_memory_utilization == 0.35
-    check_devices(cfg, list(cfg.stages))  # CPU here: bf16 is allowed, and the layouts pass
+    assert cfg.ppo.reference_placement == "cpu"
+    with pytest.raises(ConfigError, match="ppo.reference_placement: 'cpu' moves the reference off an accelerator"):
+        check_devices(cfg, list(cfg.stages))  # on this CPU machine the host-memory reference has nowhere to move
+    monkeypatch.setattr("posttrain.pipeline.resolve_device", lambda spec: torch.device("cuda", 0))
+    check_devices(cfg, list(cfg.stages))  # as on the GPU node: bf16, the reference placement and the layouts pass
     bad = load_pipeline(
         "configs/gemma2-2b-gpu.yaml",
         [f"synth.teacher={tiny_model_dir}", f"base.path={tiny_model_dir}", "prefs.sampling.tensor_parallel_size=3"],
