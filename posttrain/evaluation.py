@@ -318,8 +318,9 @@ def _save_figure(fig, out: Path) -> Path:
 
 def plot_accuracy(results: dict, out: str | Path) -> Optional[Path]:
     """Grouped bars: accuracy overall and per task, one bar per model (None: no row has an answer)."""
-    from . import plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
+    from .plots import pyplot
+
+    plt = pyplot()
 
     if not any(m["accuracy"] for m in results["models"].values()):
         return None
@@ -340,8 +341,9 @@ def plot_accuracy(results: dict, out: str | Path) -> Optional[Path]:
 
 def plot_win_rates(results: dict, out: str | Path) -> Optional[Path]:
     """Stacked horizontal bars of win / tie / loss shares per model and judge (None: nothing compared)."""
-    from . import plots  # noqa: F401
-    import matplotlib.pyplot as plt
+    from .plots import pyplot
+
+    plt = pyplot()
 
     bars = [
         (f"{name} ({judge})", cmp)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported when a plot is drawn: ~30 MiB of RSS
+    that a stage would otherwise hold through its training from the moment it is imported."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_curves(curves: dict[str, list[tuple[float, float]]], out: str | Path, title: str = "") -> Path | None:
@@ -15,7 +21,7 @@ def plot_curves(curves: dict[str, list[tuple[float, float]]], out: str | Path, t
     curves = {k: v for k, v in curves.items() if v}
     if not curves:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
     for ax, (name, points) in zip(axes[0], curves.items()):
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
@@ -34,7 +40,7 @@ def save_figure(fig, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     tmp.replace(out)
     return out
 

@@ -1,5 +1,8 @@
 """Config loading: defaults, overrides, and errors that name the key, file and line."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import yaml
@@ -152,3 +155,16 @@ def test_gpu_check_overrides_are_valid_keys(monkeypatch):
     assert cfg.precision == "bf16" and cfg.ppo.sampling.backend == cfg.eval.sampling.backend == "vllm"
     assert cfg.ppo.distributed.num_processes == cfg.prefs.distributed.num_processes == 4
     assert cfg.sft.distributed.zero_stage == 3
+
+
+def test_config_and_rl_stage_imports_leave_trainer_and_plotting_out():
+    """Every stage's config class is imported to validate a pipeline, in every process of a run: none of
+    them may pull in transformers' Trainer (with `datasets`, pandas, pyarrow: ~350 MiB of RSS) or
+    matplotlib, which a process loads only when it builds a trainer or draws a plot."""
+    code = (
+        "import sys; from posttrain.pipeline import pipeline_model; pipeline_model(); "
+        "import posttrain.stages.ppo.stage, posttrain.scoring; "
+        "print([m for m in ('transformers.trainer', 'datasets', 'matplotlib') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from posttrain.algos.reward import simpo_loss
 from posttrain.data import write_jsonl
-from posttrain.implicit_rm import tokenize_pairs
+from posttrain.pairs import tokenize_pairs
 from posttrain.stages import StageContext
 from posttrain.stages.dpo import DPO, DPOConfig, build_trainer
 

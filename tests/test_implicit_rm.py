@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.data import write_jsonl
-from posttrain.implicit_rm import PairCollator, read_reward_head, tokenize_pairs, write_reward_head
+from posttrain.implicit_rm import read_reward_head, write_reward_head
+from posttrain.pairs import PairCollator, tokenize_pairs
 from posttrain.scoring import Scorer, ScoringConfig
 from posttrain.stages import StageContext
 from posttrain.stages.rm import RM, RMConfig, build_implicit_trainer, read_pairs, score_pairs

@@ -121,3 +121,50 @@ def test_gradient_checkpointing_recomputes_layers_and_keeps_the_update(tmp_path,
     # the same policy gradient (compared before AdamW, whose first step is about the gradient's sign)
     for plain, ckpt in zip(*grads, strict=True):
         torch.testing.assert_close(ckpt, plain, rtol=1e-4, atol=1e-6)
+
+
+def _rss_anon_mib() -> float:
+    line = next(x for x in open("/proc/self/status").read().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_release_host_memory_hands_freed_heap_pages_back_to_the_os():
+    """Freed small tensors between live ones stay in the C heap's RSS until released (the RL stage calls
+    this between generation, scoring, the training forward and the backward pass)."""
+    from posttrain.dist.rank import release_host_memory
+
+    if release_host_memory() == -1:
+        pytest.skip("the C library is not glibc")
+    blocks = [torch.ones(16 * 1024) for _ in range(3200)]  # 64 KiB each: below the mmap threshold
+    kept = blocks[::2]  # live blocks between the freed ones: the heap's top cannot shrink on its own
+    del blocks
+    before = _rss_anon_mib()
+    assert release_host_memory() == 1
+    assert before - _rss_anon_mib() > 60, "about 100 MiB of freed blocks should have left the RSS"
+    assert all(float(b[0]) == 1.0 for b in kept[:10])  # the live ones are untouched
+
+
+def test_host_memory_is_released_only_where_a_trained_tensor_bypasses_the_heap():
+    """A trained CPU tensor of 32 MiB or more (Gemma's 256k-row embedding) has its gradient mmapped, apart
+    from the heap's freed pages: only then is releasing them worth the refaults."""
+    from posttrain.dist.rank import host_memory_release_pays
+
+    big = torch.nn.Embedding(65536, 128)  # 32 MiB of fp32
+    small = torch.nn.Embedding(65535, 128)
+    assert host_memory_release_pays(big) and not host_memory_release_pays(small)
+    assert not host_memory_release_pays(big.requires_grad_(False))
+
+
+def test_rl_stage_releases_host_memory_between_its_phases(tmp_path, tiny_model_dir, monkeypatch):
+    """After generation, after scoring and before the backward pass when it pays; never for the tiny model."""
+    import posttrain.stages.ppo.stage as ppo_stage
+
+    calls = []
+    monkeypatch.setattr(ppo_stage, "release_host_memory", lambda: calls.append(1))
+    tiny = _stage(tmp_path / "tiny", tiny_model_dir)
+    tiny._update(0)
+    assert not tiny.releases_host_memory and calls == []
+    monkeypatch.setattr(ppo_stage, "host_memory_release_pays", lambda model: True)
+    paying = _stage(tmp_path / "paying", tiny_model_dir)
+    paying._update(0)
+    assert len(calls) == 3

@@ -39,7 +39,7 @@ from ..checkpoint import train_from_last_checkpoint
 from ..config import LoraSection, ModelDir, TrainerSection
 from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
-from ..implicit_rm import ImplicitRewardTrainer, PairCollator, TokenizedPair, tokenize_pairs
+from ..pairs import PairCollator, TokenizedPair, tokenize_pairs
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer, stop_token_ids
 from ..plots import curves_from_log_history, plot_curves
@@ -151,46 +151,6 @@ class _PreferenceCollator:
         return next((ids[: i + 1] for i, t in enumerate(ids) if t in self.stop_ids), ids)
 
 
-class SimPOTrainer(ImplicitRewardTrainer):
-    """SimPO on transformers' Trainer (checkpoints, resume, DeepSpeed): the implicit-reward trainer's
-    batches (chosen conversations, then rejected) with `simpo_loss`, logging TRL's DPO metric keys."""
-
-    def __init__(self, *args, gamma: float, sft_weight: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.gamma, self.sft_weight = gamma, sft_weight
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from ..algos.reward import implicit_reward, simpo_loss
-        from ..rollout import RolloutBatch, token_logprobs
-
-        batch = RolloutBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"], None, None)
-        logp, mask = token_logprobs(model, batch).chunk(2), batch.response_mask.chunk(2)
-        loss = simpo_loss(logp[0], mask[0], logp[1], mask[1], self.beta, self.gamma)
-        if self.sft_weight:  # the chosen answers' mean token NLL, as TRL's "sft" loss term
-            loss = loss - self.sft_weight * (logp[0] * mask[0]).sum() / mask[0].sum().clamp(min=1)
-        with torch.no_grad():
-            r_c, r_r = (implicit_reward(lp, m, self.beta) for lp, m in zip(logp, mask))
-            sums = [(lp * m).sum(-1) for lp, m in zip(logp, mask)]
-            stats = torch.stack(
-                [r_c.mean(), r_r.mean(), (r_c - r_r).mean(), (r_c > r_r).float().mean(), sums[0].mean(), sums[1].mean()]
-            )
-            stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).mean(0).tolist()
-        pending = self._pending["train" if model.training else "eval"]
-        for key, value in zip(
-            (
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/margins",
-                "rewards/accuracies",
-                "logps/chosen",
-                "logps/rejected",
-            ),
-            stats,
-        ):
-            pending[key].append(value)
-        return (loss, None) if return_outputs else loss
-
-
 def build_trainer(
     model,
     ref_model,
@@ -226,6 +186,8 @@ def build_trainer(
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        from ..pair_trainer import SimPOTrainer
+
         return SimPOTrainer(
             model=model,
             args=TrainingArguments(remove_unused_columns=False, **args),

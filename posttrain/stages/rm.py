@@ -5,7 +5,7 @@ plus `center_rewards_coefficient`·mean((r_c + r_r)²) when set.
 - `head: sequence_classification` (default): the policy checkpoint (SFT by default) with a one-output
   sequence-classification head on its last non-pad token, trained with TRL's RewardTrainer.
 - `head: implicit`: the checkpoint stays a causal LM and r = β · mean log π(answer | prompt), SimPO's
-  reference-free reward, trained with our Trainer (`posttrain/implicit_rm.py`). It uses the likelihoods the
+  reference-free reward, trained with our Trainer (`posttrain/pair_trainer.py`). It uses the likelihoods the
   model learnt in SFT, so it generalises from far fewer pairs on small models (see the README's numbers).
 Full fine-tuning or LoRA (always saved merged), in one process or as DeepSpeed ranks; resumes from its
 last checkpoint.
@@ -35,10 +35,11 @@ from ..data import DataSource, read_rows
 from ..evaluation import DEFAULT_VERIFIERS
 from ..dist.trainable import end_sharded_init
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
-from ..implicit_rm import ImplicitRewardTrainer, PairCollator, tokenize_pairs, write_reward_head
+from ..implicit_rm import write_reward_head
+from ..pairs import PairCollator, tokenize_pairs
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
-from ..plots import curves_from_log_history, plot_curves, save_figure
+from ..plots import curves_from_log_history, plot_curves, pyplot, save_figure
 from ..scoring import RewardFunctionError, RuleSpec, Scorer, ScoringConfig
 from .base import Stage
 from .trainer_common import finish_trainer_stage, save_trained_model, training_arguments
@@ -223,6 +224,8 @@ def build_implicit_trainer(
     by tests)."""
     from transformers import TrainingArguments
 
+    from ..pair_trainer import ImplicitRewardTrainer
+
     args = TrainingArguments(
         **training_arguments(
             cfg,
@@ -300,10 +303,7 @@ def _std(values: torch.Tensor) -> Optional[float]:
 
 def plot_histogram(chosen: list[float], rejected: list[float], out: Path, title: str) -> Path:
     """Overlaid histograms of chosen and rejected rewards (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     import numpy as np

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..plots import save_figure
+from ..plots import pyplot, save_figure
 
 
 def line_check(init: dict, runs: list[dict], point: dict) -> dict:
@@ -93,10 +93,7 @@ def results_markdown(rows: list[dict], check: dict, chosen: float, why: str) -> 
 
 def plot_pareto(rows: list[dict], out: Path, chosen: float) -> Path:
     """KL (x) against reward (y): the init, each run, the runs' mean line, and the LITI curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     init = next(r for r in rows if r["kind"] == "init")
     runs = [r for r in rows if r["kind"] == "run"]

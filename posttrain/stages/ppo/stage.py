@@ -29,6 +29,7 @@ from ...algos import ppo as F
 from ...checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ...data import prompt_of, read_rows
 from ...dist.rank import all_ranks_masked_moments, all_ranks_mean, autocast, barrier, torch_dtype
+from ...dist.rank import host_memory_release_pays, release_host_memory
 from ...dist.trainable import trainable
 from ...engines import make_engine
 from ...lora import add_adapters, lora_scalings
@@ -97,6 +98,7 @@ class PPO(Stage):
             self.value = self.handles["value"].module
         self.policy_h = self.handles["policy"]
         self.policy = self.policy_h.module
+        self.releases_host_memory = host_memory_release_pays(self.policy)
         self.kl_ctl = (
             F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
             if c.adaptive_kl
@@ -249,9 +251,11 @@ class PPO(Stage):
         c, t0 = self.cfg, time.time()
         idx, samples, reward, score, parts, counts = self._sample_groups(update)
         self.engine.sleep()  # GPUs: the trainer gets the engine's memory until the next generation
+        self._release_host_memory()
         t_gen = time.time()
         batch = pack_rollout([self.prompt_ids[i] for i in idx], samples, self.tokenizer.pad_token_id, self.ctx.device)
         roll = self._prepare(batch, score)
+        self._release_host_memory()
         t_score = time.time()
         train_stats = self._optimise(batch, roll)
         t_train = time.time()
@@ -288,6 +292,12 @@ class PPO(Stage):
                     f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)"
                 )
         return stats
+
+    def _release_host_memory(self) -> None:
+        """Between generation, scoring, the training forward and its backward pass, where it pays: each
+        leaves freed heap pages that the next phase's large gradients cannot reuse."""
+        if self.releases_host_memory:
+            release_host_memory()
 
     def _single_step(self, rows: int) -> bool:
         """One optimiser step per rollout, with nothing before it that needs the rollout policy's logprobs:
@@ -381,6 +391,7 @@ class PPO(Stage):
                         stats["ptx_loss"] = -F.masked_mean(token_logprobs(self.policy, ptx), ptx.response_mask)
                     loss = loss + c.ptx_coef * stats["ptx_loss"]
                 if len(self.history) >= c.value_warmup_updates or self.value is None:
+                    self._release_host_memory()  # the forward's freed temporaries, before the backward
                     self.policy_h.step(loss)
                 if self.value is not None:
                     with self._mixed():
