@@ -360,10 +360,11 @@ def test_hf_engine_leaves_the_model_trainable(tiny_tokenizer, family):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_hf_engine_prefills_each_prompt_once_and_samples_the_same(tiny_tokenizer, family, monkeypatch):
-    """n samples per prompt: each prompt is prefilled once and its cache repeated for the samples, instead of
-    generate running every copy through the model. Same seed, same tokens and logprobs as the copies path."""
+@pytest.mark.parametrize("family,max_new_tokens", [("llama", 8), ("gemma2", 8), ("gemma2", 1)])
+def test_hf_engine_prefills_each_prompt_once_and_samples_the_same(tiny_tokenizer, family, max_new_tokens, monkeypatch):
+    """n samples per prompt: each prompt is prefilled once, its cache repeated for the samples and the first
+    token drawn from its logits, instead of generate running every copy through the model: one forward pass
+    per new token in all. Same seed, same tokens and logprobs as the copies path."""
     from posttrain.engines import hf
 
     from .conftest import TINY
@@ -371,19 +372,39 @@ def test_hf_engine_prefills_each_prompt_once_and_samples_the_same(tiny_tokenizer
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=0)
     engine = HFEngine(model, tiny_tokenizer)
     prompts = PROMPTS[:5]  # prompt lengths differ: left padding in the shared cache
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, n=3, seed=5, logprobs=True)
-    prefilled = []
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=max_new_tokens, n=3, seed=5, logprobs=True)
+    prefilled, forwards = [], []
     prompt_cache = HFEngine._prompt_cache
     monkeypatch.setattr(
         HFEngine,
         "_prompt_cache",
         lambda self, ids, *rest: prefilled.append(ids.shape[0]) or prompt_cache(self, ids, *rest),
     )
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
     shared = engine.generate(prompts, sampling)
-    assert prefilled == [len(prompts)]
+    hook.remove()
+    assert prefilled == [len(prompts)] and len(forwards) == max_new_tokens
     monkeypatch.setattr(hf, "prompt_cache_supported", lambda *_: False)
     copies = engine.generate(prompts, sampling)
     assert prefilled == [len(prompts)]
+    assert any(len(s.token_ids) == max_new_tokens for g in shared for s in g)
     for got, want in zip([s for g in shared for s in g], [s for g in copies for s in g], strict=True):
         assert got.token_ids == want.token_ids and got.finished == want.finished
         assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-5)
+
+
+def test_hf_engine_sample_ending_at_its_first_token(tiny_tokenizer, monkeypatch):
+    """The shared-prompt path draws the first token itself; a sample whose first token ends the turn is that
+    one token, finished, while the other samples run on."""
+    from posttrain.engines import hf
+
+    from .conftest import TINY
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=0)
+    stop = stop_token_ids(tiny_tokenizer)[-1]
+    draw = hf._sample_first_token
+    monkeypatch.setattr(hf, "_sample_first_token", lambda *a: torch.cat([torch.tensor([stop]), draw(*a)[1:]]))
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=1, logprobs=True)
+    (first, second), *_ = HFEngine(model, tiny_tokenizer).generate(PROMPTS[:2], sampling)
+    assert first.token_ids == [stop] and first.finished and len(first.logprobs) == 1 and first.logprobs[0] < 0
+    assert len(second.token_ids) > 1 and len(second.logprobs) == len(second.token_ids)  # seeded: it runs on

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..algos.ppo import logprobs_from_logits
 from ..dist.rank import autocast, world
@@ -54,17 +55,25 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         greedy = sampling.temperature == 0
-        copies, shared = sampling.n, {}
+        copies, shared, first, first_logits = sampling.n, {}, None, None
         # Greedy copies would all be alike: generate refuses n > 1 there, and the cache is not shared.
-        share = copies > 1 and not greedy and width > 1
-        if share and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
-            shared = {"past_key_values": self._prompt_cache(input_ids, attention, copies)}
+        if copies > 1 and not greedy and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
+            cache, first_logits = self._prompt_cache(input_ids, attention, copies)
             input_ids, attention = (t.repeat_interleave(copies, 0) for t in (input_ids, attention))
+            first = _sample_first_token(first_logits, sampling)
+            first_logits = first_logits if sampling.logprobs else None  # (rows, vocab): 32 MiB at 262k x 32
             copies = 1
+            if sampling.max_new_tokens == 1:
+                return self._samples(first[:, None], (first_logits,), sampling, len(batch))
+            # generate continues from the first sampled token: the prompt is all in the cache. A row whose
+            # first token ends its turn runs on unseen by generate; `_samples` cuts it at that token.
+            input_ids = torch.cat([input_ids, first[:, None]], 1)
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
+            shared = {"past_key_values": cache}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            max_new_tokens=sampling.max_new_tokens,
+            max_new_tokens=sampling.max_new_tokens - (first is not None),
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
@@ -76,8 +85,13 @@ class HFEngine:
             return_dict_in_generate=True,
             **shared,
         )
-        new = out.sequences[:, width:]
-        token_logps = _sampled_logprobs(out.logits, new).cpu() if sampling.logprobs else None
+        step_logits = ((first_logits,) if first_logits is not None else ()) + (out.logits or ())
+        return self._samples(out.sequences[:, width:], step_logits, sampling, len(batch))
+
+    def _samples(self, new: torch.Tensor, step_logits: tuple, sampling: SamplingConfig, prompts: int):
+        """Per prompt, its `sampling.n` samples from the (rows, steps) new tokens, cut after the first stop
+        token, with each token's raw logprob from `step_logits` (one (rows, vocab) tensor per step) if asked."""
+        token_logps = _sampled_logprobs(step_logits, new).cpu() if sampling.logprobs else None
         new = new.cpu()
         samples = []
         for row in range(new.shape[0]):
@@ -87,20 +101,19 @@ class HFEngine:
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             logprobs = token_logps[row, : len(ids)].tolist() if token_logps is not None else []
             samples.append(Sample(text=text, token_ids=ids, logprobs=logprobs, finished=end is not None))
-        return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(len(batch))]
+        return [samples[i * sampling.n : (i + 1) * sampling.n] for i in range(prompts)]
 
     def _prompt_cache(self, input_ids: torch.Tensor, attention: torch.Tensor, copies: int):
-        """The key/value cache of each left-padded prompt but its last token, computed once and repeated for
-        its `copies` samples: `num_return_sequences` would repeat the prompts first and run each copy
-        through the model. `generate` then feeds only the last prompt token. Positions follow generate's
-        own rule for left padding (count real tokens from 0), so the samples are the ones it would draw."""
-        mask = attention[:, :-1]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self.model(
-            input_ids=input_ids[:, :-1], attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-        ).past_key_values
-        cache.batch_repeat_interleave(copies)
-        return cache
+        """(key/value cache, fp32 logits (rows, vocab) of the next token) of each left-padded prompt, computed
+        once and repeated for its `copies` samples: `num_return_sequences` would repeat the prompts first and
+        run each copy through the model, the last prompt token included. Positions follow generate's own
+        rule for left padding (count real tokens from 0), so the samples are the ones it would draw."""
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        out.past_key_values.batch_repeat_interleave(copies)
+        return out.past_key_values, out.logits[:, -1].float().repeat_interleave(copies, 0)
 
     # Engines that hold their own copy of the weights need these; this one samples from the live model.
     def sleep(self) -> None:
@@ -119,6 +132,16 @@ def _sampled_logprobs(step_logits: tuple, tokens: torch.Tensor) -> torch.Tensor:
     for t, logits in enumerate(step_logits):
         out[:, t] = logprobs_from_logits(logits.float(), tokens[:, t])
     return out
+
+
+def _sample_first_token(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """(rows,) one token per row drawn from fp32 `logits` as generate draws each step (temperature, then
+    top-p, softmax, multinomial): the shared-prompt path samples the first token itself. Only the sampling
+    config's settings apply, as in the vLLM engine (generate adds a checkpoint's other defaults, if any)."""
+    scores = TemperatureLogitsWarper(sampling.temperature)(None, logits)
+    if sampling.top_p < 1.0:
+        scores = TopPLogitsWarper(sampling.top_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, -1), num_samples=1).squeeze(1)
 
 
 def _is_fp32(model) -> bool:
