@@ -55,15 +55,15 @@ class HFEngine:
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=device)
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         greedy = sampling.temperature == 0
-        copies, shared, first, first_logits = sampling.n, {}, None, None
+        copies, shared, first_logits, new_tokens = sampling.n, {}, None, sampling.max_new_tokens
         # Greedy copies would all be alike: generate refuses n > 1 there, and the cache is not shared.
         if copies > 1 and not greedy and prompt_cache_supported(unwrap(self.model), width + sampling.max_new_tokens):
             cache, first_logits = self._prompt_cache(input_ids, attention, copies)
             input_ids, attention = (t.repeat_interleave(copies, 0) for t in (input_ids, attention))
             first = _sample_first_token(first_logits, sampling)
             first_logits = first_logits if sampling.logprobs else None  # (rows, vocab): 32 MiB at 262k x 32
-            copies = 1
-            if sampling.max_new_tokens == 1:
+            copies, new_tokens = 1, new_tokens - 1  # the first token is drawn
+            if new_tokens == 0:
                 return self._samples(first[:, None], (first_logits,), sampling, len(batch))
             # generate continues from the first sampled token: the prompt is all in the cache. A row whose
             # first token ends its turn runs on unseen by generate; `_samples` cuts it at that token.
@@ -73,7 +73,7 @@ class HFEngine:
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention,
-            max_new_tokens=sampling.max_new_tokens - (first is not None),
+            max_new_tokens=new_tokens,
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
