@@ -15,9 +15,12 @@ Sides (each repeat of each side in its own child process, interleaved: ours, trl
   trl        TRL 1.16 GRPOTrainer
   ours-full  (vocab 262144 only) our stage with full [B, T, V] logits: `posttrain.rollout.LEAN_FAMILIES`
              emptied in the child, so `token_logprobs` falls back to `model(...).logits`
-A side may carry memory options after `+`, e.g. `--sides ours+refdisk+ckpt,trl+ckpt`:
+Ours runs Gemma 2 with its grouped eager attention (posttrain/attention.py), TRL with transformers' eager
+(both apply the soft-cap; SDPA would drop it).
+A side may carry options after `+`, e.g. `--sides ours+refdisk+ckpt,trl+ckpt`:
   +refdisk   (ours) `reference_placement: disk`: the reference is read from disk for each scoring, not held
   +ckpt      gradient checkpointing (ours: `gradient_checkpointing: true`; TRL: `gradient_checkpointing=True`)
+  +eager     (ours) transformers' eager attention, as TRL runs: prices posttrain/attention.py
 Each ours side is compared with the TRL side that has the same +ckpt.
 With --vllm, also ours with `sampling.backend: vllm` and TRL with `use_vllm=True, vllm_mode="colocate"`
 (one repeat each, beta > 0).
@@ -61,8 +64,8 @@ TOKENIZER_VOCAB = 512
 (ids past the tokenizer's decode to nothing)."""
 GRPO = dict(prompts=8, generations=4, max_new_tokens=32, temperature=1.0, learning_rate=1e-6)
 BETAS = [0.04, 0.0]
-MODIFIERS = {"ours": ("refdisk", "ckpt"), "ours-full": ("refdisk", "ckpt"), "trl": ("ckpt",)}
-"""Memory options a side may carry after `+` (module docstring)."""
+MODIFIERS = {"ours": ("refdisk", "ckpt", "eager"), "ours-full": ("refdisk", "ckpt", "eager"), "trl": ("ckpt",)}
+"""Options a side may carry after `+` (module docstring)."""
 UPDATES = {512: 8, 262144: 2}
 """Updates per child, the first a warm-up (not timed). At 512 the second and third still cost 10-20% more
 than later ones on both sides (allocator and page-cache warm-up), so 7 are timed there."""
@@ -491,6 +494,10 @@ def child_ours(spec: dict) -> dict:
     base, *mods = spec["side"].split("+")
     if base == "ours-full":
         rollout.LEAN_FAMILIES = set()  # token_logprobs falls back to model(...).logits
+    if "eager" in mods:
+        import posttrain.models
+
+        posttrain.models.attention_implementation = lambda model_type: "eager" if model_type == "gemma2" else None
     g = spec["grpo"]
     beta = spec["beta"]
     ppo = {

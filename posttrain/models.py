@@ -13,6 +13,7 @@ from typing import Iterable, Literal, Optional
 import torch
 from pydantic import Field
 
+from . import attention
 from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, GEMMA_CHAT_TEMPLATE, PAD, START_OF_TURN, UNK
 from .config import ModelDir, Section
 from .manifest import atomic_dir
@@ -161,8 +162,9 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, seed: int = 0):
 
 def attention_implementation(model_type: str) -> Optional[str]:
     """Gemma 2 needs eager attention: the SDPA path silently drops attention logit soft-capping,
-    which vLLM and the Gemma 2 reference apply (logprobs then disagree with rollouts)."""
-    return "eager" if model_type == "gemma2" else None
+    which vLLM and the Gemma 2 reference apply (logprobs then disagree with rollouts). It gets eager's
+    grouped-query form, which reads keys and values in place (`posttrain/attention.py`)."""
+    return attention.register() if model_type == "gemma2" else None
 
 
 CACHE_FAMILIES = {"llama", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3", "mistral"}

@@ -402,9 +402,29 @@ def test_hf_engine_sample_ending_at_its_first_token(tiny_tokenizer, monkeypatch)
 
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=0)
     stop = stop_token_ids(tiny_tokenizer)[-1]
-    draw = hf._sample_first_token
-    monkeypatch.setattr(hf, "_sample_first_token", lambda *a: torch.cat([torch.tensor([stop]), draw(*a)[1:]]))
+    draw = hf.draw_tokens
+    monkeypatch.setattr(hf, "draw_tokens", lambda *a: torch.cat([torch.tensor([stop]), draw(*a)[1:]]))
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=6, n=2, seed=1, logprobs=True)
     (first, second), *_ = HFEngine(model, tiny_tokenizer).generate(PROMPTS[:2], sampling)
     assert first.token_ids == [stop] and first.finished and len(first.logprobs) == 1 and first.logprobs[0] < 0
     assert len(second.token_ids) > 1 and len(second.logprobs) == len(second.token_ids)  # seeded: it runs on
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_draw_tokens_follows_the_sampling_distribution(temperature, top_p):
+    """The HF engine's inverse-CDF draw: token frequencies over 200k rows are softmax(logits / T), renormalised
+    over the nucleus when top-p < 1 (here the three likeliest tokens, 0.563 + 0.207 + 0.126 of the mass, are
+    the smallest set reaching 0.8); a token of probability below 1e-14 and top-p's cut tokens never come up."""
+    from posttrain.engines.hf import draw_tokens
+
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, 0.5])
+    rows = 200_000
+    drawn = draw_tokens(logits.repeat(rows, 1), temperature, top_p)
+    frequencies = torch.bincount(drawn, minlength=len(logits)) / rows
+    expected = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        expected[[2, 3, 4]] = 0.0
+        expected /= expected.sum()
+    assert torch.allclose(frequencies, expected, atol=5e-3), (frequencies, expected)
+    assert frequencies[4] == 0 and (top_p == 1.0 or frequencies[[2, 3]].sum() == 0)
