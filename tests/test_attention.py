@@ -11,9 +11,12 @@ from posttrain.models import ModelConfig, build_tiny_model, load_model, save_mod
 GQA = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128)
 
 
+def _gemma2(tokenizer, sliding_window: int = 4096):
+    return build_tiny_model(ModelConfig(family="gemma2", sliding_window=sliding_window, **GQA), tokenizer, seed=3)
+
+
 def _pair(tokenizer, sliding_window: int):
-    ours = build_tiny_model(ModelConfig(family="gemma2", sliding_window=sliding_window, **GQA), tokenizer, seed=3)
-    eager = build_tiny_model(ModelConfig(family="gemma2", sliding_window=sliding_window, **GQA), tokenizer, seed=3)
+    ours, eager = _gemma2(tokenizer, sliding_window), _gemma2(tokenizer, sliding_window)
     eager.set_attn_implementation("eager")
     return ours, eager
 
@@ -45,7 +48,7 @@ def test_grouped_eager_equals_eager_logits_and_gradients(tiny_tokenizer, sliding
 def test_grouped_eager_decoding_with_cache_equals_the_full_forward(tiny_tokenizer):
     """Decoding one token at a time from the key/value cache (the shape generation runs) gives the logits of
     the whole sequence's forward pass."""
-    ours, _ = _pair(tiny_tokenizer, 4096)
+    ours = _gemma2(tiny_tokenizer)
     ids = torch.randint(5, len(tiny_tokenizer), (2, 9))
     with torch.no_grad():
         full = ours(input_ids=ids).logits
@@ -61,7 +64,7 @@ def test_grouped_eager_decoding_with_cache_equals_the_full_forward(tiny_tokenize
 def test_saved_gemma2_config_keeps_no_posttrain_attention(tiny_tokenizer, tmp_path):
     """The registration is process-local: a saved model's config.json does not name it, and the directory
     loads back with it through `load_model`."""
-    model = build_tiny_model(ModelConfig(family="gemma2", **GQA), tiny_tokenizer, seed=0)
+    model = _gemma2(tiny_tokenizer)
     save_model_dir(model, tiny_tokenizer, tmp_path / "m")
     assert GROUPED_EAGER not in (tmp_path / "m" / "config.json").read_text()
     assert "attn_implementation" not in json.loads((tmp_path / "m" / "config.json").read_text())
