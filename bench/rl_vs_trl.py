@@ -30,7 +30,8 @@ updates after the first (a warm-up: first-call allocations, optimiser state); CP
 scoring/reference work and in the optimisation step; peak RSS (VmHWM of the whole process, start-up and
 model loading included) and the peak over the updates alone (VmHWM reset just before the first update).
 The table gives, per configuration, the median over repeats with the min-max spread, and the ratios of
-the medians (ours / TRL). CPU time is the load-robust number on a shared machine.
+the medians (ours / TRL), the CPU ratio with a bootstrap 90% interval from 3 repeats a side. CPU time is
+the load-robust number on a shared machine.
 
     .venv/bin/python bench/rl_vs_trl.py                 # everything, 3 repeats (~1.5-2 h on a loaded 2-core box)
     .venv/bin/python bench/rl_vs_trl.py --quick         # vocab 512, 1M body, 1 repeat (~3 min)
@@ -202,7 +203,25 @@ def summarise(result: dict) -> dict:
 
 
 def median_spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "values": list(values),
+    }
+
+
+def ratio_interval(a: list[float], b: list[float], draws: int = 4000) -> list[float] | None:
+    """Bootstrap 90% interval of median(a) / median(b), each side's repeats resampled with replacement (a
+    fixed seed, so a report reads the same twice); None under 3 repeats a side, too few to resample."""
+    if min(len(a), len(b)) < 3:
+        return None
+    rng = random.Random(0)
+    ratios = sorted(
+        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b))) for _ in range(draws)
+    )
+    return [ratios[int(0.05 * draws)], ratios[int(0.95 * draws) - 1]]
 
 
 def aggregate(report: dict) -> dict:
@@ -240,6 +259,7 @@ def ratios(agg: dict) -> dict:
             a = agg[config]
             out.setdefault(rest, {})[label] = {
                 "cpu": a["cpu_total"]["median"] / b["cpu_total"]["median"],
+                "cpu_90": ratio_interval(a["cpu_total"]["values"], b["cpu_total"]["values"]),
                 "wall": a["wall_total"]["median"] / b["wall_total"]["median"],
                 "peak_rss": a["peak_rss_mib"]["median"] / b["peak_rss_mib"]["median"],
                 "update_peak_rss": a["update_peak_rss_mib"]["median"] / b["update_peak_rss_mib"]["median"],
@@ -249,6 +269,10 @@ def ratios(agg: dict) -> dict:
 
 def fmt(ms: dict, digits: int = 2) -> str:
     return f"{ms['median']:.{digits}f} [{ms['min']:.{digits}f}-{ms['max']:.{digits}f}]"
+
+
+def interval(bounds: list[float] | None) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.2f}-{bounds[1]:.2f}x"
 
 
 def print_tables(report: dict) -> None:
@@ -269,13 +293,14 @@ def print_tables(report: dict) -> None:
             f"{a['cpu_generate']['median']:.2f} | {a['cpu_score']['median']:.2f} | {a['cpu_train']['median']:.2f} | "
             f"{fmt(a['wall_total'])} | {fmt(a['peak_rss_mib'], 0)} | {fmt(a['update_peak_rss_mib'], 0)} |"
         )
-    print("\n| vocab | body | beta | ratio | CPU | wall | peak RSS | update peak RSS |")
-    print("|---:|---|---:|---|---:|---:|---:|---:|")
+    print("\n| vocab | body | beta | ratio | CPU | CPU 90% interval | wall | peak RSS | update peak RSS |")
+    print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
     for rest, labels in sorted(rat.items(), key=lambda kv: _order("x/" + kv[0])):
         vocab, size, beta = rest.split("/")
         for label, v in labels.items():
             print(
-                f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {v['wall']:.2f}x | "
+                f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {interval(v.get('cpu_90'))} | "
+                f"{v['wall']:.2f}x | "
                 f"{v['peak_rss']:.2f}x | {v['update_peak_rss']:.2f}x |"
             )
     failed = {n: r for n, r in report["runs"].items() if "error" in r}

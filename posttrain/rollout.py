@@ -22,7 +22,7 @@ from .algos.logits import LinearHead, chunk_tokens_for, chunked_token_logprobs, 
 from .chat import chat_prompt_ids, rendered_ids
 from .engines.base import Sample
 from .lora import unwrap
-from .models import prompt_cache_supported, stop_token_ids
+from .models import prompt_cache_supported, stop_token_ids, zero3_partitioned
 
 log = logging.getLogger("posttrain")
 
@@ -39,16 +39,29 @@ class RolloutBatch:
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
     """1.0 at completion tokens (including the end-of-turn token when produced)."""
-    engine_logprobs: torch.Tensor
-    """Logprobs the sampling engine reported for the completion tokens (0 elsewhere, or when it reported none)."""
-    finished: torch.Tensor
-    """(batch,) bool: the completion ended its turn."""
+    engine_logprobs: torch.Tensor | None
+    """Logprobs the sampling engine reported for the completion tokens (0 elsewhere, or when it reported none);
+    None for pairs that were not sampled (preference data)."""
+    finished: torch.Tensor | None
+    """(batch,) bool: the completion ended its turn; None for pairs that were not sampled."""
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
-        return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return RolloutBatch(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
+
+    def first_columns(self, width: int) -> "RolloutBatch":
+        """The batch cut to its first `width` positions."""
+        cut = {f.name: _rows(getattr(self, f.name), slice(None), width) for f in fields(self) if f.name != "finished"}
+        return RolloutBatch(**cut, finished=self.finished)
 
     def to(self, device: torch.device) -> "RolloutBatch":
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
+def _rows(values: torch.Tensor | None, rows, width: int | None = None) -> torch.Tensor | None:
+    """`values` at `rows` (and its first `width` columns), or None where the batch holds none."""
+    if values is None:
+        return None
+    return values[rows] if width is None else values[rows, :width]
 
 
 def pack_rollout(
@@ -180,10 +193,15 @@ def hidden_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, wher
         logits = model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).logits
         return logits[where], (lambda h: h), None, logits.shape[-1]
     body, head, cap, vocab = parts
-    # The last position predicts nothing: it is not run (causal, so the others are unchanged).
     with tied_head(model, head) as head:
-        hidden = body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).last_hidden_state
-    return hidden[where], head, cap, vocab
+        hidden = _plain_hidden(body, input_ids, attention_mask, where)
+    return hidden, head, cap, vocab
+
+
+def _plain_hidden(body, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """The body's hidden states (N, H) at `where`, each row run whole. The last position predicts nothing: it
+    is not run (causal, so the others are unchanged)."""
+    return body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1]).last_hidden_state[where]
 
 
 def token_logprobs(
@@ -195,10 +213,13 @@ def token_logprobs(
     temperature = temperature if temperature not in (0, None) else 1.0
     labels = batch.input_ids[:, 1:]
     where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
-    shared = shared_prompt_hidden(model, batch)
-    hidden, head, cap, vocab = (
-        shared if shared is not None else hidden_at(model, batch.input_ids, batch.attention_mask, where)
-    )
+    groups = length_groups(model, batch)
+    if groups is not None:
+        hidden, head, cap, vocab = grouped_hidden(model, batch, where, groups)
+    elif (shared := shared_prompt_hidden(model, batch)) is not None:
+        hidden, head, cap, vocab = shared
+    else:
+        hidden, head, cap, vocab = hidden_at(model, batch.input_ids, batch.attention_mask, where)
     stats = chunked_token_logprobs(
         hidden,
         labels[where],
@@ -255,15 +276,18 @@ def shared_prompt_hidden(model, batch: RolloutBatch):
     family without a plain key/value cache, gradient checkpointing, ZeRO-3, a sequence reaching the
     sliding window)."""
     parts = lm_parts(model)
-    if parts is None or not prompt_cache_supported(unwrap(model), batch.input_ids.shape[1]):
-        return None
-    plan = _prompt_plan(batch)
+    plan = _cache_plan(model, batch) if parts is not None else None
     if plan is None:
         return None
     body, head, cap, vocab = parts
     with tied_head(model, head) as head:
         hidden = _prompt_then_responses(body, batch, *plan)
     return hidden, head, cap, vocab
+
+
+def _cache_plan(model, batch: RolloutBatch):
+    """`_prompt_plan` where `model` can take a cached prompt for this batch's length, else None."""
+    return _prompt_plan(batch) if prompt_cache_supported(unwrap(model), batch.input_ids.shape[1]) else None
 
 
 def _prompt_then_responses(body, batch: RolloutBatch, starts, lengths, unique, prompt_of_row) -> torch.Tensor:
@@ -296,6 +320,96 @@ def _prompt_then_responses(body, batch: RolloutBatch, starts, lengths, unique, p
         ).last_hidden_state
         per_token = torch.cat([per_token, on], 1)
     return per_token[in_response]
+
+
+GROUP_MAX = 4
+"""The most length groups a batch is scored in (`length_groups`)."""
+GROUP_MIN_SAVING = 0.1
+"""Each further group must save this share of the one-batch positions..."""
+GROUP_MIN_POSITIONS = 256
+"""...and at least this many positions, so that the extra body passes cost little beside what they save."""
+
+
+def split_by_length(lengths: list[int], max_groups: int) -> list[tuple[int, list[int]]]:
+    """For k = 1, 2, ... up to `max_groups` (and the number of distinct lengths), (positions, cut points) of
+    the cheapest split of the rows, sorted by length, into k contiguous groups, each padded to its longest
+    row: positions = sum over groups of rows x longest. Exact, by dynamic programming over the distinct
+    lengths; the cut points are the groups' ends in the sorted rows."""
+    ordered = torch.tensor(sorted(lengths), dtype=torch.long)
+    ends = torch.cat([torch.nonzero(ordered[1:] != ordered[:-1])[:, 0] + 1, torch.tensor([len(ordered)])])
+    longest = ordered[ends - 1]
+    cost = ends * longest  # one group: the rows up to each distinct length, padded to it
+    backs = []
+    out = [(int(cost[-1]), [int(ends[-1])])]
+    for _ in range(1, min(max_groups, len(ends))):
+        new_cost, back = cost.clone(), torch.zeros_like(ends)
+        for j in range(1, len(ends)):  # a last group from ends[i] to ends[j], after the best split up to ends[i]
+            options = cost[:j] + (ends[j] - ends[:j]) * longest[j]
+            back[j] = torch.argmin(options)
+            new_cost[j] = options[back[j]]
+        cost = new_cost
+        backs.append(back)
+        cuts, j = [int(ends[-1])], len(ends) - 1
+        for back in reversed(backs):
+            j = int(back[j])
+            cuts.insert(0, int(ends[j]))
+        out.append((int(cost[-1]), cuts))
+    return out
+
+
+def length_groups(model, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows grouped by length so that short rows are not padded to the longest (row indices, width per
+    group), or None to score the batch in one pass. Right padding costs every row the longest row's
+    positions in the body's forward and backward passes; RL samples and preference answers vary in length
+    (the reason verl and OpenRLHF pack or strip padding). A further group is taken only where it saves
+    `GROUP_MIN_SAVING` of the one-pass positions and `GROUP_MIN_POSITIONS`. Not under ZeRO-3, whose
+    gathers are collectives (every rank must make the same body passes), nor for a family scored from full
+    logits."""
+    parts = lm_parts(model)
+    if parts is None or zero3_partitioned(parts[0]) or batch.input_ids.shape[0] < 2:
+        return None
+    attended = batch.attention_mask.bool()
+    lengths = torch.where(attended, torch.arange(1, attended.shape[1] + 1, device=attended.device), 0).amax(1)
+    if int(lengths.max()) * len(lengths) - int(lengths.sum()) < GROUP_MIN_POSITIONS:
+        return None  # all the padding there is would not pay for a further group
+    splits = split_by_length(lengths.tolist(), GROUP_MAX)
+    chosen = splits[0]
+    for split in splits[1:]:
+        saved = chosen[0] - split[0]
+        if saved <= 0 or saved < max(GROUP_MIN_POSITIONS, GROUP_MIN_SAVING * splits[0][0]):
+            break
+        chosen = split
+    if len(chosen[1]) == 1:
+        return None
+    rows = torch.argsort(lengths, stable=True)
+    bounds = [0] + chosen[1]
+    groups = [rows[a:b].sort().values for a, b in zip(bounds, bounds[1:])]
+    return [(g, int(lengths[g].max())) for g in groups]
+
+
+def grouped_hidden(model, batch: RolloutBatch, where: torch.Tensor, groups: list[tuple[torch.Tensor, int]]):
+    """`hidden_at`'s result computed one length group at a time (`length_groups`), each group cut to its own
+    width and sharing its prompts where it can (`shared_prompt_hidden`), the hidden states put back in the
+    batch's row order. One tied head for all groups, so the embedding's gradient stays one dense tensor."""
+    body, head, cap, vocab = lm_parts(model)
+    pieces = []
+    with tied_head(model, head) as head:
+        for rows, width in groups:
+            part, part_where = batch.select(rows).first_columns(width), where[rows, : width - 1]
+            plan = _cache_plan(model, part)
+            pieces.append(
+                _prompt_then_responses(body, part, *plan)
+                if plan is not None
+                else _plain_hidden(body, part.input_ids, part.attention_mask, part_where)
+            )
+    # pieces hold the rows in group order; the batch's order is row by row.
+    counts = where.sum(1)
+    order = torch.cat([rows for rows, _ in groups])
+    start = torch.zeros_like(counts)
+    start[order] = torch.cumsum(counts[order], 0) - counts[order]  # each row's first token in the pieces
+    first = torch.cumsum(counts, 0) - counts  # ... and in the batch's order
+    index = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()), device=counts.device)
+    return torch.cat(pieces)[index], head, cap, vocab
 
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:

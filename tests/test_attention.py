@@ -8,6 +8,8 @@ import torch
 from posttrain.attention import GROUPED_EAGER
 from posttrain.models import ModelConfig, build_tiny_model, load_model, save_model_dir
 
+from .test_devices import gpu
+
 GQA = dict(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128)
 
 
@@ -70,3 +72,24 @@ def test_saved_gemma2_config_keeps_no_posttrain_attention(tiny_tokenizer, tmp_pa
     assert "attn_implementation" not in json.loads((tmp_path / "m" / "config.json").read_text())
     loaded = load_model(tmp_path / "m", device="cpu")
     assert loaded.config._attn_implementation == GROUPED_EAGER
+
+
+@gpu
+def test_grouped_eager_on_cuda_is_as_accurate_as_eager_in_bf16(tiny_tokenizer):
+    """On CUDA: in fp32 the logits equal eager's (no TF32 in matmuls by default), and under bf16 autocast
+    (the RL stage's mixed precision) they are as close to the fp32 logits as eager's are."""
+    cuda = torch.device("cuda:0")
+    ours, eager = (m.to(cuda) for m in _pair(tiny_tokenizer, 6))
+    torch.manual_seed(0)
+    ids = torch.randint(5, len(tiny_tokenizer), (3, 14), device=cuda)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    valid = mask.bool()
+    with torch.no_grad():
+        exact = eager(input_ids=ids, attention_mask=mask).logits[valid]
+        assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits[valid], exact, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            errors = [
+                (m(input_ids=ids, attention_mask=mask).logits[valid].float() - exact).abs().max() for m in (ours, eager)
+            ]
+    assert errors[0] <= 1.5 * errors[1] + 1e-3, errors

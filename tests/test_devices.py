@@ -17,6 +17,16 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
+CPU_AND_CUDA = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+    ),
+]
+"""`pytest.mark.parametrize("device", CPU_AND_CUDA)`: the test on the CPU everywhere and, marked `gpu`, on
+CUDA where present."""
+
+
 def test_device_rule_on_a_machine_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert R.resolve_device("auto") == torch.device("cpu") and R.resolve_device("cpu") == torch.device("cpu")

@@ -20,6 +20,8 @@ from posttrain.engines.vllm import VLLMEngine, _prepare_environment
 from posttrain.models import ModelConfig, build_tiny_model, save_model_dir, stop_token_ids, train_tokenizer
 from posttrain.tasks import TASKS, make_example
 
+from .test_devices import CPU_AND_CUDA
+
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 
@@ -410,8 +412,9 @@ def test_hf_engine_sample_ending_at_its_first_token(tiny_tokenizer, monkeypatch)
     assert len(second.token_ids) > 1 and len(second.logprobs) == len(second.token_ids)  # seeded: it runs on
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
-def test_draw_tokens_follows_the_sampling_distribution(temperature, top_p):
+def test_draw_tokens_follows_the_sampling_distribution(temperature, top_p, device):
     """The HF engine's inverse-CDF draw: token frequencies over 200k rows are softmax(logits / T), renormalised
     over the nucleus when top-p < 1 (here the three likeliest tokens, 0.563 + 0.207 + 0.126 of the mass, are
     the smallest set reaching 0.8); a token of probability below 1e-14 and top-p's cut tokens never come up."""
@@ -420,8 +423,9 @@ def test_draw_tokens_follows_the_sampling_distribution(temperature, top_p):
     torch.manual_seed(0)
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -30.0, 0.5])
     rows = 200_000
-    drawn = draw_tokens(logits.repeat(rows, 1), temperature, top_p)
-    frequencies = torch.bincount(drawn, minlength=len(logits)) / rows
+    drawn = draw_tokens(logits.repeat(rows, 1).to(device), temperature, top_p)
+    assert drawn.device.type == device
+    frequencies = torch.bincount(drawn.cpu(), minlength=len(logits)) / rows
     expected = torch.softmax(logits / temperature, -1)
     if top_p < 1.0:
         expected[[2, 3, 4]] = 0.0

@@ -2,6 +2,7 @@
 entropies, raw logprobs, gradients), for every family's output head (Gemma 2 and RecurrentGemma soft-cap)."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,96 @@ def test_shared_prompt_scoring_in_bf16_errs_like_the_plain_forward(tiny_tokenize
         assert 0 < plain_err < 0.5 * want.abs().max()  # bf16 rounds, but not wildly
         assert err <= 2 * plain_err, (err, plain_err)
         assert (got - want).abs().mean() <= 1.25 * (base - want).abs().mean()
+
+
+def _varied_batch(vocab: int, seed: int = 0):
+    """Rows of very different lengths: two prompts with four samples each (1 to 20 tokens), and two rows of
+    their own prompt."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(6, vocab, (n,), generator=g).tolist()  # noqa: E731
+    rows = [(p, ids(k)) for p in (ids(6), ids(4)) for k in (1, 20, 3, 12)] + [(ids(8), ids(2)), (ids(3), ids(18))]
+    return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
+def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, monkeypatch):
+    """Rows scored in length groups (each cut to its own width, sharing prompts within a group where the
+    family can) give the logprobs, entropies, raw logprobs and every parameter's gradient of the batch
+    scored in one pass, while the body runs fewer positions. Gemma 2: soft-capped tied head."""
+    from posttrain import rollout
+
+    monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
+    monkeypatch.setattr(rollout, "GROUP_MIN_SAVING", 0.0)
+    model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
+    batch = _varied_batch(len(tiny_tokenizer))
+    groups = rollout.length_groups(model, batch)
+    assert groups is not None and len(groups) == rollout.GROUP_MAX
+    assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(batch.input_ids.shape[0]))
+    weights = torch.randn(batch.input_ids.shape)
+    positions = []
+    body = model.model
+    body.register_forward_pre_hook(
+        lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+
+    def scored():
+        positions.clear()
+        logp, entropy, raw = token_logprobs(model, batch, temperature=0.8, with_entropy=True, with_raw=True)
+        grads = torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
+        return (logp, entropy, raw), grads, sum(positions)
+
+    grouped, grouped_grads, grouped_positions = scored()
+    # Preference pairs carry no engine logprobs nor finished flags (dpo, the implicit reward model).
+    pairs = dataclasses.replace(batch, engine_logprobs=None, finished=None)
+    assert torch.equal(token_logprobs(model, pairs, temperature=0.8).detach(), grouped[0].detach())
+    monkeypatch.setattr(rollout, "length_groups", lambda *_: None)
+    whole, whole_grads, whole_positions = scored()
+    assert grouped_positions < 0.7 * whole_positions, (grouped_positions, whole_positions)
+    for got, want in zip(grouped, whole, strict=True):
+        assert torch.allclose(got, want, atol=1e-5) and (got[batch.response_mask == 0] == 0).all()
+    for got, want in zip(grouped_grads, whole_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_length_groups_only_where_they_save_enough(tiny_tokenizer, monkeypatch):
+    """The default thresholds: a further group must save 256 positions and 10% of the one-pass positions.
+    Rows of one length, one row, ZeRO-3 (its gathers are collectives: every rank must make the same body
+    passes) and a family scored from full logits take one pass."""
+    from posttrain import rollout
+
+    model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1)
+
+    def batch(lengths):  # a 3-token prompt before each response
+        return pack_rollout([[5, 6, 8]] * len(lengths), [Sample(text="", token_ids=[7] * k) for k in lengths], 0)
+
+    assert rollout.length_groups(model, batch([3] * 8)) is None  # nothing to save
+    assert rollout.length_groups(model, batch([200])) is None
+    assert rollout.length_groups(model, batch([30] * 8 + [4] * 8)) is None  # saves 208 of 528 positions
+    assert rollout.length_groups(model, batch([300] * 15 + [240] * 5)) is None  # saves 300 of 6060
+    long_and_short = batch([200] * 4 + [10] * 28)  # 32 x 203 positions in one pass, 4 x 203 + 28 x 13 in two
+    groups = rollout.length_groups(model, long_and_short)
+    assert [(len(rows), width) for rows, width in groups] == [(28, 13), (4, 203)]
+    assert groups[1][0].tolist() == [0, 1, 2, 3]
+    assert rollout.split_by_length([203] * 4 + [13] * 28, 2)[1] == (4 * 203 + 28 * 13, [28, 32])
+    next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
+    assert rollout.length_groups(model, long_and_short) is None
+    del next(model.model.parameters()).ds_id
+    monkeypatch.setattr(rollout, "LEAN_FAMILIES", set())
+    assert rollout.length_groups(model, long_and_short) is None
+
+
+def test_split_by_length_is_the_cheapest_split():
+    """Against every way of cutting the sorted rows into k groups (random lengths, ties included)."""
+    import itertools
+    import random
+
+    from posttrain.rollout import split_by_length
+
+    rng = random.Random(0)
+    for _ in range(100):
+        lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 9))]
+        ordered, n = sorted(lengths), len(lengths)
+        cost = lambda cuts: sum((b - a) * ordered[b - 1] for a, b in zip((0, *cuts), (*cuts, n)))  # noqa: E731
+        for k, (positions, cuts) in enumerate(split_by_length(lengths, 4), start=1):
+            assert positions == min(cost(c) for c in itertools.combinations(range(1, n), k - 1))
+            assert len(cuts) == k and cuts[-1] == n and cost(tuple(cuts[:-1])) == positions
