@@ -173,11 +173,11 @@ position ids, so that a prompt's cache can be computed once and shared (Recurren
 
 
 def prompt_cache_supported(model, length: int) -> bool:
-    """Whether a cached prompt can stand in for recomputing it in `model` (a transformers causal LM, outside
+    """Whether a cached prompt can stand in for recomputing it in `model` (a transformers model, outside
     any peft wrapper), for sequences up to `length` tokens: a cache family, no gradient checkpointing in
     training (it turns the cache off), no ZeRO-3 partitioning, and no sliding window the sequence could reach
-    (sliding-window layers drop the cache's oldest entries)."""
-    config = model.config
+    (sliding-window layers drop the cache's oldest entries). Sequence classifiers (value models) too."""
+    config = getattr(model, "config", None)  # our RecurrentGemma ValueModel has none
     body = getattr(model, "model", None)
     if getattr(config, "model_type", None) not in CACHE_FAMILIES or body is None:
         return False

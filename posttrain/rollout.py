@@ -213,13 +213,12 @@ def token_logprobs(
     temperature = temperature if temperature not in (0, None) else 1.0
     labels = batch.input_ids[:, 1:]
     where = batch.response_mask[:, 1:].bool()  # position t-1 predicts response token t
-    groups = length_groups(model, batch)
-    if groups is not None:
-        hidden, head, cap, vocab = grouped_hidden(model, batch, where, groups)
-    elif (shared := shared_prompt_hidden(model, batch)) is not None:
-        hidden, head, cap, vocab = shared
-    else:
+    if (parts := lm_parts(model)) is None:
         hidden, head, cap, vocab = hidden_at(model, batch.input_ids, batch.attention_mask, where)
+    else:
+        body, head, cap, vocab = parts
+        with tied_head(model, head) as head:
+            hidden = response_hidden(unwrap(model), body, batch, where)
     stats = chunked_token_logprobs(
         hidden,
         labels[where],
@@ -265,33 +264,22 @@ def _prompt_plan(batch: RolloutBatch):
     return starts, lengths, as_tensor(unique), as_tensor([index[r] for r in prompt_of_row])
 
 
-def shared_prompt_hidden(model, batch: RolloutBatch):
-    """`hidden_at`'s result for the response tokens of a batch in which several rows share a prompt (GRPO's
-    group of samples, a preference pair): each distinct prompt runs through the body once, its key/value
-    cache is copied to the rows that share it, and only the responses run on from there. With G samples
-    per prompt of P tokens this saves (G-1)/G of the prompt's share of the body's forward and backward
-    passes. The same idea as SGLang's RadixAttention prefix reuse and "shared-prefix" RL training,
-    applied to one batch; values equal the plain forward to rounding (tests/test_lean_logprobs.py).
-    None where it does not apply: no shared prompt, or what `models.prompt_cache_supported` refuses (a
-    family without a plain key/value cache, gradient checkpointing, ZeRO-3, a sequence reaching the
-    sliding window)."""
-    parts = lm_parts(model)
-    plan = _cache_plan(model, batch) if parts is not None else None
-    if plan is None:
-        return None
-    body, head, cap, vocab = parts
-    with tied_head(model, head) as head:
-        hidden = _prompt_then_responses(body, batch, *plan)
-    return hidden, head, cap, vocab
+def shared_prompt_plan(model, batch: RolloutBatch):
+    """How the rows of `batch` share prompts (`_prompt_plan`), where `model` (a transformers model outside
+    any peft wrapper) can take a cached prompt at this batch's width; None where sharing does not apply: no
+    shared prompt, or what `models.prompt_cache_supported` refuses (a family without a plain key/value
+    cache, gradient checkpointing, ZeRO-3, a sequence reaching the sliding window).
 
-
-def _cache_plan(model, batch: RolloutBatch):
-    """`_prompt_plan` where `model` can take a cached prompt for this batch's length, else None."""
-    return _prompt_plan(batch) if prompt_cache_supported(unwrap(model), batch.input_ids.shape[1]) else None
+    Under a plan each distinct prompt runs through the body once, its key/value cache is copied to the rows
+    that share it (GRPO's group of samples, a preference pair), and only the responses run on from there.
+    With G samples per prompt of P tokens this saves (G-1)/G of the prompt's share of the body's forward and
+    backward passes. The same idea as SGLang's RadixAttention prefix reuse and "shared-prefix" RL training,
+    applied to one batch; values equal the plain forward to rounding (tests/test_lean_logprobs.py)."""
+    return _prompt_plan(batch) if prompt_cache_supported(model, batch.input_ids.shape[1]) else None
 
 
 def _prompt_then_responses(body, batch: RolloutBatch, starts, lengths, unique, prompt_of_row) -> torch.Tensor:
-    """`shared_prompt_hidden`'s two body passes under `_prompt_plan`'s plan: hidden states (N, H) at the
+    """The two body passes under a `shared_prompt_plan`: hidden states (N, H) at the
     positions that predict the batch's response tokens."""
     device, width = batch.input_ids.device, int(lengths.max())
     prompt_width = int(starts[unique].max())
@@ -357,16 +345,14 @@ def split_by_length(lengths: list[int], max_groups: int) -> list[tuple[int, list
     return out
 
 
-def length_groups(model, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] | None:
+def length_groups(body, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] | None:
     """Rows grouped by length so that short rows are not padded to the longest (row indices, width per
     group), or None to score the batch in one pass. Right padding costs every row the longest row's
     positions in the body's forward and backward passes; RL samples and preference answers vary in length
     (the reason verl and OpenRLHF pack or strip padding). A further group is taken only where it saves
-    `GROUP_MIN_SAVING` of the one-pass positions and `GROUP_MIN_POSITIONS`. Not under ZeRO-3, whose
-    gathers are collectives (every rank must make the same body passes), nor for a family scored from full
-    logits."""
-    parts = lm_parts(model)
-    if parts is None or zero3_partitioned(parts[0]) or batch.input_ids.shape[0] < 2:
+    `GROUP_MIN_SAVING` of the one-pass positions and `GROUP_MIN_POSITIONS`. Not when `body` is under
+    ZeRO-3, whose gathers are collectives (every rank must make the same body passes)."""
+    if zero3_partitioned(body) or batch.input_ids.shape[0] < 2:
         return None
     attended = batch.attention_mask.bool()
     lengths = torch.where(attended, torch.arange(1, attended.shape[1] + 1, device=attended.device), 0).amax(1)
@@ -387,21 +373,18 @@ def length_groups(model, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] 
     return [(g, int(lengths[g].max())) for g in groups]
 
 
-def grouped_hidden(model, batch: RolloutBatch, where: torch.Tensor, groups: list[tuple[torch.Tensor, int]]):
-    """`hidden_at`'s result computed one length group at a time (`length_groups`), each group cut to its own
-    width and sharing its prompts where it can (`shared_prompt_hidden`), the hidden states put back in the
-    batch's row order. One tied head for all groups, so the embedding's gradient stays one dense tensor."""
-    body, head, cap, vocab = lm_parts(model)
-    pieces = []
-    with tied_head(model, head) as head:
-        for rows, width in groups:
-            part, part_where = batch.select(rows).first_columns(width), where[rows, : width - 1]
-            plan = _cache_plan(model, part)
-            pieces.append(
-                _prompt_then_responses(body, part, *plan)
-                if plan is not None
-                else _plain_hidden(body, part.input_ids, part.attention_mask, part_where)
-            )
+def response_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> torch.Tensor:
+    """The hidden states (N, H) of `body` (inside `model`, a transformers model outside any peft wrapper) at
+    the positions `where` (B, T-1) that predict the batch's response tokens, row by row: in length groups
+    (`length_groups`) where they pay, each group (or the whole batch) cut to its own width and sharing its
+    prompts where it can (`shared_prompt_plan`), else each row run whole."""
+    groups = length_groups(body, batch)
+    if groups is None:
+        return _one_pass_hidden(model, body, batch, where)
+    pieces = [
+        _one_pass_hidden(model, body, batch.select(rows).first_columns(width), where[rows, : width - 1])
+        for rows, width in groups
+    ]
     # pieces hold the rows in group order; the batch's order is row by row.
     counts = where.sum(1)
     order = torch.cat([rows for rows, _ in groups])
@@ -409,13 +392,22 @@ def grouped_hidden(model, batch: RolloutBatch, where: torch.Tensor, groups: list
     start[order] = torch.cumsum(counts[order], 0) - counts[order]  # each row's first token in the pieces
     first = torch.cumsum(counts, 0) - counts  # ... and in the batch's order
     index = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()), device=counts.device)
-    return torch.cat(pieces)[index], head, cap, vocab
+    return torch.cat(pieces)[index]
+
+
+def _one_pass_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> torch.Tensor:
+    plan = shared_prompt_plan(model, batch)
+    if plan is None:
+        return _plain_hidden(body, batch.input_ids, batch.attention_mask, where)
+    return _prompt_then_responses(body, batch, *plan)
 
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:
-    """V(state before token t) for every token t, from a sequence-classification model's backbone + head."""
+    """V(state before token t) for every response token t (0 elsewhere), from a sequence-classification
+    model's backbone + head. The backbone runs as the policy's body does in `token_logprobs`: response
+    positions only, in length groups, prompts shared (`response_hidden`)."""
     value_model = unwrap(value_model)  # LoRA: the adapted model inside peft's wrapper
-    backbone = value_model.base_model
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    values = value_model.score(hidden).squeeze(-1)[:, :-1].float()
-    return _shift(values)
+    where = batch.response_mask[:, 1:].bool()  # the state before response token t is position t-1
+    hidden = response_hidden(value_model, value_model.base_model, batch, where)
+    values = value_model.score(hidden).squeeze(-1).float()
+    return _shift(torch.zeros(where.shape, dtype=values.dtype, device=where.device).masked_scatter(where, values))

@@ -166,15 +166,15 @@ def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, 
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
     batch = _grouped_batch(len(tiny_tokenizer), response_lengths=response_lengths)
     weights = torch.randn(batch.input_ids.shape)  # any downstream loss
-    assert (rollout.shared_prompt_hidden(model, batch) is None) == (family == "recurrent_gemma")
-    assert rollout.shared_prompt_hidden(model, _batch(len(tiny_tokenizer))) is None  # three distinct prompts
+    assert (rollout.shared_prompt_plan(model, batch) is None) == (family == "recurrent_gemma")
+    assert rollout.shared_prompt_plan(model, _batch(len(tiny_tokenizer))) is None  # three distinct prompts
 
     def logp_and_grads():
         logp = token_logprobs(model, batch, temperature=0.8)
         return logp, torch.autograd.grad((logp * weights).sum(), list(model.parameters()))
 
     shared, shared_grads = logp_and_grads()
-    monkeypatch.setattr(rollout, "shared_prompt_hidden", lambda *_: None)
+    monkeypatch.setattr(rollout, "shared_prompt_plan", lambda *_: None)
     plain, plain_grads = logp_and_grads()
     assert torch.allclose(shared, plain, atol=1e-5) and (shared[batch.response_mask == 0] == 0).all()
     for got, want in zip(shared_grads, plain_grads, strict=True):
@@ -183,21 +183,21 @@ def test_shared_prompt_scoring_equals_the_plain_forward(tiny_tokenizer, family, 
 
 def test_shared_prompt_scoring_steps_aside_for_checkpointing_zero3_and_the_window(tiny_tokenizer):
     from posttrain.models import prompt_cache_supported
-    from posttrain.rollout import shared_prompt_hidden
+    from posttrain.rollout import shared_prompt_plan
 
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY, sliding_window=16), tiny_tokenizer, seed=1)
     batch = _grouped_batch(len(tiny_tokenizer))  # 16 tokens wide: reaches the window
     assert not prompt_cache_supported(model, 16) and prompt_cache_supported(model, 14)
-    assert shared_prompt_hidden(model, batch) is None
+    assert shared_prompt_plan(model, batch) is None
     model = build_tiny_model(ModelConfig(family="llama", **TINY), tiny_tokenizer, seed=1).train()
     model.gradient_checkpointing_enable()
-    assert shared_prompt_hidden(model, batch) is None
+    assert shared_prompt_plan(model, batch) is None
     model.eval()  # checkpointing only acts in training
-    assert shared_prompt_hidden(model, batch) is not None
+    assert shared_prompt_plan(model, batch) is not None
     no_prompt = pack_rollout([[], []], [Sample(text="", token_ids=[7, 8]), Sample(text="", token_ids=[9])], pad_id=0)
-    assert shared_prompt_hidden(model, no_prompt) is None  # an empty prompt has no cache to share
+    assert shared_prompt_plan(model, no_prompt) is None  # an empty prompt has no cache to share
     next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
-    assert shared_prompt_hidden(model, batch) is None  # its gathers are collectives: every rank runs alike
+    assert shared_prompt_plan(model, batch) is None  # its gathers are collectives: every rank runs alike
 
 
 def test_token_logprobs_through_lora_and_disabled_adapters(tiny_tokenizer):
@@ -292,7 +292,7 @@ def test_tied_embedding_training_holds_one_dense_gradient(tiny_tokenizer, groupe
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1).train()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     batch = (_grouped_batch if grouped else _batch)(len(tiny_tokenizer))
-    assert (rollout.shared_prompt_hidden(model, batch) is not None) == grouped
+    assert (rollout.shared_prompt_plan(model, batch) is not None) == grouped
     weights = torch.randn(batch.input_ids.shape)
 
     def grads():
@@ -376,7 +376,7 @@ def test_shared_prompt_scoring_in_bf16_errs_like_the_plain_forward(tiny_tokenize
         return logp, grad.float()
 
     shared = logp_and_grad(model)
-    monkeypatch.setattr(rollout, "shared_prompt_hidden", lambda *_: None)
+    monkeypatch.setattr(rollout, "shared_prompt_plan", lambda *_: None)
     plain = logp_and_grad(model)
     truth = logp_and_grad(copy.deepcopy(model).float())  # the plain forward, in fp32
     for got, want, base in zip(shared, truth, plain, strict=True):
@@ -406,7 +406,7 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
     monkeypatch.setattr(rollout, "GROUP_MIN_SAVING", 0.0)
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
     batch = _varied_batch(len(tiny_tokenizer))
-    groups = rollout.length_groups(model, batch)
+    groups = rollout.length_groups(model.model, batch)
     assert groups is not None and len(groups) == rollout.GROUP_MAX
     assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(batch.input_ids.shape[0]))
     weights = torch.randn(batch.input_ids.shape)
@@ -437,8 +437,8 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
 
 def test_length_groups_only_where_they_save_enough(tiny_tokenizer, monkeypatch):
     """The default thresholds: a further group must save 256 positions and 10% of the one-pass positions.
-    Rows of one length, one row, ZeRO-3 (its gathers are collectives: every rank must make the same body
-    passes) and a family scored from full logits take one pass."""
+    Rows of one length, one row and ZeRO-3 (its gathers are collectives: every rank must make the same body
+    passes) take one pass."""
     from posttrain import rollout
 
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1)
@@ -446,20 +446,17 @@ def test_length_groups_only_where_they_save_enough(tiny_tokenizer, monkeypatch):
     def batch(lengths):  # a 3-token prompt before each response
         return pack_rollout([[5, 6, 8]] * len(lengths), [Sample(text="", token_ids=[7] * k) for k in lengths], 0)
 
-    assert rollout.length_groups(model, batch([3] * 8)) is None  # nothing to save
-    assert rollout.length_groups(model, batch([200])) is None
-    assert rollout.length_groups(model, batch([30] * 8 + [4] * 8)) is None  # saves 208 of 528 positions
-    assert rollout.length_groups(model, batch([300] * 15 + [240] * 5)) is None  # saves 300 of 6060
+    assert rollout.length_groups(model.model, batch([3] * 8)) is None  # nothing to save
+    assert rollout.length_groups(model.model, batch([200])) is None
+    assert rollout.length_groups(model.model, batch([30] * 8 + [4] * 8)) is None  # saves 208 of 528 positions
+    assert rollout.length_groups(model.model, batch([300] * 15 + [240] * 5)) is None  # saves 300 of 6060
     long_and_short = batch([200] * 4 + [10] * 28)  # 32 x 203 positions in one pass, 4 x 203 + 28 x 13 in two
-    groups = rollout.length_groups(model, long_and_short)
+    groups = rollout.length_groups(model.model, long_and_short)
     assert [(len(rows), width) for rows, width in groups] == [(28, 13), (4, 203)]
     assert groups[1][0].tolist() == [0, 1, 2, 3]
     assert rollout.split_by_length([203] * 4 + [13] * 28, 2)[1] == (4 * 203 + 28 * 13, [28, 32])
     next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
-    assert rollout.length_groups(model, long_and_short) is None
-    del next(model.model.parameters()).ds_id
-    monkeypatch.setattr(rollout, "LEAN_FAMILIES", set())
-    assert rollout.length_groups(model, long_and_short) is None
+    assert rollout.length_groups(model.model, long_and_short) is None
 
 
 def test_split_by_length_is_the_cheapest_split():
