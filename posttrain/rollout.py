@@ -12,6 +12,7 @@ which is what keeps Gemma's 262k vocabulary within memory.
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -48,20 +49,13 @@ class RolloutBatch:
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
         return RolloutBatch(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
 
-    def first_columns(self, width: int) -> "RolloutBatch":
-        """The batch cut to its first `width` positions."""
-        cut = {f.name: _rows(getattr(self, f.name), slice(None), width) for f in fields(self) if f.name != "finished"}
-        return RolloutBatch(**cut, finished=self.finished)
-
     def to(self, device: torch.device) -> "RolloutBatch":
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
-def _rows(values: torch.Tensor | None, rows, width: int | None = None) -> torch.Tensor | None:
-    """`values` at `rows` (and its first `width` columns), or None where the batch holds none."""
-    if values is None:
-        return None
-    return values[rows] if width is None else values[rows, :width]
+def _rows(values: torch.Tensor | None, rows) -> torch.Tensor | None:
+    """`values` at `rows`, or None where the batch holds none."""
+    return None if values is None else values[rows]
 
 
 def pack_rollout(
@@ -278,25 +272,36 @@ def shared_prompt_plan(model, batch: RolloutBatch):
     return _prompt_plan(batch) if prompt_cache_supported(model, batch.input_ids.shape[1]) else None
 
 
-def _prompt_then_responses(body, batch: RolloutBatch, starts, lengths, unique, prompt_of_row) -> torch.Tensor:
-    """The two body passes under a `shared_prompt_plan`: hidden states (N, H) at the
-    positions that predict the batch's response tokens."""
-    device, width = batch.input_ids.device, int(lengths.max())
+def _prompt_pass(body, batch: RolloutBatch, starts, unique):
+    """The first of the shared-prompt passes: each distinct prompt (rows `unique`) through the body once.
+    (key/value cache, hidden state at each prompt's last token, prompt attention mask), one row each."""
+    device = batch.input_ids.device
     prompt_width = int(starts[unique].max())
-    prompt_cols = torch.arange(prompt_width, device=device)
-    prompt_mask = (prompt_cols < starts[unique][:, None]).long()
+    prompt_mask = (torch.arange(prompt_width, device=device) < starts[unique][:, None]).long()
     prompt_ids = batch.input_ids[unique, :prompt_width] * prompt_mask
     out = body(input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True)
-    cache = out.past_key_values
+    last = out.last_hidden_state[torch.arange(len(unique), device=device), starts[unique] - 1]
+    return out.past_key_values, last, prompt_mask
+
+
+def _responses_pass(body, batch: RolloutBatch, plan, prompts, rows: torch.Tensor) -> torch.Tensor:
+    """The second pass for `rows` of the batch: their responses continue from their prompts' cache (from
+    `_prompt_pass`), the batch's rows cut to these rows' longest response. Hidden states (N, H) at the
+    positions that predict the rows' response tokens, row by row."""
+    starts, lengths, _, prompt_of_row = plan
+    starts, lengths, prompt_of_row = starts[rows], lengths[rows], prompt_of_row[rows]
+    cache, last, prompt_mask = prompts
+    cache = copy.copy(cache)  # a shallow copy per call: each selects its own rows and grows its own keys
+    cache.layers = [copy.copy(layer) for layer in cache.layers]
     cache.batch_select_indices(prompt_of_row)
-    last = out.last_hidden_state[torch.arange(len(unique), device=device), starts[unique] - 1][prompt_of_row]
+    device, width = batch.input_ids.device, int(lengths.max())
     cols = torch.arange(width, device=device)
     in_response = cols < lengths[:, None]
-    per_token = last[:, None]  # token 0 of a response is predicted by its prompt's last position
+    per_token = last[prompt_of_row][:, None]  # token 0 of a response is predicted by its prompt's last position
     if width > 1:  # token j by position j-1 of the response; the last token predicts nothing and is not run
         fed = cols[:-1]
         taken = (starts[:, None] + fed).clamp(max=batch.input_ids.shape[1] - 1)
-        response_ids = batch.input_ids.gather(1, taken) * in_response[:, :-1]
+        response_ids = batch.input_ids[rows].gather(1, taken) * in_response[:, :-1]
         mask = torch.cat([prompt_mask[prompt_of_row], in_response[:, :-1].long()], 1)
         # Position ids are explicit: a short prompt's padding sits between it and its response in the cache.
         on = body(
@@ -312,10 +317,9 @@ def _prompt_then_responses(body, batch: RolloutBatch, starts, lengths, unique, p
 
 GROUP_MAX = 4
 """The most length groups a batch is scored in (`length_groups`)."""
-GROUP_MIN_SAVING = 0.1
-"""Each further group must save this share of the one-batch positions..."""
 GROUP_MIN_POSITIONS = 256
-"""...and at least this many positions, so that the extra body passes cost little beside what they save."""
+"""A further length group must save this many body positions (forward and backward), so that its extra
+body passes, each with its own per-call cost and smaller matrix multiplies, cost little beside what it saves."""
 
 
 def split_by_length(lengths: list[int], max_groups: int) -> list[tuple[int, list[int]]]:
@@ -345,24 +349,28 @@ def split_by_length(lengths: list[int], max_groups: int) -> list[tuple[int, list
     return out
 
 
-def length_groups(body, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] | None:
-    """Rows grouped by length so that short rows are not padded to the longest (row indices, width per
-    group), or None to score the batch in one pass. Right padding costs every row the longest row's
-    positions in the body's forward and backward passes; RL samples and preference answers vary in length
-    (the reason verl and OpenRLHF pack or strip padding). A further group is taken only where it saves
-    `GROUP_MIN_SAVING` of the one-pass positions and `GROUP_MIN_POSITIONS`. Not when `body` is under
-    ZeRO-3, whose gathers are collectives (every rank must make the same body passes)."""
-    if zero3_partitioned(body) or batch.input_ids.shape[0] < 2:
-        return None
+def row_lengths(batch: RolloutBatch) -> torch.Tensor:
+    """(B,) the positions each row of a right-padded batch runs: up to its last attended token."""
     attended = batch.attention_mask.bool()
-    lengths = torch.where(attended, torch.arange(1, attended.shape[1] + 1, device=attended.device), 0).amax(1)
+    return torch.where(attended, torch.arange(1, attended.shape[1] + 1, device=attended.device), 0).amax(1)
+
+
+def length_groups(body, lengths: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
+    """Rows grouped by length so that short rows are not padded to the longest (row indices, longest
+    length per group), or None to run the batch in one pass; `lengths` (B,) are the positions each row
+    runs. Right padding costs every row the longest row's positions in the body's forward and backward
+    passes; RL samples and preference answers vary in length (the reason verl and OpenRLHF pack or strip
+    padding). A further group is taken only where it saves `GROUP_MIN_POSITIONS`. Not when `body` is under
+    ZeRO-3, whose gathers are collectives (every rank must make the same body passes)."""
+    if zero3_partitioned(body) or len(lengths) < 2:
+        return None
     if int(lengths.max()) * len(lengths) - int(lengths.sum()) < GROUP_MIN_POSITIONS:
         return None  # all the padding there is would not pay for a further group
     splits = split_by_length(lengths.tolist(), GROUP_MAX)
     chosen = splits[0]
     for split in splits[1:]:
         saved = chosen[0] - split[0]
-        if saved <= 0 or saved < max(GROUP_MIN_POSITIONS, GROUP_MIN_SAVING * splits[0][0]):
+        if saved < GROUP_MIN_POSITIONS:
             break
         chosen = split
     if len(chosen[1]) == 1:
@@ -375,16 +383,27 @@ def length_groups(body, batch: RolloutBatch) -> list[tuple[torch.Tensor, int]] |
 
 def response_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> torch.Tensor:
     """The hidden states (N, H) of `body` (inside `model`, a transformers model outside any peft wrapper) at
-    the positions `where` (B, T-1) that predict the batch's response tokens, row by row: in length groups
-    (`length_groups`) where they pay, each group (or the whole batch) cut to its own width and sharing its
-    prompts where it can (`shared_prompt_plan`), else each row run whole."""
-    groups = length_groups(body, batch)
-    if groups is None:
-        return _one_pass_hidden(model, body, batch, where)
-    pieces = [
-        _one_pass_hidden(model, body, batch.select(rows).first_columns(width), where[rows, : width - 1])
-        for rows, width in groups
-    ]
+    the positions `where` (B, T-1) that predict the batch's response tokens, row by row. Rows that share a
+    prompt (`shared_prompt_plan`) run it once and continue their responses from its cache; otherwise each
+    row runs whole. Either way rows of very different lengths run in length groups (`length_groups`), each
+    cut to its own longest row (by response length where prompts are shared: the prompts run once for all
+    groups)."""
+    plan = shared_prompt_plan(model, batch)
+    groups = length_groups(body, plan[1] if plan is not None else row_lengths(batch))
+    if plan is not None:
+        prompts = _prompt_pass(body, batch, plan[0], plan[2])
+        if groups is None:
+            return _responses_pass(body, batch, plan, prompts, torch.arange(len(plan[0]), device=where.device))
+        pieces = [_responses_pass(body, batch, plan, prompts, rows) for rows, _ in groups]
+    else:
+        if groups is None:
+            return _plain_hidden(body, batch.input_ids, batch.attention_mask, where)
+        pieces = [
+            _plain_hidden(
+                body, batch.input_ids[rows, :width], batch.attention_mask[rows, :width], where[rows, : width - 1]
+            )
+            for rows, width in groups
+        ]
     # pieces hold the rows in group order; the batch's order is row by row.
     counts = where.sum(1)
     order = torch.cat([rows for rows, _ in groups])
@@ -393,13 +412,6 @@ def response_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> to
     first = torch.cumsum(counts, 0) - counts  # ... and in the batch's order
     index = torch.repeat_interleave(start - first, counts) + torch.arange(int(counts.sum()), device=counts.device)
     return torch.cat(pieces)[index]
-
-
-def _one_pass_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> torch.Tensor:
-    plan = shared_prompt_plan(model, batch)
-    if plan is None:
-        return _plain_hidden(body, batch.input_ids, batch.attention_mask, where)
-    return _prompt_then_responses(body, batch, *plan)
 
 
 def token_values(value_model, batch: RolloutBatch) -> torch.Tensor:

@@ -403,10 +403,9 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
     from posttrain import rollout
 
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
-    monkeypatch.setattr(rollout, "GROUP_MIN_SAVING", 0.0)
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
     batch = _varied_batch(len(tiny_tokenizer))
-    groups = rollout.length_groups(model.model, batch)
+    groups = rollout.length_groups(model.model, rollout.row_lengths(batch))
     assert groups is not None and len(groups) == rollout.GROUP_MAX
     assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(batch.input_ids.shape[0]))
     weights = torch.randn(batch.input_ids.shape)
@@ -435,28 +434,29 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_length_groups_only_where_they_save_enough(tiny_tokenizer, monkeypatch):
-    """The default thresholds: a further group must save 256 positions and 10% of the one-pass positions.
-    Rows of one length, one row and ZeRO-3 (its gathers are collectives: every rank must make the same body
-    passes) take one pass."""
+def test_length_groups_only_where_they_save_enough(tiny_tokenizer):
+    """The default threshold: a further group must save 256 positions. Rows of one length, one row and ZeRO-3
+    (its gathers are collectives: every rank must make the same body passes) take one pass."""
     from posttrain import rollout
 
     model = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=1)
 
-    def batch(lengths):  # a 3-token prompt before each response
-        return pack_rollout([[5, 6, 8]] * len(lengths), [Sample(text="", token_ids=[7] * k) for k in lengths], 0)
+    def groups(lengths):
+        found = rollout.length_groups(model.model, torch.tensor(lengths))
+        return found and [(rows.tolist(), width) for rows, width in found]
 
-    assert rollout.length_groups(model.model, batch([3] * 8)) is None  # nothing to save
-    assert rollout.length_groups(model.model, batch([200])) is None
-    assert rollout.length_groups(model.model, batch([30] * 8 + [4] * 8)) is None  # saves 208 of 528 positions
-    assert rollout.length_groups(model.model, batch([300] * 15 + [240] * 5)) is None  # saves 300 of 6060
-    long_and_short = batch([200] * 4 + [10] * 28)  # 32 x 203 positions in one pass, 4 x 203 + 28 x 13 in two
-    groups = rollout.length_groups(model.model, long_and_short)
-    assert [(len(rows), width) for rows, width in groups] == [(28, 13), (4, 203)]
-    assert groups[1][0].tolist() == [0, 1, 2, 3]
-    assert rollout.split_by_length([203] * 4 + [13] * 28, 2)[1] == (4 * 203 + 28 * 13, [28, 32])
+    assert groups([6] * 8) is None  # nothing to save
+    assert groups([203]) is None
+    assert groups([33] * 8 + [7] * 8) is None  # saves 208 of 528 positions
+    assert groups([303] * 15 + [243] * 5) == [(list(range(15, 20)), 243), (list(range(15)), 303)]  # saves 300
+    long_and_short = [13] * 14 + [203] * 4 + [13] * 14  # 32 x 203 positions in one pass, 4 x 203 + 28 x 13 in two
+    assert groups(long_and_short) == [(list(range(14)) + list(range(18, 32)), 13), ([14, 15, 16, 17], 203)]
+    assert rollout.row_lengths(pack_rollout([[5, 6, 8]] * 2, [Sample("", [7] * 10), Sample("", [7])], 0)).tolist() == [
+        13,
+        4,
+    ]
     next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
-    assert rollout.length_groups(model.model, long_and_short) is None
+    assert rollout.length_groups(model.model, torch.tensor(long_and_short)) is None
 
 
 def test_split_by_length_is_the_cheapest_split():

@@ -38,10 +38,9 @@ def test_token_values_equal_the_whole_rows_with_fewer_positions(tiny_tokenizer, 
     from posttrain import rollout
 
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
-    monkeypatch.setattr(rollout, "GROUP_MIN_SAVING", 0.0)
     model = _value_model(family, tiny_tokenizer)
     batch = _varied_batch(len(tiny_tokenizer))
-    assert rollout.length_groups(model.base_model, batch) is not None
+    assert rollout.length_groups(model.base_model, rollout.row_lengths(batch)) is not None
     weights = torch.randn(batch.input_ids.shape)
     positions = []
     model.base_model.register_forward_pre_hook(
