@@ -47,15 +47,10 @@ class RolloutBatch:
     """(batch,) bool: the completion ended its turn; None for pairs that were not sampled."""
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
-        return RolloutBatch(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
+        return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def to(self, device: torch.device) -> "RolloutBatch":
         return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-
-def _rows(values: torch.Tensor | None, rows) -> torch.Tensor | None:
-    """`values` at `rows`, or None where the batch holds none."""
-    return None if values is None else values[rows]
 
 
 def pack_rollout(
@@ -284,10 +279,10 @@ def _prompt_pass(body, batch: RolloutBatch, starts, unique):
     return out.past_key_values, last, prompt_mask
 
 
-def _responses_pass(body, batch: RolloutBatch, plan, prompts, rows: torch.Tensor) -> torch.Tensor:
-    """The second pass for `rows` of the batch: their responses continue from their prompts' cache (from
-    `_prompt_pass`), the batch's rows cut to these rows' longest response. Hidden states (N, H) at the
-    positions that predict the rows' response tokens, row by row."""
+def _responses_pass(body, batch: RolloutBatch, plan, prompts, rows: torch.Tensor | slice) -> torch.Tensor:
+    """The second pass for `rows` of the batch (indices, or `slice(None)` for all): their responses continue
+    from their prompts' cache (from `_prompt_pass`), cut to these rows' longest response. Hidden states (N, H)
+    at the positions that predict the rows' response tokens, row by row."""
     starts, lengths, _, prompt_of_row = plan
     starts, lengths, prompt_of_row = starts[rows], lengths[rows], prompt_of_row[rows]
     cache, last, prompt_mask = prompts
@@ -389,13 +384,15 @@ def response_hidden(model, body, batch: RolloutBatch, where: torch.Tensor) -> to
     cut to its own longest row (by response length where prompts are shared: the prompts run once for all
     groups)."""
     plan = shared_prompt_plan(model, batch)
-    groups = length_groups(body, plan[1] if plan is not None else row_lengths(batch))
     if plan is not None:
-        prompts = _prompt_pass(body, batch, plan[0], plan[2])
+        starts, response_lengths, unique, _ = plan
+        groups = length_groups(body, response_lengths)
+        prompts = _prompt_pass(body, batch, starts, unique)
         if groups is None:
-            return _responses_pass(body, batch, plan, prompts, torch.arange(len(plan[0]), device=where.device))
+            return _responses_pass(body, batch, plan, prompts, slice(None))
         pieces = [_responses_pass(body, batch, plan, prompts, rows) for rows, _ in groups]
     else:
+        groups = length_groups(body, row_lengths(batch))
         if groups is None:
             return _plain_hidden(body, batch.input_ids, batch.attention_mask, where)
         pieces = [
