@@ -299,7 +299,7 @@ def print_tables(report: dict) -> None:
         vocab, size, beta = rest.split("/")
         for label, v in labels.items():
             print(
-                f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {interval(v.get('cpu_90'))} | "
+                f"| {vocab[1:]} | {size} | {beta[4:]} | {label} | {v['cpu']:.2f}x | {interval(v['cpu_90'])} | "
                 f"{v['wall']:.2f}x | "
                 f"{v['peak_rss']:.2f}x | {v['update_peak_rss']:.2f}x |"
             )

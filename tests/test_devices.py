@@ -12,17 +12,18 @@ from posttrain.pipeline import check_devices, load_pipeline, stage_precision
 from .conftest import write_pipeline
 
 
+NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+"""Marked `gpu` (scripts/gpu_check.sh runs `pytest -m gpu`) and skipped where CUDA is absent."""
+
+
 def gpu(test):
-    """Marked `gpu` (scripts/gpu_check.sh runs `pytest -m gpu`) and skipped where CUDA is absent."""
-    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
+    """A test that needs CUDA (`NEEDS_CUDA`)."""
+    for mark in NEEDS_CUDA:
+        test = mark(test)
+    return test
 
 
-CPU_AND_CUDA = [
-    "cpu",
-    pytest.param(
-        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-    ),
-]
+CPU_AND_CUDA = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 """`pytest.mark.parametrize("device", CPU_AND_CUDA)`: the test on the CPU everywhere and, marked `gpu`, on
 CUDA where present."""
 
