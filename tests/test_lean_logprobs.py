@@ -358,34 +358,6 @@ def test_tied_embedding_backward_holds_one_weight_sized_gradient(tiny_tokenizer,
     assert lean < 1.5 * weight_mib and plain > 1.8 * weight_mib, (lean, plain, weight_mib)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_shared_prompt_scoring_in_bf16_errs_like_the_plain_forward(tiny_tokenizer, family, monkeypatch):
-    """In bf16 the shared-prompt forward runs other matrix shapes than the plain one, so the two differ by
-    rounding: each is compared with the plain forward of the same weights in fp32, and the shared path's
-    error (values and the tied weight's gradient) is of the plain path's size. (The exactness check is the
-    fp32 test above: a random tiny model is too insensitive to positions for bf16 rounding to tell.)"""
-    from posttrain import rollout
-
-    model = build_tiny_model(ModelConfig(family=family, **TINY, dtype="bfloat16"), tiny_tokenizer, seed=1).train()
-    batch = _grouped_batch(len(tiny_tokenizer))
-    weights = torch.randn(batch.input_ids.shape)
-
-    def logp_and_grad(m):
-        logp = token_logprobs(m, batch, temperature=0.8)
-        (grad,) = torch.autograd.grad((logp * weights).sum(), [m.get_input_embeddings().weight])
-        return logp, grad.float()
-
-    shared = logp_and_grad(model)
-    monkeypatch.setattr(rollout, "shared_prompt_plan", lambda *_: None)
-    plain = logp_and_grad(model)
-    truth = logp_and_grad(copy.deepcopy(model).float())  # the plain forward, in fp32
-    for got, want, base in zip(shared, truth, plain, strict=True):
-        err, plain_err = (got - want).abs().max(), (base - want).abs().max()
-        assert 0 < plain_err < 0.5 * want.abs().max()  # bf16 rounds, but not wildly
-        assert err <= 2 * plain_err, (err, plain_err)
-        assert (got - want).abs().mean() <= 1.25 * (base - want).abs().mean()
-
-
 def _varied_batch(vocab: int, seed: int = 0):
     """Rows of very different lengths: two prompts with four samples each (1 to 20 tokens), and two rows of
     their own prompt."""
@@ -432,6 +404,49 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
         assert torch.allclose(got, want, atol=1e-5) and (got[batch.response_mask == 0] == 0).all()
     for got, want in zip(grouped_grads, whole_grads, strict=True):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("held", ["bf16", "autocast"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
+def test_length_groups_in_bf16_err_like_one_pass(tiny_tokenizer, family, held, monkeypatch):
+    """bf16 as the stages run it: weights held in bf16 (the reference, DeepSpeed's bf16 module), or fp32
+    master weights under autocast (one process). Length groups (with shared prompts where the family shares
+    them) run other matrix shapes than one pass, so both are compared with the one pass of the same weights in
+    fp32: the grouped error (values and the tied weight's gradient) is of the one bf16 pass's size. (The
+    exactness checks are the fp32 tests above: a random tiny model is too insensitive to positions for bf16
+    rounding to tell.)"""
+    from contextlib import nullcontext
+
+    from posttrain import rollout
+
+    monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)
+    dtype = "bfloat16" if held == "bf16" else "float32"
+    model = build_tiny_model(ModelConfig(family=family, **TINY, dtype=dtype), tiny_tokenizer, seed=1).train()
+    fp32 = copy.deepcopy(model).float()  # before any forward: RecurrentGemma then holds non-leaf state
+    batch = _varied_batch(len(tiny_tokenizer))
+    weights = torch.randn(batch.input_ids.shape)
+    passes = []
+    model.model.register_forward_pre_hook(lambda *_: passes.append(1))
+
+    def logp_and_grad(m, mixed: bool):
+        passes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
+            logp = token_logprobs(m, batch, temperature=0.8)
+        (grad,) = torch.autograd.grad((logp * weights).sum(), [m.get_input_embeddings().weight])
+        return logp.float(), grad.float()
+
+    grouped = logp_and_grad(model, held == "autocast")
+    assert len(passes) > 1  # the rows were scored in groups
+    monkeypatch.setattr(rollout, "length_groups", lambda *_: None)
+    monkeypatch.setattr(rollout, "shared_prompt_plan", lambda *_: None)
+    plain = logp_and_grad(model, held == "autocast")
+    assert len(passes) == 1
+    truth = logp_and_grad(fp32, False)
+    for got, want, base in zip(grouped, truth, plain, strict=True):
+        err, plain_err = (got - want).abs().max(), (base - want).abs().max()
+        assert 0 < plain_err < 0.5 * want.abs().max()  # bf16 rounds, but not wildly
+        assert err <= 2 * plain_err, (err, plain_err)
+        assert (got - want).abs().mean() <= 1.25 * (base - want).abs().mean()
 
 
 def test_length_groups_only_where_they_save_enough(tiny_tokenizer):
