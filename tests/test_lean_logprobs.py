@@ -367,15 +367,20 @@ def _varied_batch(vocab: int, seed: int = 0):
     return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
-def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, monkeypatch):
+@pytest.mark.parametrize(
+    "family,vocab", [("llama", None), ("gemma2", None), ("recurrent_gemma", None), ("gemma2", 262144)]
+)
+def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, vocab, monkeypatch):
     """Rows scored in length groups (each cut to its own width, sharing prompts within a group where the
     family can) give the logprobs, entropies, raw logprobs and every parameter's gradient of the batch
-    scored in one pass, while the body runs fewer positions. Gemma 2: soft-capped tied head."""
+    scored in one pass, while the body runs fewer positions. Gemma 2: soft-capped tied head; also at Gemma's
+    vocabulary, where the head takes the groups' tokens in chunks of 64."""
     from posttrain import rollout
 
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
+    if vocab is not None:
+        model.resize_token_embeddings(vocab, mean_resizing=False)
     batch = _varied_batch(len(tiny_tokenizer))
     groups = rollout.length_groups(model.model, rollout.row_lengths(batch))
     assert groups is not None and len(groups) == rollout.GROUP_MAX
