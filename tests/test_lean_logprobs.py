@@ -16,6 +16,7 @@ from posttrain.models import ModelConfig, build_tiny_model
 from posttrain.rollout import pack_rollout, token_logprobs
 
 from .conftest import TINY
+from .test_devices import CPU_AND_CUDA
 
 torch.set_num_threads(1)
 
@@ -367,10 +368,11 @@ def _varied_batch(vocab: int, seed: int = 0):
     return pack_rollout([p for p, _ in rows], [Sample(text="", token_ids=c) for _, c in rows], pad_id=0)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize(
     "family,vocab", [("llama", None), ("gemma2", None), ("recurrent_gemma", None), ("gemma2", 262144)]
 )
-def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, vocab, monkeypatch):
+def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, vocab, device, monkeypatch):
     """Rows scored in length groups (each cut to its own width, sharing prompts within a group where the
     family can) give the logprobs, entropies, raw logprobs and every parameter's gradient of the batch
     scored in one pass, while the body runs fewer positions. Gemma 2: soft-capped tied head; also at Gemma's
@@ -381,11 +383,11 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
     if vocab is not None:
         model.resize_token_embeddings(vocab, mean_resizing=False)
-    batch = _varied_batch(len(tiny_tokenizer))
+    model, batch = model.to(device), _varied_batch(len(tiny_tokenizer)).to(device)
     groups = rollout.length_groups(model.model, rollout.row_lengths(batch))
     assert groups is not None and len(groups) == rollout.GROUP_MAX
     assert sorted(torch.cat([rows for rows, _ in groups]).tolist()) == list(range(batch.input_ids.shape[0]))
-    weights = torch.randn(batch.input_ids.shape)
+    weights = torch.randn(batch.input_ids.shape).to(device)
     positions = []
     body = model.model
     body.register_forward_pre_hook(
@@ -411,9 +413,10 @@ def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, f
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("held", ["bf16", "autocast"])
 @pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
-def test_length_groups_in_bf16_err_like_one_pass(tiny_tokenizer, family, held, monkeypatch):
+def test_length_groups_in_bf16_err_like_one_pass(tiny_tokenizer, family, held, device, monkeypatch):
     """bf16 as the stages run it: weights held in bf16 (the reference, DeepSpeed's bf16 module), or fp32
     master weights under autocast (one process). Length groups (with shared prompts where the family shares
     them) run other matrix shapes than one pass, so both are compared with the one pass of the same weights in
@@ -427,15 +430,16 @@ def test_length_groups_in_bf16_err_like_one_pass(tiny_tokenizer, family, held, m
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)
     dtype = "bfloat16" if held == "bf16" else "float32"
     model = build_tiny_model(ModelConfig(family=family, **TINY, dtype=dtype), tiny_tokenizer, seed=1).train()
+    model = model.to(device)
     fp32 = copy.deepcopy(model).float()  # before any forward: RecurrentGemma then holds non-leaf state
-    batch = _varied_batch(len(tiny_tokenizer))
-    weights = torch.randn(batch.input_ids.shape)
+    batch = _varied_batch(len(tiny_tokenizer)).to(device)
+    weights = torch.randn(batch.input_ids.shape).to(device)
     passes = []
     model.model.register_forward_pre_hook(lambda *_: passes.append(1))
 
     def logp_and_grad(m, mixed: bool):
         passes.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16) if mixed else nullcontext():
+        with torch.autocast(device, dtype=torch.bfloat16) if mixed else nullcontext():
             logp = token_logprobs(m, batch, temperature=0.8)
         (grad,) = torch.autograd.grad((logp * weights).sum(), [m.get_input_embeddings().weight])
         return logp.float(), grad.float()
