@@ -9,6 +9,7 @@ from posttrain.rollout import token_values
 from posttrain.stages.ppo.value import ValueModel
 
 from .conftest import TINY
+from .test_devices import CPU_AND_CUDA
 from .test_lean_logprobs import _varied_batch
 
 
@@ -30,18 +31,19 @@ def _value_model(family: str, tokenizer):
     return model.train()
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("family", ["llama", "gemma2", "recurrent_gemma"])
-def test_token_values_equal_the_whole_rows_with_fewer_positions(tiny_tokenizer, family, monkeypatch):
+def test_token_values_equal_the_whole_rows_with_fewer_positions(tiny_tokenizer, family, device, monkeypatch):
     """Values at response tokens and every parameter's gradient equal those of the backbone run over each
     whole padded row (the state before token t is position t-1), zero outside the responses; the backbone
     runs fewer positions (groups by length; Llama and Gemma 2 also share each group's prompts)."""
     from posttrain import rollout
 
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
-    model = _value_model(family, tiny_tokenizer)
-    batch = _varied_batch(len(tiny_tokenizer))
+    model = _value_model(family, tiny_tokenizer).to(device)
+    batch = _varied_batch(len(tiny_tokenizer)).to(device)
     assert rollout.length_groups(model.base_model, rollout.row_lengths(batch)) is not None
-    weights = torch.randn(batch.input_ids.shape)
+    weights = torch.randn(batch.input_ids.shape).to(device)
     positions = []
     model.base_model.register_forward_pre_hook(
         lambda _, args, kwargs: positions.append(kwargs["input_ids"].numel()), with_kwargs=True
