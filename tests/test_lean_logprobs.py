@@ -12,7 +12,7 @@ from posttrain.algos.logits import chunk_tokens_for, chunked_token_logprobs, sof
 from posttrain.config import LoraSection
 from posttrain.engines import Sample
 from posttrain.lora import add_adapters
-from posttrain.models import ModelConfig, build_tiny_model
+from posttrain.models import ModelConfig, build_tiny_model, enable_gradient_checkpointing
 from posttrain.rollout import pack_rollout, token_logprobs
 
 from .conftest import TINY
@@ -370,19 +370,29 @@ def _varied_batch(vocab: int, seed: int = 0):
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize(
-    "family,vocab", [("llama", None), ("gemma2", None), ("recurrent_gemma", None), ("gemma2", 262144)]
+    "family,variant",
+    [
+        ("llama", None),
+        ("gemma2", None),
+        ("recurrent_gemma", None),
+        ("gemma2", "vocab 262144"),
+        ("llama", "checkpointing"),
+    ],
 )
-def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, vocab, device, monkeypatch):
+def test_length_groups_score_as_one_batch_with_fewer_positions(tiny_tokenizer, family, variant, device, monkeypatch):
     """Rows scored in length groups (each cut to its own width, sharing prompts within a group where the
     family can) give the logprobs, entropies, raw logprobs and every parameter's gradient of the batch
     scored in one pass, while the body runs fewer positions. Gemma 2: soft-capped tied head; also at Gemma's
-    vocabulary, where the head takes the groups' tokens in chunks of 64."""
+    vocabulary, where the head takes the groups' tokens in chunks of 64; and with gradient checkpointing
+    (which turns prompt sharing off: the groups are by row length)."""
     from posttrain import rollout
 
     monkeypatch.setattr(rollout, "GROUP_MIN_POSITIONS", 0)  # tiny rows: take any split that saves positions
     model = build_tiny_model(ModelConfig(family=family, **TINY), tiny_tokenizer, seed=1).train()
-    if vocab is not None:
-        model.resize_token_embeddings(vocab, mean_resizing=False)
+    if variant == "vocab 262144":
+        model.resize_token_embeddings(262144, mean_resizing=False)
+    if variant == "checkpointing":
+        enable_gradient_checkpointing(model, "gradient_checkpointing")
     model, batch = model.to(device), _varied_batch(len(tiny_tokenizer)).to(device)
     groups = rollout.length_groups(model.model, rollout.row_lengths(batch))
     assert groups is not None and len(groups) == rollout.GROUP_MAX
