@@ -17,8 +17,8 @@ TEMPERATURE = 0.8
 
 
 def _grouped_on_rank(rank: int, port: int, model_dir: str, batches: list, weights: list, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = "2"
+    rank_env = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **rank_env)
     torch.set_num_threads(1)
     from deepspeed.utils import safe_get_full_grad
 

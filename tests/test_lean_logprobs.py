@@ -485,10 +485,8 @@ def test_length_groups_only_where_they_save_enough(tiny_tokenizer):
     assert groups([303] * 15 + [243] * 5) == [(list(range(15, 20)), 243), (list(range(15)), 303)]  # saves 300
     long_and_short = [13] * 14 + [203] * 4 + [13] * 14  # 32 x 203 positions in one pass, 4 x 203 + 28 x 13 in two
     assert groups(long_and_short) == [(list(range(14)) + list(range(18, 32)), 13), ([14, 15, 16, 17], 203)]
-    assert rollout.row_lengths(pack_rollout([[5, 6, 8]] * 2, [Sample("", [7] * 10), Sample("", [7])], 0)).tolist() == [
-        13,
-        4,
-    ]
+    two_rows = pack_rollout([[5, 6, 8]] * 2, [Sample("", [7] * 10), Sample("", [7])], 0)
+    assert rollout.row_lengths(two_rows).tolist() == [13, 4]
     next(model.model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks a partitioned weight
     assert rollout.length_groups(model.model, torch.tensor(long_and_short)) is None
 
