@@ -47,10 +47,14 @@ class RolloutBatch:
     """(batch,) bool: the completion ended its turn; None for pairs that were not sampled."""
 
     def select(self, idx: torch.Tensor) -> "RolloutBatch":
-        return RolloutBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        """The rows `idx`; a field that is None (pairs that were not sampled) stays None."""
+        return self._map(lambda t: t[idx])
 
     def to(self, device: torch.device) -> "RolloutBatch":
-        return RolloutBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: None if (v := getattr(self, f.name)) is None else fn(v) for f in fields(self)})
 
 
 def pack_rollout(

@@ -491,6 +491,19 @@ def test_length_groups_only_where_they_save_enough(tiny_tokenizer):
     assert rollout.length_groups(model.model, torch.tensor(long_and_short)) is None
 
 
+def test_pair_batches_select_and_move_without_the_sampling_fields():
+    """Preference pairs carry no engine logprobs or finished flags: selecting rows keeps them None."""
+    from posttrain.rollout import RolloutBatch
+
+    sampled = pack_rollout([[5, 6], [8]], [Sample("", [7, 9], [-0.5, -1.0]), Sample("", [4], [-2.0], finished=True)], 0)
+    pairs = RolloutBatch(sampled.input_ids, sampled.attention_mask, sampled.response_mask, None, None)
+    second = pairs.select(torch.tensor([1])).to(torch.device("cpu"))
+    assert second.input_ids.tolist() == [[8, 4, 0, 0]] and second.response_mask.tolist() == [[0, 1, 0, 0]]
+    assert second.engine_logprobs is None and second.finished is None
+    assert sampled.select(torch.tensor([1])).engine_logprobs.tolist() == [[0.0, -2.0, 0.0, 0.0]]
+    assert sampled.select(torch.tensor([1])).finished.tolist() == [True]
+
+
 def test_split_by_length_is_the_cheapest_split():
     """Against every way of cutting the sorted rows into k groups (random lengths, ties included)."""
     import itertools
