@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from childproc import status_mib
+
 
 def reward(prompts, completions, answer=None, **_) -> list[float]:
     """The reward of both sides: character-level similarity of the completion to the task's answer (0-1).
@@ -350,12 +352,6 @@ def child_trl(spec: dict) -> dict:
         },
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def status_mib(key: str) -> float:
-    from childproc import status_mib as read
-
-    return read(key)
 
 
 def unpacked_vllm_linears() -> None:
