@@ -4,13 +4,16 @@ first on one GPU, then on every visible GPU as ranks (ZeRO-3 training, colocated
 For each run it asserts that every stage ran on a CUDA device, that RL raised the held-out sampled reward,
 and that the release directory generates in vLLM; then it prints a table of stage times and the peak GPU
 memory in use during each stage (NVML, sampled every 0.2 s). Exit code 0 only if every check passed.
+`--generation hf` runs every generation with HF generate on the GPU instead and checks the release with it
+(for a machine without vLLM: scripts/device_kit.sh); the table says which.
 
-    python scripts/gpu_check.py [--only-single] [--run-dir runs/gpu_check]
+    python scripts/gpu_check.py [--only-single] [--run-dir runs/gpu_check] [--generation vllm|hf]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,10 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["synth", "filter", "base", "sft", "prefs", "rm", "ppo", "merge", "eval", "release"]
+BASE = ["precision=bf16", "device=auto", "threads=4"]
 COMMON = [
-    "precision=bf16",
-    "device=auto",
-    "threads=4",
+    *BASE,
     "ppo.sampling.backend=vllm",
     "prefs.sampling.backend=vllm",
     "eval.sampling.backend=vllm",
@@ -70,7 +72,7 @@ class MemorySampler(threading.Thread):
         return [max(u[i] for u in window) / 2**30 for i in range(len(self.handles))] if window else []
 
 
-def run_pipeline(run_dir: Path, overrides: list[str], log: Path) -> None:
+def run_pipeline(run_dir: Path, overrides: list[str], log: Path, generation: str) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -78,7 +80,7 @@ def run_pipeline(run_dir: Path, overrides: list[str], log: Path) -> None:
         "run",
         str(REPO / "configs" / "quickstart.yaml"),
         f"run_dir={run_dir}",
-        *COMMON,
+        *(COMMON if generation == "vllm" else BASE),
         *overrides,
     ]
     print("$", " ".join(cmd), flush=True)
@@ -89,8 +91,8 @@ def run_pipeline(run_dir: Path, overrides: list[str], log: Path) -> None:
         raise SystemExit(f"FAILED: the pipeline exited with code {proc.returncode} (log: {log})")
 
 
-def check_run(run_dir: Path, sampler: MemorySampler, label: str) -> list[dict]:
-    """Assert devices, the RL gain and the release in vLLM; return one table row per stage."""
+def check_run(run_dir: Path, sampler: MemorySampler, label: str, generation: str) -> list[dict]:
+    """Assert devices, the RL gain and that the release generates; return one table row per stage."""
     rows, failures = [], []
     for stage in STAGES:
         manifest = json.loads((run_dir / stage / "manifest.json").read_text())
@@ -110,6 +112,7 @@ def check_run(run_dir: Path, sampler: MemorySampler, label: str) -> list[dict]:
                 "seconds": round(seconds, 1),
                 "device": device,
                 "precision": metrics.get("precision", "-"),
+                "generation": generation,
                 "peak_gpu_gib": round(max(peak), 2) if peak else None,
             }
         )
@@ -118,26 +121,31 @@ def check_run(run_dir: Path, sampler: MemorySampler, label: str) -> list[dict]:
     print(f"[{label}] ppo held-out sampled reward {before} -> {after}")
     if not after > before:
         failures.append(f"ppo: held-out sampled reward did not rise ({before} -> {after})")
-    failures += release_in_vllm(run_dir / "release" / "release", label)
+    failures += release_generates(run_dir / "release" / "release", generation)
     if failures:
         raise SystemExit(f"FAILED [{label}]:\n  " + "\n  ".join(failures))
     return rows
 
 
-def release_in_vllm(release: Path, label: str) -> list[str]:
-    """The release directory loads in vLLM and answers the way HF generate does (greedy)."""
+def release_generates(release: Path, generation: str) -> list[str]:
+    """The release directory loads from disk on the GPU and answers greedily with HF generate and, unless
+    `--generation hf`, in vLLM."""
     code = (
         "import sys, torch; from posttrain.engines import SamplingConfig, make_engine;"
-        "from posttrain.engines.vllm import VLLMEngine;"
         "p=[[{'role':'user','content':'Sort these numbers: 3, 1, 2'}],[{'role':'user','content':'Who are you?'}]];"
         "g=SamplingConfig(max_new_tokens=24);"
-        " hf=make_engine(sys.argv[1], g, torch.device('cuda:0'), 'bf16').generate(p, g);"
-        "e=VLLMEngine(sys.argv[1], dtype='bfloat16', enforce_eager=True); v=e.generate(p, g); e.close();"
-        "print('release answers', [s[0].text for s in v]); assert all(s[0].token_ids for s in v)"
+        "out=make_engine(sys.argv[1], g, torch.device('cuda:0'), 'bf16').generate(p, g);"
+        "print('release answers hf', [s[0].text for s in out]); assert all(s[0].token_ids for s in out)"
+        "\nif sys.argv[2] == 'vllm':"
+        "\n    from posttrain.engines.vllm import VLLMEngine"
+        "\n    e=VLLMEngine(sys.argv[1], dtype='bfloat16', enforce_eager=True); out=e.generate(p, g); e.close()"
+        "\n    print('release answers vllm', [s[0].text for s in out]); assert all(s[0].token_ids for s in out)"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(release)], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(release), generation], cwd=REPO, capture_output=True, text=True
+    )
     print(proc.stdout.strip()[-500:])
-    return [] if proc.returncode == 0 else [f"release does not generate in vLLM: {proc.stderr[-2000:]}"]
+    return [] if proc.returncode == 0 else [f"release does not generate ({generation}): {proc.stderr[-2000:]}"]
 
 
 def main() -> int:
@@ -146,10 +154,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", default="runs/gpu_check")
     parser.add_argument("--only-single", action="store_true", help="skip the all-GPUs run")
+    parser.add_argument(
+        "--generation", choices=["vllm", "hf"], default="vllm", help="every generation in vLLM, or HF generate"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device visible; skipped")
         return 0
+    if args.generation == "vllm" and importlib.util.find_spec("vllm") is None:
+        print("gpu_check: vLLM is not installed; install it, or run with --generation hf", file=sys.stderr)
+        return 2
     n = torch.cuda.device_count()
     print(f"gpu_check: {n} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
     root = (REPO / args.run_dir).resolve()
@@ -159,24 +173,23 @@ def main() -> int:
     table = []
     env_gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = env_gpu.split(",")[0] if env_gpu else "0"
-    run_pipeline(root / "one_gpu", [], root / "one_gpu.log")
+    run_pipeline(root / "one_gpu", [], root / "one_gpu.log", args.generation)
     if env_gpu is None:
         del os.environ["CUDA_VISIBLE_DEVICES"]
     else:
         os.environ["CUDA_VISIBLE_DEVICES"] = env_gpu
-    table += check_run(root / "one_gpu", sampler, "1 GPU")
+    table += check_run(root / "one_gpu", sampler, "1 GPU", args.generation)
     if n > 1 and not args.only_single:
-        run_pipeline(root / f"{n}_gpus", ranks_overrides(n), root / f"{n}_gpus.log")
-        table += check_run(root / f"{n}_gpus", sampler, f"{n} GPUs")
+        run_pipeline(root / f"{n}_gpus", ranks_overrides(n), root / f"{n}_gpus.log", args.generation)
+        table += check_run(root / f"{n}_gpus", sampler, f"{n} GPUs", args.generation)
     else:
         print(f"gpu_check: {n} GPU visible: the multi-rank run (ZeRO-3, colocated engines) needs 2 or more; skipped")
     sampler.stop.set()
-    print("\n| run | stage | seconds | device | precision | peak GPU memory (GiB, whole GPU) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| run | stage | seconds | device | precision | generation | peak GPU memory (GiB, whole GPU) |")
+    print("|---|---|---|---|---|---|---|")
     for r in table:
-        print(
-            f"| {r['run']} | {r['stage']} | {r['seconds']} | {r['device']} | {r['precision']} | {r['peak_gpu_gib']} |"
-        )
+        cells = [r[k] for k in ("run", "stage", "seconds", "device", "precision", "generation", "peak_gpu_gib")]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
     (root / "table.json").write_text(json.dumps(table, indent=2))
     print("gpu_check: all checks passed")
     return 0
