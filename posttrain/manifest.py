@@ -18,12 +18,26 @@ from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
 
+UMASK = os.umask(0)
+os.umask(UMASK)
+"""The process's umask, read once at import (reading it means setting it). mkstemp and mkdtemp create
+owner-only paths (0600, 0700) on purpose; what we rename into place gets what open() and mkdir would give,
+so a run directory or a release is readable by whoever the umask lets read it."""
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temp file in `path`'s directory, to be renamed onto `path`, with the mode a plain
+    open() would create it with."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~UMASK)
+    return fd, tmp
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text to `path` via a temp file in the same directory and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -46,6 +60,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
+        tmp.chmod(0o777 & ~UMASK)  # mkdir's mode, not mkdtemp's 0700
         yield tmp
         if final.exists():
             old = final.with_name(f".{final.name}.old")

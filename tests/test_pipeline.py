@@ -96,6 +96,31 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert (final / "done.txt").read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
 
 
+def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path):
+    """Files and directories renamed into place (manifests, JSONL, filter output, a stage's or release's
+    directory) are as readable as what open() and mkdir make under the same umask, not mkstemp's 0600 and
+    mkdtemp's 0700: a release is for others to load."""
+    import os
+
+    from posttrain.data import write_jsonl
+    from posttrain.manifest import UMASK, atomic_write_json
+
+    assert UMASK & 0o077 != 0o077, "a umask that lets nobody else read shows nothing here"
+    old = os.umask(UMASK)  # the umask the module read at import
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+        with atomic_dir(tmp_path / "release") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"0")
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("m.json") == mode("rows.jsonl") == mode("release/model.safetensors") == mode("plain.txt")
+    assert mode("release") == mode("plain_dir")
+
+
 def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tasks:\n  - task: sort\n  - task: count\n")

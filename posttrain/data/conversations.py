@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
 from ..chat import validate_roles
+from ..manifest import temp_file_beside
 
 
 class DataError(ValueError):
@@ -87,7 +87,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], default: Optional[Callab
     fallback for values JSON has no type for."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     n = 0
     try:
         with os.fdopen(fd, "w") as f:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ import torch
 
 from ...data import DataError, SkipReport, iter_rows, source_format
 from ...dedup import HashIndex, NearDupIndex
+from ...manifest import temp_file_beside
 from ...filters import (
     DEFAULT_TERMS_FILE,
     IdentityChecker,
@@ -391,7 +391,7 @@ class FilterStream:
         """Filter `src` into `dst` (temp file + rename); return the report. `on_batch(rows_read)` after each batch."""
         dst = Path(dst)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        fd, tmp = temp_file_beside(dst)
         rows_in = kept = changed = 0
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
