@@ -151,13 +151,24 @@ def main(argv: list[str] | None = None) -> int:
         return _data_command(args)
     from .config import ConfigError, dump_config
     from .data import DataError
-    from .pipeline import graph_lines, load_pipeline, run_pipeline
+    from .pipeline import graph_lines, idle_overrides, load_pipeline, run_pipeline
 
     try:
         cfg = load_pipeline(args.config, args.overrides)
     except ConfigError as err:
         print(f"posttrain: {args.config}: {err}", file=sys.stderr)
         return 2
+    only = args.only if args.command == "run" else None if args.command == "show" else args.command
+    running = [only] if only else [name for name, _ in cfg.instances()]
+    # Every kind has a section, so such an override validates; said rather than errored, since a script may
+    # pass the same overrides to each of its commands.
+    for item in idle_overrides(cfg, args.overrides, set(running)):
+        section = item.split(".", 1)[0]
+        print(
+            f"posttrain: warning: override {item!r} changes nothing: {section} is not a stage of this run "
+            f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",
+            file=sys.stderr,
+        )
     if args.command == "show":
         print(dump_config(cfg), end="")
         print("\n# stage graph: instance (kind) <- inputs")
@@ -172,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: {args.config}: run_dir: {err}", file=sys.stderr)
         return 2
     _setup_logging(run_dir)
-    only = args.only if args.command == "run" else args.command
     try:
         summary = run_pipeline(cfg, only=only, force=args.force, start=getattr(args, "start", None))
     except (ConfigError, DataError, FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as err:

@@ -191,12 +191,19 @@ class TrainerSection(Section):
 # YAML with line numbers
 
 
+class DuplicateKey(Exception):
+    """A mapping names a key twice (YAML loaders keep the last silently): (dotted key, line, first line)."""
+
+
 def _line_map(node: yaml.Node, prefix: tuple = (), out: Optional[dict] = None) -> dict:
-    """Map every key path in a composed YAML document to its 1-based line number."""
+    """Map every key path in a composed YAML document to its 1-based line number; DuplicateKey where a
+    mapping repeats a key."""
     out = {} if out is None else out
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             path = prefix + (key_node.value,)
+            if path in out:
+                raise DuplicateKey(".".join(str(p) for p in path), key_node.start_mark.line + 1, out[path])
             out[path] = key_node.start_mark.line + 1
             _line_map(value_node, path, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -221,7 +228,11 @@ def read_yaml(path: str | Path) -> tuple[dict, dict]:
         data, node = {}, None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    return data, (_line_map(node) if node is not None else {})
+    try:
+        return data, (_line_map(node) if node is not None else {})
+    except DuplicateKey as dup:
+        key, line, first = dup.args
+        raise ConfigError(f"{path}:{line}: {key} is set twice (first on line {first}); keep one") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
@@ -258,7 +269,9 @@ def _where(loc: tuple, lines: dict, origins: dict, source: str) -> str:
             return origins[loc[:n]]
         if loc[:n] in lines:
             return f"{source}:{lines[loc[:n]]}"
-    return source
+    # A key no YAML line holds that an override created on the way to a deeper one (`pop.lr=1` makes `pop`).
+    below = [origin for key, origin in origins.items() if key[: len(loc)] == loc]
+    return below[0] if below else source
 
 
 def format_validation_error(err: ValidationError, lines: dict, origins: dict, source: str) -> str:

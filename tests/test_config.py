@@ -49,6 +49,34 @@ def test_override_error_names_the_override(tmp_path):
         load_pipeline(path, ["sft.epochs"])
 
 
+def test_a_misspelt_section_in_an_override_is_blamed_on_the_override(tmp_path):
+    path = write_pipeline(tmp_path, "stages: [synth]\n")
+    with pytest.raises(ConfigError, match=r"pop: unknown key  \[command-line override 'pop.learning_rate=1'\]"):
+        load_pipeline(path, ["pop.learning_rate=1"])
+
+
+def test_a_key_set_twice_is_an_error_naming_both_lines(tmp_path):
+    """YAML loaders keep the last of two equal keys silently; a config that says two things is refused."""
+    path = write_pipeline(tmp_path, "stages: [synth]\nsft:\n  learning_rate: 0.01\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"pipeline.yaml:6: sft.learning_rate is set twice \(first on line 4\)"):
+        load_pipeline(path)
+    nested = "stages: [sft]\nsft:\n  train_data: {path: a.json, format: alpaca, format: sharegpt}\n"
+    with pytest.raises(ConfigError, match=r"sft.train_data.format is set twice"):
+        load_pipeline(write_pipeline(tmp_path, nested))
+
+
+def test_an_override_of_a_stage_the_run_leaves_out_is_said(tmp_path, capsys):
+    """Every kind has a section, so `dpo.beta=2` validates on a pipeline without dpo: the command says it
+    changes nothing (and runs nothing else differently)."""
+    from posttrain.cli import main as cli_main
+
+    path = write_pipeline(tmp_path, "stages: [synth]\n")
+    assert cli_main(["show", path, "dpo.beta=2", "synth.num_train=10"]) == 0
+    err = capsys.readouterr().err
+    assert "override 'dpo.beta=2' changes nothing: dpo is not a stage of this run (synth)" in err
+    assert "synth.num_train" not in err
+
+
 def test_missing_required_and_unknown_stage(tmp_path):
     with pytest.raises(ConfigError, match="stages: required key is missing"):
         load_pipeline(write_pipeline(tmp_path, "seed: 1\n"))
