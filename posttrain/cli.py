@@ -126,6 +126,13 @@ def _data_command(args) -> int:
     return 0
 
 
+def _scalars(metrics: dict) -> str:
+    """`key=value` for each number, string or boolean of `metrics` (floats to 4 significant digits); nested
+    values are left to the stage's metrics.json."""
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
+
+
 def print_summary(run_dir: Path, summary: dict) -> None:
     print(f"\nposttrain: run directory {run_dir}")
     for name, info in summary.items():
@@ -134,12 +141,13 @@ def print_summary(run_dir: Path, summary: dict) -> None:
         print(f"  {name:<8} {status}{secs}")
         for key in ("accuracy_before", "accuracy_after"):
             if isinstance(info.get(key), dict):
-                print(f"           {key}: {info[key].get('overall')}")
+                value = info[key]
+                print(f"           {key}: {value['overall'] if 'overall' in value else _scalars(value)}")
         for key in ("eval_loss_before", "eval_loss_after", "num_train", "num_eval", "parameters"):
             if key in info:
                 print(f"           {key}: {info[key]}")
         for model_name, m in (info.get("models") or {}).items() if isinstance(info.get("models"), dict) else []:
-            print(f"           {model_name}: {json.dumps(m, default=str)[:160]}")
+            print(f"           {model_name}: {_scalars(m) if isinstance(m, dict) else m}")
         for artifact in ("model", "release"):
             if (run_dir / name / artifact).is_dir():
                 print(f"           {artifact}: {run_dir / name / artifact}")

@@ -179,10 +179,50 @@ def lineage_table(records: list[dict]) -> list[str]:
     return out
 
 
-def usage_snippets(name: str, model_type: str) -> list[str]:
-    """How to load and chat with the release: transformers and vLLM."""
+def data_origin(run_dir: str | Path, kinds: Optional[dict] = None) -> tuple[str, Optional[str]]:
+    """(where the training prompts came from: "recipe", "own prompts" or "unrecorded"; the first held-out
+    prompt of the synth stage, for the card's usage example)."""
+    synth = next((name for name, kind in (kinds or {"synth": "synth"}).items() if kind == "synth"), "synth")
+    card = _read_json(Path(run_dir) / synth / "card.json")
+    origin = "unrecorded" if not card else "own prompts" if "prompt_counts" in card else "recipe"
+    prompt = None
+    eval_rows = Path(run_dir) / synth / "eval.jsonl"
+    if eval_rows.is_file():
+        with eval_rows.open() as f:
+            first = f.readline()
+        try:
+            turns = json.loads(first).get("messages", []) if first.strip() else []
+        except (json.JSONDecodeError, AttributeError):
+            turns = []
+        prompt = next(
+            (t.get("content") for t in reversed(turns) if isinstance(t, dict) and t.get("role") == "user"), None
+        )
+    return origin, prompt if isinstance(prompt, str) and prompt.strip() else None
+
+
+def limitations(origin: str) -> list[str]:
+    """The card's limitation bullets for data of that origin (`data_origin`)."""
+    if origin == "recipe":
+        return [
+            "- Trained on synthetic, templated tasks: it does not generalise beyond them, and its knowledge of "
+            "the world is nil at tiny sizes.",
+            "- Refusals and self-identification were learnt from a handful of templates; they are not a "
+            "safety guarantee and are easy to bypass.",
+            "- Evaluation numbers come from held-out prompts of the same generator, not from public benchmarks.",
+        ]
+    return [
+        "- It knows what its base model and the data named under Lineage taught it, and no more; behaviour "
+        "outside that data is untested here.",
+        "- Evaluation numbers come from held-out prompts of the same data, not from public benchmarks; "
+        "measures the data could not support are listed as left out above.",
+    ]
+
+
+def usage_snippets(name: str, model_type: str, prompt: Optional[str] = None) -> list[str]:
+    """How to load and chat with the release: transformers and vLLM (`prompt`: the example's user turn)."""
     eager = ', attn_implementation="eager"' if model_type == "gemma2" else ""
     why = "  # eager attention keeps Gemma 2's logit soft-capping" if eager else ""
+    text = json.dumps(prompt or "Sort these numbers: 3, 1, 2", ensure_ascii=False)  # a valid Python literal
     return [
         "### transformers",
         "",
@@ -192,7 +232,7 @@ def usage_snippets(name: str, model_type: str) -> list[str]:
         f'path = "{name}"  # this directory, or its Hub repo id',
         "tokenizer = AutoTokenizer.from_pretrained(path)",
         f"model = AutoModelForCausalLM.from_pretrained(path{eager}){why}",
-        'messages = [{"role": "user", "content": "Sort these numbers: 3, 1, 2"}]',
+        f'messages = [{{"role": "user", "content": {text}}}]',
         'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
         "return_dict=True)",
         "out = model.generate(**inputs, max_new_tokens=64)  # stops on <end_of_turn> (generation_config.json)",
@@ -205,8 +245,7 @@ def usage_snippets(name: str, model_type: str) -> list[str]:
         "from vllm import LLM, SamplingParams",
         "",
         f'llm = LLM("{name}")  # reads generation_config.json: stops on <end_of_turn> and <eos>',
-        'out = llm.chat([{"role": "user", "content": "Sort these numbers: 3, 1, 2"}], '
-        "SamplingParams(temperature=0, max_tokens=64))",
+        f'out = llm.chat([{{"role": "user", "content": {text}}}], SamplingParams(temperature=0, max_tokens=64))',
         "print(out[0].outputs[0].text)",
         "```",
     ]
@@ -223,9 +262,12 @@ def render_model_card(
     data_lines: list[str],
     eval_markdown: Optional[str],
     description: Optional[str] = None,
+    origin: str = "recipe",
+    example_prompt: Optional[str] = None,
 ) -> str:
     """The README.md of a release. `model_info`: architecture, model_type, parameters, dtype, vocab_size,
-    max_positions; `records`: read_lineage(); `eval_markdown`: the eval stage's results.md, if it ran."""
+    max_positions; `records`: read_lineage(); `eval_markdown`: the eval stage's results.md, if it ran;
+    `origin` and `example_prompt`: `data_origin()`."""
     stages = " -> ".join(r["stage"] for r in records if r["status"] == "complete")
     summary = description or (
         f"A {model_info['architecture']} causal language model "
@@ -269,14 +311,10 @@ def render_model_card(
         "",
         "## Limitations",
         "",
-        "- Trained on synthetic, templated tasks: it does not generalise beyond them, and its knowledge of "
-        "the world is nil at tiny sizes.",
-        "- Refusals and self-identification were learnt from a handful of templates; they are not a "
-        "safety guarantee and are easy to bypass.",
-        "- Evaluation numbers come from held-out prompts of the same generator, not from public benchmarks.",
+        *limitations(origin),
         "",
         "## How to use",
         "",
     ]
-    out += usage_snippets(name, model_info["model_type"])
+    out += usage_snippets(name, model_info["model_type"], example_prompt)
     return "\n".join(out) + "\n"

@@ -387,13 +387,14 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
 
 
 def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
-    """Run one stage with its manifest kept truthful: running -> complete, or failed with the error."""
+    """Run one stage with its manifest kept truthful: running -> complete, or failed with the error (or
+    interrupted)."""
     sdir, name = stage.ctx.dir, stage.ctx.name
     old = read_manifest(sdir)
     if old and old.get("fingerprint") != fp and sdir.exists():
         log.info("[%s] config or inputs changed: clearing %s", name, sdir)
         shutil.rmtree(sdir)
-    elif old and old.get("status") in ("running", "failed"):
+    elif old and old.get("status") in ("running", "failed", "interrupted"):
         log.info("[%s] resuming after an interrupted run (status %s)", name, old.get("status"))
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sdir / "config.yaml", dump_config(scfg))
@@ -423,6 +424,9 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
                 metrics = stage.run()
             finally:
                 stage.cleanup()
+    except KeyboardInterrupt:
+        write_manifest(sdir, status="interrupted", error="interrupted (SIGINT or Ctrl-C)")
+        raise
     except BaseException as err:
         write_manifest(sdir, status="failed", error=f"{type(err).__name__}: {err}")
         raise

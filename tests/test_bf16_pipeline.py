@@ -52,6 +52,8 @@ def test_quickstart_in_bf16_end_to_end(tmp_path, monkeypatch):
         assert config["dtype"] == "bfloat16" and {t.dtype for t in tensors.values()} == {torch.bfloat16}, stage
     assert summary["sft"]["precision"] == "bf16" and summary["ppo"]["precision"] == "bf16"
     assert summary["ppo"]["device"] == "cpu"
+    ppo = json.loads((run / "ppo" / "summary.json").read_text())  # what scripts/gpu_check.py reads
+    assert "sampled_reward" in ppo["accuracy_before"] and "sampled_reward" in ppo["accuracy_after"]
     release = json.loads((run / "release" / "release" / "config.json").read_text())
     assert release["dtype"] == "bfloat16"
 

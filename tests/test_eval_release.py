@@ -399,7 +399,10 @@ def test_model_card_has_metadata_lineage_and_eval_table(release_run):
     eval_rows = (run_dir / "eval" / "results.md").read_text().splitlines()
     assert [line for line in eval_rows if line.startswith("| base |")][0] in card
     assert "AutoModelForCausalLM.from_pretrained" in card and "from vllm import LLM" in card
-    assert "## Intended use" in card and "## Limitations" in card
+    assert "## Intended use" in card and "## Limitations" in card and "templated tasks" in card
+    first = json.loads((run_dir / "synth" / "eval.jsonl").read_text().splitlines()[0])["messages"]
+    example = next(t["content"] for t in reversed(first) if t["role"] == "user")
+    assert f'"content": {json.dumps(example, ensure_ascii=False)}' in card  # the usage example asks a held-out prompt
 
 
 def test_release_shards_and_names_a_base_built_from_config(tmp_path):

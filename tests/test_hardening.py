@@ -99,6 +99,7 @@ def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_mo
     path = _sft(tmp_path / "b", tiny_model_dir)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline(path))
+    assert read_manifest(tmp_path / "b" / "run" / "sft")["status"] == "interrupted"  # not "failed"
     monkeypatch.setattr(TrainingGuard, "on_step_end", real)
     resumed = run_pipeline(load_pipeline(path))["sft"]
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == whole["steps"] == 8

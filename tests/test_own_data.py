@@ -506,4 +506,8 @@ def test_own_data_pipeline_end_to_end(tmp_path):
         [[{"role": "user", "content": "Describe a cat in one sentence."}]], SamplingConfig(max_new_tokens=24)
     )[0][0].text
     assert text.strip()
+    card = (release / "README.md").read_text()  # about this data, not the quickstart's templated tasks
+    first_prompt = json.loads((run / "synth" / "eval.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+    assert "templated" not in card and "Sort these numbers" not in card
+    assert json.dumps(first_prompt, ensure_ascii=False) in card
     print("eval:", json.dumps({m: v.get("win_rate") for m, v in results["models"].items()}))

@@ -84,6 +84,24 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "synth.num_train" in capsys.readouterr().err
 
 
+def test_run_summary_prints_whole_metrics_of_any_kind(tmp_path, capsys):
+    """The end-of-run lines show what a stage measured when it has no task accuracy (`overall`), e.g. the
+    sampled reward on a user's data, and never cut a metric line in the middle."""
+    from posttrain.cli import print_summary
+
+    models = {f"metric_{i}": 0.123456 for i in range(12)} | {"memorised": 0.0}
+    print_summary(
+        tmp_path,
+        {
+            "ppo": {"status": "ran", "seconds": 2.0, "accuracy_before": {"sampled_reward": -2.19, "n": 60}},
+            "eval": {"status": "ran", "seconds": 1.0, "models": {"ppo": models}},
+        },
+    )
+    out = capsys.readouterr().out
+    assert "accuracy_before: sampled_reward=-2.19, n=60" in out
+    assert "metric_11=0.1235, memorised=0\n" in out
+
+
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError):

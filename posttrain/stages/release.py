@@ -25,7 +25,14 @@ from pydantic import field_validator
 
 from ..config import ConfigError, ModelRef, Section
 from ..manifest import atomic_dir, atomic_write_text, read_manifest
-from ..model_card import data_summary, read_lineage, recipe_identity, relative_to_run, render_model_card
+from ..model_card import (
+    data_origin,
+    data_summary,
+    read_lineage,
+    recipe_identity,
+    relative_to_run,
+    render_model_card,
+)
 from .base import Stage
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -149,6 +156,7 @@ class Release(Stage):
         data_lines = data_summary(run_dir, pipeline, kinds) + [
             f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"
         ]
+        origin, example_prompt = data_origin(run_dir, kinds)
         return render_model_card(
             name=self.release_name,
             license_id=self.cfg.license,
@@ -159,6 +167,8 @@ class Release(Stage):
             data_lines=data_lines,
             eval_markdown=results.read_text() if eval_ran else None,
             description=self.cfg.description,
+            origin=origin,
+            example_prompt=example_prompt,
         )
 
     def _push(self, folder: Path) -> str:

@@ -499,7 +499,8 @@ class PPO(Stage):
         times = {k: sum(h[k] for h in self.history) for k in self.history[0] if k.startswith("time/")}
         metrics["time_breakdown_s"] = {k.split("/")[1]: round(v, 2) for k, v in times.items()}
         metrics["device"], metrics["precision"] = str(self.ctx.device), self.ctx.precision
-        atomic_write_json(self.ctx.dir / "summary.json", {**metrics, "history": self.history})
+        # train() reported the before-measurement to the manifest; the summary holds both sides of it.
+        atomic_write_json(self.ctx.dir / "summary.json", {**self.before, **metrics, "history": self.history})
         return metrics
 
 
