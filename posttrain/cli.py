@@ -83,13 +83,24 @@ def _data_parser(sub) -> None:
             help="system turns: fold into the next user turn (default), drop, or reject the row",
         )
     preview.add_argument("-n", type=int, default=5, help="rows to print (default 5)")
-    convert.add_argument("--limit", type=int, help="write at most N rows")
+    convert.add_argument("--limit", type=_positive_int, help="write at most N rows (N >= 1)")
     convert.add_argument(
         "--on-error",
         choices=["raise", "skip"],
         default="raise",
         help="a row that does not fit: stop (default), or skip it and count it",
     )
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (as a source's `limit` in a config)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
 
 
 def _data_command(args) -> int:
@@ -111,8 +122,15 @@ def _data_command(args) -> int:
     }
     try:
         if args.action == "preview":
-            for _, row in itertools.islice(iter_rows(spec, None, need_final_assistant=False), max(args.n, 0)):
-                print(json.dumps(row, ensure_ascii=False, default=str))
+            rows = iter_rows(spec, None, need_final_assistant=False)
+            try:
+                for _, row in itertools.islice(rows, max(args.n, 0)):
+                    print(json.dumps(row, ensure_ascii=False, default=str))
+            finally:
+                # Finish the reader now (datasets' Parquet stream and its pyarrow threads), not at interpreter
+                # exit, where a trial saw 3 of 10 concurrent previews abort ("terminate called without an active
+                # exception"); not reproduced here in 32 runs.
+                rows.close()
             return 0
         spec.update({"on_error": args.on_error, **({"limit": args.limit} if args.limit else {})})
         report = SkipReport()

@@ -178,6 +178,15 @@ def test_detection_names_candidates_or_formats(tmp_path):
     assert read_rows({"path": str(tmp_path / "both.jsonl"), "format": "messages"}) == [
         {"messages": [U("q"), A("a")], "conversations": [], "x": 1}
     ]
+    # UltraFeedback-binarized: pair columns and a `messages` column. A pair reader takes the pair format
+    # itself; a reader of any kind (posttrain data preview) is told which format gives which kind of row.
+    from posttrain.data.formats import FormatError, detect_format
+
+    ultrafeedback = ["prompt", "chosen", "rejected", "messages", "score_chosen"]
+    assert detect_format(ultrafeedback, "preference") == "preference"
+    assert detect_format(ultrafeedback, "conversation") == "messages"
+    with pytest.raises(FormatError, match=r"messages \(a conversation row\), preference \(a preference row\)"):
+        detect_format(ultrafeedback)
     write_jsonl(tmp_path / "none.jsonl", [{"question": "q", "response": "a"}])
     with pytest.raises(
         DataError,
@@ -506,6 +515,9 @@ def test_cli_preview_and_convert(tmp_path, capsys):
     assert read_rows(str(dst)) == [{"messages": [U(f"q{i}"), A(f"r{i}")], "task": "t"} for i in range(4)]
     assert main(args + ["--on-error", "skip", "--limit", "2"]) == 0
     assert len(dst.read_text().splitlines()) == 2 and "wrote 2 rows" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # as a config's `limit`, 0 is refused rather than read as "no limit"
+        main(args + ["--limit", "0"])
+    assert "--limit: expected 1 or more, got 0" in capsys.readouterr().err
     hh = write_rows(tmp_path / "hh.jsonl", PAIR_CASES["hh"][0])
     assert main(["data", "preview", hh, "--format", "hh"]) == 0
     assert json.loads(capsys.readouterr().out) == PAIR_CASES["hh"][1][0]

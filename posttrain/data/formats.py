@@ -130,7 +130,12 @@ def detect_format(columns: Iterable[str], kind: Optional[Kind] = None, first_row
     if len(fits) == 1:
         return fits[0]
     if fits:
-        raise FormatError(f"the columns fit several formats: {', '.join(fits)}; set format to one of them")
+        kinds = {FORMATS[f].kind for f in fits}
+        named = [f"{f} (a {FORMATS[f].kind} row)" if len(kinds) > 1 else f for f in fits]
+        raise FormatError(
+            f"the columns fit several formats: {', '.join(named)}; set format to one of them"
+            + (" (stages that read pairs, rm and dpo, take the preference one themselves)" if len(kinds) > 1 else "")
+        )
     wanted = "; ".join(
         f"{f.name} ({', '.join(f.required)}{''.join(f'[, {c}]' for c in f.optional)})"
         for f in FORMATS.values()
