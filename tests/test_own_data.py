@@ -492,6 +492,7 @@ def test_own_data_pipeline_end_to_end(tmp_path):
     assert synth["prompts"]["duplicates_dropped"] == 15 and synth["num_train"] > 100
     rm = read_manifest(run / "rm")["metrics"]
     assert rm["train_pairs"] == 400 and rm["heldout"]["accuracy"] > 0.8  # UltraFeedback-layout pairs learnt
+    assert rm["heldout_accuracy_per_source"] == {}  # the pairs name no source: no breakdown by ""
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["judges"] == ["rules", "reward_model"] and set(results["models"]["ppo"]["win_rate"]) == {
         "rules",

@@ -415,7 +415,8 @@ class RM(Stage):
             metrics["heldout"] = pair_metrics(chosen, rejected)
             sources = [":".join(str(r[k]) for k in ("source", "corruption") if k in r) for r in self.eval_rows]
             metrics["heldout_accuracy_per_source"] = {}
-            for src in sorted(set(sources)):
+            # Pairs that say nothing of where they come from (a user's own preference set) get no breakdown.
+            for src in sorted(set(sources) - {""}):
                 mask = torch.tensor([s == src for s in sources])
                 metrics["heldout_accuracy_per_source"][src] = pair_metrics(chosen[mask], rejected[mask])["accuracy"]
             plot_histogram(chosen.tolist(), rejected.tolist(), self.ctx.dir / "scores.png", "Held-out rewards")
