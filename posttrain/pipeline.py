@@ -362,6 +362,11 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
             "files": _referenced_files(scfg.model_dump(mode="json")),
             "prev": prev,
         }
+        precision = stage.ctx.precision
+        if getattr(scfg, "precision", None) is None and precision != "fp32":
+            # The pipeline-wide precision changes what a stage computes and saves; hashed when it is not the
+            # default, so fp32 runs keep their fingerprints. (`device` is where, not what: a run may move.)
+            payload["precision"] = precision
         extra = stage.fingerprint_extra()
         if extra:  # only when there is any: stages without it keep the fingerprints of finished runs
             payload["derived"] = extra

@@ -139,6 +139,18 @@ def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path):
     assert mode("release") == mode("plain_dir")
 
 
+def test_changing_the_pipeline_precision_reruns_the_stages(tmp_path):
+    """`precision` at the top level changes what every stage computes and saves: a finished fp32 stage is not
+    reused for a bf16 run (it used to be: only a stage's own section was hashed)."""
+    path = write_pipeline(tmp_path, BODY)
+    assert _run(path)["base"]["status"] == "ran"
+    bf16 = _run(path, ["precision=bf16"])
+    assert bf16["synth"]["status"] == bf16["base"]["status"] == "ran"
+    assert read_manifest(tmp_path / "run" / "base")["precision"] == "bf16"
+    assert _run(path, ["precision=bf16"])["base"]["status"] == "skipped"
+    assert _run(path)["base"]["status"] == "ran"  # back to fp32
+
+
 def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("tasks:\n  - task: sort\n  - task: count\n")
