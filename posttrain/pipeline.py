@@ -1,9 +1,10 @@
 """The pipeline config and its runner: stages in order, artifacts handed on by path, done work skipped.
 
 A stage's fingerprint hashes its config, the seed, the precision it inherits (when not fp32), the
-fingerprints of its inputs and the fingerprint of the stage before it. A stage whose manifest is complete with the same fingerprint is skipped; one
-whose config or inputs changed re-runs, and so does everything after it. A stage that crashed
-(manifest still 'running') re-runs with its directory kept, so it can resume from its checkpoints.
+fingerprints of its inputs and the fingerprint of the stage before it. A stage whose manifest is complete
+with the same fingerprint is skipped; one whose config or inputs changed re-runs, and so does everything
+after it. A stage that crashed (manifest still 'running') re-runs with its directory kept, so it can resume
+from its checkpoints.
 """
 
 from __future__ import annotations

@@ -48,6 +48,17 @@ CASES = {
         [{"messages": [U("2+2?"), A("4"), U("and 3+3?"), A("6")], "task": "add", "answer": "6"}],
         [{"messages": [U("2+2?"), A("4"), U("and 3+3?"), A("6")], "task": "add", "answer": "6"}],
     ),
+    "messages_content_parts": (
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "Part A"}, {"type": "text", "text": "B"}]},
+                    A("ok"),
+                ]
+            }
+        ],
+        [{"messages": [U("Part A\nB"), A("ok")]}],
+    ),
     "messages_system_fold": (
         [{"messages": [S("Be brief."), U("Hi"), A("Hello")]}],
         [{"messages": [U("Be brief.\n\nHi"), A("Hello")]}],

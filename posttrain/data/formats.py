@@ -207,13 +207,15 @@ def _kind_of(value) -> str:
 
 
 def _text(value, column: str, where: str) -> str:
-    """A message's text: a string, or OpenAI content parts of type text (joined)."""
+    """A message's text: a string, or OpenAI content parts of type text, one per line (as vLLM's chat
+    renderer joins them, vllm/renderers/chat_utils.py: with no separator, "Part A" "Part B" would read as
+    one word)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
         kinds = {p.get("type") for p in value}
         if kinds <= {"text"} and all(isinstance(p.get("text"), str) for p in value):
-            return "".join(p["text"] for p in value)
+            return "\n".join(p["text"] for p in value)
         raise RowError(
             column,
             f"{where}: content parts of type {sorted(map(str, kinds - {'text'}))}: only text is supported",
