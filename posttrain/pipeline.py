@@ -137,10 +137,11 @@ def _resolve_inputs(
             inputs[inp], input_fps[inp] = str(explicit), "" if check_only else hash_path(explicit)
         elif key in artifacts:
             inputs[inp], input_fps[inp] = artifacts[key], fps[key]
-        elif inp not in stage_cls.optional_inputs:
+        elif inp not in stage_cls.optional_for(cfg):
+            settable = f"set {name}.{inp} to a path, or " if inp in type(cfg).model_fields else ""
+            hint = f", {stage_cls.input_hints[inp]}" if inp in stage_cls.input_hints else ""
             raise MissingInput(
-                f"stage {name!r} needs input {inp!r}: set {name}.{inp} to a path, or run a stage "
-                f"that produces {key!r} before it"
+                f"stage {name!r} needs input {inp!r}: {settable}run a stage that produces {key!r} before it{hint}"
             )
     return inputs, input_fps
 
@@ -247,7 +248,7 @@ def graph_lines(cfg: PipelineBase) -> list[str]:
                 refs.get(inp)
                 or (source_json(explicit) if explicit is not None else None)
                 or producers.get(key)
-                or ("(none)" if inp in stage_cls.optional_inputs else "MISSING")
+                or ("(none)" if inp in stage_cls.optional_for(scfg) else "MISSING")
             )
             sources.append(f"{inp}={origin}")
         sources += [f"{key}={ref}" for key, ref in refs.items() if key not in stage_cls.consumes]

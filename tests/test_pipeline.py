@@ -78,6 +78,16 @@ def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
     assert list(s) == ["synth"] and s["synth"]["status"] == "ran"
 
 
+def test_a_base_built_from_config_without_data_is_refused_before_any_work(tmp_path):
+    """base trains its tokenizer on the data before it: with no data stage and no `base.path`, the whole-
+    pipeline check says so, instead of the stage failing once the run reaches it."""
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    body = f"stages: [base, sft]\nbase: {json.dumps(TINY)}\nsft: {{train_data: {tmp_path / 'train.jsonl'}}}\n"
+    with pytest.raises(MissingInput, match=r"stage 'base' needs input 'train_data': run a stage .* set base.path"):
+        _run(write_pipeline(tmp_path, body))
+    assert not (tmp_path / "run" / "base").exists()
+
+
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     path = write_pipeline(tmp_path, "stages: [synth]\nsynth: {num_train: zero}\n")
     assert cli_main(["run", path]) == 2

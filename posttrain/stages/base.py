@@ -63,7 +63,9 @@ class Stage:
     consumes: ClassVar[dict[str, str]] = {}
     """Input name -> artifact key it defaults to ('kind' = latest stage producing it, or 'stage.kind')."""
     optional_inputs: ClassVar[set[str]] = set()
-    """Inputs that may be absent."""
+    """Inputs that may be absent (see `optional_for`)."""
+    input_hints: ClassVar[dict[str, str]] = {}
+    """Input name -> what else provides it, for the error when it is missing."""
     produces: ClassVar[dict[str, str]] = {}
     """Artifact kind -> path relative to the stage directory."""
     trains: ClassVar[bool] = False
@@ -77,6 +79,11 @@ class Stage:
     def artifacts(self) -> dict[str, str]:
         """Artifact kind -> absolute path, once the stage is complete (default: `produces`)."""
         return {kind: str(self.ctx.dir / rel) for kind, rel in self.produces.items()}
+
+    @classmethod
+    def optional_for(cls, cfg) -> set[str]:
+        """The inputs that may be absent under this config (default: `optional_inputs`)."""
+        return cls.optional_inputs
 
     def fingerprint_extra(self) -> dict:
         """Settings the stage takes from outside its own section (other stages' keys, files they name):

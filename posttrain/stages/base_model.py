@@ -25,7 +25,13 @@ class BaseModel(Stage):
     Config = ModelConfig
     consumes = {"train_data": "train_data"}
     optional_inputs = {"train_data"}
+    input_hints = {"train_data": "or set base.path to a model directory (a built model trains its tokenizer on it)"}
     produces = {"model": "model"}
+
+    @classmethod
+    def optional_for(cls, cfg) -> set[str]:
+        """A model loaded from `path` needs no data; one built from config trains its tokenizer on it."""
+        return cls.optional_inputs if cfg.path else set()
 
     def artifacts(self) -> dict[str, str]:
         """An external checkpoint is used where it is; a built one lives in the stage dir."""
