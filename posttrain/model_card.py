@@ -180,14 +180,15 @@ def lineage_table(records: list[dict]) -> list[str]:
 
 
 def data_origin(run_dir: str | Path, kinds: Optional[dict] = None) -> tuple[str, Optional[str]]:
-    """(where the training prompts came from: "recipe", "own prompts" or "unrecorded"; the first held-out
-    prompt of the synth stage, for the card's usage example)."""
+    """(where the training prompts came from: "recipe", "own prompts" or "unrecorded"; for own prompts, the
+    first held-out one, for the card's usage example: a recipe's example stays the quickstart's own task, as a
+    recipe's held-out prompts include the harmful ones its refusal task is made of)."""
     synth = next((name for name, kind in (kinds or {"synth": "synth"}).items() if kind == "synth"), "synth")
     card = _read_json(Path(run_dir) / synth / "card.json")
     origin = "unrecorded" if not card else "own prompts" if "prompt_counts" in card else "recipe"
     prompt = None
     eval_rows = Path(run_dir) / synth / "eval.jsonl"
-    if eval_rows.is_file():
+    if origin == "own prompts" and eval_rows.is_file():
         with eval_rows.open() as f:
             first = f.readline()
         try:
