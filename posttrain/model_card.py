@@ -108,14 +108,16 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
+def _first_instance(kinds: Optional[dict], kind: str) -> str:
+    """The first instance of `kind` in `kinds` (instance name -> kind; None: the plain kind names)."""
+    return next((name for name, k in (kinds or {}).items() if k == kind), kind)
+
+
 def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = None) -> list[str]:
     """Markdown bullet lines: base model source, data recipe and card counts, filter report totals (of the
     first instance of each kind; `kinds`: instance name -> kind, default: the plain kind names)."""
     run_dir, lines = Path(run_dir), []
-    first = {}
-    for name, kind in (kinds or {k: k for k in ("base", "synth", "filter")}).items():
-        first.setdefault(kind, name)
-    base = read_manifest(run_dir / first.get("base", "base"))
+    base = read_manifest(run_dir / _first_instance(kinds, "base"))
     if base and base.get("status") == "complete":
         m = base.get("metrics") or {}
         source = m.get("source", "unknown")
@@ -124,7 +126,7 @@ def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = Non
             f"- Base model: {source}"
             + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else "")
         )
-    synth = first.get("synth", "synth")
+    synth = _first_instance(kinds, "synth")
     card = _read_json(run_dir / synth / "card.json")
     if card and "prompt_counts" in card:  # synth from the user's own prompts, answered by a teacher
         counts, teacher = card["prompt_counts"], card["teacher"]
@@ -142,7 +144,7 @@ def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = Non
             + (f" ({Path(recipe).name})" if recipe else "")
             + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows"
         )
-    report = _read_json(run_dir / first.get("filter", "filter") / "report.json")
+    report = _read_json(run_dir / _first_instance(kinds, "filter") / "report.json")
     if report:
         dropped = ", ".join(f"{n} {f['dropped']}" for n, f in report.get("filters", {}).items() if f.get("dropped"))
         lines.append(
@@ -183,7 +185,7 @@ def data_origin(run_dir: str | Path, kinds: Optional[dict] = None) -> tuple[str,
     """(where the training prompts came from: "recipe", "own prompts" or "unrecorded"; for own prompts, the
     first held-out one, for the card's usage example: a recipe's example stays the quickstart's own task, as a
     recipe's held-out prompts include the harmful ones its refusal task is made of)."""
-    synth = next((name for name, kind in (kinds or {"synth": "synth"}).items() if kind == "synth"), "synth")
+    synth = _first_instance(kinds, "synth")
     card = _read_json(Path(run_dir) / synth / "card.json")
     origin = "unrecorded" if not card else "own prompts" if "prompt_counts" in card else "recipe"
     prompt = None
