@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     running = [only] if only else [name for name, _ in cfg.instances()]
     # Every kind has a section, so such an override validates; said rather than errored, since a script may
     # pass the same overrides to each of its commands.
-    for item in idle_overrides(cfg, args.overrides, set(running)):
-        section = item.split(".", 1)[0]
+    for item, section in idle_overrides(cfg, args.overrides, set(running)):
         print(
             f"posttrain: warning: override {item!r} changes nothing: {section} is not a stage of this run "
             f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",

@@ -99,11 +99,12 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineBase:
     return load_config(lambda data: pipeline_model(_named_instances(data)), path, overrides)
 
 
-def idle_overrides(cfg: PipelineBase, overrides: list[str], running: set[str]) -> list[str]:
-    """The dotted overrides that set a stage section (a kind, or a named instance) none of `running` reads:
-    every kind has a section, so validation accepts them, but they change nothing in this run."""
+def idle_overrides(cfg: PipelineBase, overrides: list[str], running: set[str]) -> list[tuple[str, str]]:
+    """(override, section) of the dotted overrides that set a stage section (a kind, or a named instance) none
+    of `running` reads: every kind has a section, so validation accepts them, but they change nothing here."""
     sections = set(STAGE_MODULES) | {name for name, _ in cfg.instances()}
-    return [o for o in overrides if o.split("=", 1)[0].split(".")[0].strip() in sections - running]
+    pairs = [(o, o.split("=", 1)[0].split(".")[0].strip()) for o in overrides]
+    return [(o, section) for o, section in pairs if section in sections - running]
 
 
 class MissingInput(ConfigError):
