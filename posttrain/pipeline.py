@@ -382,8 +382,11 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
                 ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()),
             )
         if is_complete(sdir, fp) and outputs_there and not (force and name in forced):
-            log.info("[%s] complete, skipped (config and inputs unchanged)", name)
-            summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
+            if target:
+                log.info("[%s] complete, skipped (config and inputs unchanged)", name)
+                summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}
+            else:  # `--only`/`--start` left it out: not part of this run's summary, only its inputs
+                log.info("[%s] finished earlier: its outputs are inputs of this run", name)
         elif target:
             summary[name] = {"status": "ran", **_execute(stage, scfg, fp, inputs, run_dir)}
         else:

@@ -76,6 +76,9 @@ def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
         _run(path, only="sft")
     s = _run(path, only="synth")
     assert list(s) == ["synth"] and s["synth"]["status"] == "ran"
+    # The finished synth is base's input, not a stage of this run: the summary lists base alone.
+    s = _run(path, only="base")
+    assert list(s) == ["base"] and s["base"]["status"] == "ran"
 
 
 def test_a_base_built_from_config_without_data_is_refused_before_any_work(tmp_path):
