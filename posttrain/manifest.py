@@ -53,6 +53,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def widen_to_umask(tree: Path) -> None:
+    """Give every file and directory under `tree` at least the mode open() and mkdir would: writers such as
+    safetensors (0.8) create their files 0600, and a model directory is for others to load."""
+    for path in [tree, *tree.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o7777
+        wanted = mode | ((0o777 if path.is_dir() else 0o666) & ~UMASK)
+        if wanted != mode:
+            path.chmod(wanted)
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
@@ -60,8 +72,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        tmp.chmod(0o777 & ~UMASK)  # mkdir's mode, not mkdtemp's 0700
         yield tmp
+        widen_to_umask(tmp)  # mkdir's mode, not mkdtemp's 0700; open()'s for what was written inside
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

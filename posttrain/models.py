@@ -16,7 +16,7 @@ from pydantic import Field
 from . import attention
 from .chat import BOS, CONTROL_TOKENS, END_OF_TURN, EOS, GEMMA_CHAT_TEMPLATE, PAD, START_OF_TURN, UNK
 from .config import ModelDir, Section
-from .manifest import atomic_dir
+from .manifest import atomic_dir, widen_to_umask
 from .paths import check_model_dir  # noqa: F401  (re-exported: callers check model dirs through models)
 
 Family = Literal["gemma", "gemma2", "recurrent_gemma", "llama"]
@@ -338,6 +338,7 @@ def finish_model_dir(
     if generation:
         save_generation_config(tokenizer, partial)
     (Path(partial) / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+    widen_to_umask(Path(partial))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     return Path(final)

@@ -362,6 +362,10 @@ def test_release_loads_alone_and_chats_in_the_gemma_format(release_run, zoo, tau
     names = {p.name for p in release.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "model.safetensors", "README.md"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pkl"))]
+    # Readable by whoever the umask lets read a plain file: safetensors writes its files 0600.
+    (run_dir / "plain.txt").write_text("x")
+    plain = (run_dir / "plain.txt").stat().st_mode & 0o777
+    assert (release / "model.safetensors").stat().st_mode & 0o777 == plain
     assert summary["release"]["name"] == "Posttrain-Tiny" and summary["release"]["shards"] == 1
 
     tokenizer = AutoTokenizer.from_pretrained(str(release))

@@ -127,14 +127,18 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     assert (final / "done.txt").read_text() == "ok" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path):
+def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_tokenizer):
     """Files and directories renamed into place (manifests, JSONL, filter output, a stage's or release's
     directory) are as readable as what open() and mkdir make under the same umask, not mkstemp's 0600 and
     mkdtemp's 0700: a release is for others to load."""
     import os
 
+    import torch
+    from safetensors.torch import save_file
+
     from posttrain.data import write_jsonl
     from posttrain.manifest import UMASK, atomic_write_json
+    from posttrain.models import finish_model_dir
 
     assert UMASK & 0o077 != 0o077, "a umask that lets nobody else read shows nothing here"
     old = os.umask(UMASK)  # the umask the module read at import
@@ -144,12 +148,17 @@ def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path):
         atomic_write_json(tmp_path / "m.json", {"a": 1})
         write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
         with atomic_dir(tmp_path / "release") as tmp:
-            (tmp / "model.safetensors").write_bytes(b"0")
+            save_file({"w": torch.zeros(2)}, tmp / "model.safetensors")  # safetensors 0.8 writes 0600
+            (tmp / "sub").mkdir(mode=0o700)
+        (tmp_path / ".partial").mkdir()  # a Trainer's save, completed and renamed by finish_model_dir
+        save_file({"w": torch.zeros(2)}, tmp_path / ".partial" / "model.safetensors")
+        finish_model_dir(tmp_path / ".partial", tmp_path / "model", tiny_tokenizer)
     finally:
         os.umask(old)
     mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("m.json") == mode("rows.jsonl") == mode("release/model.safetensors") == mode("plain.txt")
-    assert mode("release") == mode("plain_dir")
+    assert mode("model/model.safetensors") == mode("model/tokenizer.json") == mode("plain.txt")
+    assert mode("release") == mode("release/sub") == mode("plain_dir")
 
 
 def test_changing_the_pipeline_precision_reruns_the_stages(tmp_path):
