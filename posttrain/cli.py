@@ -43,9 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     ]:
         sp = sub.add_parser(name, help=help_text)
         sp.add_argument("config", help="pipeline YAML file")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.learning_rate=3e-4")
+        # default=[]: argparse lists a `*` positional without one among the required arguments
+        sp.add_argument("overrides", nargs="*", default=[], help="dotted overrides, e.g. sft.learning_rate=3e-4")
         if name != "show":
-            sp.add_argument("--force", action="store_true", help="re-run the stage even if it is complete")
+            what = "every stage it runs (all, --only's or --from's)" if name == "run" else "the stage"
+            sp.add_argument("--force", action="store_true", help=f"re-run {what} even if complete")
         if name == "run":
             sp.add_argument(
                 "--only", metavar="NAME", help="run only this stage (earlier stages' finished outputs are its inputs)"
@@ -174,8 +176,23 @@ def print_summary(run_dir: Path, summary: dict) -> None:
                 print(f"           {artifact}: {run_dir / name / artifact}")
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with overrides allowed after the flags too (`run C --only eval eval.x=1`): argparse
+    stops filling a positional list at the first option, and its intermixed parsing refuses subcommands."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    strays = [item for item in extra if item.startswith("-") or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if getattr(args, "only", None) and getattr(args, "start", None):
+        parser.error("--only and --from exclude each other: --only runs one stage, --from that stage and all after")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "data":
         return _data_command(args)
     from .config import ConfigError, dump_config

@@ -313,11 +313,11 @@ def run_pipeline(
             run_dir,
             device,
             force=force or start is not None,
-            forced=set(targets) if start else {only} if only else set(),
         )
 
 
-def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, device, force: bool, forced: set) -> dict:
+def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, device, force: bool) -> dict:
+    """Run the target stages in order (`force`: even if complete); earlier finished ones provide inputs."""
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -381,7 +381,7 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
                 name,
                 ", ".join(p for p in stage.artifacts().values() if not Path(p).exists()),
             )
-        if is_complete(sdir, fp) and outputs_there and not (force and name in forced):
+        if is_complete(sdir, fp) and outputs_there and not (force and target):
             if target:
                 log.info("[%s] complete, skipped (config and inputs unchanged)", name)
                 summary[name] = {"status": "skipped", **(read_manifest(sdir) or {}).get("metrics", {})}

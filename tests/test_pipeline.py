@@ -97,6 +97,26 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path, capsys):
     assert "synth.num_train" in capsys.readouterr().err
 
 
+def test_command_line_takes_overrides_after_flags_and_refuses_only_with_from(capsys):
+    from posttrain.cli import _parse
+
+    args = _parse(["run", "c.yaml", "a.x=1", "--only", "eval", "eval.num_prompts=5", "--force"])
+    assert args.overrides == ["a.x=1", "eval.num_prompts=5"] and args.only == "eval" and args.force
+    for argv in (["run", "c.yaml", "--only", "a", "--from", "b"], ["run", "c.yaml", "--bogus"], ["run"]):
+        with pytest.raises(SystemExit):
+            _parse(argv)
+    err = capsys.readouterr().err
+    assert "--only and --from exclude each other" in err and "unrecognized arguments: --bogus" in err
+    assert "required: config\n" in err  # the overrides are optional
+
+
+def test_run_force_reruns_a_complete_stage(tmp_path):
+    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n")
+    assert _run(path)["synth"]["status"] == "ran"
+    assert _run(path)["synth"]["status"] == "skipped"
+    assert _run(path, force=True)["synth"]["status"] == "ran"
+
+
 def test_run_summary_prints_whole_metrics_of_any_kind(tmp_path, capsys):
     """The end-of-run lines show what a stage measured when it has no task accuracy (`overall`), e.g. the
     sampled reward on a user's data, and never cut a metric line in the middle."""
