@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         return _data_command(args)
     from .config import ConfigError, dump_config
     from .data import DataError
-    from .pipeline import graph_lines, idle_overrides, load_pipeline, run_pipeline
+    from .pipeline import check_pipeline, graph_lines, idle_overrides, load_pipeline, run_pipeline
 
     try:
         cfg = load_pipeline(args.config, args.overrides)
@@ -215,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.command == "show":
+        try:
+            check_pipeline(cfg)
+        except ConfigError as err:  # MissingInput is one
+            print(f"posttrain: {args.config}: {err}", file=sys.stderr)
+            return 2
         print(dump_config(cfg), end="")
         print("\n# stage graph: instance (kind) <- inputs")
         for line in graph_lines(cfg):

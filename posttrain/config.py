@@ -90,6 +90,16 @@ def is_reference_field(info) -> bool:
 FilePath = Annotated[Optional[str], AfterValidator(_file)]
 """An optional path that must be an existing file (a recipe, a verifier file)."""
 
+
+def _shard_size(value: str) -> str:
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", value, re.I):
+        raise ValueError(f"expected a size like 500MB or 2GB, got {value!r}")
+    return value
+
+
+ShardSize = Annotated[str, AfterValidator(_shard_size)]
+"""A safetensors shard size: a number and a unit, like 500MB, 2GB or 1GiB."""
+
 Precision = Literal["fp32", "bf16", "fp16"]
 """Compute precision: fp32, or bf16/fp16 mixed precision (fp32 master weights)."""
 TrackingBackend = Literal["tensorboard", "wandb", "trackio", "mlflow"]

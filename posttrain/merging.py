@@ -94,6 +94,8 @@ def check_settings(
     for key in ("eta", "density", "ema_rate"):  # no default that would be right for every model
         if given[key] is None and method in PARAM_USERS[key]:
             raise MergeError(f"method {method} needs {key} to be set")
+    if method == "liti" and n_models == 1 and t is not None:
+        raise MergeError("t is only used by liti with two models (it interpolates them); remove it")
     if weights is not None and method in ("ema", "slerp", "liti"):
         raise MergeError(
             f"weights are not used by {method} (it has {'ema_rate' if method == 'ema' else 't'}); remove them"

@@ -25,7 +25,6 @@ from .graph import (
     StageEntry,
     artifact_keys,
     check_entries,
-    check_references,
     check_rule_files,
     entries,
     resolve_references,
@@ -278,14 +277,25 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
     earlier stage or named by its config, every reference NAME.ARTIFACT names an earlier instance's artifact,
     and every rule reward and hook file defines its function."""
     artifacts: dict = {}
+    kinds: dict = {}
     for name, kind in pairs:
         stage_cls, scfg = stage_class(kind), getattr(cfg, name)
         if name in targets:
-            refs = check_references(scfg, name, artifacts)
-            _resolve_inputs(name, stage_cls, scfg, artifacts, {k: "" for k in artifacts}, refs, check_only=True)
+            # An output not made yet stands for itself: its reference NAME.KIND, which the config accepts.
+            scfg, refs = resolve_references(scfg, name, artifacts)
+            inputs, _ = _resolve_inputs(name, stage_cls, scfg, artifacts, dict.fromkeys(artifacts, ""), refs, True)
             check_rule_files(scfg, name)
-        for key in artifact_keys(name, stage_cls.produces):
-            artifacts[key] = f"<{name} output>"
+            stage_cls.check_plan(name, scfg, inputs, {k: v for k, v in artifacts.items() if "." in k}, dict(kinds))
+        kinds[name] = kind
+        for produced in stage_cls.produces:
+            for key in artifact_keys(name, {produced: None}):
+                artifacts[key] = f"{name}.{produced}"
+
+
+def check_pipeline(cfg: PipelineBase) -> None:
+    """The pre-run check of the whole pipeline, running nothing (`posttrain show`)."""
+    pairs = plan(cfg, None, None)
+    preflight(cfg, pairs, {name for name, _ in pairs})
 
 
 def run_pipeline(
@@ -401,6 +411,7 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
     """Run one stage with its manifest kept truthful: running -> complete, or failed with the error (or
     interrupted)."""
     sdir, name = stage.ctx.dir, stage.ctx.name
+    type(stage).check_plan(name, scfg, inputs, stage.ctx.artifacts, stage.ctx.kinds)  # before clearing what it made
     old = read_manifest(sdir)
     if old and old.get("fingerprint") != fp and sdir.exists():
         log.info("[%s] config or inputs changed: clearing %s", name, sdir)

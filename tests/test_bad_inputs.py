@@ -199,6 +199,34 @@ CASES = {
         "stages: [sft, rm]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
         r"stage 'rm' needs input 'prefs_train'",
     ),
+    # settings of a late stage: refused before the first stage trains (nothing may be complete)
+    "merge with too few models": _plain(
+        "stages: [sft, merge]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\nmerge: {{method: slerp}}\n",
+        r"merge \(method slerp, 1 input\(s\)\): method slerp needs exactly 2 model",
+    ),
+    "merge lists the latest model again": _plain(
+        "stages: [sft, merge]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\nmerge: {{models: [sft.model]}}\n",
+        r"merge.models: sft.model is an input twice \(merge.use_latest_model puts the latest model first\)",
+    ),
+    "merge t for one-model liti": _plain(
+        "stages: [sft, merge]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n"
+        "merge: {{method: liti, eta: 0.5, t: 0.9, base: {model}}}\n",
+        r"t is only used by liti with two models",
+    ),
+    "merge shard size": _plain(
+        "stages: [sft, merge]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\nmerge: {{max_shard_size: lots}}\n",
+        r"merge.max_shard_size: .*expected a size like 500MB",
+    ),
+    "eval baseline not evaluated": _plain(
+        "stages: [sft, eval]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n"
+        "eval: {{eval_data: {d}/train.jsonl, baseline: nope}}\n",
+        r"eval.baseline='nope' is not one of the evaluated models \['sft'\]",
+    ),
+    "release push without a token": _plain(
+        "stages: [sft, release]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n"
+        "release: {{push_to_hub: {{enabled: true, repo_id: a/b, token_env: POSTTRAIN_NO_SUCH_TOKEN}}}}\n",
+        r"POSTTRAIN_NO_SUCH_TOKEN \(release.push_to_hub.token_env\) holds no Hub token",
+    ),
     # data files
     "data file missing": _plain(
         "stages: [sft]\nsft: {{model: {model}, train_data: {d}/nope.jsonl}}\n", r"sft.train_data: .*does not exist"

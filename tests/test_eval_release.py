@@ -312,14 +312,14 @@ def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
 
 def test_eval_stage_defaults_to_the_complete_model_stages_of_the_run(tmp_path, zoo):
     """No eval.models: every earlier stage instance of a model kind that finished, in pipeline order (two
-    named merge instances here, each a linear merge of a model with itself: a copy)."""
+    named merge instances here, each a model's task vector against itself added to it: a copy)."""
     run_dir = tmp_path / "run"
     cfg = load_pipeline(
         _eval_pipeline(tmp_path, zoo, {}),
         [
             "stages=[{name: first, kind: merge}, {name: second, kind: merge}, eval]",
-            f"first={{models: [{zoo['random']}, {zoo['random']}], use_latest_model: false}}",
-            f"second={{models: [{zoo['llama']}, {zoo['llama']}], use_latest_model: false}}",
+            f"first={{method: task_arithmetic, base: {zoo['random']}, models: [{zoo['random']}], use_latest_model: false}}",
+            f"second={{method: task_arithmetic, base: {zoo['llama']}, models: [{zoo['llama']}], use_latest_model: false}}",
         ],
     )
     run_pipeline(cfg)
@@ -453,8 +453,12 @@ def test_push_without_token_refuses_before_writing(tmp_path, zoo, monkeypatch):
     )
     with pytest.raises(ConfigError, match="POSTTRAIN_TEST_HUB_TOKEN.*Nothing was written"):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
-    stage_dir = tmp_path / "run" / "release"
-    assert not [p for p in stage_dir.iterdir() if "release" in p.name and p.is_dir()]  # no release/, no temp dir
+    assert not (tmp_path / "run" / "release").exists()  # refused by the pre-run check
+    # A finished release is kept when a changed config is refused (the stage used to clear it first).
+    run_pipeline(load_pipeline(write_pipeline(tmp_path, body), ["release.push_to_hub.enabled=false"]))
+    with pytest.raises(ConfigError, match="POSTTRAIN_TEST_HUB_TOKEN.*Nothing was written"):
+        run_pipeline(load_pipeline(write_pipeline(tmp_path, body)), only="release")
+    assert (tmp_path / "run" / "release" / "release" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="release.push_to_hub.repo_id"):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, body), ["release.push_to_hub.repo_id=null"]))
     with pytest.raises(ConfigError, match="release.max_shard_size"):

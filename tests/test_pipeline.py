@@ -110,6 +110,15 @@ def test_command_line_takes_overrides_after_flags_and_refuses_only_with_from(cap
     assert "required: config\n" in err  # the overrides are optional
 
 
+def test_show_runs_the_pre_run_check(tmp_path, capsys):
+    """`show` validates what `run` would refuse before any work, e.g. a misspelt reference."""
+    body = f"stages: [synth, base, merge]\nsynth: {{recipe: {QUICKSTART_RECIPE}}}\n"
+    path = write_pipeline(tmp_path, body + "merge: {method: task_arithmetic, base: base.model}\n")
+    assert cli_main(["show", path]) == 0
+    assert cli_main(["show", path, "merge.models=[base.modle]"]) == 2
+    assert "merge.models.0='base.modle': no earlier stage produces this artifact" in capsys.readouterr().err
+
+
 def test_run_force_reruns_a_complete_stage(tmp_path):
     path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n")
     assert _run(path)["synth"]["status"] == "ran"

@@ -85,6 +85,13 @@ class Stage:
         """The inputs that may be absent under this config (default: `optional_inputs`)."""
         return cls.optional_inputs
 
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        """Raise a ConfigError naming the key (`name`.key) for what is wrong in `cfg` given its planned inputs:
+        called by the pre-run check, where `inputs` and `artifacts` (NAME.KIND -> path) hold the references of
+        outputs not made yet, and again before the stage clears its directory, with their paths. `kinds`:
+        instance -> kind (of the stages before it at least). Cheap: no loading. Default: nothing to check."""
+
     def fingerprint_extra(self) -> dict:
         """Settings the stage takes from outside its own section (other stages' keys, files they name):
         the runner hashes them into the fingerprint, so that changing one re-runs the stage. Cheap: no

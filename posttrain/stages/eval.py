@@ -126,6 +126,12 @@ class Eval(Stage):
     produces = {"eval_results": "results.json"}
 
     # ------------------------------------------------------------------ setup
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        models = list(cfg.models) if cfg.models else list(completed_models(artifacts, kinds))
+        if cfg.baseline is not None and cfg.baseline not in models:
+            raise ConfigError(f"{name}.baseline={cfg.baseline!r} is not one of the evaluated models {models}")
+
     def setup(self) -> None:
         c, inp = self.cfg, self.ctx.inputs
         self.models = self._resolve_models()
@@ -160,9 +166,7 @@ class Eval(Stage):
 
     def _baseline(self) -> Optional[str]:
         names = list(self.models)
-        if self.cfg.baseline is not None:
-            if self.cfg.baseline not in self.models:
-                raise ConfigError(f"eval.baseline={self.cfg.baseline!r} is not one of the evaluated models {names}")
+        if self.cfg.baseline is not None:  # one of them: check_plan said so before the stage started
             return self.cfg.baseline
         if len(names) < 2:
             return None

@@ -13,12 +13,13 @@ the stage's metrics: method, backend taken, inputs with their hashes, weights an
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import ModelRef, Section
-from ..merging import METHODS, merge_models
+from ..config import ConfigError, ModelRef, Section, ShardSize
+from ..merging import METHODS, MergeError, check_settings, merge_models
 from .base import Stage
 
 
@@ -53,7 +54,7 @@ class MergeConfig(Section):
     """dare: seed of the drop masks (default: the pipeline seed)."""
     dtype: Literal["keep", "float32", "bfloat16", "float16"] = "keep"
     """Output parameter dtype; keep = the reference model's (the base if used, else the first input)."""
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = "2GB"
     """Largest output shard (e.g. 500MB, 2GB); more than one shard adds model.safetensors.index.json."""
     allow_tokenizer_mismatch: bool = False
     """Merge models whose tokenizer.json vocabularies differ (the reference's tokenizer is kept)."""
@@ -69,14 +70,39 @@ class Merge(Stage):
     optional_inputs = {"model"}
     produces = {"model": "model"}
 
+    @staticmethod
+    def merge_inputs(cfg: MergeConfig, inputs: dict) -> list[str]:
+        """The models merged, in order: the latest earlier model (unless use_latest_model is false), then `models`."""
+        latest = inputs.get("model") if cfg.use_latest_model else None
+        return ([latest] if latest else []) + list(cfg.models)
+
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        models = cls.merge_inputs(cfg, inputs)
+        if not models:
+            raise ConfigError(f"{name}.models: no models to merge: list them (no earlier stage produces a model)")
+        seen: dict[str, str] = {}
+        for model in models:
+            key = str(Path(model).resolve()) if Path(model).exists() else model
+            if key in seen:
+                latest = f" ({name}.use_latest_model puts the latest model first)" if cfg.use_latest_model else ""
+                raise ConfigError(
+                    f"{name}.models: {model} is an input twice{latest}; a model listed twice would count twice"
+                )
+            seen[key] = model
+        try:
+            check_settings(
+                cfg.method, len(models), cfg.base is not None, cfg.weights, cfg.t, cfg.eta, cfg.density,
+                cfg.ema_rate, cfg.scale, cfg.normalize, cfg.allow_negative_weights,
+            )  # fmt: skip
+        except MergeError as err:
+            raise ConfigError(f"{name} (method {cfg.method}, {len(models)} input(s)): {err}") from None
+
     def setup(self) -> None:
         c = self.cfg
-        latest = self.ctx.inputs.get("model") if c.use_latest_model else None
-        # references (sft.model) were resolved to paths by the runner
-        self.inputs = ([latest] if latest else []) + list(c.models)
+        # references (sft.model) were resolved to paths by the runner, which also ran check_plan
+        self.inputs = self.merge_inputs(c, self.ctx.inputs)
         self.base = c.base
-        if not self.inputs:
-            raise ValueError("merge: no models to merge: list them in merge.models (no earlier stage produced a model)")
         self.log.info(
             "[merge] %s of %s%s", c.method, ", ".join(self.inputs), f" with base {self.base}" if self.base else ""
         )

@@ -17,13 +17,11 @@ Output in run_dir/release/: release/ (artifact kind `release`).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
-from pydantic import field_validator
 
-from ..config import ConfigError, ModelRef, Section
+from ..config import ConfigError, ModelRef, Section, ShardSize
 from ..manifest import atomic_dir, atomic_write_text, read_manifest
 from ..model_card import (
     data_origin,
@@ -37,7 +35,6 @@ from .base import Stage
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """File types that may hold pickled Python objects: never shipped in a release."""
-SHARD_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.I)
 
 
 class PushConfig(Section):
@@ -70,17 +67,10 @@ class ReleaseConfig(Section):
     """Card metadata tags (the model type is added)."""
     description: Optional[str] = None
     """Summary paragraph of the card; default: one generated from the architecture and the stages."""
-    max_shard_size: str = "2GB"
+    max_shard_size: ShardSize = "2GB"
     """Largest safetensors shard (e.g. 500MB, 2GB); several shards add model.safetensors.index.json."""
     push_to_hub: PushConfig = PushConfig()
     """Optional upload to the Hugging Face Hub."""
-
-    @field_validator("max_shard_size")
-    @classmethod
-    def _size(cls, value: str) -> str:
-        if not SHARD_SIZE.fullmatch(value.strip()):
-            raise ValueError(f"expected a size like 500MB or 2GB, got {value!r}")
-        return value
 
 
 class Release(Stage):
@@ -92,25 +82,31 @@ class Release(Stage):
     def setup(self) -> None:
         from ..models import check_model_dir
 
-        self.token = self._push_token()  # before anything is written
+        self.token = self.push_token(self.ctx.name, self.cfg)
         run_dir = self.ctx.dir.parent
         self.model_dir = str(check_model_dir(self.ctx.inputs["model"]))
         self.release_name = self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name
 
-    def _push_token(self) -> Optional[str]:
-        push = self.cfg.push_to_hub
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        cls.push_token(name, cfg)  # before any stage of the run works, and before this one clears its output
+
+    @staticmethod
+    def push_token(name: str, cfg: ReleaseConfig) -> Optional[str]:
+        """The Hub token of an enabled upload (None when off); a ConfigError when it cannot be made."""
+        push = cfg.push_to_hub
         if not push.enabled:
             return None
         if not push.repo_id:
             raise ConfigError(
-                "release.push_to_hub.repo_id: required when push_to_hub.enabled is true (e.g. my-org/posttrain-tiny)"
+                f"{name}.push_to_hub.repo_id: required when push_to_hub.enabled is true (e.g. my-org/posttrain-tiny)"
             )
         token = os.environ.get(push.token_env)
         if not token:
             raise ConfigError(
-                f"release.push_to_hub: enabled, but the environment variable {push.token_env} "
-                f"(release.push_to_hub.token_env) holds no Hub token; set it, or set "
-                f"release.push_to_hub.enabled to false. Nothing was written."
+                f"{name}.push_to_hub: enabled, but the environment variable {push.token_env} "
+                f"({name}.push_to_hub.token_env) holds no Hub token; set it, or set "
+                f"{name}.push_to_hub.enabled to false. Nothing was written."
             )
         return token
 
