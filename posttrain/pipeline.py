@@ -347,8 +347,11 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
         input_fps.update({f"ref:{key}": fps[ref] for key, ref in refs.items() if key not in input_fps})
         # Defaults are left out of the hash so that a new config field (whose default keeps the old
         # behaviour) does not invalidate finished runs; any value a config sets is hashed. A named instance
-        # hashes its kind too; an unnamed one hashes as it always did.
-        config_dump = scfg.model_dump(mode="json", exclude_defaults=True)
+        # hashes its kind too; an unnamed one hashes as it always did. References are hashed as written
+        # (`sft.model`), their outputs by fingerprint (`ref:` inputs): not the run directory's paths, so a
+        # copied or moved run directory skips what is finished.
+        written = getattr(cfg, name)
+        config_dump = written.model_dump(mode="json", exclude_defaults=True)
         sdir = run_dir / name
         stage = stage_cls(
             scfg,
@@ -372,7 +375,7 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
             "config": config_dump,
             "seed": cfg.seed,
             "inputs": input_fps,
-            "files": _referenced_files(scfg.model_dump(mode="json")),
+            "files": _referenced_files(written.model_dump(mode="json")),
             "prev": prev,
         }
         precision = stage.ctx.precision

@@ -119,6 +119,18 @@ def test_show_runs_the_pre_run_check(tmp_path, capsys):
     assert "merge.models.0='base.modle': no earlier stage produces this artifact" in capsys.readouterr().err
 
 
+def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
+    """Fingerprints hash a reference as written (`base.model`), not the run directory's path it resolves to."""
+    import shutil
+
+    body = f"stages: [synth, base, merge]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 30, num_eval: 5}}\n"
+    path = write_pipeline(tmp_path, body + "merge: {method: task_arithmetic, base: base.model}\n")
+    assert {s["status"] for s in _run(path).values()} == {"ran"}
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    summary = _run(path, [f"run_dir={tmp_path / 'copy'}"])
+    assert {name: s["status"] for name, s in summary.items()} == dict.fromkeys(["synth", "base", "merge"], "skipped")
+
+
 def test_run_force_reruns_a_complete_stage(tmp_path):
     path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n")
     assert _run(path)["synth"]["status"] == "ran"
