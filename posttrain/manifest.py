@@ -87,6 +87,23 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def clear_stale_temps(stage_dir: Path) -> list[Path]:
+    """Remove what a killed writer left under `stage_dir` (the temp siblings of atomic writes: `.NAME.*.tmp`,
+    `.NAME.old`, `.NAME.partial`, a merge's `.NAME.adapters.*`); call it only under the run directory's lock,
+    when nothing else writes there. Returns what it removed."""
+    stale = [
+        p
+        for p in Path(stage_dir).rglob(".*")
+        if p.name.endswith((".tmp", ".old", ".partial")) or ".adapters." in p.name
+    ]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def hash_json(obj: Any) -> str:
     """Stable short hash of a JSON-serialisable object (key order ignored)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()

@@ -32,7 +32,16 @@ from .graph import (
 from .graph import references as references_in
 from .dist.launcher import run_distributed
 from .dist.rank import resolve_device
-from .manifest import atomic_write_text, hash_json, hash_path, is_complete, read_manifest, run_dir_lock, write_manifest
+from .manifest import (
+    atomic_write_text,
+    clear_stale_temps,
+    hash_json,
+    hash_path,
+    is_complete,
+    read_manifest,
+    run_dir_lock,
+    write_manifest,
+)
 from .paths import check_writable_dir
 from .tracking import missing_packages
 from .stages import STAGE_MODULES, StageContext, stage_class
@@ -421,6 +430,8 @@ def _execute(stage, scfg, fp: str, inputs: dict, run_dir: Path) -> dict:
         shutil.rmtree(sdir)
     elif old and old.get("status") in ("running", "failed", "interrupted"):
         log.info("[%s] resuming after an interrupted run (status %s)", name, old.get("status"))
+        for path in clear_stale_temps(sdir):  # the run directory is locked: no writer is alive to own them
+            log.info("[%s] removed %s, left by the interrupted run", name, path.relative_to(sdir))
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sdir / "config.yaml", dump_config(scfg))
     started = time.time()

@@ -131,8 +131,30 @@ def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
     assert {name: s["status"] for name, s in summary.items()} == dict.fromkeys(["synth", "base", "merge"], "skipped")
 
 
+def test_resuming_removes_the_temp_paths_a_killed_run_left(tmp_path):
+    """SIGKILL skips atomic_dir's clean-up: the resumed stage removes its leftovers (a 97 MB partial merge
+    in a trial), and nothing else."""
+    path = write_pipeline(
+        tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n"
+    )
+    _run(path)
+    sdir = tmp_path / "run" / "synth"
+    manifest = json.loads((sdir / "manifest.json").read_text())
+    (sdir / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    stale = [sdir / ".model.k3j.tmp", sdir / ".model.old", sdir / ".model.adapters.x1", sdir / "sub" / ".a.json.q.tmp"]
+    for p in stale[:3]:
+        p.mkdir()
+    stale[3].parent.mkdir()
+    stale[3].write_text("{")
+    (sdir / "keep.tmp").write_text("mine")
+    assert _run(path)["synth"]["status"] == "ran"
+    assert not [p for p in stale if p.exists()] and (sdir / "keep.tmp").read_text() == "mine"
+
+
 def test_run_force_reruns_a_complete_stage(tmp_path):
-    path = write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n")
+    path = write_pipeline(
+        tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20, num_eval: 5}}\n"
+    )
     assert _run(path)["synth"]["status"] == "ran"
     assert _run(path)["synth"]["status"] == "skipped"
     assert _run(path, force=True)["synth"]["status"] == "ran"
