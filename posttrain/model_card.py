@@ -47,13 +47,13 @@ def recipe_identity(pipeline: Any) -> dict:
 # Lineage
 
 
-def key_metrics(metrics: dict, limit: int = 8) -> dict:
-    """Up to `limit` scalar metrics, nested dicts flattened into dotted keys (models.ppo.accuracy)."""
-    out: dict = {}
+def key_metrics(metrics: dict) -> dict:
+    """Every scalar metric, nested keys dotted (accuracy_after.overall), headline ones first: by depth, a
+    breakdown's `overall` counting as its parent (so accuracy_after.overall comes before its per-task
+    values). The card shows the first few."""
+    flat: dict = {}
 
     def visit(prefix: str, value) -> None:
-        if len(out) >= limit:
-            return
         if isinstance(value, dict):
             for k, v in value.items():
                 visit(f"{prefix}.{k}" if prefix else str(k), v)
@@ -61,10 +61,11 @@ def key_metrics(metrics: dict, limit: int = 8) -> dict:
             if prefix in ("device", "precision"):  # columns of their own
                 return
             if not (isinstance(value, str) and (len(value) > 60 or Path(value).is_absolute())):
-                out[prefix] = round(value, 4) if isinstance(value, float) else value
+                flat[prefix] = round(value, 4) if isinstance(value, float) else value
 
     visit("", metrics or {})
-    return out
+    depth = {k: k.count(".") - k.endswith(".overall") for k in flat}
+    return {k: flat[k] for k in sorted(flat, key=depth.__getitem__)}  # sorted() is stable: same depth, same order
 
 
 def relative_to_run(path: str | Path, run_dir: str | Path) -> str:
@@ -113,11 +114,39 @@ def _first_instance(kinds: Optional[dict], kind: str) -> str:
     return next((name for name, k in (kinds or {}).items() if k == kind), kind)
 
 
-def data_summary(run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = None) -> list[str]:
-    """Markdown bullet lines: base model source, data recipe and card counts, filter report totals (of the
-    first instance of each kind; `kinds`: instance name -> kind, default: the plain kind names)."""
+def base_of(run_dir: str | Path, model_path: str | Path, kinds: Optional[dict]) -> Optional[str]:
+    """The base instance the model at `model_path` descends from, following each stage's `model` input in
+    the manifests (a recipe may have several bases: a teacher's and a student's); None when the chain leaves
+    the run directory before reaching one."""
+    run_dir = Path(run_dir).resolve()
+    bases = [name for name, kind in (kinds or {"base": "base"}).items() if kind == "base"]
+    path, seen = Path(model_path).resolve(), set()
+    while path not in seen:
+        seen.add(path)
+        for name in bases:  # built here: NAME/model; read in place (base.path): its source is the path
+            source = ((read_manifest(run_dir / name) or {}).get("metrics") or {}).get("source")
+            if path == run_dir / name / "model" or (source and Path(source).resolve() == path):
+                return name
+        try:
+            stage = path.relative_to(run_dir).parts[0]
+        except (ValueError, IndexError):
+            return None
+        made_from = ((read_manifest(run_dir / stage) or {}).get("inputs") or {}).get("model")
+        if not made_from:
+            return None
+        path = Path(made_from).resolve()
+    return None
+
+
+def data_summary(
+    run_dir: str | Path, pipeline: Any, kinds: Optional[dict] = None, model_path: Optional[str | Path] = None
+) -> list[str]:
+    """Markdown bullet lines: the base model `model_path` descends from (when the manifests tell), data recipe
+    and card counts, filter report totals (of the first instance of each of those kinds; `kinds`: instance
+    name -> kind, default: the plain kind names)."""
     run_dir, lines = Path(run_dir), []
-    base = read_manifest(run_dir / _first_instance(kinds, "base"))
+    base_name = base_of(run_dir, model_path, kinds) if model_path else _first_instance(kinds, "base")
+    base = read_manifest(run_dir / base_name) if base_name else None
     if base and base.get("status") == "complete":
         m = base.get("metrics") or {}
         source = m.get("source", "unknown")
@@ -166,13 +195,20 @@ def metadata_header(license_id: str, tags: list[str], base_model: Optional[str])
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n"
 
 
+CARD_METRICS = 8
+"""Metrics a stage's row of the card's lineage table shows (key_metrics' first)."""
+
+
 def lineage_table(records: list[dict]) -> list[str]:
     out = [
         "| stage | status | device | precision | config hash | fingerprint | seconds | key metrics |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        metrics = ", ".join(f"{k}={v}" for k, v in key_metrics(r["metrics"]).items())
+        ranked = list(key_metrics(r["metrics"]).items())
+        metrics = ", ".join(f"{k}={v}" for k, v in ranked[:CARD_METRICS])
+        if len(ranked) > CARD_METRICS:
+            metrics += f", … ({len(ranked) - CARD_METRICS} more in {r['stage']}/manifest.json)"
         out.append(
             f"| {r['stage']} | {r['status']} | {r.get('device') or '-'} | {r.get('precision') or '-'} "
             f"| `{r['config_hash']}` | `{r['fingerprint']}` "

@@ -407,6 +407,55 @@ def test_model_card_has_metadata_lineage_and_eval_table(release_run):
     assert '"content": "Sort these numbers: 3, 1, 2"' in card  # a recipe's usage example: its own task
 
 
+def test_card_names_the_base_the_released_model_descends_from(tmp_path):
+    """A recipe with a teacher's base (built here) and a student's (read in place): the card follows the
+    released model's `model` inputs through the manifests, not the first base of the run."""
+    from posttrain.manifest import write_manifest
+    from posttrain.model_card import base_of, data_summary
+
+    run, ext = tmp_path / "run", tmp_path / "student-init"
+    stages = {
+        "teacher_base": ({}, {"source": "tiny gemma2 built from config", "architecture": "G", "parameters": 900}),
+        "student_base": ({}, {"source": str(ext), "architecture": "G", "parameters": 100}),
+        "teacher_sft": ({"model": str(run / "teacher_base" / "model")}, {}),
+        "student_sft": ({"model": str(ext), "teacher": str(run / "teacher_sft" / "model")}, {}),
+        "ppo": ({"model": str(run / "student_sft" / "model")}, {}),
+    }
+    for name, (inputs, metrics) in stages.items():
+        write_manifest(run / name, status="complete", inputs=inputs, metrics=metrics)
+    kinds = {"teacher_base": "base", "student_base": "base", "teacher_sft": "sft", "student_sft": "sft", "ppo": "ppo"}
+    assert base_of(run, run / "ppo" / "model", kinds) == "student_base"
+    assert base_of(run, run / "teacher_sft" / "model", kinds) == "teacher_base"
+    assert base_of(run, tmp_path / "elsewhere", kinds) is None
+    assert (
+        data_summary(run, None, kinds, run / "ppo" / "model")[0]
+        == "- Base model: student-init (outside the run directory) (G, 100 parameters)"
+    )
+
+
+def test_card_metrics_put_headlines_first_and_say_what_is_left_out():
+    from posttrain.model_card import lineage_table
+
+    metrics = {
+        "accuracy_before": {"overall": 0.1, "n": 100, "add": 0.0, "sort": 0.2},
+        "train_loss": 1.5,
+        "accuracy_after": {"overall": 0.7, "n": 100, "add": 0.5, "sort": 0.9},
+        "eval_loss_after": 0.9,
+        "device": "cpu",
+    }
+    record = {
+        "stage": "sft",
+        "status": "complete",
+        "config_hash": "c",
+        "fingerprint": "f",
+        "seconds": 1,
+        "metrics": metrics,
+    }
+    row = lineage_table([record])[-1]
+    shown = "accuracy_before.overall=0.1, train_loss=1.5, accuracy_after.overall=0.7, eval_loss_after=0.9, "
+    assert shown + "accuracy_before.n=100" in row and "… (2 more in sft/manifest.json)" in row
+
+
 def test_release_shards_and_names_a_base_built_from_config(tmp_path):
     body = yaml.safe_dump(
         {

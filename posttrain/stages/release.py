@@ -149,7 +149,7 @@ class Release(Stage):
         eval_ran = (
             bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" and results.is_file()
         )
-        data_lines = data_summary(run_dir, pipeline, kinds) + [
+        data_lines = data_summary(run_dir, pipeline, kinds, self.model_dir) + [
             f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"
         ]
         origin, example_prompt = data_origin(run_dir, kinds)
