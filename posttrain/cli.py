@@ -160,7 +160,7 @@ def print_summary(run_dir: Path, summary: dict) -> None:
     print(f"\nposttrain: run directory {run_dir}")
     for name, info in summary.items():
         status = info.get("status")
-        secs = f" in {info['seconds']:.1f}s" if "seconds" in info else ""
+        secs = f" in {info['seconds']:.1f}s" if "seconds" in info and status == "ran" else ""
         print(f"  {name:<8} {status}{secs}")
         for key in ("accuracy_before", "accuracy_after"):
             if isinstance(info.get(key), dict):

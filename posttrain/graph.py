@@ -97,11 +97,17 @@ def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
                     yield (key if sub is None else f"{key}.{sub}"), item
 
 
-def check_references(section: BaseModel, stage: str, artifacts: dict) -> dict[str, str]:
+def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = ()) -> dict[str, str]:
     """Dotted key -> reference of every reference in `section`; one that no earlier instance produces is a
-    ConfigError naming the key and the artifacts that do exist."""
+    ConfigError naming the key and the artifacts that do exist (`unfinished`: earlier instances that have not
+    finished in the run directory, whose artifacts are not there yet)."""
     found = dict(references(section))
     for key, ref in found.items():
+        if ref not in artifacts and ref.split(".")[0] in unfinished:
+            raise ConfigError(
+                f"{stage}.{key}={ref!r}: stage {ref.split('.')[0]!r} has not finished in this run directory; "
+                f"run it first"
+            )
         if ref not in artifacts:
             known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
             raise ConfigError(
@@ -111,10 +117,12 @@ def check_references(section: BaseModel, stage: str, artifacts: dict) -> dict[st
     return found
 
 
-def resolve_references(section: BaseModel, stage: str, artifacts: dict) -> tuple[BaseModel, dict[str, str]]:
+def resolve_references(
+    section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = ()
+) -> tuple[BaseModel, dict[str, str]]:
     """A copy of `section` with every reference replaced by the artifact's path, and key -> reference of
     each (for fingerprints)."""
-    found = check_references(section, stage, artifacts)
+    found = check_references(section, stage, artifacts, unfinished)
     if not found:
         return section, {}
     data = section.model_dump()

@@ -328,7 +328,8 @@ def finish_model_dir(
 ) -> Path:
     """Complete a directory a Trainer saved weights into, then move it into place in one rename:
     weights in `dtype` (when given), tokenizer, generation config (for models that generate), and no
-    `training_args.bin` pickle."""
+    `training_args.bin` pickle, use_cache as the model has it."""
+    import json
     import os
     import shutil
 
@@ -338,6 +339,11 @@ def finish_model_dir(
     if generation:
         save_generation_config(tokenizer, partial)
     (Path(partial) / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship one
+    config = Path(partial) / "config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    if data.get("use_cache") is False:  # a training setting (checkpointing turns it off), not the model's
+        data["use_cache"] = True
+        config.write_text(json.dumps(data, indent=2) + "\n")
     widen_to_umask(Path(partial))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)

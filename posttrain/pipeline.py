@@ -314,6 +314,8 @@ def run_pipeline(
     `start` and everything after it, re-run even if complete)."""
     pairs = plan(cfg, only, start)
     names = [n for n, _ in pairs]
+    if only is not None and only not in [n for n, _ in cfg.instances()]:
+        log.warning("[%s] not in `stages`: it runs after the last stage, on the run's latest outputs", only)
     targets = set(names[names.index(start) :] if start else [only] if only else names)
     try:
         run_dir = check_writable_dir(cfg.run_dir)
@@ -343,15 +345,17 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
     artifacts, fps, summary = {}, {}, {}
     kinds = dict(pairs)
     prev = hash_json({"seed": cfg.seed})
+    unfinished: list[str] = []  # earlier instances left out of this run (--only/--from) and not complete
     for name, kind in pairs:
         stage_cls, scfg = stage_class(kind), getattr(cfg, name)
         target = name in targets
         try:
-            scfg, refs = resolve_references(scfg, name, artifacts)
+            scfg, refs = resolve_references(scfg, name, artifacts, tuple(unfinished))
             inputs, input_fps = _resolve_inputs(name, stage_cls, scfg, artifacts, fps, refs)
         except ConfigError:
             if target:
                 raise
+            unfinished.append(name)
             continue  # an earlier stage that has not run: its artifacts are simply not available
         input_fps.update({f"ref:{key}": fps[ref] for key, ref in refs.items() if key not in input_fps})
         # Defaults are left out of the hash so that a new config field (whose default keeps the old
@@ -412,6 +416,7 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
         elif target:
             summary[name] = {"status": "ran", **_execute(stage, scfg, fp, inputs, run_dir)}
         else:
+            unfinished.append(name)
             continue
         for key in artifact_keys(name, stage_cls.produces):
             artifacts[key], fps[key] = stage.artifacts()[key.split(".")[-1]], fp

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from posttrain.cli import main as cli_main
+from posttrain.config import ConfigError
 from posttrain.manifest import atomic_dir, read_manifest
 from posttrain.pipeline import MissingInput, load_pipeline, run_pipeline
 
@@ -119,6 +120,13 @@ def test_show_runs_the_pre_run_check(tmp_path, capsys):
     assert "merge.models.0='base.modle': no earlier stage produces this artifact" in capsys.readouterr().err
 
 
+def test_only_names_the_unfinished_stage_a_reference_waits_for(tmp_path):
+    body = f"stages: [synth, base, merge]\nsynth: {{recipe: {QUICKSTART_RECIPE}}}\n"
+    path = write_pipeline(tmp_path, body + "merge: {method: task_arithmetic, base: base.model}\n")
+    with pytest.raises(ConfigError, match=r"merge.base='base.model': stage 'base' has not finished in this run"):
+        _run(path, only="merge")
+
+
 def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
     """Fingerprints hash a reference as written (`base.model`), not the run directory's path it resolves to."""
     import shutil
@@ -193,7 +201,7 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
 def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_tokenizer):
     """Files and directories renamed into place (manifests, JSONL, filter output, a stage's or release's
     directory) are as readable as what open() and mkdir make under the same umask, not mkstemp's 0600 and
-    mkdtemp's 0700: a release is for others to load."""
+    mkdtemp's 0700 (nor safetensors' 0600): a release is for others to load. A saved model has use_cache on."""
     import os
 
     import torch
@@ -215,12 +223,14 @@ def test_atomic_outputs_get_the_permissions_open_and_mkdir_give(tmp_path, tiny_t
             (tmp / "sub").mkdir(mode=0o700)
         (tmp_path / ".partial").mkdir()  # a Trainer's save, completed and renamed by finish_model_dir
         save_file({"w": torch.zeros(2)}, tmp_path / ".partial" / "model.safetensors")
+        (tmp_path / ".partial" / "config.json").write_text('{"use_cache": false}')  # as TRL leaves it
         finish_model_dir(tmp_path / ".partial", tmp_path / "model", tiny_tokenizer)
     finally:
         os.umask(old)
     mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
     assert mode("m.json") == mode("rows.jsonl") == mode("release/model.safetensors") == mode("plain.txt")
     assert mode("model/model.safetensors") == mode("model/tokenizer.json") == mode("plain.txt")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["use_cache"] is True
     assert mode("release") == mode("release/sub") == mode("plain_dir")
 
 

@@ -31,7 +31,10 @@ def line_check(init: dict, runs: list[dict], point: dict) -> dict:
             "line_reward": None,
             "margin": None,
             "above_line": None,
-            "note": "the runs did not move away from the init (KL 0): no line to compare with",
+            "note": (
+                f"the runs' estimated KL from the init ({kl_runs:.3g}) is not above the init's ({init['kl']:.3g}): "
+                "sampled KL estimates this near 0 are noise, so there is no line to compare with"
+            ),
         }
     slope = (reward_runs - init["reward"]) / (kl_runs - init["kl"])
     line = init["reward"] + slope * (point["kl"] - init["kl"])
