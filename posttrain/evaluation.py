@@ -263,8 +263,8 @@ def _fmt(value, digits: int = 2) -> str:
 def _win_cell(cmp: Optional[dict]) -> str:
     if not cmp:
         return "–"
-    return (
-        f"{cmp['win_rate']:.2f} [{cmp['ci_low']:.2f}, {cmp['ci_high']:.2f}] "
+    return (  # three places: (wins + ties/2) / n is often a multiple of 0.005, which two would round away
+        f"{cmp['win_rate']:.3f} [{cmp['ci_low']:.3f}, {cmp['ci_high']:.3f}] "
         f"({cmp['wins']}/{cmp['ties']}/{cmp['losses']})"
     )
 

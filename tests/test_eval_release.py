@@ -235,7 +235,10 @@ def test_eval_stage_taught_model_beats_untrained(tmp_path, zoo):
 
     table = (out / "results.md").read_text()
     assert "| taught | 1.00 |" in table and "| random | 0.00 |" in table
-    assert "1.00 [1.00, 1.00] (8/0/0)" in table and "baseline" in table
+    assert "1.000 [1.000, 1.000] (8/0/0)" in table and "baseline" in table
+    assert results["judge_sources"] == {
+        "verifiers": [f"verifiers.py:{f}" for f in ("task_correct", "refusal", "identity")]
+    }
     for png in ("accuracy.png", "win_rate.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     headline = summary["eval"]["models"]["taught"]
@@ -260,6 +263,7 @@ def test_eval_stage_reward_model_judge_equals_scores_recomputed(tmp_path, zoo, t
     out = tmp_path / "run" / "eval"
     results = json.loads((out / "results.json").read_text())
     assert results["judges"] == ["verifiers", "reward_model"]
+    assert results["judge_sources"]["reward_model"] == "rm (outside the run directory)"
     rows = [json.loads(line) for line in zoo["rows"].read_text().splitlines()]
     prompts = [r["messages"][:-1] for r in rows]
     judge = Scorer(ScoringConfig(reward_model=str(tmp_path / "rm")))

@@ -18,6 +18,7 @@ Output in run_dir/eval/: results.json, results.md, completions.jsonl, accuracy.p
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -41,7 +42,7 @@ from ..dist.rank import torch_dtype
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..models import check_model_dir, load_model
 from ..manifest import atomic_write_json, atomic_write_text
-from ..model_card import completed_models, recipe_identity
+from ..model_card import completed_models, recipe_identity, relative_to_run
 from ..scoring import RuleSpec, Scorer, ScoringConfig
 from .base import Stage
 
@@ -176,12 +177,14 @@ class Eval(Stage):
         """The reward model (when there is one) and the rules: the configured ones, checked against every row
         now, or else the verifiers (identity told the release name) on the rows that have their columns."""
         s, ctx = self.cfg.scoring, self.ctx
-        self.rm_scorer = None
+        self.rm_scorer, self.judge_sources = None, {}
         if s.use_reward_model and (s.reward_model or rm_dir):
             self.rm_scorer = Scorer(
                 s.model_copy(update={"rules": []}), reward_model_dir=rm_dir, device=ctx.device, precision=ctx.precision
             )
+            self.judge_sources["reward_model"] = relative_to_run(s.reward_model or rm_dir, ctx.dir.parent)
         if s.rules:
+            self.judge_sources["rules"] = [f"{Path(r.path).name}:{r.function} (weight {r.weight:g})" for r in s.rules]
             self.rule_judge, self.rule_rows = "rules", list(range(len(self.rows)))
             self.rule_scorer = Scorer(s.model_copy(update={"use_reward_model": False}))
             self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring", rm_stage=True)
@@ -192,6 +195,7 @@ class Eval(Stage):
             for f in VERIFIER_RULES
         ]
         self.rule_judge, self.rule_scorer = "verifiers", Scorer(ScoringConfig(rules=rules, use_reward_model=False))
+        self.judge_sources["verifiers"] = [f"{Path(self.cfg.verifiers).name}:{f}" for f in VERIFIER_RULES]
         self.rule_rows = [i for i, r in enumerate(self.rows) if not self.rule_scorer.missing_columns(set(r))]
         needs = sorted({c for cols in self.rule_scorer.missing_columns(set()).values() for c in cols})
         if len(self.rule_rows) < len(self.rows):
@@ -326,6 +330,7 @@ class Eval(Stage):
         results = {
             "baseline": self.baseline,
             "judges": list(next(iter(self.judged.values()))),
+            "judge_sources": self.judge_sources,
             "num_prompts": len(self.rows),
             "decoding": self._decoding(),
             "tasks": tasks,
