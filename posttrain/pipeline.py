@@ -292,7 +292,8 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
         if name in targets:
             # An output not made yet stands for itself: its reference NAME.KIND, which the config accepts.
             scfg, refs = resolve_references(scfg, name, artifacts)
-            inputs, _ = _resolve_inputs(name, stage_cls, scfg, artifacts, dict.fromkeys(artifacts, ""), refs, True)
+            no_fps = dict.fromkeys(artifacts, "")
+            inputs, _ = _resolve_inputs(name, stage_cls, scfg, artifacts, no_fps, refs, check_only=True)
             check_rule_files(scfg, name)
             stage_cls.check_plan(name, scfg, inputs, {k: v for k, v in artifacts.items() if "." in k}, dict(kinds))
         kinds[name] = kind
