@@ -323,6 +323,44 @@ def cast_model_dir(model_dir: Path, dtype: torch.dtype) -> None:
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
+TIED_HEAD, TIED_EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def drop_tied_head_copy(model_dir: Path) -> bool:
+    """Remove `lm_head.weight` from a saved model whose config ties it to the input embedding, when the file
+    holds both and they are equal: a ZeRO-2 save writes the tied head as a tensor of its own, which
+    transformers ignores on load but a merge refuses (its inputs' tensor names differ). True if removed."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "tie_word_embeddings", False):
+        return False
+    where = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            where.update({key: path for key in f.keys() if key in (TIED_HEAD, TIED_EMBEDDING)})
+    if len(where) < 2:
+        return False
+    with safe_open(where[TIED_HEAD], "pt") as head, safe_open(where[TIED_EMBEDDING], "pt") as embedding:
+        if not torch.equal(head.get_tensor(TIED_HEAD), embedding.get_tensor(TIED_EMBEDDING)):
+            return False  # untied in fact: both are weights
+    tensors = load_file(where[TIED_HEAD])
+    del tensors[TIED_HEAD]
+    tmp = where[TIED_HEAD].with_name(where[TIED_HEAD].name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    tmp.replace(where[TIED_HEAD])
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.get("weight_map", {}).pop(TIED_HEAD, None)
+        index.write_text(json.dumps(data, indent=2) + "\n")
+    return True
+
+
 def finish_model_dir(
     partial: Path, final: Path, tokenizer, generation: bool = True, dtype: Optional[torch.dtype] = None
 ) -> Path:
@@ -333,6 +371,7 @@ def finish_model_dir(
     import os
     import shutil
 
+    drop_tied_head_copy(Path(partial))
     if dtype is not None:
         cast_model_dir(Path(partial), dtype)
     tokenizer.save_pretrained(partial)

@@ -47,6 +47,7 @@ def test_sft_under_deepspeed_two_processes(tmp_path, zero_stage):
     trained = load_file(out / "model.safetensors")
     base = load_file(tmp_path / "run" / "base" / "model" / "model.safetensors")
     assert not torch.equal(trained["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert set(trained) == set(base)  # ZeRO-2's save wrote the tied head again; a merge refused the extra tensor
     from posttrain.models import load_model
 
     model = load_model(out, device="cpu")  # a normal, loadable checkpoint (ZeRO-3: gathered on save)
