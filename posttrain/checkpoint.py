@@ -118,7 +118,7 @@ def save_checkpoint(
 
 def checkpoint_problem(path: Path) -> Optional[str]:
     """Why the checkpoint directory `path` cannot be resumed from (a state file that does not parse, a
-    safetensors file cut short), or None when it looks whole. Reads headers only."""
+    safetensors or torch.save file cut short), or None when it looks whole. Reads headers only."""
     for state in ("state.json", "trainer_state.json"):
         if (path / state).is_file():
             try:
@@ -133,7 +133,28 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     for file in sorted(path.rglob("*")):
         if file.is_file() and file.stat().st_size == 0:
             return f"{file.relative_to(path)} is empty"
+        if file.suffix in TORCH_SAVE_SUFFIXES and not _whole_zip(file):
+            return f"{file.relative_to(path)} is cut short (its zip directory is missing or unreadable)"
     return None
+
+
+TORCH_SAVE_SUFFIXES = (".pt", ".pth", ".bin")
+"""Files of torch.save (the Trainer's optimizer.pt, scheduler.pt, rng_state*.pth; DeepSpeed's states)."""
+
+
+def _whole_zip(file: Path) -> bool:
+    """Whether a torch.save file (a zip archive since torch 1.6) has its central directory, which is
+    written last: a file cut short lacks it. Files of the older, non-zip format are not judged."""
+    import zipfile
+
+    with open(file, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return True
+    try:
+        with zipfile.ZipFile(file) as archive:
+            return all(info.header_offset + info.compress_size <= file.stat().st_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def newest_whole(candidates: list[Path], log=None) -> Optional[Path]:

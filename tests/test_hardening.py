@@ -148,3 +148,21 @@ def test_damaged_newest_ppo_checkpoint_falls_back_to_the_previous_one(tmp_path, 
     assert summary["resumed_from_update"] == 1
     assert "step-000002 is damaged" in caplog.text
     assert torch.isfinite(torch.tensor(summary["reward_last"]))
+
+
+def test_a_trainer_checkpoint_with_a_torch_save_file_cut_short_is_damaged(tmp_path, caplog):
+    """A SIGKILL can leave optimizer.pt half written; resuming from it failed on every re-run ("failed reading
+    zip archive") instead of falling back to the checkpoint before."""
+    from posttrain.checkpoint import checkpoint_problem, last_trainer_checkpoint
+
+    for step in (1, 2):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        (ckpt / "trainer_state.json").write_text("{}")
+        torch.save({"state": {0: torch.zeros(1000)}}, ckpt / "optimizer.pt")
+    assert checkpoint_problem(tmp_path / "checkpoint-2") is None
+    optimizer = tmp_path / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    assert "optimizer.pt is cut short" in checkpoint_problem(tmp_path / "checkpoint-2")
+    assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-1")
+    assert "checkpoint-2 is damaged" in caplog.text
