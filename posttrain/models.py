@@ -336,14 +336,13 @@ def drop_tied_head_copy(model_dir: Path) -> bool:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
 
-    model_dir = Path(model_dir)
-    if not getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "tie_word_embeddings", False):
-        return False
-    where = {}
+    model_dir, where = Path(model_dir), {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
             where.update({key: path for key in f.keys() if key in (TIED_HEAD, TIED_EMBEDDING)})
     if len(where) < 2:
+        return False
+    if not getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "tie_word_embeddings", False):
         return False
     with safe_open(where[TIED_HEAD], "pt") as head, safe_open(where[TIED_EMBEDDING], "pt") as embedding:
         if not torch.equal(head.get_tensor(TIED_HEAD), embedding.get_tensor(TIED_EMBEDDING)):

@@ -324,8 +324,7 @@ def run_pipeline(
         raise ConfigError(f"run_dir: {err}") from None
     device = check_devices(cfg, [n for n in names if n in targets])
     check_trackers(cfg, [n for n in names if n in targets])
-    if only is None:
-        preflight(cfg, pairs, targets)
+    preflight(cfg, pairs, targets)  # of the stages this command runs (all, --only's, --from's)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_dir_lock(run_dir, log):
         return _run_stages(

@@ -127,6 +127,16 @@ def test_only_names_the_unfinished_stage_a_reference_waits_for(tmp_path):
         _run(path, only="merge")
 
 
+def test_only_runs_the_pre_run_check_of_its_stage(tmp_path, tiny_model_dir):
+    """`posttrain eval CONFIG` checks what `run` checks before it clears the stage's finished output."""
+    (tmp_path / "r.py").write_text("def ok(prompts, completions, **kw):\n    return [1.0] * len(completions)\n")
+    rules = f"rules: [{{path: {tmp_path / 'r.py'}, function: nope}}]"
+    body = f"stages: [synth, eval]\nsynth: {{recipe: {QUICKSTART_RECIPE}}}\n"
+    path = write_pipeline(tmp_path, body + f"eval: {{models: {{m: {tiny_model_dir}}}, scoring: {{{rules}}}}}\n")
+    with pytest.raises(ConfigError, match=r"eval.scoring.rules.0: .*r.py defines no function 'nope'"):
+        _run(path, only="eval")
+
+
 def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
     """Fingerprints hash a reference as written (`base.model`), not the run directory's path it resolves to."""
     import shutil
