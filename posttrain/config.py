@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .paths import check_file, check_model_dir
 
@@ -118,7 +118,25 @@ class DistributedConfig(Section):
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     gather_16bit_weights_on_save: bool = True
-    """ZeRO-3: gather shards into a normal model.safetensors when saving."""
+    """ZeRO-3: gather shards into a normal model.safetensors when saving (every stage's save needs it)."""
+
+    @model_validator(mode="after")
+    def _settings_that_apply(self):
+        """Refuse, before any work, what would be ignored or fail only when the stage saves."""
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (zero_stage is {self.zero_stage})")
+        offloads = " and ".join(k for k in ("offload_optimizer", "offload_params") if getattr(self, k))
+        if offloads and (self.num_processes == 1 or self.zero_stage == 0):
+            raise ValueError(
+                f"{offloads}: DeepSpeed ZeRO's, so they need num_processes > 1 and zero_stage 2 or 3 "
+                f"(num_processes {self.num_processes}, zero_stage {self.zero_stage})"
+            )
+        if not self.gather_16bit_weights_on_save:
+            raise ValueError(
+                "gather_16bit_weights_on_save: false leaves ZeRO-3's shards unsaved, and every stage writes a whole "
+                "model.safetensors; remove it"
+            )
+        return self
 
 
 class ProcessesConfig(Section):

@@ -199,6 +199,26 @@ CASES = {
         "stages: [sft, rm]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
         r"stage 'rm' needs input 'prefs_train'",
     ),
+    # DeepSpeed settings that would be ignored, or fail only at the save
+    "offload_params without ZeRO-3": _plain(
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "
+        "distributed: {{num_processes: 2, offload_params: true}}}}\n",
+        r"sft.distributed: .*offload_params needs zero_stage 3",
+    ),
+    "offload in one process": _plain(
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, distributed: {{offload_optimizer: true}}}}\n",
+        r"sft.distributed: .*offload_optimizer: DeepSpeed ZeRO's, so they need num_processes > 1",
+    ),
+    "ZeRO-3 weights not gathered": _plain(
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "
+        "distributed: {{num_processes: 2, zero_stage: 3, gather_16bit_weights_on_save: false}}}}\n",
+        r"sft.distributed: .*gather_16bit_weights_on_save: false leaves ZeRO-3's shards unsaved",
+    ),
+    "merged LoRA from ZeRO-3": _plain(
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, lora: {{enabled: true}}, "
+        "distributed: {{num_processes: 2, zero_stage: 3}}}}\n",
+        r"sft: .*lora.save=merged is not possible from ZeRO-3's sharded weights",
+    ),
     # settings of a late stage: refused before the first stage trains (nothing may be complete)
     "merge with too few models": _plain(
         "stages: [sft, merge]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\nmerge: {{method: slerp}}\n",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import ModelDir, LoraSection, TrainerSection
@@ -51,6 +51,15 @@ class SFTConfig(TrainerSection):
     an `answer` column are not counted)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
+
+    @model_validator(mode="after")
+    def _merged_lora_not_sharded(self):
+        d = self.distributed
+        if self.lora.enabled and self.lora.save == "merged" and d.num_processes > 1 and d.zero_stage == 3:
+            raise ValueError(
+                "lora.save=merged is not possible from ZeRO-3's sharded weights; use zero_stage 2 or lora.save=adapter"
+            )
+        return self
 
 
 class SFT(Stage):
@@ -122,11 +131,7 @@ class SFT(Stage):
     def save(self) -> dict:
         """Write model/ atomically; then (rank 0) reload it for the accuracy-after check."""
         c, ctx = self.cfg, self.ctx
-        merged = c.lora.enabled and c.lora.save == "merged"
-        if merged and c.distributed.num_processes > 1 and c.distributed.zero_stage == 3:
-            raise ValueError(
-                "sft.lora.save=merged is not supported under ZeRO-3; use zero_stage 2 or lora.save=adapter"
-            )
+        merged = c.lora.enabled and c.lora.save == "merged"  # not under ZeRO-3: refused by the config
         final = save_trained_model(ctx, self.trainer, self.tokenizer, ctx.precision, merge_lora=merged)
         metrics = {}
         if ctx.is_main:
