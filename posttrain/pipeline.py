@@ -54,8 +54,8 @@ class PipelineBase(Section):
 
     run_dir: str = "runs/default"
     """Directory for everything the run writes (one subdirectory per stage)."""
-    seed: int = 0
-    """Seed for data generation, model initialisation and training."""
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seed for data generation, model initialisation and training (0 to 2**32 - 1, numpy's range)."""
     threads: Optional[int] = Field(None, ge=1)
     """torch CPU threads per process (None: torch's default)."""
     device: str = "auto"

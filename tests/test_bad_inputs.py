@@ -199,6 +199,9 @@ CASES = {
         "stages: [sft, rm]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",
         r"stage 'rm' needs input 'prefs_train'",
     ),
+    "seed out of range": _plain(
+        "seed: -1\nstages: [synth]\nsynth: {{recipe: {recipe}}}\n", r"seed: .*greater than or equal to 0"
+    ),
     # DeepSpeed settings that would be ignored, or fail only at the save
     "offload_params without ZeRO-3": _plain(
         "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "
