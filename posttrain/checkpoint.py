@@ -213,8 +213,23 @@ class TrainingGuard:
     """A Trainer callback that stops on a non-finite loss, naming the step, before a checkpoint of the
     broken weights can be written; and that records the running loss sum in every checkpoint."""
 
-    def __init__(self, trainer, stage: str, loss_offset: float = 0.0):
-        self.trainer, self.stage, self.loss_offset = trainer, stage, loss_offset
+    def __init__(self, trainer, stage: str, loss_offset: float = 0.0, resumed_step: int = 0):
+        self.trainer, self.stage, self.loss_offset, self.resumed_step = trainer, stage, loss_offset, resumed_step
+
+    def whole_run_loss(self, mean_since_resume: float, steps: int) -> float:
+        """The mean training loss over all `steps`, from transformers' mean over the steps after the resume."""
+        if not self.resumed_step:
+            return mean_since_resume
+        return (self.loss_offset + mean_since_resume * (steps - self.resumed_step)) / max(steps, 1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The end-of-training `train_loss` of a resumed run, as an uninterrupted run logs it: in the log
+        history (metrics.json, curves) and, since this callback runs first, in every tracker."""
+        if self.resumed_step and logs and "train_loss" in logs:
+            logs["train_loss"] = self.whole_run_loss(logs["train_loss"], state.global_step)
+            if state.log_history and "train_loss" in state.log_history[-1]:
+                state.log_history[-1]["train_loss"] = logs["train_loss"]
+        return control
 
     def loss_sum(self) -> float:
         """Sum over all steps so far of the per-step training loss (mean over ranks), this run and before."""
@@ -279,12 +294,12 @@ def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
             if saved.is_file()
             else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step)
         )
-    guard = TrainingGuard(trainer, stage, offset)
-    trainer.add_callback(guard)
+    guard = TrainingGuard(trainer, stage, offset, resumed_step)
+    trainer.callback_handler.callbacks.insert(0, guard)  # before the trackers: they log what on_log corrects
     result = trainer.train(resume_from_checkpoint=resume)
     acc = trainer.accelerator
     zero = acc.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None
     steps = trainer.state.global_step
-    loss = (offset + result.training_loss * (steps - resumed_step)) / max(steps, 1) if resume else result.training_loss
+    loss = guard.whole_run_loss(result.training_loss, steps)
     metrics.update(train_loss=round(loss, 4), steps=steps, processes=acc.num_processes, deepspeed_zero_stage=zero)
     return metrics

@@ -104,6 +104,9 @@ def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_mo
     resumed = run_pipeline(load_pipeline(path))["sft"]
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == whole["steps"] == 8
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=2e-4)
+    # ... and so do metrics.json's log history (and the trackers, which see the same logs)
+    history = json.loads((tmp_path / "b" / "run" / "sft" / "metrics.json").read_text())["log_history"]
+    assert [h["train_loss"] for h in history if "train_loss" in h] == [pytest.approx(whole["train_loss"], abs=2e-4)]
 
 
 def test_one_run_per_run_directory(tmp_path, capsys, caplog):
