@@ -294,6 +294,8 @@ def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
             if saved.is_file()
             else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step)
         )
+    if resume:  # the first evaluation is in the restored log history already: not again at the resume step
+        trainer.args.eval_on_start = False
     guard = TrainingGuard(trainer, stage, offset, resumed_step)
     trainer.callback_handler.callbacks.insert(0, guard)  # before the trackers: they log what on_log corrects
     result = trainer.train(resume_from_checkpoint=resume)

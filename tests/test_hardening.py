@@ -87,7 +87,9 @@ def test_nan_training_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_pa
 
 
 def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_model_dir, monkeypatch):
-    whole = run_pipeline(load_pipeline(_sft(tmp_path / "a", tiny_model_dir)))["sft"]
+    write_jsonl(tmp_path / "eval.jsonl", make_rows(8, seed=2))
+    held_out = {"eval_data": str(tmp_path / "eval.jsonl"), "eval_steps": 4}
+    whole = run_pipeline(load_pipeline(_sft(tmp_path / "a", tiny_model_dir, **held_out)))["sft"]
     real = TrainingGuard.on_step_end
 
     def crash_at_6(self, args, state, control, **kw):
@@ -96,7 +98,7 @@ def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_mo
         return real(self, args, state, control, **kw)
 
     monkeypatch.setattr(TrainingGuard, "on_step_end", crash_at_6)
-    path = _sft(tmp_path / "b", tiny_model_dir)
+    path = _sft(tmp_path / "b", tiny_model_dir, **held_out)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline(path))
     assert read_manifest(tmp_path / "b" / "run" / "sft")["status"] == "interrupted"  # not "failed"
@@ -107,6 +109,12 @@ def test_a_resumed_run_reports_the_uninterrupted_training_loss(tmp_path, tiny_mo
     # ... and so do metrics.json's log history (and the trackers, which see the same logs)
     history = json.loads((tmp_path / "b" / "run" / "sft" / "metrics.json").read_text())["log_history"]
     assert [h["train_loss"] for h in history if "train_loss" in h] == [pytest.approx(whole["train_loss"], abs=2e-4)]
+    evals = json.loads((tmp_path / "a" / "run" / "sft" / "metrics.json").read_text())["log_history"]
+    assert (
+        [h["step"] for h in history if "eval_loss" in h]
+        == [h["step"] for h in evals if "eval_loss" in h]
+        == [0, 4, 8, 8]
+    )
 
 
 def test_one_run_per_run_directory(tmp_path, capsys, caplog):
