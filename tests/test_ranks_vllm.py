@@ -1,6 +1,6 @@
 """vLLM colocated with torchrun ranks (external launcher), on CPU exactly as on GPUs: PPO as 2 ranks with
 one engine per rank (TP=1) and one engine spanning both ranks (TP=2), weights pushed after every update;
-and a generating stage sharing its prompts over 2 ranks."""
+and a generating stage sharing its prompts over 2 ranks, building one engine per model in turn."""
 
 import importlib.util
 import json
@@ -57,10 +57,10 @@ def test_ppo_two_ranks_with_colocated_vllm_engines(tmp_path, tiny_model_dir, tp)
     assert any(not torch.equal(trained[k], init[k]) for k in init)
 
 
-def _eval_pipeline(tmp_path, model_dir, backend: str, processes: int, tp: int) -> str:
+def _eval_pipeline(tmp_path, models: dict, backend: str, processes: int, tp: int) -> str:
     write_jsonl(tmp_path / "eval.jsonl", make_rows(12, seed=5))
     ev = {
-        "models": {"m": str(model_dir)},
+        "models": {name: str(path) for name, path in models.items()},
         "eval_data": str(tmp_path / "eval.jsonl"),
         "sampling": {"backend": backend, "max_new_tokens": 10, "tensor_parallel_size": tp},
         "distributed": {"num_processes": processes},
@@ -68,23 +68,58 @@ def _eval_pipeline(tmp_path, model_dir, backend: str, processes: int, tp: int) -
     return write_pipeline(tmp_path, f"seed: 0\nthreads: 1\nstages: [eval]\neval: {json.dumps(ev)}\n")
 
 
-def _answers(run_dir) -> list:
+def _answers(run_dir, name: str = "m") -> list:
     rows = (run_dir / "eval" / "completions.jsonl").read_text().splitlines()
-    return [json.loads(r)["completions"]["m"] for r in rows]
+    return [json.loads(r)["completions"][name] for r in rows]
+
+
+@pytest.mark.slow
+def test_eval_shares_prompts_over_two_ranks(tmp_path, tiny_model_dir):
+    """Greedy answers from 2 ranks (each rank answering half with HF) are the answers one process gives, in
+    the same order; rank 0 writes the results. (vLLM over 2 ranks: the two-models test below.)"""
+    single = tmp_path / "one"
+    single.mkdir()
+    run_pipeline(load_pipeline(_eval_pipeline(single, {"m": tiny_model_dir}, "hf", 1, 1)))
+    shared = tmp_path / "two"
+    shared.mkdir()
+    run_pipeline(load_pipeline(_eval_pipeline(shared, {"m": tiny_model_dir}, "hf", 2, 1)))
+    assert _answers(shared / "run") == _answers(single / "run")
+    launch = json.loads((shared / "run" / "eval" / "launch.json").read_text())
+    assert launch["config"]["distributed"]["num_processes"] == 2
+
+
+@pytest.fixture(scope="module")
+def two_models_and_answers(tmp_path_factory, tiny_tokenizer):
+    """Two tiny Gemma 2 models with different weights, and their greedy answers from one process (HF).
+    (Gemma 2, the family of configs/gemma2-2b-gpu.yaml: the tiny random Llama answers every prompt with
+    the same newlines, which could not tell two models apart.)"""
+    from posttrain.models import ModelConfig, build_tiny_model, save_model_dir
+
+    from .conftest import TINY
+
+    out = tmp_path_factory.mktemp("two_models")
+    models = {
+        name: save_model_dir(
+            build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=seed),
+            tiny_tokenizer,
+            out / name,
+        )
+        for name, seed in (("a", 0), ("b", 1))
+    }
+    run_pipeline(load_pipeline(_eval_pipeline(out, models, "hf", 1, 1)))
+    answers = {name: _answers(out / "run", name) for name in models}
+    assert answers["a"] != answers["b"]  # else the check below could not tell the models apart
+    return models, answers
 
 
 @requires_vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,tp", [("vllm", 2), ("hf", 1)])
-def test_eval_shares_prompts_over_two_ranks(tmp_path, tiny_model_dir, backend, tp):
-    """Greedy answers from 2 ranks (one TP=2 vLLM engine across both, or each rank answering half with HF)
-    are the answers one process gives, in the same order; rank 0 writes the results."""
-    single = tmp_path / "one"
-    single.mkdir()
-    run_pipeline(load_pipeline(_eval_pipeline(single, tiny_model_dir, "hf", 1, 1)))
-    shared = tmp_path / "two"
-    shared.mkdir()
-    run_pipeline(load_pipeline(_eval_pipeline(shared, tiny_model_dir, backend, 2, tp)))
-    assert _answers(shared / "run") == _answers(single / "run")
-    launch = json.loads((shared / "run" / "eval" / "launch.json").read_text())
-    assert launch["config"]["distributed"]["num_processes"] == 2
+@pytest.mark.parametrize("tp", [1, 2])
+def test_eval_two_models_one_after_another_on_two_ranks(tmp_path, two_models_and_answers, tp):
+    """Both ranks build a vLLM engine for b after closing a's (TP=1: one engine per rank, each answering
+    half; TP=2: one engine across both). Closing an engine must leave the launcher's process group standing:
+    vLLM's own teardown destroyed it, and b's engine then failed on rank 1 (TP=1 always; TP=2 when a stale
+    rendezvous address won the race). Each model's answers are its one-process answers."""
+    models, answers = two_models_and_answers
+    run_pipeline(load_pipeline(_eval_pipeline(tmp_path, models, "vllm", 2, tp)))
+    assert {name: _answers(tmp_path / "run", name) for name in models} == answers

@@ -24,6 +24,7 @@ Side effects of an in-process vLLM engine, on the whole Python process:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -131,6 +132,31 @@ def _repack_tied_weights(model: torch.nn.Module) -> int:
     return repacked
 
 
+@contextlib.contextmanager
+def _keep_default_process_group():
+    """Make vLLM's `destroy_distributed_environment` destroy only vLLM's own world group.
+
+    vllm 0.32's `EngineCore.shutdown` ends with `cleanup_dist_env_and_memory`, whose
+    `destroy_distributed_environment` also calls `torch.distributed.destroy_process_group()`: under
+    torchrun that is the launcher's default group, and without it the next engine's start re-creates a
+    world of `tensor_parallel_size` ranks ("rank < size. 1 vs 1" on rank 1) and the stage's collectives
+    see one rank. The world group is recreated by the next engine, as in a fresh process.
+    """
+    from vllm.distributed import parallel_state
+
+    def destroy_world_group_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD, parallel_state._NODE_COUNT = None, None
+
+    original = parallel_state.destroy_distributed_environment
+    parallel_state.destroy_distributed_environment = destroy_world_group_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = original
+
+
 class VLLMEngine:
     """An in-process vLLM engine over a local model directory, with HFEngine's `generate` interface."""
 
@@ -192,6 +218,9 @@ class VLLMEngine:
         self.sleep_mode, self.freed = bool(enable_sleep_mode) and not on_cpu, "nothing"
         if self.sleep_mode:
             llm_options["enable_sleep_mode"] = True
+        # A process group that exists before the engine is the launcher's (torchrun ranks): vLLM joins it
+        # and must leave it standing when it closes (see `close`).
+        self._shares_default_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             self.llm = LLM(
                 str(self.model_dir),
@@ -360,15 +389,12 @@ class VLLMEngine:
             return
         import gc
 
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        llm.llm_engine.engine_core.shutdown()
+        # vLLM's shutdown tears down its model-parallel groups and its world group, then destroys torch's
+        # default process group. Under torchrun that group is the launcher's, not vLLM's: it must outlive
+        # the engine (the next engine and the stage's collectives run over it).
+        with _keep_default_process_group() if self._shares_default_group else contextlib.nullcontext():
+            llm.llm_engine.engine_core.shutdown()
         del llm
-        destroy_model_parallel()
-        if world()[1] == 1:
-            # vLLM made a one-process group of its own; under torchrun the default group is the trainer's,
-            # and vLLM's teardown would destroy it with its own.
-            destroy_distributed_environment()
         gc.collect()
 
     def __enter__(self) -> "VLLMEngine":
