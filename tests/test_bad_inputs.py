@@ -209,7 +209,8 @@ CASES = {
         r"sft.distributed: .*offload_params needs zero_stage 3",
     ),
     "offload in one process": _plain(
-        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, distributed: {{offload_optimizer: true}}}}\n",
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "
+        "distributed: {{offload_optimizer: true}}}}\n",
         r"sft.distributed: .*offload_optimizer: DeepSpeed ZeRO's, so they need num_processes > 1",
     ),
     "ZeRO-3 weights not gathered": _plain(

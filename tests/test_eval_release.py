@@ -317,13 +317,13 @@ def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
 def test_eval_stage_defaults_to_the_complete_model_stages_of_the_run(tmp_path, zoo):
     """No eval.models: every earlier stage instance of a model kind that finished, in pipeline order (two
     named merge instances here, each a model's task vector against itself added to it: a copy)."""
-    run_dir = tmp_path / "run"
+    run_dir, r, ll = tmp_path / "run", zoo["random"], zoo["llama"]
     cfg = load_pipeline(
         _eval_pipeline(tmp_path, zoo, {}),
         [
             "stages=[{name: first, kind: merge}, {name: second, kind: merge}, eval]",
-            f"first={{method: task_arithmetic, base: {zoo['random']}, models: [{zoo['random']}], use_latest_model: false}}",
-            f"second={{method: task_arithmetic, base: {zoo['llama']}, models: [{zoo['llama']}], use_latest_model: false}}",
+            f"first={{method: task_arithmetic, base: {r}, models: [{r}], use_latest_model: false}}",
+            f"second={{method: task_arithmetic, base: {ll}, models: [{ll}], use_latest_model: false}}",
         ],
     )
     run_pipeline(cfg)
