@@ -202,6 +202,23 @@ CASES = {
     "seed out of range": _plain(
         "seed: -1\nstages: [synth]\nsynth: {{recipe: {recipe}}}\n", r"seed: .*greater than or equal to 0"
     ),
+    "dpo with no pair within max_length": _plain(
+        "stages: [dpo]\ndpo: {{model: {model}, prefs_train: {d}/p.jsonl, max_length: 8}}\n",
+        r"dpo.max_length=8: none of the 1 training pairs fits",
+        {
+            "p.jsonl": json.dumps(
+                {
+                    "chosen": CONV["messages"],
+                    "rejected": CONV["messages"][:1] + [{"role": "assistant", "content": "no"}],
+                }
+            )
+            + "\n"
+        },
+    ),
+    "grpo with greedy samples": _plain(
+        "stages: [ppo]\nppo: {{advantage: grpo, sampling: {{n: 4, temperature: 0}}}}\n",
+        r"ppo: .*sampling.temperature 0 \(greedy\) makes them one answer",
+    ),
     # DeepSpeed settings that would be ignored, or fail only at the save
     "offload_params without ZeRO-3": _plain(
         "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "

@@ -148,3 +148,23 @@ def test_grpo_groups_on_two_ranks(tmp_path, tiny_model_dir, zero_stage, extra):
     trained = load_file(stage_dir / "model" / "model.safetensors")
     init = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert any(not torch.equal(trained[k], init[k]) for k in init)
+
+
+def test_kl_mode_off_may_be_written_bare_in_yaml():
+    """YAML 1.1 reads `off` as false; the README's table writes it bare."""
+    import yaml
+
+    from posttrain.stages.ppo.config import PPOConfig
+
+    section = yaml.safe_load("kl_mode: off\nadvantage: grpo\nsampling: {n: 2, temperature: 1.0}\n")
+    assert section["kl_mode"] is False and PPOConfig.model_validate(section).kl_mode == "off"
+
+
+def test_critic_free_advantages_are_not_whitened_by_default():
+    """Whitening shifts the batch mean: a group that scored alike would get a non-zero advantage, and
+    Dr. GRPO's unscaled advantages would be scaled after all."""
+    from posttrain.stages.ppo.config import PPOConfig
+
+    sampling = {"n": 2, "temperature": 1.0}
+    assert PPOConfig().whitens and not PPOConfig(advantage="grpo", sampling=sampling).whitens
+    assert PPOConfig(advantage="rloo", sampling=sampling, whiten_advantages=True).whitens

@@ -306,6 +306,11 @@ class DPO(Stage):
             else None
         )
         self.train_pairs, self.too_long = self._pairs(inp["prefs_train"])
+        if not self.train_pairs:
+            raise ValueError(
+                f"{self.ctx.name}.max_length={self.cfg.max_length}: none of the {self.too_long} training pairs "
+                f"fits (prompt and longer answer, in tokens); raise it"
+            )
         self.eval_pairs, _ = self._pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else ([], 0)
         rows = (
             read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples]

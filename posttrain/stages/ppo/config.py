@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...config import DistributedConfig, ModelDir, LoraSection, Precision, Section, TrackingBackend
 from ...data import DataSource
@@ -73,7 +73,8 @@ class PPOConfig(Section):
     divided by sequences x sampling.max_new_tokens)."""
     ratio_level: Literal["token", "sequence"] = "token"
     """Importance ratio per token (PPO/GRPO), or one length-normalised ratio per sequence (GSPO; needs
-    rloo or grpo advantages)."""
+    rloo or grpo advantages; its policy term is a mean over sequences, and loss_aggregation applies to the
+    KL term only)."""
     clip_low: Optional[float] = Field(None, gt=0, lt=1)
     """Lower clip range eps_low (ratio >= 1 - eps_low); None: clip_eps."""
     clip_high: Optional[float] = Field(None, gt=0)
@@ -94,8 +95,10 @@ class PPOConfig(Section):
     """Policy ratio clip."""
     value_clip_eps: float = Field(0.2, gt=0)
     """Value prediction clip around the rollout's values."""
-    whiten_advantages: bool = True
-    """Normalise advantages over the rollout's valid tokens."""
+    whiten_advantages: Optional[bool] = None
+    """Normalise advantages over the rollout's valid tokens (mean 0, std 1). None: yes for gae, no for rloo
+    and grpo, whose group baselines it would undo (a group that scored alike gets a non-zero advantage, and
+    Dr. GRPO's unscaled advantages get scaled)."""
     missing_eot_penalty: float = -1.0
     """Added to the score of a completion that did not end its turn (0 = off)."""
     is_cap: Optional[float] = Field(2.0, gt=0)
@@ -137,11 +140,21 @@ class PPOConfig(Section):
     report_to: Optional[list[TrackingBackend]] = None
     """Experiment trackers logging every update's metrics ([] = none); None: the pipeline's `report_to`."""
 
+    @field_validator("kl_mode", mode="before")
+    @classmethod
+    def _off_in_yaml(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     @model_validator(mode="after")
     def _consistent(self):
         critic_free = self.advantage in ("rloo", "grpo")
         if critic_free and self.sampling.n < 2:
             raise ValueError(f"advantage {self.advantage!r} compares samples of one prompt: set sampling.n >= 2")
+        if critic_free and self.sampling.temperature == 0:
+            raise ValueError(
+                f"advantage {self.advantage!r} compares the sampling.n samples of a prompt, and "
+                "sampling.temperature 0 (greedy) makes them one answer: set a temperature above 0"
+            )
         if self.ratio_level == "sequence" and not critic_free:
             raise ValueError(
                 "ratio_level 'sequence' (GSPO) needs one advantage per sequence: set advantage to rloo or grpo"
@@ -160,6 +173,11 @@ class PPOConfig(Section):
             )
         self._check_reference_placement()
         return self
+
+    @property
+    def whitens(self) -> bool:
+        """Whether advantages are whitened over the batch (`whiten_advantages`, or its advantage's default)."""
+        return self.advantage == "gae" if self.whiten_advantages is None else self.whiten_advantages
 
     def _check_reference_placement(self) -> None:
         if self.reference_placement == "device":

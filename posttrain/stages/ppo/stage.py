@@ -332,7 +332,7 @@ class PPO(Stage):
             adv, returns = F.gae(rewards, values, mask, c.gamma, c.lam)
         else:
             adv = critic_free_advantages(sequence_rewards_with_kl(score, kl, self.kl_ctl.value, c), mask, c)
-        if c.whiten_advantages:
+        if c.whitens:
             adv = F.masked_whiten(adv, mask, moments=all_ranks_masked_moments(adv, mask))  # whole batch, all ranks
         roll = Rollout(
             batch=batch,
