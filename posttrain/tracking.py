@@ -49,7 +49,9 @@ def trainer_settings(backends: list[str], stage_dir: Path) -> dict:
 class Tracker:
     """Logs a dict of scalars per step to every configured backend (rank 0 only; a no-op without backends)."""
 
-    def __init__(self, backends: list[str], stage_dir: Path, config: dict, enabled: bool = True):
+    def __init__(self, backends: list[str], stage_dir: Path, config: dict, enabled: bool = True, first_step: int = 1):
+        """`first_step`: the step a resumed run logs first; TensorBoard hides what the interrupted run logged
+        from there on, so a resumed run shows each step once."""
         self.backends = list(backends) if enabled else []
         self.writers: dict = {}
         if not self.backends:
@@ -59,7 +61,8 @@ class Tracker:
         if "tensorboard" in self.backends:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writers["tensorboard"] = SummaryWriter(log_dir=os.environ["TENSORBOARD_LOGGING_DIR"])
+            purge = {"purge_step": first_step} if first_step > 1 else {}
+            self.writers["tensorboard"] = SummaryWriter(log_dir=os.environ["TENSORBOARD_LOGGING_DIR"], **purge)
         if "wandb" in self.backends:
             import wandb
 

@@ -65,3 +65,21 @@ def test_no_tracking_by_default_and_missing_packages_are_named(tmp_path, monkeyp
     assert not (tmp_path / "run" / "sft").exists()  # refused before any work
     with pytest.raises(ConfigError, match="report_to"):
         load_pipeline(write_pipeline(tmp_path, "stages: [sft]\nreport_to: [neptune]\n"))
+
+
+def test_a_resumed_tracker_shows_each_step_once(tmp_path, monkeypatch):
+    """A run killed after logging step 3 but checkpointed at 2 resumes at step 3: TensorBoard must not show
+    the interrupted run's step 3 beside the new one."""
+    pytest.importorskip("tensorboard")
+    from posttrain.tracking import Tracker
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    first = Tracker(["tensorboard"], tmp_path, {})
+    for step in (1, 2, 3):
+        first.log({"reward": -step}, step)
+    first.close()
+    resumed = Tracker(["tensorboard"], tmp_path, {}, first_step=3)
+    for step in (3, 4):
+        resumed.log({"reward": step}, step)
+    resumed.close()
+    assert _scalars(tmp_path / "tensorboard")["reward"] == [(1, -1), (2, -2), (3, 3), (4, 4)]

@@ -108,7 +108,13 @@ class PPO(Stage):
         random.Random(self.seed).shuffle(self.order)
         self.cursor, self.start_update, self.history, self.before = 0, 0, [], {}
         self._resume()
-        self.tracker = Tracker(self.ctx.report_to, self.ctx.dir, c.model_dump(mode="json"), enabled=self.ctx.is_main)
+        self.tracker = Tracker(
+            self.ctx.report_to,
+            self.ctx.dir,
+            c.model_dump(mode="json"),
+            enabled=self.ctx.is_main,
+            first_step=self.start_update + 1,  # update u logs step u + 1
+        )
         self.engine = make_engine(
             inp["model"],
             c.sampling,
