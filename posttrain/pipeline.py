@@ -111,8 +111,10 @@ def idle_overrides(cfg: PipelineBase, overrides: list[str], running: set[str]) -
     """(override, section) of the dotted overrides that set a stage section (a kind, or a named instance) none
     of `running` reads: every kind has a section, so validation accepts them, but they change nothing here."""
     sections = set(STAGE_MODULES) | {name for name, _ in cfg.instances()}
+    kinds = {**{name: name for name in running}, **dict(cfg.instances())}  # a stage command may add its kind
+    read = set().union(*(stage_class(kinds[name]).sections_read(name, cfg) for name in running))
     pairs = [(o, o.split("=", 1)[0].split(".")[0].strip()) for o in overrides]
-    return [(o, section) for o, section in pairs if section in sections - running]
+    return [(o, section) for o, section in pairs if section in sections - read]
 
 
 class MissingInput(ConfigError):

@@ -77,6 +77,15 @@ def test_an_override_of_a_stage_the_run_leaves_out_is_said(tmp_path, capsys):
     assert "synth.num_train" not in err
 
 
+def test_an_override_a_running_stage_reads_is_not_called_idle(tmp_path):
+    """`--only filter sft.max_length=500` changes the filter's length limit: not a change of nothing."""
+    from posttrain.pipeline import idle_overrides
+
+    cfg = load_pipeline(write_pipeline(tmp_path, "stages: [synth, filter, base, sft]\n"))
+    overrides = ["sft.max_length=500", "dpo.beta=2", "base.hidden_size=32"]
+    assert [section for _, section in idle_overrides(cfg, overrides, {"filter"})] == ["dpo", "base"]
+
+
 def test_missing_required_and_unknown_stage(tmp_path):
     with pytest.raises(ConfigError, match="stages: required key is missing"):
         load_pipeline(write_pipeline(tmp_path, "seed: 1\n"))

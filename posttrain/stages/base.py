@@ -86,6 +86,12 @@ class Stage:
         return cls.optional_inputs
 
     @classmethod
+    def sections_read(cls, name: str, pipeline) -> set[str]:
+        """The config sections instance `name` reads: its own, and for some kinds other stages' settings
+        (the filter's length limit is its training stage's max_length and tokenizer). Default: its own."""
+        return {name}
+
+    @classmethod
     def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
         """Raise a ConfigError naming the key (`name`.key) for what is wrong in `cfg` given its planned inputs:
         called by the pre-run check, where `inputs` and `artifacts` (NAME.KIND -> path) hold the references of

@@ -17,6 +17,7 @@ changed, reasons, the settings that applied, examples; the classifier's score di
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from ...data import DataError
 from ...manifest import atomic_write_json, atomic_write_text
@@ -33,6 +34,12 @@ class Filter(Stage):
     consumes = {"train_data": "train_data", "eval_data": "eval_data"}
     optional_inputs = {"eval_data"}
     produces = {"train_data": "train.jsonl"}
+
+    @classmethod
+    def sections_read(cls, name: str, pipeline) -> set[str]:
+        where = SimpleNamespace(pipeline=pipeline, name=name)  # what resolve_length_limit reads of a context
+        limit = resolve_length_limit(getattr(pipeline, name).structure, where, name)
+        return {name} | {source.split(".")[0] for source in (limit.source, limit.tokenizer_source) if "." in source}
 
     def length_limit(self) -> LengthLimit:
         """The token limit from this pipeline (the training stage's max_length and tokenizer)."""
