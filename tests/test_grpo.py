@@ -38,7 +38,7 @@ def _stage(tmp_path, tiny_model_dir, reward_src=LENGTH_REWARD, **ppo):
     "variant",
     [
         {},  # GRPO: std-scaled, sequence mean, k3 KL loss
-        {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off", "kl_coef": 0.0},  # Dr. GRPO
+        {"scale_by_std": False, "loss_aggregation": "constant", "kl_mode": "off"},  # Dr. GRPO
         {
             "clip_low": 0.2,
             "clip_high": 0.28,
@@ -60,6 +60,7 @@ def test_every_variant_trains_through_the_stage(tmp_path, tiny_model_dir, varian
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for s in stats:
         assert all(torch.isfinite(torch.tensor(v)) for v in s.values())
+        assert s["kl_coef"] == (0.0 if stage.cfg.kl_mode == "off" else stage.cfg.kl_coef)  # off: no KL term
     if stage.cfg.kl_mode == "loss":
         assert "kl_loss" in stats[0] and stats[1]["kl"] > 0  # the second update starts away from the reference
     if variant.get("dynamic_sampling"):

@@ -102,7 +102,7 @@ class PPO(Stage):
         self.kl_ctl = (
             F.AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
             if c.adaptive_kl
-            else F.FixedKLController(c.kl_coef)
+            else F.FixedKLController(c.kl_coef if c.kl_mode != "off" else 0.0)  # off: no KL term, so reported 0
         )
         self.order = list(range(len(self.rows)))
         random.Random(self.seed).shuffle(self.order)
