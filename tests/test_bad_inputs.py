@@ -219,6 +219,10 @@ CASES = {
         "stages: [ppo]\nppo: {{advantage: grpo, sampling: {{n: 4, temperature: 0}}}}\n",
         r"ppo: .*sampling.temperature 0 \(greedy\) makes them one answer",
     ),
+    "distill setting of another mode": _plain(
+        "stages: [distill]\ndistill: {{mode: online, top_k: 8, lmbda: 0.3}}\n",
+        r"distill: .*top_k, lmbda: not read in mode 'online' \(top_k: offline; lmbda: on_policy\)",
+    ),
     # DeepSpeed settings that would be ignored, or fail only at the save
     "offload_params without ZeRO-3": _plain(
         "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, "

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch.utils.checkpoint import checkpoint
 
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
@@ -85,6 +85,25 @@ class DistillConfig(TrainerSection):
     """Held-out prompts answered greedily before and after training for task accuracy (0 = skip)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
+
+    @model_validator(mode="after")
+    def _settings_of_the_mode(self):
+        """A setting only another mode reads is refused, not ignored (when not its default: a stage's full
+        config, as the ranks rebuild it from their launch spec, holds every key)."""
+        modes = {
+            "top_k": ("offline",),
+            "cache_dir": ("offline",),
+            "beta": ("online", "on_policy"),
+            **dict.fromkeys(("lmbda", "seq_kd", "rollout_temperature", "rollout_max_new_tokens"), ("on_policy",)),
+        }
+        default = {k: field.default for k, field in type(self).model_fields.items()}
+        unused = [k for k, used_by in modes.items() if getattr(self, k) != default[k] and self.mode not in used_by]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)}: not read in mode {self.mode!r} "
+                f"({'; '.join(f'{k}: {chr(47).join(modes[k])}' for k in unused)}); remove them or change mode"
+            )
+        return self
 
 
 def distill_loss(
