@@ -235,7 +235,8 @@ def test_lean_distillation_loss_equals_the_full_logits_one(tiny_tokenizer, mode)
     teacher = build_tiny_model(ModelConfig(family="gemma2", **TINY), tiny_tokenizer, seed=4).eval()
     batch = _batch(len(tiny_tokenizer), seed=5)
     labels = torch.where(batch.response_mask.bool(), batch.input_ids, torch.full_like(batch.input_ids, -100))[:, 1:]
-    cfg = DistillConfig(mode=mode, alpha=0.5, beta=0.3, temperature=1.5, top_k=8)
+    of_mode = {"top_k": 8} if mode == "offline" else {"beta": 0.3}
+    cfg = DistillConfig(mode=mode, alpha=0.5, temperature=1.5, **of_mode)
     with torch.no_grad():
         t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
     topk = topk_teacher(t_logits, cfg.top_k, cfg.temperature) if mode == "offline" else (None, None)

@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-
 from ..config import ConfigError, ModelRef, Section, ShardSize
 from ..manifest import atomic_dir, atomic_write_text, read_manifest
 from ..model_card import (
