@@ -150,9 +150,10 @@ def _whole_zip(file: Path) -> bool:
     with open(file, "rb") as f:
         if f.read(4) != b"PK\x03\x04":
             return True
+    size = file.stat().st_size
     try:
         with zipfile.ZipFile(file) as archive:
-            return all(info.header_offset + info.compress_size <= file.stat().st_size for info in archive.infolist())
+            return all(info.header_offset + info.compress_size <= size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError):
         return False
 

@@ -214,6 +214,21 @@ class TrainerSection(Section):
     report_to: Optional[list[TrackingBackend]] = None
     """Experiment trackers for this stage ([] = none); None: the pipeline's `report_to`."""
 
+    @model_validator(mode="after")
+    def _merged_lora_not_sharded(self):
+        """LoRA saved merged into the weights (rm and dpo always; sft unless `lora.save` is adapter) needs
+        whole weights, which ZeRO-3 shards."""
+        lora, d = getattr(self, "lora", None), self.distributed
+        if lora is None or not lora.enabled or d.num_processes == 1 or d.zero_stage != 3:
+            return self
+        choosable = hasattr(lora, "save")  # sft's LoRA may be saved as an adapter instead
+        if getattr(lora, "save", "merged") == "merged":
+            raise ValueError(
+                f"{'lora.save=merged' if choosable else 'lora (saved merged)'} is not possible from ZeRO-3's "
+                f"sharded weights; use zero_stage 2{' or lora.save=adapter' if choosable else ''}"
+            )
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # YAML with line numbers

@@ -103,17 +103,18 @@ def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished
     finished in the run directory, whose artifacts are not there yet)."""
     found = dict(references(section))
     for key, ref in found.items():
-        if ref not in artifacts and ref.split(".")[0] in unfinished:
+        if ref in artifacts:
+            continue
+        if ref.split(".")[0] in unfinished:
             raise ConfigError(
                 f"{stage}.{key}={ref!r}: stage {ref.split('.')[0]!r} has not finished in this run directory; "
                 f"run it first"
             )
-        if ref not in artifacts:
-            known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
-            raise ConfigError(
-                f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
-                f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path"
-            )
+        known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
+        raise ConfigError(
+            f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
+            f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path"
+        )
     return found
 
 

@@ -119,14 +119,15 @@ def base_of(run_dir: str | Path, model_path: str | Path, kinds: Optional[dict]) 
     the manifests (a recipe may have several bases: a teacher's and a student's); None when the chain leaves
     the run directory before reaching one."""
     run_dir = Path(run_dir).resolve()
-    bases = [name for name, kind in (kinds or {"base": "base"}).items() if kind == "base"]
+    base_models: dict[Path, str] = {}  # built here: NAME/model; read in place (base.path): its source path
+    for name in [name for name, kind in (kinds or {"base": "base"}).items() if kind == "base"]:
+        source = ((read_manifest(run_dir / name) or {}).get("metrics") or {}).get("source")
+        base_models.update({**({Path(source).resolve(): name} if source else {}), run_dir / name / "model": name})
     path, seen = Path(model_path).resolve(), set()
     while path not in seen:
         seen.add(path)
-        for name in bases:  # built here: NAME/model; read in place (base.path): its source is the path
-            source = ((read_manifest(run_dir / name) or {}).get("metrics") or {}).get("source")
-            if path == run_dir / name / "model" or (source and Path(source).resolve() == path):
-                return name
+        if path in base_models:
+            return base_models[path]
         try:
             stage = path.relative_to(run_dir).parts[0]
         except (ValueError, IndexError):

@@ -299,9 +299,8 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
             check_rule_files(scfg, name)
             stage_cls.check_plan(name, scfg, inputs, {k: v for k, v in artifacts.items() if "." in k}, dict(kinds))
         kinds[name] = kind
-        for produced in stage_cls.produces:
-            for key in artifact_keys(name, {produced: None}):
-                artifacts[key] = f"{name}.{produced}"
+        for key in artifact_keys(name, stage_cls.produces):
+            artifacts[key] = f"{name}.{key.split('.')[-1]}"
 
 
 def check_pipeline(cfg: PipelineBase) -> None:

@@ -121,8 +121,6 @@ class DPOConfig(TrainerSection):
             raise ValueError("loss_type robust needs label_smoothing > 0 (with 0 it is plain sigmoid DPO)")
         if self.label_smoothing and self.loss_type != "robust":
             raise ValueError(f"label_smoothing applies to loss_type robust only (loss_type is {self.loss_type})")
-        if self.lora.enabled and self.distributed.num_processes > 1 and self.distributed.zero_stage == 3:
-            raise ValueError("lora is saved merged, which ZeRO-3's sharded weights do not allow; use zero_stage 2")
         return self
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import ModelDir, LoraSection, Section, TrainerSection
@@ -105,12 +105,6 @@ class RMConfig(TrainerSection):
     """Conversations per forward pass when scoring held-out pairs and samples."""
     auc: AUCConfig = AUCConfig()
     """The reward-vs-verifier AUC check."""
-
-    @model_validator(mode="after")
-    def _lora_not_sharded(self):
-        if self.lora.enabled and self.distributed.num_processes > 1 and self.distributed.zero_stage == 3:
-            raise ValueError("lora is saved merged, which ZeRO-3's sharded weights do not allow; use zero_stage 2")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------

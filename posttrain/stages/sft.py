@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..checkpoint import train_from_last_checkpoint
 from ..config import ModelDir, LoraSection, TrainerSection
@@ -51,15 +51,6 @@ class SFTConfig(TrainerSection):
     an `answer` column are not counted)."""
     max_new_tokens: int = Field(32, ge=1)
     """Longest greedy answer in the accuracy check."""
-
-    @model_validator(mode="after")
-    def _merged_lora_not_sharded(self):
-        d = self.distributed
-        if self.lora.enabled and self.lora.save == "merged" and d.num_processes > 1 and d.zero_stage == 3:
-            raise ValueError(
-                "lora.save=merged is not possible from ZeRO-3's sharded weights; use zero_stage 2 or lora.save=adapter"
-            )
-        return self
 
 
 class SFT(Stage):

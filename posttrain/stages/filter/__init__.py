@@ -17,7 +17,6 @@ changed, reasons, the settings that applied, examples; the classifier's score di
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from ...data import DataError
 from ...manifest import atomic_write_json, atomic_write_text
@@ -37,13 +36,12 @@ class Filter(Stage):
 
     @classmethod
     def sections_read(cls, name: str, pipeline) -> set[str]:
-        where = SimpleNamespace(pipeline=pipeline, name=name)  # what resolve_length_limit reads of a context
-        limit = resolve_length_limit(getattr(pipeline, name).structure, where, name)
+        limit = resolve_length_limit(getattr(pipeline, name).structure, pipeline, name)
         return {name} | {source.split(".")[0] for source in (limit.source, limit.tokenizer_source) if "." in source}
 
     def length_limit(self) -> LengthLimit:
         """The token limit from this pipeline (the training stage's max_length and tokenizer)."""
-        return resolve_length_limit(self.cfg.structure, self.ctx, self.ctx.name)
+        return resolve_length_limit(self.cfg.structure, self.ctx.pipeline, self.ctx.name)
 
     def fingerprint_extra(self) -> dict:
         """The limit and tokenizer come from other stages' settings: changing them must re-run this stage."""

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 
 from ...config import TrainerSection
 from ...filters import TURN_TOKENS, estimate_tokens
-from ..base import StageContext
 from .config import StructureConfig
 
 DEFAULT_MAX_TOKENS = TrainerSection.model_fields["max_length"].default
@@ -95,14 +94,13 @@ def _model_tokenizer(pipeline, names: list[str], consumer: int, filter_at: int) 
     return None, "estimate"
 
 
-def resolve_length_limit(cfg: StructureConfig, ctx: Optional[StageContext], key: str = "filter") -> LengthLimit:
-    """The LengthLimit for `cfg` in this pipeline (ctx None: a stream used on its own, no pipeline)."""
+def resolve_length_limit(cfg: StructureConfig, pipeline=None, key: str = "filter") -> LengthLimit:
+    """The LengthLimit for `cfg`, the section of instance `key` of `pipeline` (None: a stream used on its own)."""
     if not cfg.enabled or cfg.max_tokens is None:
         return LengthLimit(None, f"{key}.structure.max_tokens" if cfg.enabled else f"{key}.structure.enabled")
-    pipeline = ctx.pipeline if ctx is not None else None
     names = [n for n, _ in pipeline.instances()] if pipeline is not None else []
-    at = names.index(ctx.name) if ctx is not None and ctx.name in names else -1
-    consumer = _training_consumer(pipeline, names, at, ctx.name if ctx else key) if at >= 0 else None
+    at = names.index(key) if key in names else -1
+    consumer = _training_consumer(pipeline, names, at, key) if at >= 0 else None
     if cfg.max_tokens == "auto":
         if consumer is None:
             limit, source = DEFAULT_MAX_TOKENS, "default: sft's default max_length (no training stage reads this data)"
