@@ -14,6 +14,7 @@ import torch
 from transformers import Trainer
 
 from .algos.reward import bradley_terry_loss, implicit_reward, simpo_loss
+from .dist.trainable import forward_through
 from .implicit_rm import sequence_rewards
 from .rollout import RolloutBatch, token_logprobs
 
@@ -34,7 +35,7 @@ class ImplicitRewardTrainer(Trainer):
         batch = RolloutBatch(
             inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"], engine_logprobs=None, finished=None
         )
-        rewards = sequence_rewards(model, batch, self.beta)
+        rewards = forward_through(model, sequence_rewards, batch, self.beta)
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_coef)
         with torch.no_grad():
@@ -68,7 +69,7 @@ class SimPOTrainer(ImplicitRewardTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         batch = RolloutBatch(inputs["input_ids"], inputs["attention_mask"], inputs["response_mask"], None, None)
-        logp, mask = token_logprobs(model, batch).chunk(2), batch.response_mask.chunk(2)
+        logp, mask = forward_through(model, token_logprobs, batch).chunk(2), batch.response_mask.chunk(2)
         loss = simpo_loss(logp[0], mask[0], logp[1], mask[1], self.beta, self.gamma)
         if self.sft_weight:  # the chosen answers' mean token NLL, as TRL's "sft" loss term
             loss = loss - self.sft_weight * (logp[0] * mask[0]).sum() / mask[0].sum().clamp(min=1)

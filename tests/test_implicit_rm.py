@@ -206,6 +206,26 @@ def test_implicit_rm_under_deepspeed_zero3_two_processes(tmp_path, tiny_model_di
     assert any(not torch.equal(saved[k], init[k]) for k in init)
 
 
+@pytest.mark.slow
+def test_implicit_rm_as_two_ddp_ranks_trains_as_zero2_does(tmp_path, tiny_model_dir):
+    """zero_stage 0 is DDP: the two ranks train one model on one batch stream, so the run's loss and held-out
+    scores are ZeRO-2's. (On CPU the ranks used to train apart, each on its half of the data.)"""
+    runs = {}
+    for stage in (0, 2):
+        (tmp_path / str(stage)).mkdir()
+        runs[stage] = run_prefs_rm_pipeline(
+            tmp_path / str(stage),
+            tiny_model_dir,
+            head="implicit",
+            learning_rate=1e-3,
+            distributed={"num_processes": 2, "zero_stage": stage},
+        )
+    assert runs[0]["processes"] == 2 and runs[0]["deepspeed_zero_stage"] is None
+    assert runs[0]["train_loss"] == pytest.approx(runs[2]["train_loss"], abs=1e-4)
+    for key in ("accuracy", "mean_margin", "chosen_mean", "rejected_mean"):
+        assert runs[0]["heldout"][key] == pytest.approx(runs[2]["heldout"][key], abs=1e-3), key
+
+
 def test_a_malformed_reward_head_file_is_named(tmp_path):
     (tmp_path / "reward_head.json").write_text(json.dumps({"head": "implicit"}))
     with pytest.raises(ValueError, match=r"reward_head\.json.*beta"):

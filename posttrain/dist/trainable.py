@@ -9,6 +9,7 @@ Trainer stages (sft, rm, distill, dpo) get their device, precision and DeepSpeed
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -81,14 +82,17 @@ def init_process_state(dcfg, device: torch.device) -> None:
     """Bind this rank to its device and create accelerate's shared state before any Trainer does.
 
     Left to itself, accelerate on CPU counts one process and DeepSpeed's batch-size check fails;
-    configuring the state first (and telling the Trainer to use it) makes all ranks one job.
+    configuring the state first (and telling the Trainer to use it) makes all ranks one job. Without
+    DeepSpeed on CPU the state must be told `cpu`: otherwise it counts the ranks but is not distributed,
+    and each rank's Trainer trains alone on its share of the data (no DDP, no gradient all-reduce).
     """
     from accelerate import PartialState
 
     bind_device(device)
-    if getattr(dcfg, "zero_stage", 0) > 0:  # generating stages (ProcessesConfig) use no DeepSpeed
+    deepspeed = getattr(dcfg, "zero_stage", 0) > 0  # generating stages (ProcessesConfig) use no DeepSpeed
+    if deepspeed:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="nccl" if device.type == "cuda" else "gloo")
+    PartialState(cpu=device.type == "cpu" and not deepspeed, backend="nccl" if device.type == "cuda" else "gloo")
 
 
 class LocalTrainable:
@@ -187,3 +191,37 @@ def trainable(
     if world()[1] == 1:
         return LocalTrainable(model, lr, max_grad_norm, precision)
     return DeepSpeedTrainable(model, lr, max_grad_norm, dcfg, micro_batch, precision)
+
+
+def forward_through(model, fn, *args):
+    """`fn(module, *args)` for a model a Trainer hands to its loss, run as the forward of the model's
+    wrapper (DDP, a DeepSpeed engine) when it has one.
+
+    Lean scoring calls the body and the output head directly instead of the model's forward, so that no
+    full-vocabulary logits exist. Called on a wrapper's inner module it would skip what the wrapper's
+    forward sets up for the backward pass: DDP's gradient all-reduce, DeepSpeed's backward prologue
+    (accumulation scaling, the ZeRO optimiser's bookkeeping) and ZeRO-3's fetch hooks on the root module.
+    So `fn` stands in for the inner module's forward for one call of the wrapper.
+    """
+    inner = _wrapped_module(model)
+    if inner is None:
+        return fn(model, *args)
+    own = inner.__dict__.get("forward")  # a forward patched onto the instance (TRL's fused head) stays
+    inner.forward = lambda: fn(inner, *args)  # an instance attribute shadows the class's forward
+    try:
+        return model()
+    finally:
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
+
+
+def _wrapped_module(model):
+    """The module inside a DDP or DeepSpeed wrapper, else None."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    deepspeed = sys.modules.get("deepspeed")  # loaded by whoever built an engine; never imported here
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return model.module
+    return None

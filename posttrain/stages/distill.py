@@ -37,6 +37,7 @@ from ..checkpoint import train_from_last_checkpoint
 from ..config import ModelDir, TrainerSection
 from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
+from ..dist.trainable import forward_through
 from ..manifest import atomic_write_json, atomic_write_text
 from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
@@ -218,8 +219,9 @@ def distill_trainer_class():
             if not topk and self.teacher is None:
                 raise ValueError("offline distillation batch without cached teacher top-k (collator not wired)")
             labels = inputs["labels"][:, 1:]
-            loss, kd, nll = lean_distill_loss(
+            loss, kd, nll = forward_through(
                 model,
+                lean_distill_loss,
                 ids,
                 attention,
                 labels,
