@@ -301,3 +301,12 @@ def test_offline_distill_as_two_deepspeed_ranks(tmp_path, tiny_model_dir, teache
     assert m["processes"] == 2 and m["deepspeed_zero_stage"] == 2 and m["cache"] == "built"
     assert len(list((tmp_path / "run" / "distill" / "teacher_topk").iterdir())) == 1
     assert m["heldout_after"]["kl_to_teacher"] < 0.85 * m["heldout_before"]["kl_to_teacher"], m
+
+
+def test_top_k_above_the_teachers_vocabulary_is_refused_before_any_stage_runs(tmp_path, tiny_model_dir, teacher_dir):
+    from posttrain.config import ConfigError
+
+    path = _pipeline(tmp_path, tiny_model_dir, teacher_dir, top_k=TINY["vocab_size"] + 1)
+    with pytest.raises(ConfigError, match=rf"distill\.top_k={TINY['vocab_size'] + 1} is more than the teacher's"):
+        run_pipeline(load_pipeline(path))
+    assert not (tmp_path / "run" / "synth").exists()  # refused before the first stage

@@ -24,6 +24,7 @@ loss.png, report.md, and (offline, by default) teacher_topk/<key>/.
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from ..algos.kd import forward_kl_topk, generalized_jsd, mixed_loss
 from ..algos.logits import chunk_tokens_for, softcap
 from ..checkpoint import train_from_last_checkpoint
-from ..config import ModelDir, TrainerSection
+from ..config import ConfigError, ModelDir, TrainerSection
 from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
 from ..dist.trainable import forward_through
@@ -251,6 +252,16 @@ class Distill(Stage):
     optional_inputs = {"eval_data"}
     produces = {"model": "model"}
     trains = True
+
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        teacher_config = Path(str(inputs.get("teacher"))) / "config.json"
+        if cfg.mode != "offline" or not teacher_config.is_file():  # a teacher not made yet: checked again later
+            return
+        config = json.loads(teacher_config.read_text())
+        vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+        if vocab and cfg.top_k > vocab:
+            raise ConfigError(f"{name}.top_k={cfg.top_k} is more than the teacher's vocabulary ({vocab} tokens)")
 
     def setup(self) -> None:
         from ..distill_cache import cache_key, check_same_vocab, tokenize_for_loss

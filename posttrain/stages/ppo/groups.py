@@ -47,6 +47,8 @@ def sample_groups(
             [prompt_of(r) for r in scored_rows], [s.text for s in samples], scored_rows, training=True
         )
         shaped = shaped_score(cfg, scores.total, samples)
+        # Judged on the shaped score, as the advantages are: a group whose rewards tie but whose length
+        # penalties differ still has a gradient (DAPO judges accuracy, which its penalty leaves apart).
         informative = (
             G.informative_groups(shaped, n) if cfg.dynamic_sampling else torch.ones(len(prompt_idx), dtype=torch.bool)
         )
