@@ -89,7 +89,7 @@ def make_pairs(n: int, seed: int) -> list[dict]:
 
 def build_inputs(work: Path, vocabs: list[int], n_pairs: int, seed: int) -> dict:
     """The pairs (those within max_length for both heads) and one saved causal LM per vocabulary size."""
-    from posttrain.implicit_rm import tokenize_pairs
+    from posttrain.pairs import tokenize_pairs
     from posttrain.models import ModelConfig, build_tiny_model, count_parameters, save_model_dir, train_tokenizer
 
     pairs = make_pairs(n_pairs, seed)
@@ -276,7 +276,7 @@ def child_main(spec_path: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     from posttrain.models import count_parameters, load_tokenizer
-    from posttrain.implicit_rm import tokenize_pairs
+    from posttrain.pairs import tokenize_pairs
     from posttrain.stages.rm import RMConfig, build_implicit_trainer, build_trainer, load_reward_init, pairs_dataset
 
     rows = json.loads(Path(spec["pairs"]).read_text())
