@@ -128,7 +128,7 @@ def measure(model_dir: Path, teacher, eval_rows: list[dict], tokenizer) -> dict:
     from posttrain.tasks import answer_accuracy
 
     model = load_model(model_dir, device="cpu")
-    examples = tokenize_for_loss(tokenizer, eval_rows, 128)
+    examples = tokenize_for_loss(tokenizer, eval_rows)
     held = heldout_metrics(model, teacher, examples, tokenizer.pad_token_id)
     samples = HFEngine(model, tokenizer).generate(
         [r["messages"][:-1] for r in eval_rows], SamplingConfig(max_new_tokens=32, batch_size=100)

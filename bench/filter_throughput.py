@@ -3,7 +3,7 @@
 Generates synthetic conversational rows (clean, PII, exact and near duplicates, unsafe, wrong identity,
 unfinished) to a temp file first, so generation is not timed. Then, each measurement in a fresh child
 process (clean peak RSS, threads pinned):
-  - baseline: read + json.loads + write every line (the I/O floor any filter pays);
+  - baseline: read + parse + read the messages as the stage does + write every line (the floor any filter pays);
   - all filters on the first 100k rows and on all rows: rows/s, peak RSS, dedup-index bytes;
   - each filter alone vs all filters on a --per-filter-rows prefix;
   - near-dedup baseline: datasketch MinHash + MinHashLSH, row by row, vs our batched NearDupIndex.
@@ -173,15 +173,17 @@ def index_bytes(stream) -> int:
 
 
 def child_io(args) -> dict:
-    from posttrain.filters import shape_error
+    """The floor: each line read, parsed and its messages read as the stage reads them, then written."""
+    from posttrain.data.formats import normalise_messages
+    from posttrain.data.readers import parse_line
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     n = 0
-    with open(args.src) as fin, open(Path(args.workdir) / "io.jsonl", "w") as fout:
+    with open(args.src, "rb") as fin, open(Path(args.workdir) / "io.jsonl", "wb") as fout:
         for line in fin:
-            if shape_error(json.loads(line)) is None:
-                fout.write(line)
-                n += 1
+            normalise_messages(parse_line(line)["messages"])
+            fout.write(line)
+            n += 1
     return {
         "rows": n,
         "seconds": time.perf_counter() - t0,

@@ -109,6 +109,7 @@ def _positive_int(text: str) -> int:
 def _data_command(args) -> int:
     """`posttrain data preview|convert`: exit 0, 1 on a data problem, 2 on a bad argument."""
     from .data import DataError, SkipReport, convert_to_jsonl, iter_rows
+    from .data.conversations import json_value
 
     try:
         renames = dict(item.split("=", 1) for item in args.columns.split(",") if item.strip())
@@ -128,7 +129,7 @@ def _data_command(args) -> int:
             rows = iter_rows(spec, None, need_final_assistant=False)
             try:
                 for _, row in itertools.islice(rows, max(args.n, 0)):
-                    print(json.dumps(row, ensure_ascii=False, default=str))
+                    print(json.dumps(row, ensure_ascii=False, default=json_value))
             finally:
                 # Finish the reader now (datasets' Parquet stream and its pyarrow threads), not at interpreter
                 # exit, where a trial saw 3 of 10 concurrent previews abort ("terminate called without an active

@@ -196,7 +196,7 @@ class TrainerSection(Section):
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
     max_length: int = Field(256, ge=8)
-    """Longest tokenized sequence; longer ones are truncated."""
+    """Longest tokenized example (conversation, or pair: prompt + longer answer); longer ones are left out, not cut."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: less memory, slower steps (~1.4x on tiny CPU models)."""
     logging_steps: int = Field(10, ge=1)

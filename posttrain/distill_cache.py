@@ -63,11 +63,11 @@ def check_same_vocab(
         )
 
 
-def tokenize_for_loss(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+def tokenize_for_loss(tokenizer, rows: list[dict]) -> list[dict]:
     """Each conversation as {input_ids, labels, row_id}: labels are -100 except assistant tokens.
 
-    The same masking SFT trains with (TRL's `{% generation %}` variant of the Gemma template), truncated
-    to the first `max_length` tokens; rows left without an assistant token are dropped.
+    The same masking SFT trains with (TRL's `{% generation %}` variant of the Gemma template), whole (the
+    stage leaves out those longer than its max_length); rows without an assistant token to learn are dropped.
     """
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
@@ -77,7 +77,7 @@ def tokenize_for_loss(tokenizer, rows: list[dict], max_length: int) -> list[dict
         enc = tokenizer.apply_chat_template(
             row["messages"], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
-        ids = list(enc["input_ids"])[:max_length]
+        ids = list(enc["input_ids"])
         labels = [t if m else -100 for t, m in zip(ids, enc["assistant_masks"])]
         if any(label != -100 for label in labels[1:]):
             out.append({"input_ids": ids, "labels": labels, "row_id": row_id})

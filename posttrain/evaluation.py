@@ -146,7 +146,7 @@ def answer_metrics(
 
     Each slice counts only the rows that carry the column it reads: accuracy the rows with an `answer`,
     the safety and identity slices the rows with a `task` (None where no row has it; see `slice_skips`)."""
-    answered = [(r, c) for r, c in zip(rows, completions, strict=True) if "answer" in r]
+    answered = [(r, c) for r, c in zip(rows, completions, strict=True) if r.get("answer") is not None]
     tasked = [(r, c) for r, c in zip(rows, completions, strict=True) if "task" in r]
     task_rows, task_texts = [r for r, _ in tasked], [c for _, c in tasked]
     safety = (

@@ -38,19 +38,6 @@ def hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def shape_error(obj) -> Optional[str]:
-    """Why `obj` cannot be read as a conversation at all (malformed), or None."""
-    if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
-    msgs = obj.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "missing or empty 'messages' list"
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            return f"message {i}: expected an object with string 'role' and 'content'"
-    return None
-
-
 def structure_problem(
     row: dict,
     require_final_assistant: bool = True,

@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -107,6 +109,32 @@ def load_reward_function(path: str, function: str) -> Callable:
     return fn
 
 
+def _is_number(v) -> bool:
+    """A real number (Python, NumPy or a one-element tensor); True/False and strings are not."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _first_not_a_number(out) -> str:
+    i, v = next((i, v) for i, v in enumerate(out) if not _is_number(v))
+    return f"{type(v).__name__} {v!r:.60} at position {i}"
+
+
+def _reward_values(out) -> Optional[torch.Tensor]:
+    """A rule's return value as a float tensor, or None when it is not a sequence of real numbers (a dict would
+    give its keys, strings and booleans would pass float())."""
+    if isinstance(out, (torch.Tensor, np.ndarray)):
+        if isinstance(out, np.ndarray) and out.dtype.kind not in "iuf":  # objects, strings, booleans
+            return None
+        t = torch.as_tensor(out)
+        ok = t.dim() == 1 and not t.dtype.is_complex and t.dtype != torch.bool
+        return t.detach().float().cpu() if ok else None
+    if not isinstance(out, (list, tuple)) or not all(map(_is_number, out)):
+        return None
+    return torch.tensor([float(v) for v in out], dtype=torch.float32)
+
+
 def call_rule(spec: RuleSpec, fn: Callable, prompts, completions, columns: dict) -> torch.Tensor:
     """Call a rule reward and check it returned one finite float per completion."""
     try:
@@ -115,18 +143,36 @@ def call_rule(spec: RuleSpec, fn: Callable, prompts, completions, columns: dict)
         raise RewardFunctionError(
             f"rule reward {spec.path}:{spec.function} raised {type(err).__name__}: {err}"
         ) from err
-    try:
-        values = torch.tensor([float(v) for v in out], dtype=torch.float32)
-    except (TypeError, ValueError) as err:
+    values = _reward_values(out)
+    if values is None:
+        got = type(out).__name__ if not isinstance(out, (list, tuple)) else _first_not_a_number(out)
         raise RewardFunctionError(
-            f"rule reward {spec.path}:{spec.function} must return a list of floats: {err}"
-        ) from None
+            f"rule reward {spec.path}:{spec.function} must return a list (or 1-d tensor or array) of real numbers, "
+            f"one per completion; got {got}"
+        )
     if values.shape != (len(completions),):
         raise RewardFunctionError(
             f"rule reward {spec.path}:{spec.function} returned {values.numel()} values "
             f"for {len(completions)} completions"
         )
     return values
+
+
+def rule_keys(rules: list[RuleSpec]) -> list[str]:
+    """The name each rule's scores go by (Scores.parts, logged as reward/<name>): its function name; where two
+    rules share one, `file_stem.function`; where that is shared too (one function, other kwargs), the rule's
+    position in the list appended: `function#i`."""
+    out = []
+    for i, spec in enumerate(rules):
+        same = [r for r in rules if r.function == spec.function]
+        stem = Path(spec.path).stem
+        if len(same) == 1:
+            out.append(spec.function)
+        elif sum(Path(r.path).stem == stem for r in same) == 1:
+            out.append(f"{stem}.{spec.function}")
+        else:
+            out.append(f"{spec.function}#{i}")
+    return out
 
 
 class RunningMoments:
@@ -177,6 +223,7 @@ class Scorer:
     ):
         self.cfg, self.device = cfg, torch.device(device)
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
+        self.rule_keys = rule_keys(cfg.rules)
         # What each rule reads, from its signature once (missing_columns runs for every scored batch).
         self.rule_columns = [
             (spec, [c for c in required_columns(fn) if c not in spec.kwargs]) for spec, fn in self.rules
@@ -274,19 +321,14 @@ class Scorer:
         if self.rules:
             self.check_rows(rows)
         columns = _columns(rows)
-        for spec, fn in self.rules:
-            parts[spec.function] = call_rule(spec, fn, prompts, completions, columns)
-            total += spec.weight * parts[spec.function]
-        for name, values in parts.items():
+        for (spec, fn), key in zip(self.rules, self.rule_keys):
+            parts[key] = call_rule(spec, fn, prompts, completions, columns)
+            total += spec.weight * parts[key]
+        sources = ["the reward model " + str(self.cfg.reward_model or "")] if self.rm is not None else []
+        sources += [f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules]
+        for source, values in zip(sources, parts.values()):
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
             if bad:
-                source = (
-                    "the reward model " + str(self.cfg.reward_model or "")
-                    if name == "reward_model"
-                    else next(
-                        f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules if spec.function == name
-                    )
-                )
                 raise FloatingPointError(
                     f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
                     f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}"

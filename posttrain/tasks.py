@@ -111,20 +111,27 @@ def make_example(task: str, rng: random.Random, **params) -> dict:
     }
 
 
-def normalise_answer(text: str) -> str:
-    """Comparison form of an answer: surrounding space and a final period ignored, spaces folded."""
-    return " ".join(text.strip().rstrip(".").split()).lower()
+def normalise_answer(text) -> str:
+    """Comparison form of an answer: surrounding space and a final period ignored, spaces folded. A number (a
+    data set's numeric answer column) compares as written, 12.0 as 12; null has no comparison form."""
+    if text is None:
+        raise ValueError("an answer is null (rows without an oracle answer need no 'answer' value to be compared)")
+    if isinstance(text, float) and text.is_integer():
+        text = int(text)
+    return " ".join(str(text).strip().rstrip(".").split()).lower()
 
 
 def answer_accuracy(rows: list[dict], completions: list[str]) -> dict:
     """Share of completions equal to the row's oracle answer, overall and per task."""
     per_task: dict[str, list[int]] = {}
     for row, text in zip(rows, completions, strict=True):
+        if row["answer"] is None:  # no oracle answer for this row: not counted
+            continue
         ok = int(normalise_answer(text) == normalise_answer(row["answer"]))
         per_task.setdefault(row.get("task", "?"), []).append(ok)
     hits = [h for v in per_task.values() for h in v]
     return {
-        "overall": round(sum(hits) / max(len(hits), 1), 4),
+        "overall": round(sum(hits) / len(hits), 4) if hits else None,
         "n": len(hits),
         **{t: round(sum(v) / len(v), 4) for t, v in sorted(per_task.items())},
     }

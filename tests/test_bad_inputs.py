@@ -215,6 +215,23 @@ CASES = {
             + "\n"
         },
     ),
+    "rm with no pair within max_length": _plain(
+        "stages: [rm]\nrm: {{model: {model}, prefs_train: {d}/p.jsonl, max_length: 8}}\n",
+        r"rm.max_length=8: none of the 1 training pairs fits \(the shortest has \d+ tokens\)",
+        {
+            "p.jsonl": json.dumps(
+                {
+                    "chosen": CONV["messages"],
+                    "rejected": CONV["messages"][:1] + [{"role": "assistant", "content": "no"}],
+                }
+            )
+            + "\n"
+        },
+    ),
+    "sft with no conversation within max_length": _plain(
+        "stages: [sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl, max_length: 8}}\n",
+        r"sft.max_length=8: none of the 16 training conversations fits",
+    ),
     "grpo with greedy samples": _plain(
         "stages: [ppo]\nppo: {{advantage: grpo, sampling: {{n: 4, temperature: 0}}}}\n",
         r"ppo: .*sampling.temperature 0 \(greedy\) makes them one answer",

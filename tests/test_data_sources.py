@@ -364,7 +364,7 @@ BAD = {  # format -> (good row, bad row, column at fault, message)
         {"prompt": "p", "chosen": "a", "rejected": "b"},
         {"prompt": "p", "chosen": "a", "rejected": [U("other"), A("b")]},
         "rejected",
-        r"message 1: role 'user', expected 'assistant'",
+        r"'rejected' is a whole conversation but its prompt turns differ from the 'prompt' column",
     ),
     "hh": (
         {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"},

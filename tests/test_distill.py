@@ -198,7 +198,7 @@ def test_cache_built_reused_and_rebuilt(tmp_path, tiny_model_dir, teacher_dir):
 
     cache = TopKCache.load(cache_file.parent)
     rows = read_conversations(tmp_path / "run" / "synth" / "train.jsonl")
-    example = tokenize_for_loss(load_tokenizer(tiny_model_dir), rows[:3], 64)[2]
+    example = tokenize_for_loss(load_tokenizer(tiny_model_dir), rows[:3])[2]
     positions, indices, logprobs = cache.row(example["row_id"])
     with torch.no_grad():
         logits = load_model(teacher_dir, device="cpu")(input_ids=torch.tensor([example["input_ids"]])).logits[0]
@@ -256,7 +256,7 @@ def test_offline_distillation_moves_student_toward_teacher(tmp_path, tiny_model_
     assert (out / "loss.png").stat().st_size > 1000 and "kl_to_teacher" in (out / "report.md").read_text()
     # the reported held-out KL is the algos.kd forward KL of the saved student, recomputed here
     tok = load_tokenizer(out / "model")
-    examples = tokenize_for_loss(tok, read_conversations(tmp_path / "run" / "synth" / "eval.jsonl"), 64)
+    examples = tokenize_for_loss(tok, read_conversations(tmp_path / "run" / "synth" / "eval.jsonl"))
     batch = pad_batch(examples, tok.pad_token_id)
     with torch.no_grad():
         model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

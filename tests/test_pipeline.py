@@ -83,11 +83,12 @@ def test_single_stage_uses_earlier_artifacts_or_names_missing_input(tmp_path):
 
 
 def test_a_base_built_from_config_without_data_is_refused_before_any_work(tmp_path):
-    """base trains its tokenizer on the data before it: with no data stage and no `base.path`, the whole-
-    pipeline check says so, instead of the stage failing once the run reaches it."""
+    """base trains its tokenizer on its train_data or the data before it: with neither and no `base.path`, the
+    whole-pipeline check says so, instead of the stage failing once the run reaches it."""
     (tmp_path / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     body = f"stages: [base, sft]\nbase: {json.dumps(TINY)}\nsft: {{train_data: {tmp_path / 'train.jsonl'}}}\n"
-    with pytest.raises(MissingInput, match=r"stage 'base' needs input 'train_data': run a stage .* set base.path"):
+    expected = r"'base' needs input 'train_data': set base.train_data .* run a stage .* set base.path"
+    with pytest.raises(MissingInput, match=expected):
         _run(write_pipeline(tmp_path, body))
     assert not (tmp_path / "run" / "base").exists()
 

@@ -82,7 +82,14 @@ def iter_conversations(
         yield lineno, obj
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict], default: Optional[Callable[[Any], Any]] = None) -> int:
+def json_value(value: Any) -> Any:
+    """json.dumps' fallback for the values data sets hold that JSON has no type for: dates and times as ISO
+    8601 text (Parquet and Arrow timestamp columns), anything else (Decimal, ...) as its str()."""
+    iso = getattr(value, "isoformat", None)
+    return iso() if callable(iso) else str(value)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict], default: Callable[[Any], Any] = json_value) -> int:
     """Write rows to `path` atomically (temp file + rename); return the row count. `default` is json.dumps'
     fallback for values JSON has no type for."""
     path = Path(path)
@@ -90,7 +97,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], default: Optional[Callab
     fd, tmp = temp_file_beside(path)
     n = 0
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=default) + "\n")
                 n += 1

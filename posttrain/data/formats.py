@@ -310,6 +310,12 @@ def _side(value, column: str, role: str) -> list[dict]:
     return _turns(value, column)
 
 
+def normalise_messages(value, system: SystemMode = "fold") -> list[dict]:
+    """A `messages` value -> [{"role", "content"}]: role aliases mapped, text parts joined, system turns per
+    `system`; RowError if it cannot be read. Turn order and empty turns are not judged (the filter counts them)."""
+    return _system(_turns(value, "messages"), system, "messages")
+
+
 def _messages(row: dict) -> list[dict]:
     return _turns(row["messages"], "messages")
 
@@ -325,11 +331,14 @@ def _alpaca(row: dict) -> list[dict]:
 
 
 def _prompt_completion(row: dict) -> list[dict]:
-    return _side(row["prompt"], "prompt", "user") + _side(row["completion"], "completion", "assistant")
+    completion = row["completion"]
+    if _hh_prompt(row["prompt"]) and isinstance(completion, str):
+        completion = completion.strip()
+    return _prompt(row) + _side(completion, "completion", "assistant")
 
 
 def _prompt(row: dict) -> list[dict]:
-    return _side(row["prompt"], "prompt", "user")
+    return _hh_prompt(row["prompt"]) or _side(row["prompt"], "prompt", "user")
 
 
 _CONVERSATIONS = {
@@ -348,8 +357,12 @@ def _same(a: list[dict], b: list[dict]) -> bool:
 
 
 def _preference(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
-    """prompt (string, messages or absent) + chosen/rejected (answers, or conversations that may repeat it)."""
-    prompt = [] if row.get("prompt") is None else _side(row["prompt"], "prompt", "user")
+    """prompt (string, HH transcript, messages or absent) + chosen/rejected (answers, or conversations that may
+    repeat the prompt turns: UltraFeedback does, others don't)."""
+    value = row.get("prompt")
+    transcript = _hh_prompt(value)
+    prompt = transcript or ([] if value is None else _side(value, "prompt", "user"))
+    asked = [m for m in prompt if m["role"] != "system"]
     sides = []
     for column in ("chosen", "rejected"):
         value = row[column]
@@ -360,13 +373,36 @@ def _preference(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
                     "a string answer needs a 'prompt' column (or give whole conversations as lists of messages)",
                     "string answer without a prompt",
                 )
-            turns = prompt + [{"role": "assistant", "content": value}]
+            answer = (
+                value.strip() if transcript else value
+            )  # rm-static's answers open with the space after "Assistant:"
+            turns = prompt + [{"role": "assistant", "content": answer}]
         else:
             turns = _turns(value, column)
-            if not _same(turns[: len(prompt)], prompt):  # UltraFeedback repeats the prompt inside; others don't
+            said = [m for m in turns if m["role"] != "system"]  # a system turn of its own does not hide a repeat
+            if asked and not _same(said[: len(asked)], asked):
+                if said[0]["role"] == "user":
+                    raise RowError(
+                        column,
+                        f"{column!r} is a whole conversation but its prompt turns differ from the 'prompt' column",
+                        "prompt does not match chosen/rejected",
+                    )
                 turns = prompt + turns
         sides.append(_system(turns, system, column))
     return sides[0], sides[1]
+
+
+def _hh_prompt(value) -> Optional[list[dict]]:
+    """The turns of a prompt column that holds an HH transcript ending on an open 'Assistant:' turn (the layout of
+    Dahoas/rm-static), or None for any other prompt."""
+    if (
+        not isinstance(value, str)
+        or not value.lstrip().startswith("Human:")
+        or not value.rstrip().endswith("Assistant:")
+    ):
+        return None
+    turns = _hh_turns("\n\n" + value.strip(), "prompt")
+    return turns[:-1] if turns and turns[-1]["role"] == "assistant" and not turns[-1]["content"] else None
 
 
 def _hh_turns(value, column: str) -> list[dict]:
@@ -404,5 +440,7 @@ def _check_pair(chosen: list[dict], rejected: list[dict], row: dict) -> None:
             raise RowError(column, f"{column!r} must end with an assistant turn", "no final assistant turn")
     if chosen[:-1] != rejected[:-1]:
         raise RowError("rejected", "'chosen' and 'rejected' must share the same prompt turns", "prompts differ")
+    if _same(chosen[-1:], rejected[-1:]):
+        raise RowError("rejected", "'chosen' and 'rejected' give the same answer: it prefers nothing", "same answer")
     if "margin" in row and (isinstance(row["margin"], bool) or not isinstance(row["margin"], (int, float))):
         raise RowError("margin", f"'margin' must be a number, got {row['margin']!r}", "margin not a number")

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
+import io
 import json
 from array import array
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 from .conversations import DataError
-from .spec import SUFFIXES, hub_snapshot
+from .spec import SUFFIXES, data_suffix, glob_files, hub_snapshot
 
 BATCH = 1024
 """Rows per batch read from Arrow-backed files (and per chunk of a shuffled read)."""
@@ -78,9 +80,14 @@ class DataFile:
         return next(iter(self.rows()), None)
 
 
+def _open_bytes(path: Path):
+    """The file's bytes, decompressed when its name ends in .gz."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
 def _utf8_problem(path: Path) -> DataError:
     """Name the first line of `path` that is not valid UTF-8 (for readers that only say the file has one)."""
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for lineno, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")
@@ -92,7 +99,8 @@ def _utf8_problem(path: Path) -> DataError:
     return DataError(f"{path}: invalid UTF-8; save the file as UTF-8")
 
 
-def _parse_line(raw: bytes) -> Union[dict, BadRow]:
+def parse_line(raw: bytes) -> Union[dict, BadRow]:
+    """One line of a JSON-lines file -> its object, or a BadRow saying why not (UTF-8, JSON, not an object)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -108,12 +116,24 @@ def _parse_line(raw: bytes) -> Union[dict, BadRow]:
     return obj
 
 
+_ONE_OBJECT = (
+    "the file looks like one JSON object over several lines; rows must be JSON lines (one object per line) or a "
+    'top-level array of objects (rows stored under a key, {"data": [...]}, must be taken out of it)'
+)
+
+
+def _opens_an_object(first_line: bytes) -> bool:
+    """A first line that opens an object it does not close ('{' or '{"data": ['), as a pretty-printed file has."""
+    text = first_line.strip()
+    return text.startswith(b"{") and not text.endswith(b"}")
+
+
 class JsonFile(DataFile):
     """JSON lines (one object per line), or one top-level array of objects, streamed."""
 
     def __init__(self, path: Path):
         self.path, self.name = path, str(path)
-        with open(path, "rb") as f:
+        with _open_bytes(path) as f:
             head = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
         self.array = head.startswith(b"[")
         self._index: Optional[tuple[array, array]] = None
@@ -123,21 +143,24 @@ class JsonFile(DataFile):
         if self.array:
             yield from self._array_rows()
             return
-        with open(self.path, "rb") as f:
+        with _open_bytes(self.path) as f:
             row = 0
             for lineno, raw in enumerate(f, 1):
                 if lineno == 1:
                     raw = raw.removeprefix(codecs.BOM_UTF8)
                 if raw.strip():
                     row += 1
-                    yield Loc(self.name, row, lineno), _parse_line(raw)
+                    got = parse_line(raw)
+                    if row == 1 and isinstance(got, BadRow) and _opens_an_object(raw):
+                        got = BadRow(f"{got.message}: {_ONE_OBJECT}", got.reason)
+                    yield Loc(self.name, row, lineno), got
 
     def _array_rows(self) -> Iterator[Raw]:
         """Objects of a top-level array, decoded one at a time from a sliding buffer (memory: one chunk plus
         the largest object). An error inside the array ends the read: the rest cannot be trusted."""
         decoder = json.JSONDecoder()
         try:
-            f = open(self.path, encoding="utf-8-sig")
+            f = io.TextIOWrapper(_open_bytes(self.path), encoding="utf-8-sig")
             with f:
                 buf, pos, line, row, done = f.read(_CHUNK), 0, 1, 0, False
 
@@ -194,7 +217,7 @@ class JsonFile(DataFile):
         """Byte offset and line number of every non-empty line (16 bytes a row), for reads by index."""
         if self._index is None:
             offsets, lines = array("q"), array("q")
-            with open(self.path, "rb") as f:
+            with _open_bytes(self.path) as f:
                 pos = 0
                 for lineno, raw in enumerate(f, 1):
                     if raw.strip():
@@ -221,11 +244,11 @@ class JsonFile(DataFile):
             return [rows[i] for i in indices]
         offsets, lines = self._line_index()
         out = []
-        with open(self.path, "rb") as f:
+        with _open_bytes(self.path) as f:
             for i in indices:
                 f.seek(offsets[i])
                 raw = f.readline()
-                out.append((Loc(self.name, i + 1, lines[i]), _parse_line(raw.removeprefix(codecs.BOM_UTF8))))
+                out.append((Loc(self.name, i + 1, lines[i]), parse_line(raw.removeprefix(codecs.BOM_UTF8))))
         return out
 
 
@@ -357,8 +380,8 @@ def pick_split(where: str, splits: list[str], split: Optional[str]) -> str:
 
 def open_file(path: Path) -> DataFile:
     """A data file by its suffix."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    suffix = data_suffix(path)
+    if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
         return JsonFile(path)
     if suffix in (".parquet", ".csv", ".arrow"):
         return ArrowBackedFile(path, suffix[1:])
@@ -378,7 +401,7 @@ def _directory_files(path: Path, split: Optional[str]) -> list[DataFile]:
         raise DataError(f"{path}: a directory with no data files (and not a save_to_disk directory)") from None
     chosen = pick_split(str(path), [str(s) for s in files], split)
     found = [Path(f) for f in files[chosen]]
-    usable = [f for f in found if f.suffix.lower() in SUFFIXES]
+    usable = [f for f in found if data_suffix(f) in SUFFIXES]
     if not usable:
         raise DataError(
             f"{path}: split {chosen!r} has no data file of a supported type ({', '.join(SUFFIXES)}); "
@@ -390,7 +413,11 @@ def _directory_files(path: Path, split: Optional[str]) -> list[DataFile]:
 def open_source_files(path: str, split: Optional[str] = None) -> list[DataFile]:
     """The data files a source path names, for one split: a file, a save_to_disk directory, a directory of
     data files, or a data set in the local hub cache (never downloaded)."""
-    p = Path(path)
+    p, matched = Path(path), glob_files(path)
+    if matched:
+        if split is not None:
+            raise DataError(f"{path}: split {split!r} is set but a pattern names files, not splits")
+        return [open_file(f) for f in matched]
     if p.is_file():
         if split is not None:
             raise DataError(f"{path}: split {split!r} is set but this is a single file (it has one split)")

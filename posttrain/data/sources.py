@@ -285,4 +285,4 @@ def convert_to_jsonl(
     Values JSON has no type for (timestamps, say) are written as their string form.
     """
     rows = (row for _, row in iter_rows(source, kind, need_final_assistant=False, skipped=skipped, seed=seed))
-    return write_jsonl(out, rows, default=str)
+    return write_jsonl(out, rows)

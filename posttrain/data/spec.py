@@ -12,6 +12,7 @@ local file or directory nor a data set in the local Hugging Face hub cache. Noth
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from pathlib import Path
@@ -24,8 +25,8 @@ from ..config import Section
 from .conversations import DataError
 from .formats import FORMAT_NAMES
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
-"""File types a source may name (a directory may hold them too)."""
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".arrow")
+"""File types a source may name (a directory may hold them too); JSON may be gzip-compressed (hh-rlhf is)."""
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 Format = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
 
@@ -46,12 +47,38 @@ def hub_snapshot(name: str) -> Optional[Path]:
     return snapshots[-1] if snapshots else None
 
 
+def data_suffix(path: Path) -> str:
+    """The file type by name, lower-cased: '.jsonl', or '.jsonl.gz' for a compressed one ('' for none)."""
+    suffixes = [x.lower() for x in path.suffixes]
+    return "".join(suffixes[-2:]) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
+
+
+def glob_files(value: str) -> Optional[list[Path]]:
+    """The files a glob pattern (`data/train-*.parquet`, `shards/**/*.jsonl`) matches, sorted; None when `value`
+    is not a pattern (or names an existing path that happens to hold * ? or [)."""
+    if not any(c in value for c in "*?[") or Path(value).exists():
+        return None
+    return sorted(p for p in map(Path, glob.glob(value, recursive=True)) if p.is_file())
+
+
 def check_source_path(value: str) -> str:
-    """A local file of a known type, a directory, or a data set name found in the local hub cache."""
+    """A local file of a known type, a glob pattern matching such files, a directory, or a data set name found
+    in the local hub cache."""
+    matched = glob_files(value)
+    if matched is not None:
+        if not matched:
+            raise ValueError(f"the pattern {value!r} matches no file (relative paths are read from {os.getcwd()})")
+        odd = [p for p in matched if data_suffix(p) not in SUFFIXES]
+        if odd:
+            raise ValueError(
+                f"the pattern {value!r} matches {odd[0]}, of unsupported type {data_suffix(odd[0]) or '(none)'!r}; "
+                f"a data file must be one of {', '.join(SUFFIXES)} (narrow the pattern)"
+            )
+        return value
     path = Path(value)
-    if path.is_file() and path.suffix.lower() not in SUFFIXES:
+    if path.is_file() and data_suffix(path) not in SUFFIXES:
         raise ValueError(
-            f"unsupported file type {path.suffix or '(none)'!r} for {value!r}; a data file must be "
+            f"unsupported file type {data_suffix(path) or '(none)'!r} for {value!r}; a data file must be "
             f"one of {', '.join(SUFFIXES)}"
         )
     if path.exists() or hub_snapshot(value) is not None:
@@ -182,7 +209,9 @@ def source_files(value) -> list[str]:
     `refs/` directory (the revision), so a new download re-runs the stage without hashing gigabytes."""
     out = []
     for spec in as_specs(value):
-        if Path(spec.path).exists():
+        if (matched := glob_files(spec.path)) is not None:
+            out.extend(map(str, matched))
+        elif Path(spec.path).exists():
             out.append(spec.path)
         elif (snapshot := hub_snapshot(spec.path)) is not None:
             refs = snapshot.parent.parent / "refs"

@@ -6,23 +6,33 @@ model of a seed family built from config with a tokenizer trained on the run's o
 
 from __future__ import annotations
 
-from ..data import iter_jsonl
+from ..data import DataSource, iter_rows
 from ..models import ModelConfig, build_tiny_model, count_parameters, load_model, load_tokenizer, save_model_dir
 from ..models import check_model_dir, train_tokenizer
 from .base import Stage
 
 
-def _texts(path: str):
-    """Text the tokenizer learns from: every message of the training set, plus the role names."""
+class BaseConfig(ModelConfig):
+    """Config of the base stage."""
+
+    train_data: DataSource = None
+    """Text a built model's tokenizer learns from (any data source: conversations, prompts or pairs); default:
+    the latest data stage's output. Not read when `path` is set."""
+
+
+def _texts(source):
+    """Text the tokenizer learns from: every message of the source's rows (either side of a pair), plus the
+    role names."""
     yield "user\nmodel\n"
-    for _, row in iter_jsonl(path):
-        for m in row.get("messages", []):
-            yield m.get("content", "")
+    for _, row in iter_rows(source, None, need_final_assistant=False):
+        for key in ("messages", "chosen", "rejected"):
+            for m in row.get(key, []):
+                yield m["content"]
 
 
 class BaseModel(Stage):
     name = "base"
-    Config = ModelConfig
+    Config = BaseConfig
     consumes = {"train_data": "train_data"}
     optional_inputs = {"train_data"}
     input_hints = {"train_data": "or set base.path to a model directory (a built model trains its tokenizer on it)"}
@@ -47,7 +57,7 @@ class BaseModel(Stage):
         data = self.ctx.inputs.get("train_data")
         if not data:
             raise ValueError(
-                "base: building a tiny model needs training text for its tokenizer: "
+                "base: building a tiny model needs training text for its tokenizer: set base.train_data, "
                 "put a data stage (synth) before base, or set base.path to a model directory"
             )
         self.tokenizer = train_tokenizer(_texts(data), self.cfg.vocab_size)

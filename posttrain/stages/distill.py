@@ -44,7 +44,14 @@ from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
 from ..rollout import hidden_at
 from .base import Stage
-from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
+from .trainer_common import (
+    finish_trainer_stage,
+    greedy_accuracy,
+    keep_fitting,
+    load_saved,
+    save_trained_model,
+    training_arguments,
+)
 
 
 class DistillConfig(TrainerSection):
@@ -264,7 +271,7 @@ class Distill(Stage):
             raise ConfigError(f"{name}.top_k={cfg.top_k} is more than the teacher's vocabulary ({vocab} tokens)")
 
     def setup(self) -> None:
-        from ..distill_cache import cache_key, check_same_vocab, tokenize_for_loss
+        from ..distill_cache import cache_key, check_same_vocab
 
         inp, c = self.ctx.inputs, self.cfg
         self.tokenizer = load_tokenizer(inp["model"])
@@ -283,9 +290,10 @@ class Distill(Stage):
         )
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
-        self.answer_rows = [r for r in self.eval_rows if "answer" in r]  # the accuracy check needs an oracle answer
-        self.train_examples = tokenize_for_loss(self.tokenizer, self.train_rows, c.max_length)
-        self.eval_examples = tokenize_for_loss(self.tokenizer, self.eval_rows, c.max_length)
+        # the accuracy check needs an oracle answer
+        self.answer_rows = [r for r in self.eval_rows if r.get("answer") is not None]
+        self.train_examples, self.too_long = self._fitting(self.train_rows, "training conversations")
+        self.eval_examples, _ = self._fitting(self.eval_rows, "held-out conversations")
         self.cache = None
         if c.mode == "offline":
             self.cache_root = Path(c.cache_dir) if c.cache_dir else self.ctx.dir / "teacher_topk"
@@ -378,8 +386,15 @@ class Distill(Stage):
             teacher=self.teacher if c.mode == "online" else None,
         )
 
+    def _fitting(self, rows: list[dict], what: str) -> tuple[list[dict], int]:
+        from ..distill_cache import tokenize_for_loss
+
+        examples = tokenize_for_loss(self.tokenizer, rows)
+        lengths = [len(e["input_ids"]) for e in examples]
+        return keep_fitting(examples, lengths, self.cfg.max_length, self.ctx.name, what)
+
     def train(self) -> dict:
-        metrics = {"mode": self.cfg.mode}
+        metrics = {"mode": self.cfg.mode, "train_rows": len(self.train_examples), "train_rows_too_long": self.too_long}
         if self.cfg.mode == "offline":
             metrics.update(self._open_cache())
         if self.ctx.is_main and self.eval_examples:

@@ -39,13 +39,20 @@ from ..checkpoint import train_from_last_checkpoint
 from ..config import LoraSection, ModelDir, TrainerSection
 from ..data import DataSource, read_rows
 from ..dist.rank import torch_dtype
-from ..pairs import PairCollator, TokenizedPair, tokenize_pairs
+from ..pairs import PairCollator, TokenizedPair
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer, stop_token_ids
 from ..plots import curves_from_log_history, plot_curves
 from ..rollout import RolloutBatch, token_logprobs
 from .base import Stage
-from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
+from .trainer_common import (
+    finish_trainer_stage,
+    greedy_accuracy,
+    fitting_pairs,
+    load_saved,
+    save_trained_model,
+    training_arguments,
+)
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
 CURVES = {
@@ -303,25 +310,18 @@ class DPO(Stage):
             if own_copy
             else None
         )
-        self.train_pairs, self.too_long = self._pairs(inp["prefs_train"])
-        if not self.train_pairs:
-            raise ValueError(
-                f"{self.ctx.name}.max_length={self.cfg.max_length}: none of the {self.too_long} training pairs "
-                f"fits (prompt and longer answer, in tokens); raise it"
-            )
-        self.eval_pairs, _ = self._pairs(inp["prefs_eval"]) if inp.get("prefs_eval") else ([], 0)
+        self.train_pairs, self.too_long = self._pairs(inp["prefs_train"], "training pairs")
+        self.eval_pairs, _ = self._pairs(inp["prefs_eval"], "held-out pairs") if inp.get("prefs_eval") else ([], 0)
         rows = (
             read_rows(inp["eval_data"], seed=self.ctx.seed)[: c.eval_samples]
             if inp.get("eval_data") and c.eval_samples
             else []
         )
-        self.eval_rows = rows if all("answer" in r for r in rows) else []
+        self.eval_rows = [r for r in rows if r.get("answer") is not None]  # the accuracy check needs an oracle
 
-    def _pairs(self, path: str) -> tuple[list[tuple[dict, TokenizedPair]], int]:
-        """(row, tokenized pair) of the pairs that fit max_length, and how many did not."""
+    def _pairs(self, path: str, what: str) -> tuple[list[tuple[dict, TokenizedPair]], int]:
         rows = read_rows(path, "preference", seed=self.ctx.seed)
-        fits = [(r, p) for r, p in zip(rows, tokenize_pairs(self.tokenizer, rows)) if p.length <= self.cfg.max_length]
-        return fits, len(rows) - len(fits)
+        return fitting_pairs(self.tokenizer, rows, self.cfg.max_length, self.ctx.name, what)
 
     def train(self) -> dict:
         c, metrics = self.cfg, {"train_pairs": len(self.train_pairs), "train_pairs_too_long": self.too_long}

@@ -271,7 +271,7 @@ class Eval(Stage):
                 [prompts[i] for i in idx], [texts[i] for i in idx], [self.rows[i] for i in idx]
             )
             values = torch.full((len(texts),), float("nan"))
-            values[idx] = sum(spec.weight * scores.parts[spec.function] for spec, _ in self.rule_scorer.rules)
+            values[idx] = scores.total  # the rules' weighted sum (this scorer has no reward model, no normalising)
             judged[self.rule_judge] = values
         if self.rm_scorer is not None:
             judged["reward_model"] = self.rm_scorer.score(prompts, texts, self.rows).parts["reward_model"]

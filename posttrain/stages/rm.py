@@ -36,13 +36,13 @@ from ..evaluation import DEFAULT_VERIFIERS
 from ..dist.trainable import end_sharded_init
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..implicit_rm import write_reward_head
-from ..pairs import PairCollator, tokenize_pairs
+from ..pairs import PairCollator
 from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves, pyplot, save_figure
 from ..scoring import RewardFunctionError, RuleSpec, Scorer, ScoringConfig
 from .base import Stage
-from .trainer_common import finish_trainer_stage, save_trained_model, training_arguments
+from .trainer_common import finish_trainer_stage, fitting_pairs, save_trained_model, training_arguments
 
 LABEL_RULES = [RuleSpec(path=DEFAULT_VERIFIERS, function=f) for f in ("task_correct", "refusal", "identity")]
 
@@ -333,18 +333,27 @@ class RM(Stage):
 
     def train(self) -> dict:
         out, c, ctx = self.ctx.dir / "checkpoints", self.cfg, self.ctx
+        train, _ = fitting_pairs(self.tokenizer, self.train_rows, c.max_length, ctx.name, "training pairs")
+        held_out, _ = fitting_pairs(self.tokenizer, self.eval_rows, c.max_length, ctx.name, "held-out pairs")
         if c.head == "implicit":
-            fits = [p for p in tokenize_pairs(self.tokenizer, self.train_rows) if p.length <= c.max_length]
-            eval_fits = [p for p in tokenize_pairs(self.tokenizer, self.eval_rows) if p.length <= c.max_length]
             self.trainer = build_implicit_trainer(
-                self.model, self.tokenizer, fits, eval_fits, c, out, ctx.seed, ctx.device, ctx.precision, ctx.report_to
+                self.model,
+                self.tokenizer,
+                [p for _, p in train],
+                [p for _, p in held_out],
+                c,
+                out,
+                ctx.seed,
+                ctx.device,
+                ctx.precision,
+                ctx.report_to,
             )
-        else:
-            eval_ds = pairs_dataset(self.eval_rows, c.use_margin) if self.eval_rows else None
+        else:  # TRL's own length filter then finds nothing to drop
+            eval_ds = pairs_dataset([r for r, _ in held_out], c.use_margin) if held_out else None
             self.trainer = build_trainer(
                 self.model,
                 self.tokenizer,
-                pairs_dataset(self.train_rows, c.use_margin),
+                pairs_dataset([r for r, _ in train], c.use_margin),
                 eval_ds,
                 c,
                 out,

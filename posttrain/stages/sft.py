@@ -21,7 +21,14 @@ from ..manifest import atomic_write_json
 from ..models import load_model, load_tokenizer
 from ..plots import curves_from_log_history, plot_curves
 from .base import Stage
-from .trainer_common import finish_trainer_stage, greedy_accuracy, load_saved, save_trained_model, training_arguments
+from .trainer_common import (
+    finish_trainer_stage,
+    greedy_accuracy,
+    keep_fitting,
+    load_saved,
+    save_trained_model,
+    training_arguments,
+)
 
 
 class LoraConfig(LoraSection):
@@ -69,12 +76,20 @@ class SFT(Stage):
         self.model = load_model(inp["model"], device=self.ctx.device, dtype=torch.float32)  # fp32 master weights
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed)
         self.eval_rows = read_rows(inp["eval_data"], seed=self.ctx.seed) if inp.get("eval_data") else []
-        self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in self.train_rows])
-        self.eval_ds = (
-            Dataset.from_list([{"messages": r["messages"]} for r in self.eval_rows]) if self.eval_rows else None
-        )
+        train, self.too_long = self._fitting(self.train_rows, "training conversations")
+        held_out, self.eval_too_long = self._fitting(self.eval_rows, "held-out conversations")
+        self.train_ds = Dataset.from_list([{"messages": r["messages"]} for r in train])
+        self.eval_ds = Dataset.from_list([{"messages": r["messages"]} for r in held_out]) if held_out else None
         # the greedy accuracy check compares with an oracle answer: only rows that carry one (own data may not)
-        self.answer_rows = [r for r in self.eval_rows if "answer" in r]
+        self.answer_rows = [r for r in self.eval_rows if r.get("answer") is not None]
+
+    def _fitting(self, rows: list[dict], what: str) -> tuple[list[dict], int]:
+        """The rows whose conversation, as the chat template renders it, fits max_length (`keep_fitting`)."""
+        if not rows:
+            return [], 0
+        texts = self.tokenizer.apply_chat_template([r["messages"] for r in rows], tokenize=False)
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return keep_fitting(rows, lengths, self.cfg.max_length, self.ctx.name, what)
 
     def _trainer(self):
         from trl import SFTConfig as TRLConfig
@@ -108,7 +123,9 @@ class SFT(Stage):
         )
 
     def train(self) -> dict:
-        metrics = {}
+        metrics = {"train_rows": len(self.train_ds), "train_rows_too_long": self.too_long}
+        if self.eval_too_long:
+            metrics["eval_rows_too_long"] = self.eval_too_long
         if self.ctx.is_main and self.cfg.eval_samples and self.answer_rows:
             metrics["accuracy_before"] = self._accuracy(self.model)
         self.trainer = self._trainer()

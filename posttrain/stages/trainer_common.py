@@ -1,13 +1,15 @@
 """What the stages built on a (TRL) Trainer share — sft, rm, distill, dpo: the TrainingArguments taken
 from a TrainerSection and the stage's device and precision, the save sequence that turns the Trainer's
-output into a complete model directory, and the greedy task-accuracy check.
+output into a complete model directory, the greedy task-accuracy check, and the rule for examples longer
+than max_length.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -16,8 +18,45 @@ from ..dist.rank import torch_dtype
 from ..dist.trainable import end_sharded_init, trainer_kwargs
 from ..engines import greedy_texts
 from ..models import finish_model_dir, load_model, start_model_dir
+from ..pairs import tokenize_pairs
 from ..tasks import answer_accuracy
 from ..tracking import trainer_settings
+
+
+T = TypeVar("T")
+
+
+def keep_fitting(items: list[T], lengths: Sequence[int], max_length: int, key: str, what: str) -> tuple[list[T], int]:
+    """The items whose token length is at most `max_length`, and how many were longer.
+
+    Longer ones are left out, not truncated: a cut conversation ends mid-answer without its end-of-turn
+    token, and trains the model to stop there. The count is logged (and the stages report it); when no
+    training item fits, the error names the setting `key.max_length` and the shortest item's length."""
+    kept = [item for item, n in zip(items, lengths, strict=True) if n <= max_length]
+    too_long = len(items) - len(kept)
+    if items and not kept and what.startswith("training"):
+        raise ValueError(
+            f"{key}.max_length={max_length}: none of the {len(items)} {what} fits (the shortest has "
+            f"{min(lengths)} tokens); raise it"
+        )
+    if too_long:
+        logging.getLogger("posttrain").warning(
+            "[%s] %d of %d %s are longer than %s.max_length=%d tokens and are left out (not truncated)",
+            key,
+            too_long,
+            len(items),
+            what,
+            key,
+            max_length,
+        )
+    return kept, too_long
+
+
+def fitting_pairs(tokenizer, rows: list[dict], max_length: int, key: str, what: str) -> tuple[list[tuple], int]:
+    """(row, TokenizedPair) of the preference pairs whose prompt and longer answer fit `max_length`, and how
+    many did not (`keep_fitting`)."""
+    pairs = list(zip(rows, tokenize_pairs(tokenizer, rows)))
+    return keep_fitting(pairs, [p.length for _, p in pairs], max_length, key, what)
 
 
 def training_arguments(

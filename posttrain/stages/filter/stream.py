@@ -8,6 +8,7 @@ written back byte for byte; a redacted row is re-serialised.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -18,7 +19,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ...data import DataError, SkipReport, iter_rows, source_format
+from ...data import DataError, RowError, SkipReport, iter_rows, source_format
+from ...data.conversations import json_value
+from ...data.formats import normalise_messages
+from ...data.readers import BadRow, parse_line
 from ...dedup import HashIndex, NearDupIndex
 from ...manifest import temp_file_beside
 from ...filters import (
@@ -31,7 +35,6 @@ from ...filters import (
     normalise,
     read_terms,
     score_texts,
-    shape_error,
     structure_problem,
 )
 from .config import FILTERS, FilterConfig
@@ -222,26 +225,39 @@ class FilterStream:
     # ------------------------------------------------------------------------------------ reading
 
     def _parse(self, path, count: bool = True):
-        """Yield (line number, raw line, row) for each well-shaped row; malformed ones raise or are counted.
-        Sources other than a JSONL of messages (formats, mappings, mixtures) are read through posttrain.data."""
+        """Yield (line number, line to write if kept unchanged, row) for each readable row; unreadable ones raise
+        or are counted. A JSONL of messages is read here line by line so a kept row is copied byte for byte; its
+        messages are read as the data layer reads them (role aliases, text parts, system turns folded), and a
+        row they change is written re-serialised. Other sources (formats, mappings, mixtures) go through
+        posttrain.data."""
         if not _messages_jsonl(path):
             yield from self._parse_source(path, count)
             return
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                if not raw.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                    problem = shape_error(row)
-                except json.JSONDecodeError as err:
-                    problem = f"invalid JSON: {err.msg} (column {err.colno})"
-                if problem is None:
-                    yield lineno, line, row
-                elif self.cfg.on_error == "raise":
-                    raise DataError(f"{path}:{lineno}: {problem}")
-                elif count:  # reason without the column, so the count of reasons stays small
-                    self.malformed.note(lineno, problem.split(" (column")[0], f"[{problem}] {line.strip()}")
+                row = parse_line(raw)
+                if not isinstance(row, BadRow):
+                    try:
+                        msgs = normalise_messages(row.get("messages"))
+                    except RowError as err:
+                        row = BadRow(err.message, err.reason)
+                    else:
+                        line = raw.decode("utf-8")
+                        if msgs != row["messages"]:
+                            row = {**row, "messages": msgs}
+                            line = json.dumps(row, ensure_ascii=False, default=json_value)
+                        yield lineno, line, row
+                        continue
+                if self.cfg.on_error == "raise":
+                    raise DataError(f"{path}:{lineno}: {row.message}")
+                if count:  # a short reason (JSON's without the column), so the count of reasons stays small
+                    text = raw.decode("utf-8", errors="replace").strip()
+                    reason = row.message.split(" (column")[0] if row.reason == "invalid JSON" else row.reason
+                    self.malformed.note(lineno, reason, f"[{row.message}] {text}")
 
     def _parse_source(self, source, count: bool):
         tally = self.malformed if count else Tally(0, 0)
@@ -250,7 +266,7 @@ class FilterStream:
             iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped, on_error=self.cfg.on_error),
             1,
         ):
-            yield n, json.dumps(row, ensure_ascii=False), row
+            yield n, json.dumps(row, ensure_ascii=False, default=json_value), row
 
     # ---------------------------------------------------------------------------------- judging
 
@@ -419,7 +435,8 @@ class FilterStream:
         kept = changed = 0
         for _, line, row, keep, was_changed in batch:
             if keep:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n" if was_changed else line.rstrip("\r\n") + "\n")
+                text = json.dumps(row, ensure_ascii=False, default=json_value) if was_changed else line.rstrip("\r\n")
+                out.write(text + "\n")
                 kept, changed = kept + 1, changed + was_changed
         return kept, changed
 

@@ -248,10 +248,14 @@ class PPO(Stage):
         try:
             return sample_groups(self.cfg, self.engine, self.scorer, self.rows, self._next_prompts, self.seed + update)
         except FloatingPointError as err:
-            raise FloatingPointError(
-                f"ppo update {update + 1}: {err}; stopping (the last good checkpoint in "
-                f"{self.ctx.dir / 'checkpoints'} is kept)"
-            ) from None
+            raise FloatingPointError(f"ppo update {update + 1}: {err}; stopping ({self._kept()})") from None
+
+    def _kept(self) -> str:
+        """What a run stopped for a non-finite value leaves to resume from."""
+        ckpt = latest_checkpoint(self.ctx.dir / "checkpoints")
+        if ckpt is None:
+            return "no checkpoint was saved before it; a rerun starts the stage over"
+        return f"the last good checkpoint, {ckpt}, is kept: a rerun resumes from it"
 
     def _update(self, update: int) -> dict:
         c, t0 = self.cfg, time.time()
@@ -293,10 +297,7 @@ class PPO(Stage):
         stats = all_ranks_mean(stats)
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             if key in stats and not torch.isfinite(torch.tensor(stats[key])):
-                raise FloatingPointError(
-                    f"ppo update {update + 1}: {key} is {stats[key]}; stopping "
-                    f"(the last good checkpoint in {self.ctx.dir / 'checkpoints'} is kept)"
-                )
+                raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping ({self._kept()})")
         return stats
 
     def _release_host_memory(self) -> None:
