@@ -6,18 +6,18 @@ max_length 128, lr 5e-5 (configs/quickstart.yaml's rm), each built by the rm sta
 - seq-cls: `load_reward_init(.., "sequence_classification")` + `build_trainer` (TRL's RewardTrainer), a scalar
   head on the last non-pad token's hidden state;
 - implicit: `load_reward_init(.., "implicit")` + `build_implicit_trainer` (our Trainer), r = β · mean log π of
-  the answer tokens: full-vocabulary logits at every position, every step;
+  the answer tokens: vocabulary logits at the answer tokens only, in chunks (`rollout.token_logprobs`);
 each with `gradient_checkpointing` on (the stage default) and off (`-nockpt`, the quickstart's setting).
 Vocabularies 512 (the quickstart's) and 32768 (same body after `resize_token_embeddings`; the tokenizer uses
 the first 512 ids), for the cost of full-vocabulary logits (real Gemma has 256k).
 
 Each configuration runs in its own process: peak RSS is its VmHWM, "train Δ" that minus the RSS before
 `train()`. Per step (after the warm-up steps) wall and process CPU seconds, CPU being the load-robust one;
-"outside" is the CPU share between on_step_end and the next on_step_begin (fetching and collating the batch:
-the implicit collator tokenises, TRL tokenises up front; logging); "sys" is the kernel's share of train()'s CPU
-time (page faults: glibc hands buffers over 32 MB back to the OS when freed). No checkpoint is written.
+"outside" is the CPU share between on_step_end and the next on_step_begin (fetching and collating the batch,
+both heads' pairs being tokenised up front; logging); "sys" is the kernel's share of train()'s CPU time (page
+faults: glibc hands buffers over 32 MB back to the OS when freed). No checkpoint is written.
 
-    .venv/bin/python bench/rm_heads.py            # vocab 512 and 32768, 5 + 30 steps each, ~3.5 min at 1 thread
+    .venv/bin/python bench/rm_heads.py            # vocab 512 and 32768, 5 + 30 steps each, ~2 min at 1 thread
     .venv/bin/python bench/rm_heads.py --quick    # vocab 512 only, 3 + 10 steps, < 1 min
 
 Results: bench/results/rm_heads.json (--quick: rm_heads_quick.json); child logs in bench/results/rm_heads_logs/.
