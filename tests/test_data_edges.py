@@ -19,21 +19,15 @@ from posttrain.stages.filter import FilterConfig, FilterStream
 from posttrain.stages.trainer_common import keep_fitting
 from posttrain.tasks import answer_accuracy, normalise_answer
 
-torch.set_num_threads(1)
+from .test_filter import ALL_OFF
 
-OFF = {
-    "structure": {"enabled": False},
-    "pii": {"enabled": False},
-    "unsafe": {"enabled": False},
-    "identity": {"enabled": False},
-    "dedup": {"exact": False, "near": False, "eval_overlap": False},
-}
+torch.set_num_threads(1)
 
 
 def _filter(tmp_path: Path, raw: bytes, on_error: str = "raise", structure: bool = False):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(raw)
-    cfg = {**OFF, "on_error": on_error, "structure": {"enabled": structure, "max_tokens": None}}
+    cfg = {**ALL_OFF, "on_error": on_error, "structure": {"enabled": structure, "max_tokens": None}}
     report = FilterStream(FilterConfig.model_validate(cfg)).run(src, dst)
     return report, [json.loads(x) for x in dst.read_text(encoding="utf-8").splitlines()]
 
@@ -91,7 +85,7 @@ def test_timestamps_are_written_as_iso_text(tmp_path):
     when = dt.datetime(2024, 5, 1, 12, 30)
     msgs = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a."}]]
     pq.write_table(pa.table({"messages": msgs, "created": [when]}), tmp_path / "d.parquet")
-    cfg = FilterConfig.model_validate({**OFF, "structure": {"enabled": False}})
+    cfg = FilterConfig.model_validate({**ALL_OFF, "structure": {"enabled": False}})
     FilterStream(cfg).run(str(tmp_path / "d.parquet"), tmp_path / "out.jsonl")
     assert json.loads((tmp_path / "out.jsonl").read_text())["created"] == "2024-05-01T12:30:00"
     write_jsonl(tmp_path / "w.jsonl", [{"day": dt.date(2024, 5, 2)}])
