@@ -8,7 +8,7 @@ process (clean peak RSS, threads pinned):
   - each filter alone vs all filters on a --per-filter-rows prefix;
   - near-dedup baseline: datasketch MinHash + MinHashLSH, row by row, vs our batched NearDupIndex.
 
-    .venv/bin/python bench/filter_throughput.py                 # 1M rows (~5 min on 2 shared cores)
+    .venv/bin/python bench/filter_throughput.py                 # 1M rows (~3.5 min at load 1 on 2 cores)
     .venv/bin/python bench/filter_throughput.py --rows 200000   # quicker
 Writes bench/results/filter_throughput.json.
 """

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return _data_command(args)
     from .config import ConfigError, dump_config
     from .data import DataError
-    from .pipeline import check_pipeline, graph_lines, idle_overrides, load_pipeline, run_pipeline
+    from .pipeline import check_pipeline, graph_lines, idle_kind_sections, idle_overrides, load_pipeline, run_pipeline
 
     try:
         cfg = load_pipeline(args.config, args.overrides)
@@ -213,6 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"posttrain: warning: override {item!r} changes nothing: {section} is not a stage of this run "
             f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",
+            file=sys.stderr,
+        )
+    for kind, named in idle_kind_sections(cfg, set(running)):
+        print(
+            f"posttrain: warning: section {kind!r} changes nothing: this pipeline's {kind} stages are named "
+            f"{', '.join(named)}, and each reads its own section; move the settings under those names",
             file=sys.stderr,
         )
     if args.command == "show":

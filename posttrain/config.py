@@ -11,12 +11,12 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .paths import check_file, check_model_dir
+from .paths import check_file, check_model_dir, check_reward_model
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,18 @@ InputPath = Annotated[Optional[str], AfterValidator(_must_exist)]
 ARTIFACT_REF = re.compile(r"([A-Za-z_][\w-]*)\.([A-Za-z_]\w*)")
 """`NAME.ARTIFACT`: an artifact of an earlier stage instance of the same pipeline (e.g. sft.model)."""
 
+_REFERENCE_VALIDATORS: set = set()
 
+
+def reference_validator(fn):
+    """Mark a field validator as one that lets a reference NAME.ARTIFACT through (for the runner to resolve):
+    fields it validates are reference fields (`is_reference_field`). A registry, as the data layer's source
+    paths are such fields and this module cannot import it."""
+    _REFERENCE_VALIDATORS.add(fn)
+    return fn
+
+
+@reference_validator
 def _model_dir(value: Optional[str]) -> Optional[str]:
     if value is not None and not is_reference(value):
         _must_exist(value)
@@ -51,8 +62,22 @@ def _model_dir(value: Optional[str]) -> Optional[str]:
     return value
 
 
+@reference_validator
+def _reward_model_dir(value: Optional[str]) -> Optional[str]:
+    if _model_dir(value) is not None and not is_reference(value):
+        check_reward_model(value)
+    return value
+
+
+@reference_validator
 def _path_or_reference(value: Optional[str]) -> Optional[str]:
-    if value is None or Path(value).exists() or ARTIFACT_REF.fullmatch(value):
+    if value is None:
+        return value
+    path = Path(value)
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        check_model_dir(path)  # a model or adapter: whole now (a checkpoint folder: checked where it is expanded)
+        return value
+    if path.exists() or ARTIFACT_REF.fullmatch(value):
         return value
     raise ValueError(
         f"{value!r} is neither an existing path nor an artifact reference like 'sft.model' "
@@ -73,18 +98,27 @@ def is_reference(value) -> bool:
 
 ModelDir = Annotated[Optional[str], AfterValidator(_model_dir)]
 """An optional local model directory (config.json and whole safetensors weights) or a reference NAME.ARTIFACT."""
+RewardModelDir = Annotated[Optional[str], AfterValidator(_reward_model_dir)]
+"""A ModelDir that holds a trained reward head (`check_reward_model`)."""
 ModelRef = Annotated[Optional[str], AfterValidator(_path_or_reference)]
 """An existing path of any kind (model, adapter or checkpoint folder) or a reference NAME.ARTIFACT."""
 
 
+def _validators(annotation) -> Iterator:
+    """Every validator function in a type annotation, nested Annotated, Optional, Union, list and dict included."""
+    if typing.get_origin(annotation) is Annotated:
+        for meta in typing.get_args(annotation)[1:]:
+            yield getattr(meta, "func", None)
+    for arg in typing.get_args(annotation):
+        if not isinstance(arg, (str, int)):
+            yield from _validators(arg)
+
+
 def is_reference_field(info) -> bool:
-    """Whether a pydantic field (or the items of a list/dict field) is typed ModelDir or ModelRef."""
-    validators = {_model_dir, _path_or_reference}
-    metadata = list(info.metadata)
-    for arg in typing.get_args(info.annotation):
-        if typing.get_origin(arg) is Annotated:
-            metadata += list(typing.get_args(arg)[1:])
-    return any(getattr(m, "func", None) in validators for m in metadata)
+    """Whether a pydantic field (or the items of a list/dict field) is typed ModelDir, RewardModelDir, ModelRef
+    or DataSource: its values may be references."""
+    found = {getattr(m, "func", None) for m in info.metadata} | set(_validators(info.annotation))
+    return bool(found & _REFERENCE_VALIDATORS)
 
 
 FilePath = Annotated[Optional[str], AfterValidator(_file)]

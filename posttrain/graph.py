@@ -84,6 +84,9 @@ def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
         key = f"{prefix}{field_name}"
         if isinstance(value, BaseModel):
             yield from references(value, key + ".")
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):  # a mixture
+            for i, item in enumerate(value):
+                yield from references(item, f"{key}.{i}.")
         elif is_reference_field(info):
             items = (
                 value.items()
@@ -113,7 +116,8 @@ def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished
         known = ", ".join(sorted(k for k in artifacts if "." in k)) or "none"
         raise ConfigError(
             f"{stage}.{key}={ref!r}: no earlier stage produces this artifact (earlier stages' "
-            f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path"
+            f"artifacts: {known}); name an earlier stage and one of its artifacts, or give a path (no file or "
+            f"directory {ref!r} exists)"
         )
     return found
 

@@ -19,9 +19,10 @@ from typing import Optional
 import torch
 
 from .algos.reward import implicit_reward
+from .paths import REWARD_HEAD_FILE
 from .rollout import RolloutBatch, answer_batch, token_logprobs
 
-HEAD_FILE = "reward_head.json"
+HEAD_FILE = REWARD_HEAD_FILE
 
 
 def write_reward_head(model_dir: str | Path, beta: float) -> None:

@@ -12,13 +12,15 @@ import json
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from .paths import check_safetensors_file
 from .shards import nbytes
 
 SIDE_FILES = (
@@ -62,14 +64,13 @@ class ModelSource:
     @classmethod
     def open(cls, path: str | Path, origin: str | Path | None = None, need_config: bool = True) -> "ModelSource":
         path = Path(path)
-        if not path.is_dir():
-            raise MergeError(f"model directory not found: {path}")
+        shards = whole_shards(path)
         if need_config and not (path / "config.json").is_file():
             raise MergeError(f"{path}: no config.json (not a Hugging Face model directory)")
         config = json.loads((path / "config.json").read_text()) if need_config else {}
         src = cls(path, config, Path(origin or path))
-        for shard in _shard_files(path):
-            with safe_open(shard, framework="pt") as f:
+        for shard in shards:
+            with _opened(shard) as f:
                 for name in f.keys():
                     if name in src.files:
                         raise MergeError(f"{path}: tensor {name!r} is in both {src.files[name].name} and {shard.name}")
@@ -79,11 +80,36 @@ class ModelSource:
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, copied out of a handle opened just for it (see the module doc for why)."""
-        with safe_open(self.files[name], framework="pt") as f:
+        with _opened(self.files[name]) as f:
             return f.get_tensor(name).clone()
 
     def nbytes(self) -> int:
         return sum(nbytes(*spec) for spec in self.specs.values())
+
+
+@contextmanager
+def _opened(file: Path) -> Iterator:
+    """`safe_open`, with a read failure (bad header, I/O error) re-raised naming the file: safetensors' own
+    message names none."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except (SafetensorError, OSError) as err:
+        raise MergeError(f"{file}: cannot read this safetensors file ({err})") from None
+
+
+def whole_shards(path: Path) -> list[Path]:
+    """The weight files of the model dir `path`, each checked whole from its header alone (a file cut short
+    by an interrupted copy is refused here, naming it, before any tensor is read)."""
+    if not path.is_dir():
+        raise MergeError(f"model directory not found: {path}")
+    shards = _shard_files(path)
+    for shard in shards:
+        try:
+            check_safetensors_file(shard)
+        except ValueError as err:
+            raise MergeError(str(err)) from None
+    return shards
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -116,6 +142,17 @@ def expand_checkpoints(path: str | Path) -> list[Path]:
     if not steps:
         raise MergeError(f"{path}: neither a model directory (config.json) nor a folder of checkpoint-N dirs")
     return sorted(steps, key=lambda p: int(p.name.split("-")[1]))
+
+
+def folder_note(expanded: list[tuple[str | Path, list[Path]]]) -> str:
+    """For a model count error: what each checkpoint folder among the inputs (input, its expand_checkpoints)
+    held, e.g. ' (run/sft/checkpoints holds 1 checkpoint dir(s): checkpoint-57)'; '' when none is a folder."""
+    held = []
+    for inp, dirs in expanded:
+        if dirs != [Path(inp)]:  # a folder: expanded to its checkpoint-N dirs
+            names = ", ".join(d.name for d in dirs[:4]) + (", ..." if len(dirs) > 4 else "")
+            held.append(f"{inp} holds {len(dirs)} checkpoint dir(s): {names}")
+    return f" ({'; '.join(held)})" if held else ""
 
 
 def materialize_adapter(adapter_dir: Path, tmp_root: Path) -> Path:

@@ -35,7 +35,15 @@ import torch
 
 from .algos import merge as algos
 from .manifest import atomic_dir, atomic_write_json, hash_path
-from .merge_inputs import SIDE_FILES, MergeError, ModelSource, check_compatible, expand_checkpoints, materialize_adapter
+from .merge_inputs import (
+    SIDE_FILES,
+    MergeError,
+    ModelSource,
+    check_compatible,
+    expand_checkpoints,
+    folder_note,
+    materialize_adapter,
+)
 from .shards import ST_DTYPES, TORCH_DTYPES, ShardWriter, nbytes, parse_size, plan_shards
 
 log = logging.getLogger("posttrain")
@@ -72,15 +80,17 @@ def check_settings(
     scale: float,
     normalize: bool,
     allow_negative_weights: bool,
+    folders: str = "",
 ) -> list[float]:
-    """Validate a merge request; return the per-model weights it will use."""
+    """Validate a merge request; return the per-model weights it will use. `folders` (folder_note) is
+    added to a wrong model count: n_models counts checkpoint-N dirs, not the folders the user named."""
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; expected one of {', '.join(METHODS)}")
     needed = {"slerp": (2, 2), "liti": (1, 2), "linear": (2, None), "ema": (2, None)}.get(method, (1, None))
     lo, hi = needed
     if n_models < lo or (hi is not None and n_models > hi):
         want = f"exactly {lo}" if lo == hi else f"{lo} to {hi}" if hi else f"at least {lo}"
-        raise MergeError(f"method {method} needs {want} model(s), got {n_models}")
+        raise MergeError(f"method {method} needs {want} model(s), got {n_models}{folders}")
     if method in BASE_METHODS and not has_base:
         raise MergeError(f"method {method} needs a base model (task vectors are taken relative to it): set base")
     if method not in BASE_METHODS and has_base:
@@ -314,7 +324,8 @@ def merge_models(
     Raises MergeError, before writing anything, for every request it cannot honour exactly.
     """
     started = time.time()
-    paths = [p for inp in inputs for p in expand_checkpoints(inp)]
+    expanded = [(inp, expand_checkpoints(inp)) for inp in inputs]
+    paths = [p for _, dirs in expanded for p in dirs]
     used = check_settings(
         method,
         len(paths),
@@ -327,6 +338,7 @@ def merge_models(
         scale,
         normalize,
         allow_negative_weights,
+        folders=folder_note(expanded),
     )
     if dtype not in ("keep", "float32", "bfloat16", "float16"):
         raise MergeError(f"dtype {dtype!r}: expected keep, float32, bfloat16 or float16")

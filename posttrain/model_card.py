@@ -10,8 +10,9 @@ eval and release stages both accept them).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
 
@@ -30,9 +31,28 @@ def completed_models(artifacts: dict, kinds: dict) -> dict[str, str]:
     }
 
 
-def recipe_identity(pipeline: Any) -> dict:
-    """The release identity (name, maker) of the pipeline's synth recipe, or {} when there is none."""
-    recipe = getattr(getattr(pipeline, "synth", None), "recipe", None)
+def recipe_identity(pipeline: Any, before: Optional[str] = None, lineage: Sequence[str] = ()) -> dict:
+    """The release identity (name, maker) of a synth instance's recipe, or {} when none names one: every reader
+    of the identity (eval's release_name, release's card title) goes through here.
+
+    A synth instance may have any name (`{name: data, kind: synth}` keeps its recipe in section `data`, not
+    `synth`). When several name an identity, the rule is: the last synth in `lineage` (the instances the released
+    or evaluated model descends from), since that data taught the model who it is; failing that, the last synth
+    before the stage `before` (None: of the whole pipeline, for a caller that does not say which stage it is)."""
+    pairs = pipeline.instances() if hasattr(pipeline, "instances") else []
+    order, synths = [name for name, _ in pairs], [name for name, kind in pairs if kind == "synth"]
+    if before in order:  # a stage not listed (`posttrain release CONFIG`) runs after all of them
+        synths = [name for name in synths if order.index(name) < order.index(before)]
+    ancestors = [name for name in synths if name in lineage]
+    for name in reversed(ancestors or synths):
+        identity = _identity_in(getattr(getattr(pipeline, name, None), "recipe", None))
+        if identity:
+            return identity
+    return {}
+
+
+def _identity_in(recipe: Optional[str]) -> dict:
+    """The `identity` mapping of a recipe file ({} when the file or the mapping is missing or unreadable)."""
     if not recipe or not Path(recipe).is_file():
         return {}
     try:
@@ -78,6 +98,74 @@ def relative_to_run(path: str | Path, run_dir: str | Path) -> str:
         return f"{path.name} (outside the run directory)"
 
 
+def lineage_of(run_dir: str | Path, model_path: str | Path, artifacts: dict) -> list[str]:
+    """The instances the model at `model_path` descends from, in pipeline order: the one that made it, the ones
+    whose artifacts that one read, and so on back. What an instance read is what the runner resolved for it: its
+    manifest's `inputs` (default inputs: the latest earlier producer) and its resolved config.yaml (references
+    NAME.ARTIFACT and paths, e.g. merge.models). `artifacts`: NAME.KIND -> path of the earlier finished instances
+    (StageContext.artifacts), so no instance after the asking stage, or not run, is ever part of it."""
+    run_dir, names = Path(run_dir), list(dict.fromkeys(key.split(".")[0] for key in artifacts))
+    roots = [(_resolved(path), key.split(".")[0]) for key, path in artifacts.items()]
+    roots += [(_resolved(run_dir / name), name) for name in names]  # anything else an instance keeps in NAME/
+    found: set[str] = set()
+    todo = [str(model_path)]
+    while todo:
+        owner = _owner(_resolved(todo.pop()), roots)
+        if owner and owner not in found:
+            found.add(owner)
+            todo += _inputs_read(run_dir / owner)
+    return [name for name in names if name in found]
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _owner(path: Path, roots: list[tuple[Path, str]]) -> Optional[str]:
+    """The instance whose artifact is, or holds, `path` (artifacts first: a base read in place owns its source
+    directory, outside the run directory); None for anything else."""
+    return next((name for root, name in roots if path == root or root in path.parents), None)
+
+
+def _inputs_read(stage_dir: Path) -> list[str]:
+    """The path-like strings of a finished instance's manifest inputs and resolved config.yaml."""
+    inputs = (read_manifest(stage_dir) or {}).get("inputs") or {}
+    try:
+        config = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    return [s for s in _strings([inputs, config]) if os.sep in s and len(s) < 4096]
+
+
+def _strings(tree) -> Iterator[str]:
+    """Every string in a YAML/JSON tree; a data source handed on as JSON (a mapping or mixture) is opened."""
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            yield from _strings(item)
+    elif isinstance(tree, str) and tree.startswith(("{", "[")):
+        try:
+            yield from _strings(json.loads(tree))
+        except ValueError:
+            yield tree
+    elif isinstance(tree, str):
+        yield tree
+
+
+def evaluation_of(model_path: str | Path, results: dict[str, str]) -> Optional[tuple[str, str]]:
+    """(eval instance, the name it gave the model) of the last of `results` (eval instance -> its results.json,
+    in pipeline order) that evaluated the model at `model_path`, or None. results.json records the path of every
+    model an eval answered with; a table of other models, or from an eval after the release, says nothing of it."""
+    target = _resolved(model_path)
+    for name, path in reversed(list(results.items())):
+        models = (_read_json(Path(path)) or {}).get("models") or {}
+        for entry, result in models.items():
+            if isinstance(result, dict) and result.get("path") and _resolved(result["path"]) == target:
+                return name, entry
+    return None
+
+
 def read_lineage(run_dir: str | Path, stages: list[str]) -> list[dict]:
     """One record per stage of `stages` that has a manifest: name, status, hashes, seconds, metrics, and the
     device and precision it computed with (the stages that compute record them)."""
@@ -90,6 +178,7 @@ def read_lineage(run_dir: str | Path, stages: list[str]) -> list[dict]:
         records.append(
             {
                 "stage": name,
+                "kind": m.get("kind"),
                 "status": m.get("status"),
                 "config_hash": m.get("config_hash"),
                 "fingerprint": m.get("fingerprint"),
@@ -109,9 +198,12 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def _first_instance(kinds: Optional[dict], kind: str) -> str:
-    """The first instance of `kind` in `kinds` (instance name -> kind; None: the plain kind names)."""
-    return next((name for name, k in (kinds or {}).items() if k == kind), kind)
+def _first_instance(kinds: Optional[dict], kind: str) -> Optional[str]:
+    """The first instance of `kind` in `kinds` (instance name -> kind; None: the plain kind names); None when
+    `kinds` has none (a release of a model from outside the run has no data of the run in its lineage)."""
+    if kinds is None:
+        return kind
+    return next((name for name, k in kinds.items() if k == kind), None)
 
 
 def base_of(run_dir: str | Path, model_path: str | Path, kinds: Optional[dict]) -> Optional[str]:
@@ -120,7 +212,7 @@ def base_of(run_dir: str | Path, model_path: str | Path, kinds: Optional[dict]) 
     the run directory before reaching one."""
     run_dir = Path(run_dir).resolve()
     base_models: dict[Path, str] = {}  # built here: NAME/model; read in place (base.path): its source path
-    for name in [name for name, kind in (kinds or {"base": "base"}).items() if kind == "base"]:
+    for name in [name for name, kind in ({"base": "base"} if kinds is None else kinds).items() if kind == "base"]:
         source = ((read_manifest(run_dir / name) or {}).get("metrics") or {}).get("source")
         base_models.update({**({Path(source).resolve(): name} if source else {}), run_dir / name / "model": name})
     path, seen = Path(model_path).resolve(), set()
@@ -157,7 +249,7 @@ def data_summary(
             + (f" ({m['architecture']}, {m['parameters']:,} parameters)" if "parameters" in m else "")
         )
     synth = _first_instance(kinds, "synth")
-    card = _read_json(run_dir / synth / "card.json")
+    card = _read_json(run_dir / synth / "card.json") if synth else None
     if card and "prompt_counts" in card:  # synth from the user's own prompts, answered by a teacher
         counts, teacher = card["prompt_counts"], card["teacher"]
         lines.append(
@@ -174,7 +266,8 @@ def data_summary(
             + (f" ({Path(recipe).name})" if recipe else "")
             + f"; {card['train']['rows']} train rows ({per_task}), {card['eval']['rows']} held-out rows"
         )
-    report = _read_json(run_dir / _first_instance(kinds, "filter") / "report.json")
+    filtered = _first_instance(kinds, "filter")
+    report = _read_json(run_dir / filtered / "report.json") if filtered else None
     if report:
         dropped = ", ".join(f"{n} {f['dropped']}" for n, f in report.get("filters", {}).items() if f.get("dropped"))
         lines.append(
@@ -223,10 +316,10 @@ def data_origin(run_dir: str | Path, kinds: Optional[dict] = None) -> tuple[str,
     first held-out one, for the card's usage example: a recipe's example stays the quickstart's own task, as a
     recipe's held-out prompts include the harmful ones its refusal task is made of)."""
     synth = _first_instance(kinds, "synth")
-    card = _read_json(Path(run_dir) / synth / "card.json")
+    card = _read_json(Path(run_dir) / synth / "card.json") if synth else None
     origin = "unrecorded" if not card else "own prompts" if "prompt_counts" in card else "recipe"
     prompt = None
-    eval_rows = Path(run_dir) / synth / "eval.jsonl"
+    eval_rows = Path(run_dir) / synth / "eval.jsonl" if card else None
     if origin == "own prompts" and eval_rows.is_file():
         with eval_rows.open() as f:
             first = f.readline()
@@ -304,14 +397,17 @@ def render_model_card(
     description: Optional[str] = None,
     origin: str = "recipe",
     example_prompt: Optional[str] = None,
+    evaluated_as: Optional[str] = None,
 ) -> str:
     """The README.md of a release. `model_info`: architecture, model_type, parameters, dtype, vocab_size,
-    max_positions; `records`: read_lineage(); `eval_markdown`: the eval stage's results.md, if it ran;
-    `origin` and `example_prompt`: `data_origin()`."""
-    stages = " -> ".join(r["stage"] for r in records if r["status"] == "complete")
+    max_positions; `records`: read_lineage() of the instances the model descends from, and of the eval whose
+    table is shown; `eval_markdown`: the results.md of an eval that answered with the released model, which it
+    calls `evaluated_as` (None: none did); `origin` and `example_prompt`: `data_origin()`."""
+    # The summary names what made the model; the eval in the records only measured it.
+    stages = " -> ".join(r["stage"] for r in records if r["status"] == "complete" and r.get("kind") != "eval")
     summary = description or (
         f"A {model_info['architecture']} causal language model "
-        f"({model_info['parameters']:,} parameters) post-trained with posttrain ({stages})."
+        f"({model_info['parameters']:,} parameters) post-trained with posttrain" + (f" ({stages})." if stages else ".")
     )
     out = [
         metadata_header(license_id, tags, base_model),
@@ -337,17 +433,20 @@ def render_model_card(
     if eval_markdown:
         lines = eval_markdown.strip().splitlines()
         if lines and lines[0].startswith("# "):
-            lines = lines[1:]  # its title: this section's own heading replaces it
+            lines = "\n".join(lines[1:]).strip().splitlines()  # its title: this section's own heading replaces it
+        if evaluated_as:  # the table may hold other models too (the baseline, siblings)
+            out += [f"The released weights are the row **{evaluated_as}** of the table below.", ""]
         out += [("##" + line) if line.startswith("#") else line for line in lines]  # below this section
     else:
-        out.append("No eval stage ran in this pipeline.")
+        out.append("No eval stage ran on the released model before this release: it is unevaluated here.")
     out += [
         "",
         "## Intended use",
         "",
         "Research and teaching: reproducing a post-training pipeline end to end, and testing tools that "
         "consume chat models. The behaviours it was trained for are those of its data recipe (see "
-        "Lineage); judge it by the evaluation above.",
+        "Lineage); "
+        + ("judge it by the evaluation above." if eval_markdown else "evaluate it before relying on them."),
         "",
         "## Limitations",
         "",

@@ -13,6 +13,8 @@ import os
 import struct
 from pathlib import Path
 
+REWARD_HEAD_FILE = "reward_head.json"
+"""Beside a causal LM's weights: it is an implicit reward model (posttrain/implicit_rm.py)."""
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
@@ -100,3 +102,27 @@ def check_writable_dir(path: str | Path) -> Path:
                 raise ValueError(f"{path}: cannot be created or written: {parent} is not writable")
             return path
     return path
+
+
+def check_reward_model(path: str) -> None:
+    """Refuse a directory that holds no trained reward head: loading a causal LM (an SFT model, say) as a
+    sequence scorer would give it a new, random head and score with it without a word."""
+    d = Path(path)
+    adapter, config = d / "adapter_config.json", d / "config.json"
+    if (d / REWARD_HEAD_FILE).is_file():  # an implicit reward model: the causal LM is the scorer
+        return
+    if adapter.is_file():
+        task = json.loads(adapter.read_text()).get("task_type")
+        if task == "SEQ_CLS":
+            return
+        got = f"a LoRA adapter of task_type {task!r}"
+    else:
+        archs = (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            return
+        got = f"a model of architectures {archs}"
+    raise ValueError(
+        f"{path}: not a reward model: it holds {got}. A reward model is the rm stage's output: a sequence "
+        f"classifier, or a causal LM with {REWARD_HEAD_FILE} (rm.head: implicit); scoring a plain causal LM "
+        f"would use a new, untrained head"
+    )

@@ -117,6 +117,22 @@ def idle_overrides(cfg: PipelineBase, overrides: list[str], running: set[str]) -
     return [(o, section) for o, section in pairs if section in sections - read]
 
 
+def idle_kind_sections(cfg: PipelineBase, running: set[str]) -> list[tuple[str, list[str]]]:
+    """(kind, instance names) for each section the config sets under a kind's name that this pipeline only
+    runs as named instances and that no running stage reads: its settings change nothing (they belong under
+    the instances' names)."""
+    instances = cfg.instances()
+    kinds = {**{name: name for name in running}, **dict(instances)}
+    read = set().union(*(stage_class(kinds[name]).sections_read(name, cfg) for name in running))
+    listed = {name for name, _ in instances} | running
+    out = []
+    for section in sorted(cfg.model_fields_set & set(STAGE_MODULES) - listed - read):
+        named = [name for name, kind in instances if kind == section]
+        if named:
+            out.append((section, named))
+    return out
+
+
 class MissingInput(ConfigError):
     """A stage input that no earlier stage produced and the config does not name."""
 
@@ -279,6 +295,11 @@ def plan(cfg: PipelineBase, only: Optional[str] = None, start: Optional[str] = N
         if value is not None and value not in names and not (flag == "--only" and value in STAGE_MODULES):
             raise ConfigError(f"{flag} {value}: not a stage of this pipeline (stages: {', '.join(names)})")
     if only is not None and only not in names:
+        named = [n for n, kind in pairs if kind == only]
+        if named:  # appending a fresh default stage of that kind is not what a run of one of them means
+            raise ConfigError(
+                f"--only {only}: this pipeline's {only} stages are named {', '.join(named)}; give one of those names"
+            )
         pairs = pairs + [(only, only)]
     return pairs
 

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from .config import ModelDir, Section
+from .config import RewardModelDir, Section
 from .dist.rank import torch_dtype
 from .implicit_rm import implicit_scores, read_reward_head
+from .paths import check_reward_model
 from .models import load_model, load_tokenizer
 
 
@@ -45,7 +46,7 @@ class RuleSpec(Section):
 class ScoringConfig(Section):
     """How completions are scored."""
 
-    reward_model: ModelDir = None
+    reward_model: RewardModelDir = None
     """Reward model directory; default: the rm stage's output when the pipeline has one."""
     use_reward_model: bool = True
     """Include the reward model's score (when one is available)."""
@@ -233,6 +234,7 @@ class Scorer:
         self.implicit_head = None
         if cfg.use_reward_model and rm_dir:
             self.implicit_head = read_reward_head(rm_dir)  # a causal LM scored by its answer likelihood
+            check_reward_model(rm_dir)  # not a causal LM given a random head (a path set by the stage, too)
             kind = "causal_lm" if self.implicit_head else "reward"
             self.rm = load_model(rm_dir, device=self.device, dtype=torch_dtype(precision), kind=kind).eval()
             self.rm_tokenizer = load_tokenizer(rm_dir)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,43 @@ def test_base_and_sft_on_a_parquet_of_sharegpt_rows_leave_out_overlong_ones(tmp_
     )
     summary = run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     assert summary["sft"]["train_rows_too_long"] == 3 and summary["sft"]["train_rows"] == 21, summary["sft"]
+
+
+def test_null_nan_and_empty_csv_cells_are_missing_values(tmp_path):
+    """A null answer (JSON null, a Parquet NaN, an empty CSV cell) is a row without an oracle answer: left out
+    of the row, so accuracy does not count it and a blank completion cannot match it; text such as "NA" stays."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "e.csv").write_text("prompt,task,answer\nWhat is 1 + 1?,add,2\nWhat is 2 + 2?,add,\nSay NA.,echo,NA\n")
+    rows = read_rows(str(tmp_path / "e.csv"), "prompt")
+    assert [r.get("answer") for r in rows] == ["2", None, "NA"] and "answer" not in rows[1]
+    table = pa.table({"prompt": ["a?", "b?"], "answer": pa.array([3.0, float("nan")], pa.float64())})
+    pq.write_table(table, tmp_path / "n.parquet")
+    rows = read_rows(str(tmp_path / "n.parquet"), "prompt")
+    assert rows[0]["answer"] == 3.0 and "answer" not in rows[1]
+    (tmp_path / "j.jsonl").write_text('{"prompt": "a?", "answer": null, "task": "t"}\n')
+    assert read_rows(str(tmp_path / "j.jsonl"), "prompt") == [{"messages": [_user("a?")], "task": "t"}]
+    out = tmp_path / "out.jsonl"
+    write_jsonl(out, read_rows(str(tmp_path / "n.parquet"), "prompt"))
+    assert "NaN" not in out.read_text()  # strict JSON readers refuse NaN
+    assert answer_accuracy(read_rows(str(tmp_path / "e.csv"), "prompt"), ["2", "", "na"])["n"] == 2
+
+
+def test_numeric_task_values_are_compared_as_text():
+    acc = answer_accuracy([{"task": 3, "answer": "2"}, {"task": "add", "answer": "4"}], ["2", "5"])
+    assert (acc["3"], acc["add"], acc["n"]) == (1.0, 0.0, 2)
+
+
+def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path, tiny_model_dir):
+    """Scored as a sequence classifier, a causal LM would get a new random head and score without a word."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="not a reward model: it holds a model of architectures"):
+        ScoringConfig(reward_model=str(tiny_model_dir))
+    implicit = tmp_path / "implicit"
+    shutil.copytree(tiny_model_dir, implicit)
+    (implicit / "reward_head.json").write_text('{"head": "implicit", "beta": 1.0}\n')
+    assert ScoringConfig(reward_model=str(implicit)).reward_model == str(implicit)
+
+
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}

@@ -518,7 +518,7 @@ def test_cli_preview_and_convert(tmp_path, capsys):
     dst = tmp_path / "out" / "train.jsonl"
     args = ["data", "convert", src, str(dst), "--columns", "question=prompt,response=completion"]
     assert main(args) == 1
-    assert "qa.parquet: row 5: expected a non-empty list of messages, got null" in capsys.readouterr().err
+    assert "qa.parquet: row 5: null: no text (column 'completion' (renamed from 'response')" in capsys.readouterr().err
     assert not dst.exists() and not list(dst.parent.glob("*.tmp"))  # nothing half-written
     assert main(args + ["--on-error", "skip"]) == 0
     printed = capsys.readouterr().out

@@ -301,9 +301,8 @@ def test_eval_stage_errors_name_the_model_and_the_key(tmp_path, zoo):
 
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
-    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"x": str(not_a_model)}))
     with pytest.raises(ConfigError, match=r"eval.models.x: .*empty: not a Hugging Face model directory"):
-        run_pipeline(cfg)
+        load_pipeline(_eval_pipeline(tmp_path, zoo, {"x": str(not_a_model)}))  # refused as the config is read
     cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, {"x": "sft.model"}))
     with pytest.raises(ValueError, match=r"eval.models.x='sft.model': no earlier stage produces this artifact"):
         run_pipeline(cfg)

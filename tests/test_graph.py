@@ -105,3 +105,43 @@ def test_only_and_from_and_show(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     assert main(["run", path, "--from", "third"]) == 1
     assert "--from third: not a stage of this pipeline" in capsys.readouterr().err
+
+
+def test_a_data_input_may_name_an_earlier_instances_output(tmp_path, tiny_model_dir, capsys):
+    """dpo reads the first of two prefs instances (the path form and the mapping form); `show` resolves both
+    before any work, and a reference to nothing names the key."""
+    write_jsonl(tmp_path / "t.jsonl", make_rows(8))
+    data = tmp_path / "t.jsonl"
+    body = (
+        f"stages: [{{name: pa, kind: prefs}}, {{name: pb, kind: prefs}}, dpo]\n"
+        f"pa: {{model: {tiny_model_dir}, train_data: {data}, eval_data: {data}}}\n"
+        f"pb: {{model: {tiny_model_dir}, train_data: {data}, eval_data: {data}}}\n"
+        f"dpo: {{model: {tiny_model_dir}, prefs_train: pa.prefs_train,"
+        f" prefs_eval: {{path: pa.prefs_eval, limit: 4}}}}\n"
+    )
+    path = write_pipeline(tmp_path, body)
+    assert main(["show", path]) == 0
+    assert "prefs_train=pa.prefs_train" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"dpo.prefs_train='pc.prefs_train': no earlier stage produces"):
+        run_pipeline(load_pipeline(path, ["dpo.prefs_train=pc.prefs_train"]))
+
+
+def test_a_kind_run_only_under_names(tmp_path, tiny_model_dir, capsys):
+    """`--only sft` where the sfts are named first and second, and an `sft:` section they do not read: said,
+    not run as a fresh default stage or ignored without a word."""
+    path = _two_sfts(tmp_path, tiny_model_dir, "sft: {max_steps: 100}\n")
+    assert main(["run", path, "--only", "sft"]) == 1
+    assert "--only sft: this pipeline's sft stages are named first, second" in capsys.readouterr().err
+    assert main(["show", path]) == 0
+    assert "warning: section 'sft' changes nothing: this pipeline's sft stages are named first, second" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_model_to_evaluate_must_be_a_model_directory(tmp_path, tiny_model_dir):
+    """A stage's folder (the model is in its model/) is refused when the config is read, not after training."""
+    stage_dir = tmp_path / "run" / "sft"
+    stage_dir.mkdir(parents=True)
+    body = f"stages: [eval]\neval: {{models: {{mine: {tiny_model_dir}, theirs: {stage_dir}}}}}\n"
+    with pytest.raises(ConfigError, match=r"eval.models.theirs.*not a Hugging Face model directory"):
+        load_pipeline(write_pipeline(tmp_path, body))

@@ -3,6 +3,7 @@ state dicts), dtypes kept, outputs load and generate, shards, every refusal, mer
 
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -503,3 +504,116 @@ def test_cli_merge_command(zoo, tmp_path, capsys):
     assert main(["merge", str(path)]) == 0
     recipe = json.loads((tmp_path / "run" / "merge" / "model" / "merge_recipe.json").read_text())
     assert recipe["method"] == "slerp" and recipe["t"] == 0.5
+
+
+# --- inputs checked before any merging: whole weights, models counted after checkpoint folders expand ----------
+
+
+def _truncated(src: Path, dst: Path, size: int = 20_000) -> Path:
+    """A copy of a model dir whose weights were cut short, as by an interrupted copy."""
+    shutil.copytree(src, dst)
+    with open(dst / "model.safetensors", "r+b") as f:
+        f.truncate(size)
+    return dst
+
+
+def _bad_header(src: Path, dst: Path) -> Path:
+    """A copy whose safetensors file is long enough for its header but whose header safetensors rejects."""
+    shutil.copytree(src, dst)
+    header = json.dumps({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode()
+    (dst / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    return dst
+
+
+def _checkpoints(root: Path, steps: dict) -> Path:
+    """A training output folder: checkpoint-<step> copies of the given model dirs."""
+    for step, src in steps.items():
+        shutil.copytree(src, root / f"checkpoint-{step}")
+    return root
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [(_truncated, "truncated safetensors file: 20000 bytes, its header needs"), (_bad_header, "cannot read")],
+)
+def test_unreadable_weights_are_refused_naming_the_file(zoo, tmp_path, make, message):
+    bad = make(zoo["m1"], tmp_path / "bad")
+    with pytest.raises(MergeError) as err:
+        merge_models("linear", [zoo["m0"], bad], tmp_path / "out")
+    assert f"{bad / 'model.safetensors'}: " in str(err.value) and message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["models", "base"])
+def test_stage_refuses_weights_cut_short_before_any_stage_runs(zoo, tmp_path, key):
+    from posttrain.config import ConfigError
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    copy = tmp_path / "copy"
+    shutil.copytree(zoo["m1"], copy)
+    merge = (
+        {"models": [str(zoo["m0"]), str(copy)]}
+        if key == "models"
+        else {"method": "task_arithmetic", "models": [str(zoo["m0"])], "base": str(copy)}
+    )
+    cfg = load_pipeline(_pipeline(tmp_path, merge))
+    with open(copy / "model.safetensors", "r+b") as f:  # cut after the config was read: the plan check sees it
+        f.truncate(20_000)
+    label = "merge.models.1" if key == "models" else "merge.base"
+    file = re.escape(str(copy / "model.safetensors"))
+    with pytest.raises(ConfigError, match=rf"{label}: {file}: truncated safetensors file: 20000 bytes, its header"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "merge").exists()
+
+
+def test_stage_refuses_a_checkpoint_cut_short_in_a_folder(zoo, tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    folder = _checkpoints(tmp_path / "ckpts", {50: zoo["m1"]})
+    _truncated(zoo["m2"], folder / "checkpoint-57")
+    path = _pipeline(tmp_path, {"method": "ema", "ema_rate": 0.5, "models": [str(folder)]})
+    with pytest.raises(ConfigError, match=r"merge.models.0: .*checkpoint-57/model.safetensors: truncated safetensors"):
+        run_pipeline(load_pipeline(path))
+    assert not (tmp_path / "run" / "merge").exists()
+
+
+@pytest.mark.parametrize("method, kw", [("ema", {"ema_rate": 0.5}), ("linear", {})])
+def test_stage_averages_a_checkpoint_folder_oldest_first(zoo, tmp_path, method, kw):
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    folder = _checkpoints(tmp_path / "ckpts", {57: zoo["m2"], 50: zoo["m1"]})
+    path = _pipeline(tmp_path, {"method": method, "use_latest_model": False, "models": [str(folder)], **kw})
+    summary = run_pipeline(load_pipeline(path))
+    assert [Path(m["path"]).name for m in summary["merge"]["models"]] == ["checkpoint-50", "checkpoint-57"]
+    a, b = sd(zoo["m1"]), sd(zoo["m2"])
+    assert_state_close(
+        sd(tmp_path / "run" / "merge" / "model"), {k: ((a[k].double() + b[k].double()) / 2).float() for k in a}
+    )
+
+
+def test_too_few_models_says_what_each_checkpoint_folder_held(zoo, tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    folder = _checkpoints(tmp_path / "ckpts", {57: zoo["m1"]})
+    held = (
+        f"(method ema, 1 input(s)): method ema needs at least 2 model(s), got 1 ({folder} holds 1 checkpoint dir(s): "
+    )
+    with pytest.raises(ConfigError, match=re.escape(held + "checkpoint-57)")):
+        run_pipeline(load_pipeline(_pipeline(tmp_path, {"method": "ema", "ema_rate": 0.5, "models": [str(folder)]})))
+    with pytest.raises(MergeError, match=r"got 1 \(.* holds 1 checkpoint dir\(s\): checkpoint-57\)"):
+        merge_models("ema", [folder], tmp_path / "out", ema_rate=0.5)
+    three = _checkpoints(tmp_path / "three", {1: zoo["m0"], 2: zoo["m1"], 3: zoo["m2"]})
+    with pytest.raises(MergeError, match=r"slerp needs exactly 2 model\(s\), got 3 \(.* holds 3 checkpoint dir\(s\)"):
+        merge_models("slerp", [three], tmp_path / "out")
+
+
+def test_stage_refuses_a_checkpoint_listed_also_inside_its_folder(zoo, tmp_path):
+    from posttrain.config import ConfigError
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    folder = _checkpoints(tmp_path / "ckpts", {50: zoo["m1"], 57: zoo["m2"]})
+    path = _pipeline(tmp_path, {"models": [str(folder), str(folder / "checkpoint-50")]})
+    with pytest.raises(ConfigError, match=r"merge.models: .*checkpoint-50 is an input twice"):
+        run_pipeline(load_pipeline(path))

@@ -74,10 +74,11 @@ def test_lora_changes_only_adapter_weights(tmp_path, save):
             "lora": {"enabled": True, "r": 8, "alpha": 16, "save": save},
             "epochs": 1,
             "learning_rate": 1e-2,
-            "eval_samples": 0,
+            "eval_samples": 4,
         },
     )
-    run_pipeline(load_pipeline(path))
+    summary = run_pipeline(load_pipeline(path))
+    assert summary["sft"]["accuracy_after"]["n"] == 4  # the saved model (an adapter: onto its base) answers
     base = load_file(tmp_path / "run" / "base" / "model" / "model.safetensors")
     out = tmp_path / "run" / "sft" / "model"
     if save == "adapter":

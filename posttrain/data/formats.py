@@ -6,12 +6,15 @@ Canonical rows, what every stage reads:
 - a preference pair: `{"chosen": [...], "rejected": [...], **metadata}`, two whole conversations (prompt
   included) that end on the assistant's answer and share every turn before it (what the prefs stage writes).
 
-Columns a layout does not use ride along as metadata (`task`, `answer`, `margin`, ...). A row that does not
-fit raises RowError naming the column and what was expected; the caller adds file and row.
+Columns a layout does not use ride along as metadata (`task`, `answer`, `margin`, ...), except missing
+values: a null (or NaN, as a Parquet float column holds, or an empty CSV cell) is left out of the row, so a row
+with `"answer": null` is a row without an oracle answer wherever a stage asks whether it has one. A row that
+does not fit raises RowError naming the column and what was expected; the caller adds file and row.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -181,7 +184,7 @@ def to_canonical(
     if missing:  # the format was detected from other rows: this one lacks what it needs
         raise RowError(missing[0], f"missing column(s) {missing} that format {fmt!r} needs", "missing column")
     consumed = layout.columns
-    meta = {k: v for k, v in row.items() if k not in consumed}
+    meta = {k: v for k, v in row.items() if k not in consumed and not _missing(v)}
     if layout.kind == "preference":
         chosen, rejected = _PAIRS[fmt](row, system)
         _check_pair(chosen, rejected, row)
@@ -200,6 +203,11 @@ def to_canonical(
     meta.pop("chosen", None)  # a pair beside the conversation (UltraFeedback) is not this row's content
     meta.pop("rejected", None)
     return {"messages": msgs, **meta}
+
+
+def _missing(value) -> bool:
+    """A metadata value that stands for "no value": null, or NaN (JSON has no NaN; pandas writes it for null)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _kind_of(value) -> str:
@@ -303,6 +311,8 @@ def _string(row: dict, column: str, optional: bool = False) -> str:
 
 def _side(value, column: str, role: str) -> list[dict]:
     """A prompt or completion column: a string is one turn of `role`, a list is messages."""
+    if value is None:  # Parquet null, or an empty CSV cell
+        raise RowError(column, "null: no text", "empty content")
     if isinstance(value, str):
         if not value.strip():
             raise RowError(column, "empty string", "empty content")
@@ -312,8 +322,15 @@ def _side(value, column: str, role: str) -> list[dict]:
 
 def normalise_messages(value, system: SystemMode = "fold") -> list[dict]:
     """A `messages` value -> [{"role", "content"}]: role aliases mapped, text parts joined, system turns per
-    `system`; RowError if it cannot be read. Turn order and empty turns are not judged (the filter counts them)."""
+    `system`; RowError if it cannot be read. Turn order and empty turns are not judged (the filter counts them).
+    A value already in that form is returned as it is (the filter's common case, checked at a third of the cost)."""
+    if isinstance(value, list) and value and all(_plain_turn(m) for m in value):
+        return value
     return _system(_turns(value, "messages"), system, "messages")
+
+
+def _plain_turn(m) -> bool:
+    return type(m) is dict and len(m) == 2 and m.get("role") in ("user", "assistant") and type(m.get("content")) is str
 
 
 def _messages(row: dict) -> list[dict]:

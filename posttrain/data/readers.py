@@ -264,7 +264,8 @@ class ArrowBackedFile(DataFile):
         self.path, self.name, self.builder = path, str(path), builder
         self._options: dict = {}
         if builder == "csv":
-            self._options = {"features": self._csv_features(), "keep_default_na": False}
+            # Only an empty cell is null: text such as "NA" or "None" is kept as written (pandas would null it).
+            self._options = {"features": self._csv_features(), "keep_default_na": False, "na_values": [""]}
         elif builder == "parquet":
             self._options = {"batch_size": BATCH}  # datasets' default reads a whole row group (~1M rows) at once
         self._mapped = None

@@ -21,7 +21,7 @@ from typing import Annotated, Literal, Optional, Union
 from huggingface_hub import constants as hub_constants
 from pydantic import AfterValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
-from ..config import Section
+from ..config import Section, is_reference, reference_validator
 from .conversations import DataError
 from .formats import FORMAT_NAMES
 
@@ -61,9 +61,13 @@ def glob_files(value: str) -> Optional[list[Path]]:
     return sorted(p for p in map(Path, glob.glob(value, recursive=True)) if p.is_file())
 
 
+@reference_validator
 def check_source_path(value: str) -> str:
-    """A local file of a known type, a glob pattern matching such files, a directory, or a data set name found
-    in the local hub cache."""
+    """A local file of a known type, a glob pattern matching such files, a directory, a data set name found
+    in the local hub cache, or a reference NAME.ARTIFACT to an earlier stage's output (the pipeline checks it
+    names one; a name with a data file's suffix is taken as a missing file)."""
+    if is_reference(value) and data_suffix(Path(value)) not in SUFFIXES and hub_snapshot(value) is None:
+        return value
     matched = glob_files(value)
     if matched is not None:
         if not matched:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from pydantic import Field, field_validator
 
-from ..config import ConfigError, FilePath, ModelRef, Precision, ProcessesConfig, Section
+from ..config import ConfigError, FilePath, ModelDir, Precision, ProcessesConfig, Section
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (
     DEFAULT_VERIFIERS,
@@ -66,7 +66,7 @@ class MemorisationConfig(Section):
 class EvalConfig(Section):
     """Config of the eval stage."""
 
-    models: dict[str, ModelRef] = {}
+    models: dict[str, ModelDir] = {}
     """Name -> model directory or artifact reference (e.g. {sft: sft.model, ppo: ppo.model}); default:
     every complete sft, distill, dpo, ppo, warp and merge stage of this run."""
     baseline: Optional[str] = None
@@ -140,7 +140,7 @@ class Eval(Stage):
         self.rows = read_eval_rows(inp["eval_data"], c.num_prompts, self.ctx.seed)
         probe = inp.get("train_data") and c.memorisation.num_examples
         self.train_rows = read_rows(inp["train_data"], seed=self.ctx.seed, need_final_assistant=False) if probe else []
-        self.release_name = c.release_name or recipe_identity(self.ctx.pipeline).get("name")
+        self.release_name = c.release_name or recipe_identity(self.ctx.pipeline, before=self.ctx.name).get("name")
         self.verifiers = load_verifiers(c.verifiers)
         self.skipped = slice_skips(self.rows)
         self._judges(inp.get("reward_model"))
@@ -326,7 +326,7 @@ class Eval(Stage):
         d = self.ctx.dir
         if not self.ctx.is_main:
             return {}
-        tasks = sorted({r["task"] for r in self.rows if "task" in r})
+        tasks = sorted({str(r["task"]) for r in self.rows if "task" in r})  # a data set's task may be a number
         results = {
             "baseline": self.baseline,
             "judges": list(next(iter(self.judged.values()))),

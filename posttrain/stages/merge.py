@@ -18,7 +18,8 @@ from typing import Literal, Optional
 
 from pydantic import Field
 
-from ..config import ConfigError, ModelRef, Section, ShardSize
+from ..config import ConfigError, ModelRef, Section, ShardSize, is_reference
+from ..merge_inputs import expand_checkpoints, folder_note, whole_shards
 from ..merging import METHODS, MergeError, check_settings, merge_models
 from .base import Stage
 
@@ -71,37 +72,36 @@ class Merge(Stage):
     produces = {"model": "model"}
 
     @staticmethod
-    def merge_inputs(cfg: MergeConfig, inputs: dict) -> list[str]:
-        """The models merged, in order: the latest earlier model (unless use_latest_model is false), then `models`."""
+    def labelled_inputs(name: str, cfg: MergeConfig, inputs: dict) -> list[tuple[str, str]]:
+        """(config key, model) of each input, in merge order: the latest earlier model (unless use_latest_model
+        is false), then `models`."""
         latest = inputs.get("model") if cfg.use_latest_model else None
-        return ([latest] if latest else []) + list(cfg.models)
+        listed = [(f"{name}.models.{i}", model) for i, model in enumerate(cfg.models)]
+        return ([(f"{name}.use_latest_model", latest)] if latest else []) + listed
 
     @classmethod
     def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
-        models = cls.merge_inputs(cfg, inputs)
-        if not models:
+        labelled = cls.labelled_inputs(name, cfg, inputs)
+        if not labelled:
             raise ConfigError(f"{name}.models: no models to merge: list them (no earlier stage produces a model)")
-        seen: dict[str, str] = {}
-        for model in models:
-            key = str(Path(model).resolve()) if Path(model).exists() else model
-            if key in seen:
-                latest = f" ({name}.use_latest_model puts the latest model first)" if cfg.use_latest_model else ""
-                raise ConfigError(
-                    f"{name}.models: {model} is an input twice{latest}; a model listed twice would count twice"
-                )
-            seen[key] = model
+        # counted as merge_models counts them: a checkpoint folder is its checkpoint-N dirs
+        expanded = [(model, _model_dirs(key, model)) for key, model in labelled]
+        _refuse_repeats(name, cfg, [d for _, dirs in expanded for d in dirs])
+        if cfg.base is not None:
+            _model_dirs(f"{name}.base", cfg.base, expand=False)  # merge_models takes the base as it is
+        n_models = sum(len(dirs) for _, dirs in expanded)
         try:
             check_settings(
-                cfg.method, len(models), cfg.base is not None, cfg.weights, cfg.t, cfg.eta, cfg.density,
-                cfg.ema_rate, cfg.scale, cfg.normalize, cfg.allow_negative_weights,
+                cfg.method, n_models, cfg.base is not None, cfg.weights, cfg.t, cfg.eta, cfg.density,
+                cfg.ema_rate, cfg.scale, cfg.normalize, cfg.allow_negative_weights, folders=folder_note(expanded),
             )  # fmt: skip
         except MergeError as err:
-            raise ConfigError(f"{name} (method {cfg.method}, {len(models)} input(s)): {err}") from None
+            raise ConfigError(f"{name} (method {cfg.method}, {n_models} input(s)): {err}") from None
 
     def setup(self) -> None:
         c = self.cfg
         # references (sft.model) were resolved to paths by the runner, which also ran check_plan
-        self.inputs = self.merge_inputs(c, self.ctx.inputs)
+        self.inputs = [model for _, model in self.labelled_inputs(self.ctx.name, c, self.ctx.inputs)]
         self.base = c.base
         self.log.info(
             "[merge] %s of %s%s", c.method, ", ".join(self.inputs), f" with base {self.base}" if self.base else ""
@@ -128,6 +128,32 @@ class Merge(Stage):
             allow_tokenizer_mismatch=c.allow_tokenizer_mismatch,
             backend=c.backend,
         )
+
+
+def _model_dirs(key: str, model: str, expand: bool = True) -> list[Path]:
+    """The model dirs an input stands for (a checkpoint folder: its checkpoint-N dirs, oldest first), each
+    with whole safetensors weights, so that a file cut short is refused before any stage runs. A reference to
+    an output not made yet stands for one model: checked again, as a path, before the merge stage starts."""
+    if is_reference(model):
+        return [Path(model)]
+    try:
+        dirs = expand_checkpoints(model) if expand else [Path(model)]
+        for d in dirs:
+            whole_shards(d)
+    except MergeError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    return dirs
+
+
+def _refuse_repeats(name: str, cfg: MergeConfig, dirs: list[Path]) -> None:
+    """A model dir given twice (listed twice, or also inside a listed checkpoint folder) would count twice."""
+    seen: set[str] = set()
+    for d in dirs:
+        key = str(d.resolve()) if d.exists() else str(d)
+        if key in seen:
+            latest = f" ({name}.use_latest_model puts the latest model first)" if cfg.use_latest_model else ""
+            raise ConfigError(f"{name}.models: {d} is an input twice{latest}; a model listed twice would count twice")
+        seen.add(key)
 
 
 STAGE = Merge

@@ -142,11 +142,11 @@ def read_prompt_rows(path, require_columns: list[str], seed: int = 0) -> list[di
     file, row and what was expected."""
     rows = []
     for where, row in iter_rows(path, "conversation", need_final_assistant=False, seed=seed):
-        missing = [c for c in require_columns if not isinstance(row.get(c), str)]
+        missing = [c for c in require_columns if c not in row]  # null values are left out of rows
         if missing:
             raise DataError(
-                f"{where}: missing metadata {missing} (expected string values; "
-                f"prefs.require_columns lists what every row needs)"
+                f"{where}: missing metadata {missing} (absent or null; prefs.require_columns lists what every "
+                f"row needs)"
             )
         rows.append(row)
     return rows
@@ -356,7 +356,8 @@ def split_report(rows: list[dict], pairs: list[dict], dropped: dict[str, Counter
 class Prefs(Stage):
     name = "prefs"
     Config = PrefsConfig
-    consumes = {"model": "model", "train_data": "train_data", "eval_data": "eval_data"}
+    consumes = {"model": "model", "reward_model": "reward_model", "train_data": "train_data", "eval_data": "eval_data"}
+    optional_inputs = {"reward_model"}  # an rm stage run before this one judges too (scoring.reward_model's default)
     produces = {"prefs_train": "train.jsonl", "prefs_eval": "eval.jsonl"}
 
     def setup(self) -> None:
@@ -366,11 +367,18 @@ class Prefs(Stage):
         eval_keys = {row_prompt_key(r) for r in evals}
         self.train_rows = [r for r in train if row_prompt_key(r) not in eval_keys]
         self.train_in_eval = len(train) - len(self.train_rows)
+        if not self.train_rows:
+            raise ValueError(
+                f"{self.ctx.name}: all {len(train)} prompts of {self.ctx.name}.train_data are also held-out prompts "
+                f"({self.ctx.name}.eval_data), which training leaves out; give held-out prompts of their own"
+            )
         # one stream per split: the held-out prompts must not change when max_train_prompts does
         self.train_rows = subsample(self.train_rows, c.max_train_prompts, random.Random(f"prefs-train-{self.ctx.seed}"))
         self.eval_rows = subsample(evals, c.max_eval_prompts, random.Random(f"prefs-eval-{self.ctx.seed}"))
         self._check_sources(self.train_rows + self.eval_rows)
-        self.scorer = Scorer(c.scoring, device=self.ctx.device, precision=self.ctx.precision)
+        self.scorer = Scorer(
+            c.scoring, reward_model_dir=inp.get("reward_model"), device=self.ctx.device, precision=self.ctx.precision
+        )
         # before any sampling: a judge that reads a column the rows lack fails now, naming both
         self.scorer.check_rows(
             self.train_rows + self.eval_rows, "prefs.train_data and prefs.eval_data", "prefs.scoring"
@@ -408,6 +416,13 @@ class Prefs(Stage):
             "train": train_report,
             "eval": eval_report,
         }
+        if not self.eval_pairs:  # rm and dpo read this file as their held-out pairs: say so now, not there
+            self.log.warning(
+                "[%s] no held-out pairs: eval.jsonl is empty (report: %s); an rm or dpo stage that reads it as "
+                "its prefs_eval will refuse it",
+                self.ctx.name,
+                eval_report,
+            )
         if not self.train_pairs:
             raise RuntimeError(
                 f"prefs: no training pairs survived (report: {self.report}); enable the "

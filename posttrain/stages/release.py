@@ -3,9 +3,11 @@
 The release is loadable from the directory alone, by transformers and by vLLM: safetensors weights
 (sharded by `max_shard_size`, with model.safetensors.index.json when there is more than one shard),
 config.json, the tokenizer with the Gemma chat template, generation_config.json stopping on
-`<end_of_turn>` and `<eos>`, and README.md: a model card with Hugging Face metadata, the run's lineage
-(base model, data, every stage with its config hash, fingerprint, time and key metrics), the eval table
-when the run evaluated, intended use, limitations and loading snippets. No pickle files.
+`<end_of_turn>` and `<eos>`, and README.md: a model card with Hugging Face metadata, the released model's
+lineage (base model, data, and every earlier instance it descends from, followed through the inputs the runner
+recorded, with its config hash, fingerprint, time and key metrics), the table of the last eval before the
+release that evaluated the released weights (else a plain statement that none did), intended use, limitations
+and loading snippets. No pickle files.
 
 The directory is written to a temporary sibling, checked (chat template renders the Gemma format, stop
 tokens, no pickles) and renamed into place. Pushing to the Hub is opt-in and needs a token in the
@@ -20,17 +22,22 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..config import ConfigError, ModelRef, Section, ShardSize
-from ..manifest import atomic_dir, atomic_write_text, read_manifest
+from ..config import ConfigError, ModelDir, Section, ShardSize
+from ..manifest import atomic_dir, atomic_write_text
 from ..model_card import (
     data_origin,
     data_summary,
+    evaluation_of,
+    lineage_of,
     read_lineage,
     recipe_identity,
     relative_to_run,
     render_model_card,
 )
 from .base import Stage
+
+EVAL_RESULTS = "eval_results"
+"""The eval stage's artifact (its results.json), under which StageContext.artifacts holds each eval instance's."""
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """File types that may hold pickled Python objects: never shipped in a release."""
@@ -54,10 +61,11 @@ class PushConfig(Section):
 class ReleaseConfig(Section):
     """Config of the release stage."""
 
-    model: ModelRef = None
+    model: ModelDir = None
     """Model to release: a directory or a reference like ppo.model; default: the latest earlier stage's model."""
     name: Optional[str] = None
-    """Release name (card title); default: the synth recipe's identity name, else the run directory's name."""
+    """Release name (card title); default: the identity name of the synth recipe the model descends from (see
+    model_card.recipe_identity), else the run directory's name."""
     license: str = "apache-2.0"
     """License identifier in the card metadata."""
     base_model: Optional[str] = None
@@ -84,7 +92,10 @@ class Release(Stage):
         self.token = self.push_token(self.ctx.name, self.cfg)
         run_dir = self.ctx.dir.parent
         self.model_dir = str(check_model_dir(self.ctx.inputs["model"]))
-        self.release_name = self.cfg.name or recipe_identity(self.ctx.pipeline).get("name") or run_dir.name
+        # Only earlier instances that finished (ctx.artifacts), and of those only the model's ancestors.
+        self.lineage = lineage_of(run_dir, self.model_dir, self.ctx.artifacts)
+        identity = recipe_identity(self.ctx.pipeline, before=self.ctx.name, lineage=self.lineage)
+        self.release_name = self.cfg.name or identity.get("name") or run_dir.name
 
     @classmethod
     def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
@@ -142,12 +153,9 @@ class Release(Stage):
 
     def _card(self, info: dict) -> str:
         run_dir, pipeline = self.ctx.dir.parent, self.ctx.pipeline
-        kinds = {name: kind for name, kind in self.ctx.kinds.items() if name != self.ctx.name}
-        evals = [name for name, kind in kinds.items() if kind == "eval"]
-        results = run_dir / evals[-1] / "results.md" if evals else None
-        eval_ran = (
-            bool(evals) and (read_manifest(run_dir / evals[-1]) or {}).get("status") == "complete" and results.is_file()
-        )
+        kinds = {name: self.ctx.kinds[name] for name in self.lineage}
+        evaluated = self._evaluation()
+        shown = [*self.lineage, evaluated[0]] if evaluated else self.lineage
         data_lines = data_summary(run_dir, pipeline, kinds, self.model_dir) + [
             f"- Weights released from: {relative_to_run(self.model_dir, run_dir)}"
         ]
@@ -158,13 +166,25 @@ class Release(Stage):
             tags=list(dict.fromkeys([*self.cfg.tags, info["model_type"]])),
             base_model=self.cfg.base_model,
             model_info=info,
-            records=read_lineage(run_dir, list(kinds)),
+            records=read_lineage(run_dir, [name for name in self.ctx.kinds if name in shown]),  # pipeline order
             data_lines=data_lines,
-            eval_markdown=results.read_text() if eval_ran else None,
+            eval_markdown=(run_dir / evaluated[0] / "results.md").read_text() if evaluated else None,
             description=self.cfg.description,
             origin=origin,
             example_prompt=example_prompt,
+            evaluated_as=evaluated[1] if evaluated else None,
         )
+
+    def _evaluation(self) -> Optional[tuple[str, str]]:
+        """(eval instance, its name for the released model) of the last eval before this release that answered
+        with the released weights and wrote its table; None when none did (a later eval's table is not shown)."""
+        run_dir, artifacts = self.ctx.dir.parent, self.ctx.artifacts
+        results = {
+            name: artifacts[f"{name}.{EVAL_RESULTS}"]
+            for name, kind in self.ctx.kinds.items()
+            if kind == "eval" and f"{name}.{EVAL_RESULTS}" in artifacts and (run_dir / name / "results.md").is_file()
+        }
+        return evaluation_of(self.model_dir, results)
 
     def _push(self, folder: Path) -> str:
         """Upload the finished release; returns the commit URL."""

@@ -149,7 +149,7 @@ class SFT(Stage):
                 ctx.dir / "loss.png",
                 title="SFT",
             )
-            if c.eval_samples and self.answer_rows and not (c.lora.enabled and c.lora.save == "adapter"):
+            if c.eval_samples and self.answer_rows:  # an adapter dir loads onto its base, as eval and release load it
                 metrics["accuracy_after"] = self._accuracy(load_saved(final, ctx))
             metrics["device"], metrics["precision"] = str(ctx.device), ctx.precision
             atomic_write_json(ctx.dir / "metrics.json", {"log_history": history, **metrics})

@@ -19,7 +19,7 @@ from ..config import ConfigError, FilePath, ModelDir, Precision, ProcessesConfig
 from ..data import DataSource, source_json, write_jsonl
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..manifest import atomic_write_json
-from ..tasks import TASKS, make_example, normalise_answer
+from ..tasks import TASKS, make_example, normalise_answer, param_errors
 from .base import Stage
 from .synth_prompts import ShardedAnswers, answered_rows, read_prompt_set
 
@@ -36,7 +36,7 @@ class TaskSpec(Section):
     weight: float = Field(1.0, gt=0)
     """Relative share of examples."""
     params: dict = {}
-    """Keyword parameters of the task generator (e.g. max_value for add)."""
+    """Keyword parameters of the task generator (e.g. max_value for add), checked against its signature."""
 
 
 class Recipe(Section):
@@ -133,13 +133,38 @@ class SynthConfig(Section):
 
 
 def load_recipe(path: str) -> Recipe:
-    from ..config import load_config
+    """Read and validate a recipe: its keys and types, its task names, and every parameter a generator will get
+    (a task's `params`, `identity`, `refusal`) against the generator's signature; errors name the key and line."""
+    from ..config import load_config, read_yaml
 
     recipe = load_config(Recipe, path)
     unknown = [t.task for t in recipe.tasks if t.task not in TASKS]
     if unknown:
         raise ConfigError(f"{path}: unknown task(s) {unknown}; known: {sorted(TASKS)}")
+    errors = recipe_param_errors(recipe)
+    if errors:
+        _, lines = read_yaml(path)
+        listed = [f"  {'.'.join(map(str, loc))}: {what}  [{path}:{_line(lines, loc)}]" for loc, what in errors]
+        raise ConfigError(f"invalid recipe {path}:\n" + "\n".join(listed))
     return recipe
+
+
+def recipe_param_errors(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """(key path in the recipe file, problem) for each parameter a task generator would get wrong: generators
+    take no catch-all keyword, so an unknown key would otherwise fail mid-run, naming neither file nor key."""
+    found = [(("identity", k), what) for k, what in param_errors("identity", recipe.identity).items()]
+    found += [(("refusal",), what) for what in param_errors("safety", {"refusal": recipe.refusal}).values()]
+    for i, spec in enumerate(recipe.tasks):
+        found += [(("tasks", i, "params", k), what) for k, what in param_errors(spec.task, spec.params).items()]
+    return found
+
+
+def _line(lines: dict, loc: tuple) -> int | str:
+    """The YAML line of `loc`, else of its nearest enclosing key (a default has no line of its own)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return "?"
 
 
 class Synth(Stage):
@@ -148,6 +173,15 @@ class Synth(Stage):
     consumes = {"prompts": "prompts"}
     optional_inputs = {"prompts"}
     produces = {"train_data": "train.jsonl", "eval_data": "eval.jsonl"}
+
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        if not cfg.recipe:
+            return
+        try:  # a small file, read now: a bad recipe stops the run (and `posttrain show`) before any stage works
+            load_recipe(cfg.recipe)
+        except ConfigError as err:
+            raise ConfigError(f"{name}.recipe: {err}") from None
 
     @property
     def seed(self) -> int:
@@ -201,12 +235,12 @@ class Synth(Stage):
             self.train_rows += rows[n_eval:]
         self.rng.shuffle(self.train_rows)
         self.rng.shuffle(self.eval_rows)
-        metrics = {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows)}
-        if self.cfg.teacher:
-            metrics["teacher"] = self._teacher_responses()
+        answers = {}
+        if self.cfg.teacher:  # before counting: the teacher's empty answers are dropped
+            answers["teacher"] = self._teacher_responses()
         elif self.cfg.teacher_error_rate:
-            metrics["teacher_errors"] = self._simulated_teacher_errors()
-        return metrics
+            answers["teacher_errors"] = self._simulated_teacher_errors()
+        return {"num_train": len(self.train_rows), "num_eval": len(self.eval_rows), **answers}
 
     def _simulated_teacher_errors(self) -> int:
         """Replace `teacher_error_rate` of the training answers that have a typical mistake with it."""
@@ -225,26 +259,35 @@ class Synth(Stage):
 
     def _teacher_responses(self) -> dict:
         """Replace each training response with the teacher's; the oracle answer stays as metadata
-        (`answer`) so verifiers and filters can judge what the teacher wrote."""
+        (`answer`) so verifiers and filters can judge what the teacher wrote. A row the teacher left empty is
+        dropped and counted, by the prompts path's own code (`answered_rows`)."""
         c, ctx = self.cfg, self.ctx
         self.engine = make_engine(
             str(c.teacher), c.teacher_sampling, ctx.device, ctx.precision, vllm=c.vllm, seed=ctx.seed
         )
-        prompts = [r["messages"][:-1] for r in self.train_rows]
-        samples = generate_all(self.engine, prompts, c.teacher_sampling)
+        prompt_rows = [{**r, "messages": r["messages"][:-1]} for r in self.train_rows]
+        samples = generate_all(self.engine, [r["messages"] for r in prompt_rows], c.teacher_sampling)
         self.cleanup()
-        for row, (sample, *_) in zip(self.train_rows, samples):
-            row["messages"][-1] = {"role": "assistant", "content": sample.text}
-            row["finished"] = sample.finished
-            row["source"] = "teacher"
-        agree = sum(
-            normalise_answer(r["messages"][-1]["content"]) == normalise_answer(r["answer"]) for r in self.train_rows
-        )
+        answers = [{"text": s.text, "finished": s.finished} for s, *_ in samples]
+        agree = sum(normalise_answer(a["text"]) == normalise_answer(r["answer"]) for a, r in zip(answers, prompt_rows))
+        rows, empty = answered_rows(prompt_rows, answers)  # as the prompts path: an empty answer's row is dropped
+        self.train_rows = [{**r, "source": "teacher"} for r in rows if r is not None]
+        self._check_rows_left(empty, len(rows))
         return {
             "model": str(self.cfg.teacher),
-            "agrees_with_oracle": round(agree / len(self.train_rows), 4),
+            "agrees_with_oracle": round(agree / len(answers), 4),  # of all its answers: an empty one disagrees
             "unfinished": sum(not r["finished"] for r in self.train_rows),
+            "empty_answers_dropped": empty,
         }
+
+    def _check_rows_left(self, empty: int, answered: int) -> None:
+        """Stop when the teacher's empty answers, dropped (a conversation turn must have content), leave a split
+        with no rows: training on nothing would fail later, far from the cause."""
+        if not self.train_rows or not self.eval_rows:
+            raise RuntimeError(
+                f"synth: the teacher {self.cfg.teacher} gave empty answers to {empty} of {answered} "
+                f"prompts, leaving {len(self.train_rows)} train and {len(self.eval_rows)} held-out rows"
+            )
 
     def _answer_prompts(self) -> dict:
         """The teacher answers every distinct prompt of `prompts` (sharded, resumable); then the split."""
@@ -273,11 +316,7 @@ class Synth(Stage):
         rows, empty = answered_rows(distinct, answers)
         self.train_rows = [r for r, h in zip(rows, held) if r is not None and not h]
         self.eval_rows = [r for r, h in zip(rows, held) if r is not None and h]
-        if not self.train_rows or not self.eval_rows:
-            raise RuntimeError(
-                f"synth: the teacher {c.teacher} gave empty answers to {empty} of {len(rows)} "
-                f"prompts, leaving {len(self.train_rows)} train and {len(self.eval_rows)} held-out rows"
-            )
+        self._check_rows_left(empty, len(rows))
         kept = self.train_rows + self.eval_rows
         self.teacher_counts = {
             "model": str(c.teacher),

@@ -33,8 +33,8 @@ import torch
 from pydantic import Field, model_validator
 
 from ..chat import chat_prompt_ids
-from ..config import InputPath, ModelDir, Precision, Section
-from ..data import prompt_of, read_conversations
+from ..config import ModelDir, Precision, RewardModelDir, Section
+from ..data import DataSource, prompt_of, read_rows, source_files
 from ..dist.rank import torch_dtype
 from ..engines import HFEngine, SamplingConfig, make_engine
 from ..models import load_model, load_tokenizer
@@ -66,12 +66,13 @@ class WarpConfig(Section):
 
     model: ModelDir = None
     """Init of every run (the SFT policy); default: the latest earlier stage's model."""
-    reward_model: ModelDir = None
+    reward_model: RewardModelDir = None
     """Reward model for scoring; default: the rm stage's output when the pipeline has one."""
-    train_data: InputPath = None
-    """PPO prompts (conversational JSONL); default: the data stage's train split."""
-    eval_data: InputPath = None
-    """Held-out prompts of the KL-reward table; default: the data stage's held-out split."""
+    train_data: DataSource = None
+    """PPO prompts (any data source, as ppo.train_data); default: the data stage's train split."""
+    eval_data: DataSource = None
+    """Held-out prompts of the KL-reward table (any data source; answers not needed); default: the data stage's
+    held-out split."""
     runs: int = Field(2, ge=1)
     """M, independent PPO runs from the init (1: no SLERP, LITI of the single run)."""
     seeds: Optional[list[int]] = None
@@ -283,6 +284,14 @@ class PolicyEvaluator:
 # The stage
 
 
+def _input_hash(value) -> str:
+    """A run's input, fingerprinted: a path by its content, a data source (a mapping, a mixture, a pattern)
+    by its settings and the files it reads."""
+    if isinstance(value, str) and Path(value).exists():
+        return hash_path(value)
+    return hash_json({"source": value, "files": {p: hash_path(p) for p in source_files(value)}})
+
+
 class Warp(Stage):
     name = "warp"
     Config = WarpConfig
@@ -294,10 +303,13 @@ class Warp(Stage):
         c, inp = self.cfg, self.ctx.inputs
         self.init_dir = inp["model"]
         self.seeds = c.seeds or [self.ctx.seed + i for i in range(c.runs)]
-        self.eval_rows = read_conversations(inp["eval_data"])[: c.eval_prompts]
-        if not self.eval_rows:
-            raise ValueError(f"warp: {inp['eval_data']} has no rows to evaluate on (warp.eval_data)")
-        files = {k: hash_path(v) for k, v in inp.items() if k != "eval_data"}
+        self.eval_rows = read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_prompts]
+        scoring = c.scoring or c.ppo.scoring
+        if scoring.rules:  # before the M runs: a rule that reads a column the held-out rows lack fails now
+            key = f"{self.ctx.name}.{'scoring' if c.scoring else 'ppo.scoring'}"
+            rules = Scorer(scoring.model_copy(update={"use_reward_model": False}))
+            rules.check_rows(self.eval_rows, f"{self.ctx.name}.eval_data", key, rm_stage=True)
+        files = {k: _input_hash(v) for k, v in inp.items() if k != "eval_data"}
         files.update({r.path: hash_path(r.path) for r in c.ppo.scoring.rules if Path(r.path).exists()})
         # As the pipeline does: defaults are not hashed, so a new ppo field (whose default keeps the old
         # behaviour) does not invalidate finished runs.
