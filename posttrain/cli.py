@@ -209,13 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     running = [only] if only else [name for name, _ in cfg.instances()]
     # Every kind has a section, so such an override validates; said rather than errored, since a script may
     # pass the same overrides to each of its commands.
-    for item, section in idle_overrides(cfg, args.overrides, set(running)):
+    idle = idle_overrides(cfg, args.overrides, set(running))
+    for item, section in idle:
         print(
             f"posttrain: warning: override {item!r} changes nothing: {section} is not a stage of this run "
             f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",
             file=sys.stderr,
         )
     for kind, named in idle_kind_sections(cfg, set(running)):
+        if kind in {section for _, section in idle}:
+            continue  # said above, for the override that set it
         print(
             f"posttrain: warning: section {kind!r} changes nothing: this pipeline's {kind} stages are named "
             f"{', '.join(named)}, and each reads its own section; move the settings under those names",

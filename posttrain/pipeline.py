@@ -146,7 +146,7 @@ def _resolve_inputs(
     cache, is handed on as JSON and fingerprinted by its settings plus the files it reads.
     """
     inputs, input_fps = {}, {}
-    for inp, key in stage_cls.consumes.items():
+    for inp, key in stage_cls.inputs_read(cfg).items():
         explicit = getattr(cfg, inp, None)
         if inp in (refs or {}):  # a reference NAME.ARTIFACT, already resolved to that artifact's path
             inputs[inp], input_fps[inp] = artifacts[refs[inp]], fps[refs[inp]]
@@ -269,7 +269,7 @@ def graph_lines(cfg: PipelineBase) -> list[str]:
         stage_cls, scfg = stage_class(kind), getattr(cfg, name)
         refs = dict(references_in(scfg))
         sources = []
-        for inp, key in stage_cls.consumes.items():
+        for inp, key in stage_cls.inputs_read(scfg).items():
             explicit = getattr(scfg, inp, None)
             origin = (
                 refs.get(inp)

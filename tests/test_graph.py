@@ -145,3 +145,15 @@ def test_a_model_to_evaluate_must_be_a_model_directory(tmp_path, tiny_model_dir)
     body = f"stages: [eval]\neval: {{models: {{mine: {tiny_model_dir}, theirs: {stage_dir}}}}}\n"
     with pytest.raises(ConfigError, match=r"eval.models.theirs.*not a Hugging Face model directory"):
         load_pipeline(write_pipeline(tmp_path, body))
+
+
+def test_a_merge_without_the_latest_model_neither_lists_nor_reads_it(tmp_path, tiny_model_dir, capsys):
+    """use_latest_model: false: the latest model is no input of the merge (not in `show`, not fingerprinted)."""
+    write_jsonl(tmp_path / "train.jsonl", make_rows(32, seed=1))
+    body = TWO_SFTS.format(model=tiny_model_dir, data=tmp_path / "train.jsonl").replace(
+        "kind: sft}]\n", "kind: sft}, merge]\n", 1
+    )
+    body += "merge: {use_latest_model: false, method: linear, models: [first.model, second.model]}\n"
+    assert main(["show", write_pipeline(tmp_path, body)]) == 0, capsys.readouterr().err
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("#   merge (merge)"))
+    assert line == "#   merge (merge) <- models.0=first.model, models.1=second.model", line

@@ -86,6 +86,12 @@ class Stage:
         return cls.optional_inputs
 
     @classmethod
+    def inputs_read(cls, cfg) -> dict[str, str]:
+        """The inputs (input -> artifact kind) this config reads: a subset of `consumes`, which the runner
+        resolves, fingerprints and `posttrain show` lists. Default: all of them."""
+        return cls.consumes
+
+    @classmethod
     def sections_read(cls, name: str, pipeline) -> set[str]:
         """The config sections instance `name` reads: its own, and for some kinds other stages' settings
         (the filter's length limit is its training stage's max_length and tokenizer). Default: its own."""

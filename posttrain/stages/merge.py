@@ -71,6 +71,11 @@ class Merge(Stage):
     optional_inputs = {"model"}
     produces = {"model": "model"}
 
+    @classmethod
+    def inputs_read(cls, cfg) -> dict[str, str]:
+        # without the latest model, it is neither read nor part of the fingerprint (its change re-runs nothing)
+        return cls.consumes if cfg.use_latest_model else {}
+
     @staticmethod
     def labelled_inputs(name: str, cfg: MergeConfig, inputs: dict) -> list[tuple[str, str]]:
         """(config key, model) of each input, in merge order: the latest earlier model (unless use_latest_model
