@@ -258,7 +258,10 @@ class TrainingGuard:
         total = self.loss_sum()  # every rank: the gather is collective
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            (folder / LOSS_FILE).write_text(json.dumps({"step": state.global_step, "loss_sum": total}))
+            saved = {"step": state.global_step, "loss_sum": total}
+            if hasattr(self.trainer, "_total_train_tokens"):  # TRL's num_tokens counter, which it does not save
+                saved["num_tokens"] = self.trainer._total_train_tokens
+            (folder / LOSS_FILE).write_text(json.dumps(saved))
         return control
 
     def __getattr__(self, name):  # every other callback event: nothing to do
@@ -290,11 +293,14 @@ def train_from_last_checkpoint(trainer, folder: Path, log, stage: str) -> dict:
         log.info("[%s] resuming from %s", stage, resume)
         resumed_step = metrics["resumed_from_step"] = int(Path(resume).name.split("-")[1])
         saved = Path(resume) / LOSS_FILE
+        record = json.loads(saved.read_text()) if saved.is_file() else {}
         offset = (
-            json.loads(saved.read_text())["loss_sum"]
-            if saved.is_file()
+            record["loss_sum"]
+            if "loss_sum" in record
             else _logged_loss_sum(Path(resume) / "trainer_state.json", resumed_step)
         )
+        if "num_tokens" in record and hasattr(trainer, "_total_train_tokens"):  # logged num_tokens go on counting
+            trainer._total_train_tokens = record["num_tokens"]
     if resume:  # the first evaluation is in the restored log history already: not again at the resume step
         trainer.args.eval_on_start = False
     guard = TrainingGuard(trainer, stage, offset, resumed_step)

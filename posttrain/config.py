@@ -341,14 +341,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict[tuple, str]:
 
 def _where(loc: tuple, lines: dict, origins: dict, source: str) -> str:
     """The most precise origin known for a key path: override, else YAML line of the longest prefix."""
+    if loc not in lines and loc not in origins:
+        # A key no YAML line holds that an override created on the way to a deeper one (`dpo.foo.bar=1` makes
+        # `dpo.foo`): that override, not the line of the section it sits in.
+        below = [origin for key, origin in origins.items() if key[: len(loc)] == loc]
+        if below:
+            return below[0]
     for n in range(len(loc), 0, -1):
         if loc[:n] in origins:
             return origins[loc[:n]]
         if loc[:n] in lines:
             return f"{source}:{lines[loc[:n]]}"
-    # A key no YAML line holds that an override created on the way to a deeper one (`pop.lr=1` makes `pop`).
-    below = [origin for key, origin in origins.items() if key[: len(loc)] == loc]
-    return below[0] if below else source
+    return source
 
 
 def format_validation_error(err: ValidationError, lines: dict, origins: dict, source: str) -> str:

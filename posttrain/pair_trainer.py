@@ -40,11 +40,17 @@ class ImplicitRewardTrainer(Trainer):
         loss = bradley_terry_loss(chosen, rejected, inputs.get("margin"), self.center_coef)
         with torch.no_grad():
             stats = torch.stack([(chosen > rejected).float().mean(), (chosen - rejected).mean(), rewards.mean()])
-            stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).mean(0).tolist()
-        pending = self._pending["train" if model.training else "eval"]
-        for key, value in zip(("accuracy", "margin", "mean_reward"), stats):
-            pending[key].append(value)
+            self._note(model, ("accuracy", "margin", "mean_reward"), stats, chosen.numel())
         return (loss, rewards) if return_outputs else loss
+
+    def _note(self, model, keys, means: torch.Tensor, pairs: int) -> None:
+        """Keep one batch's means with its pair count, summed over ranks: `log` then reports means over pairs
+        (a mean of batch means would weight a short last batch like a full one)."""
+        local = torch.cat([means * pairs, means.new_tensor([pairs])])
+        total = self.accelerator.gather_for_metrics(local.unsqueeze(0)).sum(0).tolist()
+        pending = self._pending["train" if model.training else "eval"]
+        for key, value in zip(keys, total[:-1]):
+            pending[key].append((value, total[-1]))
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -54,7 +60,9 @@ class ImplicitRewardTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        logs.update({prefix + k: sum(v) / len(v) for k, v in self._pending[mode].items() if v})
+        logs.update(
+            {prefix + k: sum(s for s, _ in v) / sum(n for _, n in v) for k, v in self._pending[mode].items() if v}
+        )
         self._pending[mode].clear()
         super().log(logs, start_time)
 
@@ -79,18 +87,6 @@ class SimPOTrainer(ImplicitRewardTrainer):
             stats = torch.stack(
                 [r_c.mean(), r_r.mean(), (r_c - r_r).mean(), (r_c > r_r).float().mean(), sums[0].mean(), sums[1].mean()]
             )
-            stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).mean(0).tolist()
-        pending = self._pending["train" if model.training else "eval"]
-        for key, value in zip(
-            (
-                "rewards/chosen",
-                "rewards/rejected",
-                "rewards/margins",
-                "rewards/accuracies",
-                "logps/chosen",
-                "logps/rejected",
-            ),
-            stats,
-        ):
-            pending[key].append(value)
+        keys = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+        self._note(model, keys + ("logps/chosen", "logps/rejected"), stats, r_c.numel())
         return (loss, None) if return_outputs else loss

@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -98,6 +99,9 @@ def load_reward_function(path: str, function: str) -> Callable:
     if not file.is_file():
         raise RewardFunctionError(f"rule reward file not found: {path}")
     module_name = f"posttrain_reward_{abs(hash(str(file.resolve())))}"
+    folder = str(file.resolve().parent)
+    if folder not in sys.path:  # its own helper modules beside it import (appended: nothing installed is shadowed)
+        sys.path.append(folder)
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -205,10 +209,16 @@ class RunningMoments:
 
 @dataclass
 class Scores:
-    """Per-completion scores: the weighted total and each part unweighted."""
+    """Per-completion scores: the weighted total (whitened by `normalize` in training), each part unweighted,
+    and the weighted total as the judges gave it (the reward a run reports: a whitened mean is 0 by design)."""
 
     total: torch.Tensor
     parts: dict[str, torch.Tensor]
+    raw: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.raw is None:
+            self.raw = self.total
 
 
 class Scorer:
@@ -225,6 +235,7 @@ class Scorer:
         self.cfg, self.device = cfg, torch.device(device)
         self.rules = [(spec, load_reward_function(spec.path, spec.function)) for spec in cfg.rules]
         self.rule_keys = rule_keys(cfg.rules)
+        self.rule_accepts = [accepted_columns(fn) for _, fn in self.rules]
         # What each rule reads, from its signature once (missing_columns runs for every scored batch).
         self.rule_columns = [
             (spec, [c for c in required_columns(fn) if c not in spec.kwargs]) for spec, fn in self.rules
@@ -323,8 +334,9 @@ class Scorer:
         if self.rules:
             self.check_rows(rows)
         columns = _columns(rows)
-        for (spec, fn), key in zip(self.rules, self.rule_keys):
-            parts[key] = call_rule(spec, fn, prompts, completions, columns)
+        for (spec, fn), key, accepts in zip(self.rules, self.rule_keys, self.rule_accepts):
+            given = {k: v for k, v in columns.items() if (accepts is None or k in accepts) and k not in spec.kwargs}
+            parts[key] = call_rule(spec, fn, prompts, completions, given)
             total += spec.weight * parts[key]
         sources = ["the reward model " + str(self.cfg.reward_model or "")] if self.rm is not None else []
         sources += [f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules]
@@ -335,12 +347,27 @@ class Scorer:
                     f"{source} gave a non-finite reward ({values[bad[0]].item()}) for "
                     f"{len(bad)} of {n} completions, first the completion {completions[bad[0]]!r}"
                 )
+        raw = total
         if self.cfg.normalize and training:
             self.moments.update(total)
             total = (total - self.moments.mean) / (self.moments.std + 1e-8)
-        return Scores(total=total, parts=parts)
+        return Scores(total=total, parts=parts, raw=raw)
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:
-    """Row dicts -> column lists, for the metadata keys every row has."""
-    return {k: [r[k] for r in rows] for k in sorted(common_columns(rows))}
+    """Row dicts -> column lists, for the metadata keys any row has; None where a row lacks the key (a null
+    value is read as a missing one). Columns a rule cannot run without are in every row (`check_rows`)."""
+    keys = sorted(set().union(*rows) - {"messages", "chosen", "rejected"}) if rows else []
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def accepted_columns(fn: Callable) -> Optional[set[str]]:
+    """The keyword parameters a rule reward takes after (prompts, completions), or None when it takes
+    `**kwargs` (every column): a column only some rows have is passed only to rules that name it or take any."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params[2:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

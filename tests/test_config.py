@@ -53,6 +53,9 @@ def test_a_misspelt_section_in_an_override_is_blamed_on_the_override(tmp_path):
     path = write_pipeline(tmp_path, "stages: [synth]\n")
     with pytest.raises(ConfigError, match=r"pop: unknown key  \[command-line override 'pop.learning_rate=1'\]"):
         load_pipeline(path, ["pop.learning_rate=1"])
+    in_yaml = write_pipeline(tmp_path, "stages: [sft]\nsft:\n  epochs: 1\n")  # the section has a YAML line
+    with pytest.raises(ConfigError, match=r"sft.foo: unknown key  \[command-line override 'sft.foo.bar=1'\]"):
+        load_pipeline(in_yaml, ["sft.foo.bar=1"])
 
 
 def test_a_key_set_twice_is_an_error_naming_both_lines(tmp_path):

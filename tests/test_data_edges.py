@@ -303,3 +303,51 @@ def test_a_causal_lm_is_refused_as_a_reward_model(tmp_path, tiny_model_dir):
 
 def _user(text: str) -> dict:
     return {"role": "user", "content": text}
+
+
+def test_a_column_some_rows_lack_reaches_the_rules_that_name_it_with_none_there(tmp_path):
+    """One null in a column a rule reads through a defaulted parameter: that row gets None, the others their
+    values (it used to vanish for the whole batch); a rule that does not name the column does not get it."""
+    (tmp_path / "r.py").write_text(
+        "def expects(prompts, completions, expected=None):\n"
+        "    return [0.0 if e is None else float(e in c) for c, e in zip(completions, expected or [None] * 3)]\n"
+        "def plain(prompts, completions):\n"
+        "    return [1.0] * len(completions)\n"
+    )
+    rules = [RuleSpec(path=str(tmp_path / "r.py"), function=f) for f in ("expects", "plain")]
+    scorer = Scorer(ScoringConfig(rules=rules, use_reward_model=False))
+    rows = [{"expected": "a"}, {}, {"expected": "c"}]
+    scores = scorer.score([[_user("q")]] * 3, ["a", "b", "c"], rows)
+    assert scores.parts["expects"].tolist() == [1.0, 0.0, 1.0] and scores.parts["plain"].tolist() == [1.0] * 3
+
+
+def test_normalize_whitens_what_trains_and_reports_the_judges_sum(tmp_path):
+    (tmp_path / "r.py").write_text("def length(prompts, completions, **_):\n    return [len(c) for c in completions]\n")
+    rule = RuleSpec(path=str(tmp_path / "r.py"), function="length", weight=2.0)
+    scorer = Scorer(ScoringConfig(rules=[rule], use_reward_model=False, normalize=True))
+    scores = scorer.score([[_user("q")]] * 3, ["a", "bb", "cccc"], None, training=True)
+    assert scores.raw.tolist() == [2.0, 4.0, 8.0] and abs(scores.total.mean().item()) < 1e-6
+
+
+def test_a_rule_file_imports_the_modules_beside_it(tmp_path):
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "helpers_for_posttrain_test.py").write_text("def norm(t):\n    return t.strip().lower()\n")
+    (tmp_path / "rules" / "r.py").write_text(
+        "from helpers_for_posttrain_test import norm\n"
+        "def same(prompts, completions, **_):\n    return [float(norm(c) == 'a') for c in completions]\n"
+    )
+    scorer = Scorer(ScoringConfig(rules=[RuleSpec(path=str(tmp_path / "rules" / "r.py"), function="same")]))
+    assert scorer.score([[_user("q")]] * 2, [" A ", "b"]).total.tolist() == [1.0, 0.0]
+
+
+def test_use_margin_on_pairs_without_a_margin_is_refused(tmp_path, tiny_model_dir):
+    """Margins asked for, none in the data: said before training (it would have trained as without them)."""
+    from posttrain.pipeline import load_pipeline, run_pipeline
+
+    from .conftest import write_pipeline
+
+    pair = {"prompt": "2 + 2?", "chosen": "4", "rejected": "5", "score_chosen": 9.0, "score_rejected": 2.0}
+    write_jsonl(tmp_path / "pairs.jsonl", [pair] * 4)
+    body = f"stages: [rm]\nrm: {{model: {tiny_model_dir}, prefs_train: {tmp_path / 'pairs.jsonl'}, use_margin: true}}\n"
+    with pytest.raises(ValueError, match="rm.use_margin is true, but none of the 4 training pairs has a 'margin'"):
+        run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))

@@ -228,8 +228,11 @@ def test_lora_uses_the_adapter_free_base_as_reference_saves_merged_and_resumes(
     # the adapters start at zero (B = 0): at step 1 the policy is its base, so every log-ratio is 0
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[0]["rewards/margins"] == 0
     assert m["heldout"]["before"]["implicit_reward_accuracy"] == 0.5
-    second = stage(max_steps=6).run()  # as if the run had been stopped at step 4
+    stage_two = stage(max_steps=6)
+    second = stage_two.run()  # as if the run had been stopped at step 4
     assert second["resumed_from_step"] == 4 and second["steps"] == 6
+    tokens = {e["step"]: e["num_tokens"] for e in stage_two.trainer.state.log_history if "num_tokens" in e}
+    assert tokens[4] < tokens[5] < tokens[6]  # TRL's token count goes on from the checkpoint, not from 0
     saved = load_file(tmp_path / "dpo" / "model" / "model.safetensors")
     init = load_file(tiny_model_dir / "model.safetensors")
     assert saved.keys() == init.keys()  # adapters merged away
@@ -405,3 +408,20 @@ def test_quickstart_dpo_config_shares_the_quickstarts_stages_up_to_prefs(monkeyp
     for stage in ("synth", "filter", "base", "sft", "prefs"):  # same data, same SFT model, same pairs
         assert getattr(qs_dpo, stage) == getattr(qs, stage), stage
     assert qs_dpo.eval.models == {"sft": "sft.model", "dpo": "dpo.model"}
+
+
+def test_simpo_with_lora_starts_from_the_same_adapters_for_the_same_seed(tmp_path, tiny_model_dir):
+    """The adapters' random init is seeded by the stage seed (TRL's trainers seed before making theirs), so
+    two runs with one seed train alike."""
+    from posttrain.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    pairs = [(r, p) for r, p in zip(PAIRS, tokenize_pairs(tok, PAIRS))]
+    cfg = DPOConfig(loss_type="simpo", batch_size=4, lora={"enabled": True, "r": 4, "alpha": 8})
+    adapters = []
+    for run in range(2):
+        torch.manual_seed(run)  # what came before the stage differs between runs
+        model = load_model(tiny_model_dir, device="cpu")
+        trainer = build_trainer(model, None, tok, pairs, [], cfg, tmp_path / str(run), seed=0)
+        adapters.append({k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k})
+    assert adapters[0] and all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

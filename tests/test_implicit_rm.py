@@ -231,3 +231,30 @@ def test_a_malformed_reward_head_file_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"reward_head\.json.*beta"):
         read_reward_head(tmp_path)
     assert read_reward_head(tmp_path / "elsewhere") is None
+
+
+def test_logged_accuracy_is_over_pairs_not_a_mean_of_batch_means(tmp_path, tiny_model_dir, monkeypatch):
+    """Held-out batches of 3 pairs and of 1: the logged accuracy and margin are means over the 4 pairs (the
+    held-out accuracy the stage reports beside it), not the mean of the two batches' means."""
+    from transformers import Trainer
+
+    from posttrain.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model_dir, device="cpu").eval(), load_tokenizer(tiny_model_dir)
+    pairs = tokenize_pairs(tok, PAIRS)
+    trainer = build_implicit_trainer(model, tok, pairs, [], RMConfig(head="implicit", beta=1.0), tmp_path, seed=0)
+    collate = PairCollator(tok.pad_token_id, use_margin=False)
+    with torch.no_grad():
+        for chunk in (pairs[:3], pairs[3:]):
+            trainer.compute_loss(model, dict(collate(chunk)))
+    logged = {}
+    monkeypatch.setattr(Trainer, "log", lambda self, logs, start_time=None: logged.update(logs))
+    trainer.log({"eval_loss": 0.0})
+    margins = [
+        _own_implicit_reward(model, tok, r["chosen"], 1.0) - _own_implicit_reward(model, tok, r["rejected"], 1.0)
+        for r in PAIRS
+    ]
+    wins = [float(m > 0) for m in margins]
+    assert logged["eval_accuracy"] == pytest.approx(sum(wins) / 4)
+    assert logged["eval_margin"] == pytest.approx(sum(margins) / 4, abs=1e-5)
+    assert (sum(margins[:3]) / 3 + margins[3]) / 2 != pytest.approx(sum(margins) / 4, abs=1e-3)  # tells them apart

@@ -384,8 +384,7 @@ def test_ppo_checks_its_judges_against_prompt_only_rows_up_front(tmp_path, input
     )
     with pytest.raises(
         MissingColumnError,
-        match=r"task_correct needs the column 'answer', which 8 of 8 rows of "
-        r"ppo.train_data and ppo.eval_data lack.*ppo.scoring.rules",
+        match=r"task_correct needs the column 'answer', which 8 of 8 rows of ppo.train_data lack.*ppo.scoring.rules",
     ):
         run_pipeline(load_pipeline(write_pipeline(tmp_path, body)))
     assert not (tmp_path / "run" / "ppo" / "metrics.jsonl").exists()  # failed in setup, before any rollout

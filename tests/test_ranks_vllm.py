@@ -14,6 +14,7 @@ from posttrain.pipeline import load_pipeline, run_pipeline
 from .conftest import make_rows, write_pipeline
 
 requires_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed")
+VLLM_SAMPLING = {"backend": "vllm", "temperature": 1.0, "max_new_tokens": 12}
 LENGTH_REWARD = "def longer(prompts, completions, **_):\n    return [len(c) / 10.0 for c in completions]\n"
 
 
@@ -24,7 +25,7 @@ def _ppo_pipeline(tmp_path, model_dir, tp: int, **extra) -> str:
         "model": str(model_dir),
         "train_data": str(tmp_path / "train.jsonl"),
         "eval_samples": 0,
-        "sampling": {"backend": "vllm", "temperature": 1.0, "max_new_tokens": 12, "tensor_parallel_size": tp},
+        "sampling": {**VLLM_SAMPLING, "tensor_parallel_size": tp},
         "scoring": {"rules": [{"path": str(tmp_path / "reward.py"), "function": "longer"}]},
         "updates": 3,
         "rollout_batch_size": 8,
@@ -43,13 +44,17 @@ def _ppo_pipeline(tmp_path, model_dir, tp: int, **extra) -> str:
 def test_ppo_two_ranks_with_colocated_vllm_engines(tmp_path, tiny_model_dir, tp):
     """TP=1: two engines, each rank samples its own prompts; TP=2: one engine over both ranks, which pool
     their prompts. Either way the engine serves the weights pushed after each update: its logprobs stay
-    within 1e-3 of the trainer's for all 3 updates."""
-    run_pipeline(load_pipeline(_ppo_pipeline(tmp_path, tiny_model_dir, tp)))
+    within 1e-3 of the trainer's for all 3 updates. TP=1 runs GRPO with dynamic sampling: its group counts
+    are both ranks' groups, summed."""
+    grpo = {"advantage": "grpo", "dynamic_sampling": True, "sampling": {**VLLM_SAMPLING, "n": 2}} if tp == 1 else {}
+    run_pipeline(load_pipeline(_ppo_pipeline(tmp_path, tiny_model_dir, tp, **grpo)))
     stage_dir = tmp_path / "run" / "ppo"
     history = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
     assert [h["update"] for h in history] == [1, 2, 3]
     assert all(0 < h["logprob_gap"] < 1e-3 for h in history), [h["logprob_gap"] for h in history]
     assert history[-1]["kl"] != 0.0 and all(h["time/sync"] > 0 for h in history)
+    if tp == 1:  # 8 groups per rank at least
+        assert all(isinstance(h["dynamic/groups_sampled"], int) and h["dynamic/groups_sampled"] >= 16 for h in history)
     from safetensors.torch import load_file
 
     trained = load_file(stage_dir / "model" / "model.safetensors")

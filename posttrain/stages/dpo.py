@@ -190,6 +190,7 @@ def build_trainer(
         if peft_config is not None:
             from peft import get_peft_model
 
+            torch.manual_seed(seed)  # the adapters' random init: TRL's DPOTrainer seeds before making them
             model = get_peft_model(model, peft_config)
         from ..pair_trainer import SimPOTrainer
 

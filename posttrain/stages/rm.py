@@ -328,6 +328,11 @@ class RM(Stage):
         inp, ctx = self.ctx.inputs, self.ctx
         self.train_rows = read_pairs(inp["prefs_train"], ctx.seed)
         self.eval_rows = read_pairs(inp["prefs_eval"], ctx.seed) if inp.get("prefs_eval") else []
+        if self.cfg.use_margin and not any("margin" in r for r in self.train_rows):  # else it would change nothing
+            raise ValueError(
+                f"{ctx.name}.use_margin is true, but none of the {len(self.train_rows)} training pairs has a "
+                f"'margin' column (rename the column that holds it, e.g. columns: {{score_gap: margin}})"
+            )
         self.tokenizer = load_tokenizer(inp["model"])
         self.model = load_reward_init(inp["model"], ctx.seed, self.cfg.head, ctx.device)
 

@@ -59,7 +59,7 @@ def sample_groups(
             entry = (
                 idx[rows_g],
                 samples[rows_g],
-                scores.total[rows_g],
+                scores.raw[rows_g],  # reported as `reward`: the judges' weighted sum, before normalize whitens it
                 shaped[rows_g],
                 {k: v[rows_g] for k, v in scores.parts.items()},
             )

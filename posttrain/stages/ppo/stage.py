@@ -87,9 +87,10 @@ class PPO(Stage):
         self.eval_rows = (
             read_rows(inp["eval_data"], "prompt", seed=self.ctx.seed)[: c.eval_samples] if inp.get("eval_data") else []
         )
-        self.scorer.check_rows(
-            self.rows + self.eval_rows, "ppo.train_data and ppo.eval_data", "ppo.scoring", rm_stage=True
-        )  # before any rollout: a rule reading a column the rows lack fails now
+        name = self.ctx.name
+        for rows, key in ((self.rows, "train_data"), (self.eval_rows, "eval_data")):  # each named on its own
+            if rows:  # before any rollout: a rule reading a column the rows lack fails now
+                self.scorer.check_rows(rows, f"{name}.{key}", f"{name}.scoring", rm_stage=True)
         self.prompt_ids = [chat_prompt_ids(self.tokenizer, prompt_of(r)) for r in self.rows]
         settings = (c.max_grad_norm, c.distributed, c.mini_batch_size, self.ctx.precision)
         self.handles = {"policy": trainable(self.policy, c.learning_rate, *settings)}
@@ -294,7 +295,9 @@ class PPO(Stage):
             stats.update({f"dynamic/{k}": float(v) for k, v in counts.items()})
         if self.anchor is not None:
             stats["anchor_step"] = self.anchor_step
-        stats = all_ranks_mean(stats)
+        stats = {**all_ranks_mean(stats), "update": update + 1}
+        if c.dynamic_sampling:  # counts of groups: every rank's, summed (a mean of counts is no count)
+            stats.update({f"dynamic/{k}": round(stats[f"dynamic/{k}"] * self.ctx.world_size) for k in counts})
         for key in ("reward", "kl", "policy_loss", "value_loss"):
             if key in stats and not torch.isfinite(torch.tensor(stats[key])):
                 raise FloatingPointError(f"ppo update {update + 1}: {key} is {stats[key]}; stopping ({self._kept()})")
