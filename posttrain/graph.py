@@ -15,8 +15,9 @@ reading the file, without running it).
 from __future__ import annotations
 
 import ast
+import importlib.util
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -150,12 +151,33 @@ def _set(tree, path: list[str], value) -> None:
 # Rule rewards and hooks named by file and function
 
 
-def _function_names(path: Path) -> set[str]:
-    """Top-level functions and callables assigned at top level in a Python file, read without running it."""
+def _parse(path: Path) -> ast.Module:
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
+        return ast.parse(path.read_text(), filename=str(path))
     except SyntaxError as err:
         raise ConfigError(f"{path}:{err.lineno}: not valid Python: {err.msg}") from None
+
+
+def _missing_import(tree: ast.Module, folder: Path) -> Optional[tuple[int, str]]:
+    """(line, module) of the first top-level absolute import that is neither installed nor a module or package
+    beside the file (where the scorer lets it import from), found without running the file."""
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            modules = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules = [node.module]
+        else:
+            continue
+        for module in modules:
+            top = module.split(".")[0]
+            beside = (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
+            if not beside and importlib.util.find_spec(top) is None:
+                return node.lineno, module
+    return None
+
+
+def _function_names(tree: ast.Module) -> set[str]:
+    """Top-level functions and callables assigned at top level in a parsed Python file."""
     names = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -197,8 +219,15 @@ def check_rule_files(section: BaseModel, stage: str) -> None:
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"{stage}.{key}: file not found: {path} (relative paths are read from {Path.cwd()})")
-        if function not in _function_names(file):
+        tree = _parse(file)
+        if function not in _function_names(tree):
             raise ConfigError(f"{stage}.{key}: {path} defines no function {function!r} at its top level")
+        missing = _missing_import(tree, file.resolve().parent)
+        if missing:
+            raise ConfigError(
+                f"{stage}.{key}: {path}:{missing[0]} imports {missing[1]!r}, which is neither installed nor a "
+                f"module beside the file"
+            )
 
 
 def artifact_keys(name: str, produces: dict) -> list[str]:

@@ -86,6 +86,17 @@ def test_missing_rule_function_of_a_later_stage_stops_the_run_before_the_first_s
     with pytest.raises(ConfigError, match=r"ppo.scoring.rules.0: .*r.py defines no function 'shorter'"):
         run_pipeline(load_pipeline(tmp_path / "pipeline.yaml"))
     assert not (tmp_path / "run" / "first").exists()
+    # a module it imports that is neither installed nor beside it: found without running the file
+    (tmp_path / "r.py").write_text(
+        "import json\nfrom helpers_not_here import norm\ndef shorter(p, c, **kw):\n    pass\n"
+    )
+    with pytest.raises(ConfigError, match=r"r.py:2 imports 'helpers_not_here', which is neither installed nor a"):
+        run_pipeline(load_pipeline(tmp_path / "pipeline.yaml"))
+    (tmp_path / "helpers_not_here.py").write_text("def norm(t):\n    return t\n")  # beside it: the scorer finds it
+    from posttrain.graph import check_rule_files
+
+    check_rule_files(load_pipeline(tmp_path / "pipeline.yaml").ppo, "ppo")
+    assert not (tmp_path / "run" / "first").exists()
 
 
 def test_only_and_from_and_show(tmp_path, tiny_model_dir, capsys):
