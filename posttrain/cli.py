@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",
             file=sys.stderr,
         )
+    overridden = {section for _, section in idle}
     for kind, named in idle_kind_sections(cfg, set(running)):
-        if kind in {section for _, section in idle}:
+        if kind in overridden:
             continue  # said above, for the override that set it
         print(
             f"posttrain: warning: section {kind!r} changes nothing: this pipeline's {kind} stages are named "

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, create_model, field_validator
 
 from .config import ConfigError, Precision, Section, TrackingBackend, dump_config, load_config
-from .data import is_spec, source_files, source_json
+from .data import is_spec, source_fingerprint, source_json
 from .graph import (
     StageEntry,
     artifact_keys,
@@ -107,12 +107,17 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> PipelineBase:
     return load_config(lambda data: pipeline_model(_named_instances(data)), path, overrides)
 
 
+def _sections_read(cfg: PipelineBase, running: set[str]) -> set[str]:
+    """The config sections the stages in `running` read (a stage command may add its kind)."""
+    kinds = {**{name: name for name in running}, **dict(cfg.instances())}
+    return set().union(*(stage_class(kinds[name]).sections_read(name, cfg) for name in running))
+
+
 def idle_overrides(cfg: PipelineBase, overrides: list[str], running: set[str]) -> list[tuple[str, str]]:
     """(override, section) of the dotted overrides that set a stage section (a kind, or a named instance) none
     of `running` reads: every kind has a section, so validation accepts them, but they change nothing here."""
     sections = set(STAGE_MODULES) | {name for name, _ in cfg.instances()}
-    kinds = {**{name: name for name in running}, **dict(cfg.instances())}  # a stage command may add its kind
-    read = set().union(*(stage_class(kinds[name]).sections_read(name, cfg) for name in running))
+    read = _sections_read(cfg, running)
     pairs = [(o, o.split("=", 1)[0].split(".")[0].strip()) for o in overrides]
     return [(o, section) for o, section in pairs if section in sections - read]
 
@@ -122,11 +127,9 @@ def idle_kind_sections(cfg: PipelineBase, running: set[str]) -> list[tuple[str, 
     runs as named instances and that no running stage reads: its settings change nothing (they belong under
     the instances' names)."""
     instances = cfg.instances()
-    kinds = {**{name: name for name in running}, **dict(instances)}
-    read = set().union(*(stage_class(kinds[name]).sections_read(name, cfg) for name in running))
     listed = {name for name, _ in instances} | running
     out = []
-    for section in sorted(cfg.model_fields_set & set(STAGE_MODULES) - listed - read):
+    for section in sorted(cfg.model_fields_set & set(STAGE_MODULES) - listed - _sections_read(cfg, running)):
         named = [name for name, kind in instances if kind == section]
         if named:
             out.append((section, named))
@@ -155,9 +158,7 @@ def _resolve_inputs(
         if is_spec(explicit) or hub_name:
             inputs[inp] = source_json(explicit)
             if not check_only:
-                input_fps[inp] = hash_json(
-                    {"source": inputs[inp], "files": {p: hash_path(p) for p in source_files(explicit)}}
-                )
+                input_fps[inp] = source_fingerprint(explicit)
         elif explicit and str(explicit) in artifacts and not Path(str(explicit)).exists():
             inputs[inp], input_fps[inp] = artifacts[str(explicit)], fps[str(explicit)]  # a "stage.kind" reference
         elif explicit:

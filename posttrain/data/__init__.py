@@ -18,7 +18,7 @@ from .conversations import (
 from .formats import FORMATS, FormatError, RowError, detect_format, to_canonical
 from .readers import Loc
 from .sources import SkipReport, convert_to_jsonl, iter_rows, read_rows, source_format
-from .spec import DataSource, SourceSpec, as_specs, is_spec, source_files, source_json
+from .spec import DataSource, SourceSpec, as_specs, is_spec, source_files, source_fingerprint, source_json
 
 __all__ = [
     "DataError",
@@ -44,5 +44,6 @@ __all__ = [
     "as_specs",
     "is_spec",
     "source_files",
+    "source_fingerprint",
     "source_json",
 ]

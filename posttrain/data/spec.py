@@ -22,6 +22,7 @@ from huggingface_hub import constants as hub_constants
 from pydantic import AfterValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
 
 from ..config import Section, is_reference, reference_validator
+from ..manifest import hash_json, hash_path
 from .conversations import DataError
 from .formats import FORMAT_NAMES
 
@@ -205,7 +206,14 @@ def source_json(value) -> str | dict | list:
         return value.model_dump(mode="json", exclude_defaults=True)
     if isinstance(value, list):
         return [source_json(v) for v in value]
+    if isinstance(value, dict):  # already plain JSON (a stage's input)
+        return value
     return str(value)
+
+
+def source_fingerprint(value) -> str:
+    """A data source's fingerprint: its settings plus the content of the files it reads."""
+    return hash_json({"source": source_json(value), "files": {p: hash_path(p) for p in source_files(value)}})
 
 
 def source_files(value) -> list[str]:

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from ..chat import chat_prompt_ids
 from ..config import ModelDir, Precision, RewardModelDir, Section
-from ..data import DataSource, prompt_of, read_rows, source_files
+from ..data import DataSource, prompt_of, read_rows, source_fingerprint
 from ..dist.rank import torch_dtype
 from ..engines import HFEngine, SamplingConfig, make_engine
 from ..models import load_model, load_tokenizer
@@ -286,10 +286,10 @@ class PolicyEvaluator:
 
 def _input_hash(value) -> str:
     """A run's input, fingerprinted: a path by its content, a data source (a mapping, a mixture, a pattern)
-    by its settings and the files it reads."""
+    as the pipeline does."""
     if isinstance(value, str) and Path(value).exists():
         return hash_path(value)
-    return hash_json({"source": value, "files": {p: hash_path(p) for p in source_files(value)}})
+    return source_fingerprint(value)
 
 
 class Warp(Stage):
