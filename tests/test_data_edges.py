@@ -165,6 +165,22 @@ def test_gzip_json_lines_glob_patterns_and_a_pretty_printed_object(tmp_path):
         read_rows(str(tmp_path / "obj.json"))
 
 
+def test_a_shuffled_read_of_a_gzip_file_never_seeks_back_in_the_stream(tmp_path, monkeypatch):
+    """A seek back in a gzip stream decompresses from the start: reads by index go to a decompressed copy."""
+    rows = [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(50)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def no_seek(*args, **kwargs):
+        raise AssertionError("seek in a gzip stream")
+
+    monkeypatch.setattr(gzip.GzipFile, "seek", no_seek)
+    shuffled = read_rows({"path": str(tmp_path / "p.jsonl.gz"), "seed": 3}, "preference")
+    assert shuffled == read_rows({"path": str(tmp_path / "p.jsonl"), "seed": 3}, "preference")
+    assert shuffled != read_rows(str(tmp_path / "p.jsonl"), "preference")  # it was shuffled
+
+
 def test_keep_fitting_counts_and_refuses_when_nothing_fits():
     assert keep_fitting(["a", "bb", "c"], [3, 9, 5], 5, "sft", "training conversations") == (["a", "c"], 1)
     assert keep_fitting([], [], 5, "sft", "held-out conversations") == ([], 0)
