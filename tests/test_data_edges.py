@@ -141,6 +141,8 @@ def test_pair_lists_with_a_system_turn_and_mismatched_prompts():
     other = {"role": "user", "content": "Other?"}
     with pytest.raises(RowError, match="'chosen' is a whole conversation but its prompt turns differ"):
         to_canonical({"prompt": "Q?", "chosen": [other, a], "rejected": [b]}, "preference")
+    with pytest.raises(RowError, match="a system turn with no user turn after it"):
+        to_canonical({"prompt": "Q?", "chosen": [{"role": "system", "content": "S"}], "rejected": "no"}, "preference")
     with pytest.raises(RowError, match="give the same answer"):
         to_canonical({"prompt": "Q?", "chosen": "A", "rejected": " A "}, "preference")
 

@@ -398,7 +398,7 @@ def _preference(row: dict, system: SystemMode) -> tuple[list[dict], list[dict]]:
             turns = _turns(value, column)
             said = [m for m in turns if m["role"] != "system"]  # a system turn of its own does not hide a repeat
             if asked and not _same(said[: len(asked)], asked):
-                if said[0]["role"] == "user":
+                if said[:1] and said[0]["role"] == "user":
                     raise RowError(
                         column,
                         f"{column!r} is a whole conversation but its prompt turns differ from the 'prompt' column",
