@@ -240,7 +240,7 @@ class Scorer:
         self.rule_columns = [
             (spec, [c for c in required_columns(fn) if c not in spec.kwargs]) for spec, fn in self.rules
         ]
-        rm_dir = cfg.reward_model or reward_model_dir
+        rm_dir = self.rm_dir = cfg.reward_model or reward_model_dir
         self.rm = self.rm_tokenizer = None
         self.implicit_head = None
         if cfg.use_reward_model and rm_dir:
@@ -338,7 +338,7 @@ class Scorer:
             given = {k: v for k, v in columns.items() if (accepts is None or k in accepts) and k not in spec.kwargs}
             parts[key] = call_rule(spec, fn, prompts, completions, given)
             total += spec.weight * parts[key]
-        sources = ["the reward model " + str(self.cfg.reward_model or "")] if self.rm is not None else []
+        sources = [f"the reward model {self.rm_dir}"] if self.rm is not None else []
         sources += [f"rule reward {spec.path}:{spec.function}" for spec, _ in self.rules]
         for source, values in zip(sources, parts.values()):
             bad = (~torch.isfinite(values)).nonzero().flatten().tolist()

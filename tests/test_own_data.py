@@ -355,7 +355,7 @@ def test_default_verifiers_on_rows_without_task_or_answer_fail_before_sampling(t
     message = str(err.value)
     assert "verifiers.py:task_correct needs the column 'answer'" in message
     assert "verifiers.py:refusal needs the column 'task'" in message and "verifiers.py:identity needs" in message
-    assert "prefs.train_data and prefs.eval_data" in message and "columns every row has: category, id" in message
+    assert "rows of prefs.train_data lack" in message and "columns every row has: category, id" in message
     assert "prefs.scoring.reward_model" in message and "prefs.scoring.rules" in message
     (tmp_path / "b").mkdir()
     only_references = _prefs_stage(tmp_path / "b", inputs, scoring={"rules": STYLE_RULES}, best_of_n={"enabled": False})

@@ -187,7 +187,7 @@ class Eval(Stage):
             self.judge_sources["rules"] = [f"{Path(r.path).name}:{r.function} (weight {r.weight:g})" for r in s.rules]
             self.rule_judge, self.rule_rows = "rules", list(range(len(self.rows)))
             self.rule_scorer = Scorer(s.model_copy(update={"use_reward_model": False}))
-            self.rule_scorer.check_rows(self.rows, "eval.eval_data", "eval.scoring", rm_stage=True)
+            self.rule_scorer.check_rows(self.rows, f"{ctx.name}.eval_data", f"{ctx.name}.scoring", rm_stage=True)
             return
         name = {"release_name": self.release_name} if self.release_name else {}
         rules = [

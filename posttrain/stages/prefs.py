@@ -379,10 +379,10 @@ class Prefs(Stage):
         self.scorer = Scorer(
             c.scoring, reward_model_dir=inp.get("reward_model"), device=self.ctx.device, precision=self.ctx.precision
         )
-        # before any sampling: a judge that reads a column the rows lack fails now, naming both
-        self.scorer.check_rows(
-            self.train_rows + self.eval_rows, "prefs.train_data and prefs.eval_data", "prefs.scoring"
-        )
+        name = self.ctx.name
+        for rows, key in ((self.train_rows, "train_data"), (self.eval_rows, "eval_data")):  # each named on its own
+            if rows:  # before any sampling: a judge that reads a column the rows lack fails now
+                self.scorer.check_rows(rows, f"{name}.{key}", f"{name}.scoring", rm_stage=True)
         self.engine = None
 
     def _check_sources(self, rows: list[dict]) -> None:
