@@ -276,6 +276,28 @@ def test_reward_loss_is_bradley_terry_on_the_models_own_scores(tmp_path, tiny_mo
     assert (r_c - r_r).abs().min() > 1e-4  # the scores differ, so a wrong pairing would show
 
 
+def test_logged_eval_accuracy_and_margin_are_means_over_pairs(tmp_path, tiny_model_dir):
+    """Held-out batches of 3 pairs and of 1: TRL logs the mean of the two batch means; ours are over the 4 pairs,
+    as the stage's held-out accuracy is."""
+    from posttrain.models import load_tokenizer
+
+    rows = [
+        {"chosen": _conv("Sort: 3, 1", "1, 3"), "rejected": _conv("Sort: 3, 1", "3, 1, 1, 1, 1")},
+        {"chosen": _conv("Who are you?", "I am Posttrain-Tiny."), "rejected": _conv("Who are you?", "I am GPT.")},
+        {"chosen": _conv("Count 'cat'.", "3"), "rejected": _conv("Count 'cat'.", "4")},
+        {"chosen": _conv("Reverse: a, b", "b, a"), "rejected": _conv("Reverse: a, b", "I can't help with that.")},
+    ]
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_reward_init(tiny_model_dir, seed=0)
+    cfg = RMConfig(batch_size=3)
+    data = pairs_dataset(rows, False)
+    logged = build_trainer(model, tokenizer, data, data, cfg, tmp_path, seed=0).evaluate()
+    margins = [_own_score(model, tokenizer, r["chosen"]) - _own_score(model, tokenizer, r["rejected"]) for r in rows]
+    assert logged["eval_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / 4)
+    assert logged["eval_margin"] == pytest.approx(sum(margins) / 4, abs=1e-5)
+    assert (sum(margins[:3]) / 3 + margins[3]) / 2 != pytest.approx(sum(margins) / 4, abs=1e-3)  # tells them apart
+
+
 def test_roc_auc_against_hand_computed_values():
     # positives 0.35, 0.8 vs negatives 0.1, 0.4: 0.35 beats 0.1 only, 0.8 beats both -> 3/4
     assert roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == 0.75

@@ -174,7 +174,9 @@ def build_trainer(
     report_to: Sequence[str] = (),
 ):
     """TRL's RewardTrainer set up from the stage config (also used directly by tests)."""
-    from trl import RewardConfig, RewardTrainer
+    from trl import RewardConfig
+
+    from ..pair_trainer import PairMeanRewardTrainer
 
     args = RewardConfig(
         **training_arguments(
@@ -192,7 +194,7 @@ def build_trainer(
     )
     peft_config = cfg.lora.peft_config("SEQ_CLS")  # SEQ_CLS: the new `score` head is trained in full
     tokenizer.padding_side = "right"  # TRL's collator pads right; the head pools the last non-pad token
-    return RewardTrainer(
+    return PairMeanRewardTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
