@@ -114,11 +114,20 @@ def _validators(annotation) -> Iterator:
             yield from _validators(arg)
 
 
+def _field_validators(info) -> set:
+    return {getattr(m, "func", None) for m in info.metadata} | set(_validators(info.annotation))
+
+
 def is_reference_field(info) -> bool:
     """Whether a pydantic field (or the items of a list/dict field) is typed ModelDir, RewardModelDir, ModelRef
     or DataSource: its values may be references."""
-    found = {getattr(m, "func", None) for m in info.metadata} | set(_validators(info.annotation))
-    return bool(found & _REFERENCE_VALIDATORS)
+    return bool(_field_validators(info) & _REFERENCE_VALIDATORS)
+
+
+def is_path_field(info) -> bool:
+    """Whether a pydantic field (or its items) names files or directories to read: typed InputPath, FilePath, or
+    one of the reference types (which take paths too)."""
+    return bool(_field_validators(info) & (_REFERENCE_VALIDATORS | {_must_exist, _file}))
 
 
 FilePath = Annotated[Optional[str], AfterValidator(_file)]

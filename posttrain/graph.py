@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 from pydantic import BaseModel, Field, field_validator
 
-from .config import ConfigError, Section, is_reference, is_reference_field
+from .config import ConfigError, Section, is_path_field, is_reference, is_reference_field
 
 TOP_LEVEL = {"run_dir", "seed", "threads", "device", "precision", "report_to", "stages"}
 """Keys of the pipeline itself, which no instance may be named."""
@@ -78,17 +78,18 @@ def check_entries(stages: list) -> list:
 # References NAME.ARTIFACT
 
 
-def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(dotted key, value) of every reference `NAME.ARTIFACT` in fields that may hold one (recursively)."""
+def _typed_strings(section: BaseModel, test, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every string in the fields `test(field info)` accepts, a list's or a mapping's
+    items included, through nested sections and mixtures."""
     for field_name, info in type(section).model_fields.items():
         value = getattr(section, field_name)
         key = f"{prefix}{field_name}"
         if isinstance(value, BaseModel):
-            yield from references(value, key + ".")
+            yield from _typed_strings(value, test, key + ".")
         elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):  # a mixture
             for i, item in enumerate(value):
-                yield from references(item, f"{key}.{i}.")
-        elif is_reference_field(info):
+                yield from _typed_strings(item, test, f"{key}.{i}.")
+        elif test(info):
             items = (
                 value.items()
                 if isinstance(value, dict)
@@ -97,8 +98,24 @@ def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]
                 else [(None, value)]
             )
             for sub, item in items:
-                if is_reference(item):
+                if isinstance(item, str):
                     yield (key if sub is None else f"{key}.{sub}"), item
+
+
+def references(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, value) of every reference `NAME.ARTIFACT` in fields that may hold one (recursively)."""
+    for key, value in _typed_strings(section, is_reference_field, prefix):
+        if is_reference(value):
+            yield key, value
+
+
+def named_files(section: BaseModel) -> list[str]:
+    """The existing files and directories a stage section names to read: the values of its path-typed fields
+    and its rule and hook files. By type, so that a value such as `backend: hf` is never taken for a file or
+    folder the working directory happens to hold."""
+    paths = [value for _, value in _typed_strings(section, is_path_field)]
+    paths += [path for _, path, _ in function_specs(section)]
+    return [p for p in dict.fromkeys(paths) if 0 < len(p) < 4096 and Path(p).exists()]
 
 
 def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = ()) -> dict[str, str]:

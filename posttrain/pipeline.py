@@ -27,6 +27,7 @@ from .graph import (
     check_entries,
     check_rule_files,
     entries,
+    named_files,
     resolve_references,
 )
 from .graph import references as references_in
@@ -174,23 +175,10 @@ def _resolve_inputs(
     return inputs, input_fps
 
 
-def _referenced_files(tree) -> dict[str, str]:
-    """Fingerprints of the files and directories a stage config names (recipes, reward files, hooks, models).
-
-    Editing such a file must re-run the stage even though the config text did not change.
-    """
-    found: dict[str, str] = {}
-    if isinstance(tree, dict):
-        for value in tree.values():
-            found.update(_referenced_files(value))
-    elif isinstance(tree, list):
-        for value in tree:
-            found.update(_referenced_files(value))
-    elif isinstance(tree, str) and 0 < len(tree) < 4096:
-        path = tree.split(":", 1)[0] if ".py:" in tree else tree  # "hook.py:function" names a file
-        if Path(path).exists():
-            found[path] = hash_path(path)
-    return found
+def _referenced_files(section) -> dict[str, str]:
+    """Fingerprints of the files and directories a stage config names (recipes, reward files, hooks, models,
+    data): editing such a file must re-run the stage even though the config text did not change."""
+    return {path: hash_path(path) for path in named_files(section)}
 
 
 def stage_precision(cfg: PipelineBase, scfg) -> str:
@@ -411,7 +399,7 @@ def _run_stages(cfg: PipelineBase, pairs: list, targets: set, run_dir: Path, dev
             "config": config_dump,
             "seed": cfg.seed,
             "inputs": input_fps,
-            "files": _referenced_files(written.model_dump(mode="json")),
+            "files": _referenced_files(written),
             "prev": prev,
         }
         precision = stage.ctx.precision

@@ -269,6 +269,28 @@ def test_editing_a_referenced_file_reruns_the_stage(tmp_path):
     assert set(s["synth"]["tasks"]) == {"sort", "add"}
 
 
+def test_a_folder_named_like_a_setting_leaves_finished_stages_finished(tmp_path, monkeypatch):
+    """Only path-typed fields (and rule and hook files) name files: a folder in the working directory named like
+    a setting's value (`family: llama`, `backend: hf`) used to enter the fingerprint and re-run the stage."""
+
+    def strings(tree):
+        if isinstance(tree, dict):
+            tree = list(tree.values())
+        if isinstance(tree, list):
+            return {s for item in tree for s in strings(item)}
+        return {tree} if isinstance(tree, str) and tree and "/" not in tree else set()
+
+    monkeypatch.chdir(tmp_path)
+    path = write_pipeline(tmp_path, BODY)
+    assert [s["status"] for s in _run(path).values()] == ["ran", "ran"]
+    cfg = load_pipeline(path, [])
+    names = strings([getattr(cfg, stage).model_dump(mode="json") for stage in ("synth", "base")])
+    assert {"llama", "hf", "float32"} <= names
+    for name in names:
+        (tmp_path / name).mkdir(exist_ok=True)
+    assert [s["status"] for s in _run(path).values()] == ["skipped", "skipped"]
+
+
 def test_synth_simulated_teacher_errs_on_the_asked_share_of_verifiable_answers(tmp_path):
     from posttrain.tasks import normalise_answer
 
