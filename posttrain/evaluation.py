@@ -99,11 +99,15 @@ def compare(
 # Accuracy, safety and identity
 
 
+VERIFIER_FUNCTIONS = ("refusal", "identity")
+"""The functions an eval's `verifiers` file must define."""
+
+
 def load_verifiers(path: str = DEFAULT_VERIFIERS) -> dict[str, Callable]:
     """The refusal and identity verifier functions of `path` (reward/verifiers.py by default)."""
     from .scoring import load_reward_function
 
-    return {name: load_reward_function(path, name) for name in ("refusal", "identity")}
+    return {name: load_reward_function(path, name) for name in VERIFIER_FUNCTIONS}
 
 
 def refusals(refusal_fn: Callable, completions: list[str]) -> list[bool]:

@@ -233,18 +233,24 @@ def function_specs(section: BaseModel, prefix: str = "") -> Iterator[tuple[str, 
 def check_rule_files(section: BaseModel, stage: str) -> None:
     """Every rule reward and hook names an existing file that defines the function."""
     for key, path, function in function_specs(section):
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"{stage}.{key}: file not found: {path} (relative paths are read from {Path.cwd()})")
-        tree = _parse(file)
-        if function not in _function_names(tree):
-            raise ConfigError(f"{stage}.{key}: {path} defines no function {function!r} at its top level")
-        missing = _missing_import(tree, file.resolve().parent)
-        if missing:
-            raise ConfigError(
-                f"{stage}.{key}: {path}:{missing[0]} imports {missing[1]!r}, which is neither installed nor a "
-                f"module beside the file"
-            )
+        check_function_file(f"{stage}.{key}", path, function)
+
+
+def check_function_file(key: str, path: str, function: str) -> None:
+    """The file `path` (set by config key `key`) exists, is valid Python, defines `function` at its top level and
+    imports nothing that is missing; read, not run."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key}: file not found: {path} (relative paths are read from {Path.cwd()})")
+    tree = _parse(file)
+    if function not in _function_names(tree):
+        raise ConfigError(f"{key}: {path} defines no function {function!r} at its top level")
+    missing = _missing_import(tree, file.resolve().parent)
+    if missing:
+        raise ConfigError(
+            f"{key}: {path}:{missing[0]} imports {missing[1]!r}, which is neither installed nor a module beside "
+            "the file"
+        )
 
 
 def artifact_keys(name: str, produces: dict) -> list[str]:

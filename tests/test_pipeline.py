@@ -138,6 +138,16 @@ def test_only_runs_the_pre_run_check_of_its_stage(tmp_path, tiny_model_dir):
         _run(path, only="eval")
 
 
+def test_an_eval_verifiers_file_without_the_slices_functions_is_refused_before_any_stage(tmp_path, tiny_model_dir):
+    verifiers = tmp_path / "v.py"
+    verifiers.write_text("def task_correct(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    body = f"stages: [synth, eval]\nsynth: {{recipe: {QUICKSTART_RECIPE}}}\n"
+    path = write_pipeline(tmp_path, body + f"eval: {{models: {{m: {tiny_model_dir}}}, verifiers: {verifiers}}}\n")
+    with pytest.raises(ConfigError, match=r"eval.verifiers: .*v.py defines no function 'refusal'"):
+        _run(path)
+    assert not (tmp_path / "run" / "synth").exists()  # nothing ran
+
+
 def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
     """Fingerprints hash a reference as written (`base.model`), not the run directory's path it resolves to."""
     import shutil

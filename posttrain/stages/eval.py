@@ -28,6 +28,7 @@ from ..config import ConfigError, FilePath, ModelDir, Precision, ProcessesConfig
 from ..data import DataError, DataSource, iter_rows, prompt_of, read_rows, write_jsonl
 from ..evaluation import (
     DEFAULT_VERIFIERS,
+    VERIFIER_FUNCTIONS,
     answer_metrics,
     compare,
     load_verifiers,
@@ -39,6 +40,7 @@ from ..evaluation import (
     slice_skips,
 )
 from ..dist.rank import torch_dtype
+from ..graph import check_function_file
 from ..engines import SamplingConfig, VLLMOptions, generate_all, make_engine
 from ..models import check_model_dir, load_model
 from ..manifest import atomic_write_json, atomic_write_text
@@ -132,6 +134,8 @@ class Eval(Stage):
         models = list(cfg.models) if cfg.models else list(completed_models(artifacts, kinds))
         if cfg.baseline is not None and cfg.baseline not in models:
             raise ConfigError(f"{name}.baseline={cfg.baseline!r} is not one of the evaluated models {models}")
+        for function in VERIFIER_FUNCTIONS:  # the safety and identity slices call them
+            check_function_file(f"{name}.verifiers", cfg.verifiers, function)
 
     def setup(self) -> None:
         c, inp = self.cfg, self.ctx.inputs
