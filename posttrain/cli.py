@@ -138,6 +138,9 @@ def _data_command(args) -> int:
                 rows.close()
                 gc.collect()
             return 0
+        if not args.out.endswith(".jsonl"):  # what it writes, whatever the name says
+            print(f"posttrain data: {args.out}: convert writes JSON lines: name the file *.jsonl", file=sys.stderr)
+            return 2
         spec.update({"on_error": args.on_error, **({"limit": args.limit} if args.limit else {})})
         report = SkipReport()
         n = convert_to_jsonl(spec, args.out, skipped=report)

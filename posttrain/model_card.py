@@ -355,8 +355,10 @@ def usage_snippets(name: str, model_type: str, prompt: Optional[str] = None) -> 
     """How to load and chat with the release: transformers and vLLM (`prompt`: the example's user turn)."""
     eager = ', attn_implementation="eager"' if model_type == "gemma2" else ""
     why = "  # eager attention keeps Gemma 2's logit soft-capping" if eager else ""
+    from .engines.vllm import UNSUPPORTED_MODEL_TYPES
+
     text = json.dumps(prompt or "Sort these numbers: 3, 1, 2", ensure_ascii=False)  # a valid Python literal
-    return [
+    transformers = [
         "### transformers",
         "",
         "```python",
@@ -372,6 +374,11 @@ def usage_snippets(name: str, model_type: str, prompt: Optional[str] = None) -> 
         'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
         "```",
         "",
+    ]
+    if model_type in UNSUPPORTED_MODEL_TYPES:  # vLLM has no implementation of it: the snippet would fail
+        family = UNSUPPORTED_MODEL_TYPES[model_type]
+        return transformers + ["### vLLM", "", f"vLLM does not run {family} models: load it with transformers."]
+    return transformers + [
         "### vLLM",
         "",
         "```python",

@@ -524,6 +524,9 @@ def test_cli_preview_and_convert(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 4 rows" in printed and '"skipped": 1' in printed
     assert read_rows(str(dst)) == [{"messages": [U(f"q{i}"), A(f"r{i}")], "task": "t"} for i in range(4)]
+    parquet = str(tmp_path / "out.parquet")  # convert writes JSON lines: under another name it is refused
+    assert main(["data", "convert", src, parquet, "--columns", "question=prompt,response=completion"]) == 2
+    assert "out.parquet: convert writes JSON lines: name the file *.jsonl" in capsys.readouterr().err
     assert main(args + ["--on-error", "skip", "--limit", "2"]) == 0
     assert len(dst.read_text().splitlines()) == 2 and "wrote 2 rows" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # as a config's `limit`, 0 is refused rather than read as "no limit"

@@ -173,3 +173,12 @@ def test_identity_rule_with_several_synth_instances(tmp_path):
 
     plain = load_pipeline(write_pipeline(tmp_path, f"stages: [synth]\nsynth: {{recipe: {QUICKSTART_RECIPE}}}\n"))
     assert recipe_identity(plain)["name"] == "Posttrain-Tiny"
+
+
+def test_the_card_gives_no_vllm_snippet_for_a_family_vllm_cannot_run():
+    from posttrain.model_card import usage_snippets
+
+    assert "from vllm import LLM, SamplingParams" in usage_snippets("m", "gemma2")
+    recurrent = "\n".join(usage_snippets("m", "recurrent_gemma"))
+    assert "from vllm" not in recurrent and "vLLM does not run RecurrentGemma models" in recurrent
+    assert "AutoModelForCausalLM.from_pretrained(path)" in recurrent
