@@ -313,10 +313,23 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
             artifacts[key] = f"{name}.{key.split('.')[-1]}"
 
 
+def _checked_run_dir(cfg: PipelineBase) -> Path:
+    """The run directory, checked to be one or creatable (nothing is created)."""
+    try:
+        return check_writable_dir(cfg.run_dir)
+    except ValueError as err:
+        raise ConfigError(f"run_dir: {err}") from None
+
+
 def check_pipeline(cfg: PipelineBase) -> None:
-    """The pre-run check of the whole pipeline, running nothing (`posttrain show`)."""
+    """The pre-run check of the whole pipeline, the run-level checks included, running nothing (`posttrain
+    show`)."""
     pairs = plan(cfg, None, None)
-    preflight(cfg, pairs, {name for name, _ in pairs})
+    names = [name for name, _ in pairs]
+    _checked_run_dir(cfg)  # creates nothing
+    check_devices(cfg, names)
+    check_trackers(cfg, names)
+    preflight(cfg, pairs, set(names))
 
 
 def run_pipeline(
@@ -329,10 +342,7 @@ def run_pipeline(
     if only is not None and only not in [n for n, _ in cfg.instances()]:
         log.warning("[%s] not in `stages`: it runs after the last stage, on the run's latest outputs", only)
     targets = set(names[names.index(start) :] if start else [only] if only else names)
-    try:
-        run_dir = check_writable_dir(cfg.run_dir)
-    except ValueError as err:
-        raise ConfigError(f"run_dir: {err}") from None
+    run_dir = _checked_run_dir(cfg)
     device = check_devices(cfg, [n for n in names if n in targets])
     check_trackers(cfg, [n for n in names if n in targets])
     preflight(cfg, pairs, targets)  # of the stages this command runs (all, --only's, --from's)

@@ -119,6 +119,8 @@ def test_show_runs_the_pre_run_check(tmp_path, capsys):
     assert cli_main(["show", path]) == 0
     assert cli_main(["show", path, "merge.models=[base.modle]"]) == 2
     assert "merge.models.0='base.modle': no earlier stage produces this artifact" in capsys.readouterr().err
+    assert cli_main(["show", path, "device=cpu", "precision=fp16"]) == 2  # the run-level checks too
+    assert "precision: fp16 mixed precision needs a CUDA device" in capsys.readouterr().err
 
 
 def test_only_names_the_unfinished_stage_a_reference_waits_for(tmp_path):
