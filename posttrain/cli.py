@@ -209,18 +209,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"posttrain: {args.config}: {err}", file=sys.stderr)
         return 2
     only = args.only if args.command == "run" else None if args.command == "show" else args.command
-    running = [only] if only else [name for name, _ in cfg.instances()]
+    listed = [name for name, _ in cfg.instances()]
+    # A run computes the fingerprints of the stages before its target (to find their outputs): their sections
+    # count as read. A kind not listed runs after all of them.
+    read = listed[: listed.index(only) + 1] if only in listed else listed + [only] if only else listed
     # Every kind has a section, so such an override validates; said rather than errored, since a script may
     # pass the same overrides to each of its commands.
-    idle = idle_overrides(cfg, args.overrides, set(running))
+    idle = idle_overrides(cfg, args.overrides, set(read))
     for item, section in idle:
-        print(
-            f"posttrain: warning: override {item!r} changes nothing: {section} is not a stage of this run "
-            f"({', '.join(running)}); add it to `stages`, or run it with `posttrain {section} CONFIG`",
-            file=sys.stderr,
+        how = (
+            f"this command runs {only} and reads the stages before it; `posttrain run CONFIG --only {section}` "
+            f"runs {section}"
+            if section in listed
+            else f"{section} is not a stage of this run ({', '.join(read)}); add it to `stages`, or run it with "
+            f"`posttrain {section} CONFIG`"
         )
+        print(f"posttrain: warning: override {item!r} changes nothing: {how}", file=sys.stderr)
     overridden = {section for _, section in idle}
-    for kind, named in idle_kind_sections(cfg, set(running)):
+    for kind, named in idle_kind_sections(cfg, set(read)):
         if kind in overridden:
             continue  # said above, for the override that set it
         print(

@@ -80,6 +80,21 @@ def test_an_override_of_a_stage_the_run_leaves_out_is_said(tmp_path, capsys):
     assert "synth.num_train" not in err
 
 
+def test_with_only_an_override_of_an_earlier_stage_is_read_and_of_a_later_one_is_said(tmp_path, capsys):
+    """`--only X` fingerprints the stages before X to find their outputs: an override of one changes that."""
+    from posttrain.cli import main as cli_main
+
+    from .conftest import QUICKSTART_RECIPE
+
+    path = write_pipeline(tmp_path, f"stages: [synth, base]\nsynth: {{recipe: {QUICKSTART_RECIPE}, num_train: 20}}\n")
+    assert cli_main(["run", path, "--only", "synth", "base.hidden_size=32"]) == 0
+    assert "this command runs synth and reads the stages before it; `posttrain run CONFIG --only base`" in (
+        capsys.readouterr().err
+    )
+    cli_main(["run", path, "--only", "base", "synth.num_train=10"])  # synth, changed, has not finished
+    assert "changes nothing" not in capsys.readouterr().err
+
+
 def test_an_override_a_running_stage_reads_is_not_called_idle(tmp_path):
     """`--only filter sft.max_length=500` changes the filter's length limit: not a change of nothing."""
     from posttrain.pipeline import idle_overrides
