@@ -181,6 +181,20 @@ def test_changing_sft_max_length_reruns_the_filter(tmp_path):
     assert report["filters"]["structure"]["settings"]["max_tokens"] == 16
 
 
+def test_a_filter_that_drops_every_row_fails_and_leaves_its_report(tmp_path):
+    from posttrain.data import DataError
+
+    path = tmp_path / "p.yaml"
+    run = tmp_path / "run"
+    stages = {"stages": ["synth", "filter"], "synth": {"recipe": QUICKSTART_RECIPE, "num_train": 20, "num_eval": 4}}
+    path.write_text(yaml.safe_dump({"run_dir": str(run), **stages, "filter": {"structure": {"max_chars": 5}}}))
+    with pytest.raises(DataError, match=r"none of the \d+ rows .* is left .*see the examples in .*filter/report\.md"):
+        run_pipeline(load_pipeline(path))
+    report = json.loads((run / "filter" / "report.json").read_text())
+    assert report["kept"] == 0 and report["filters"]["structure"]["dropped"] == report["rows"] > 0
+    assert "structure" in (run / "filter" / "report.md").read_text() and not (run / "filter" / "train.jsonl").exists()
+
+
 # --------------------------------------------------------------------------------------- classifier
 
 UNSAFE = [  # step-by-step harm with no listed term: what the term list misses

@@ -59,14 +59,15 @@ class Filter(Stage):
         r = self.report
         if r["kept"] == 0:  # an empty train.jsonl marked complete would only fail a later stage
             out.unlink(missing_ok=True)
+            self.save()  # the report says what dropped them: the stage fails, but its report is there to read
             where = src if isinstance(src, str) else json.dumps(src)
             if r["rows"] == 0 and not r["malformed"]:
                 raise DataError(f"{where}: no rows (the file is empty or holds only blank lines); nothing to filter")
             dropped = {n: f["dropped"] for n, f in r["filters"].items() if f["dropped"]}
             raise DataError(
                 f"{self.ctx.name}: none of the {r['rows']} rows of {where} is left ({r['malformed']} "
-                f"malformed; dropped: {json.dumps(dropped)}); "
-                f"see report.md's examples, and loosen the filter that drops them"
+                f"malformed; dropped: {json.dumps(dropped)}); see the examples in {self.ctx.dir / 'report.md'}, "
+                f"and loosen the filter that drops them"
             )
         self.log.info(
             "[%s] %d rows: %d kept (%d changed), %d dropped, %d malformed",
