@@ -562,6 +562,12 @@ def test_filter_reads_other_layouts_and_counts_their_bad_rows(tmp_path):
     assert report["malformed_examples"][0]["text"].startswith(f"{src}: row 7: expected a string, got null")
     with pytest.raises(DataError, match=r"in\.parquet: row 7: expected a string"):
         FilterStream(FilterConfig.model_validate(off)).run(src, tmp_path / "out2.jsonl")
+    assert report["malformed_examples"][0]["line"] == 7  # its row in the file
+    mapped = FilterStream(cfg).run({"path": src, "seed": 1}, tmp_path / "out3.jsonl")  # filter.on_error applies
+    assert (mapped["rows"], mapped["kept"], mapped["malformed"]) == (6, 5, 1)
+    assert mapped["malformed_examples"][0]["line"] == 7  # shuffled: still its row in the file
+    with pytest.raises(DataError, match=r"in\.parquet: row 7: expected a string"):  # its own on_error wins
+        FilterStream(cfg).run({"path": src, "on_error": "raise"}, tmp_path / "out4.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------

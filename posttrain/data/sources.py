@@ -18,7 +18,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -229,12 +228,12 @@ def iter_rows(
     kind: 'conversation' ({"messages"}; `need_final_assistant`: each must end on an answer), 'prompt'
     ({"messages"} ending on the user turn), 'preference' ({"chosen", "rejected"}), or None (what the format
     gives). `skipped` collects the rows `on_error: skip` drops; `seed` seeds a mixture's draws; `on_error`
-    sets the policy of a source given as a plain path (a mapping sets its own). Sources are opened and their
-    formats settled before this returns, so a wrong path or format fails at once.
+    sets the policy of each source that does not set its own (a plain path, or a mapping without `on_error`).
+    Sources are opened and their formats settled before this returns, so a wrong path or format fails at once.
     """
     specs = as_specs(source)
-    if on_error is not None and isinstance(source, (str, os.PathLike)):
-        specs = [specs[0].model_copy(update={"on_error": on_error})]
+    if on_error is not None:
+        specs = [s if "on_error" in s.model_fields_set else s.model_copy(update={"on_error": on_error}) for s in specs]
     opened = [open_source(s, kind, need_final_assistant) for s in specs]
     report = skipped if skipped is not None else SkipReport()
     streams = [source_rows(o, report) for o in opened]

@@ -167,7 +167,8 @@ class FilterConfig(Section):
     eval_data: DataSource = None
     """Held-out conversations whose prompts train rows must not repeat; default: the data stage's eval split."""
     on_error: Literal["raise", "skip"] = "raise"
-    """Malformed rows (bad JSON, no messages list): stop naming file:line, or skip and count them."""
+    """Malformed rows (bad JSON, no messages list): stop naming file:line, or skip and count them; a mapping
+    source that sets its own `on_error` keeps it."""
     batch_size: int = Field(1024, ge=1)
     """Rows judged together (token counts, classifier calls and MinHash are batched)."""
     max_examples: int = Field(5, ge=0)

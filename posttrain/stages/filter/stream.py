@@ -69,6 +69,11 @@ def _messages_jsonl(source) -> bool:
         return True  # a malformed first line: the line reader reports it (or counts it, on_error: skip)
 
 
+def _line(where) -> int:
+    """What the report calls a row's line: its line in a file read line by line, else its row in its file."""
+    return where.line if where.line is not None else where.row
+
+
 class _TallySkips(SkipReport):
     """Rows the data reader skips, counted as malformed in the filter report."""
 
@@ -78,7 +83,7 @@ class _TallySkips(SkipReport):
 
     def add(self, where, reason: str, error: str) -> None:
         super().add(where, reason, error)
-        self.tally.note(where.row, reason, error)
+        self.tally.note(_line(where), reason, error)
 
 
 class FilterStream:
@@ -262,11 +267,11 @@ class FilterStream:
     def _parse_source(self, source, count: bool):
         tally = self.malformed if count else Tally(0, 0)
         skipped = _TallySkips(tally)
-        for n, (_, row) in enumerate(
-            iter_rows(source, "conversation", need_final_assistant=False, skipped=skipped, on_error=self.cfg.on_error),
-            1,
-        ):
-            yield n, json.dumps(row, ensure_ascii=False, default=json_value), row
+        rows = iter_rows(
+            source, "conversation", need_final_assistant=False, skipped=skipped, on_error=self.cfg.on_error
+        )
+        for where, row in rows:
+            yield _line(where), json.dumps(row, ensure_ascii=False, default=json_value), row
 
     # ---------------------------------------------------------------------------------- judging
 
