@@ -41,6 +41,23 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
     return "".join(out)
 
 
+def check_gemma_format(tokenizer, where: str) -> None:
+    """Raise ValueError unless the tokenizer's chat template renders a conversation as `render` does: every stage
+    trains, samples and releases in the Gemma turn format (a ChatML template, say, would fail only at release)."""
+    probe = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+    ]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+    if rendered != render(probe, add_generation_prompt=True):
+        raise ValueError(
+            f"{where}: the tokenizer's chat template does not render the Gemma turn format posttrain trains in "
+            f"(got {rendered!r}); use a Gemma-format chat model, or remove chat_template from its "
+            f"tokenizer_config.json so the Gemma template is used (its vocabulary needs <start_of_turn>)"
+        )
+
+
 def validate_roles(messages: list[dict]) -> None:
     """Raise ValueError unless roles alternate user, assistant, user, ... with string content."""
     if not messages:

@@ -529,7 +529,7 @@ def test_release_check_refuses_pickles_and_foreign_chat_templates(release_run, t
     template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     (foreign / "chat_template.jinja").unlink(missing_ok=True)
     (foreign / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    with pytest.raises(ValueError, match="does not render the Gemma format"):
+    with pytest.raises(ValueError, match="does not render the Gemma turn format"):
         check_release_dir(foreign)
 
 

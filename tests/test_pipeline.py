@@ -150,6 +150,26 @@ def test_an_eval_verifiers_file_without_the_slices_functions_is_refused_before_a
     assert not (tmp_path / "run" / "synth").exists()  # nothing ran
 
 
+def test_a_base_model_in_another_chat_format_is_refused_before_any_stage(tmp_path, tiny_model_dir):
+    """posttrain trains and releases in the Gemma turn format: a ChatML model used to train, then fail at release."""
+    import shutil
+
+    chatml = tmp_path / "chatml"
+    shutil.copytree(tiny_model_dir, chatml)
+    config = json.loads((chatml / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (chatml / "tokenizer_config.json").write_text(json.dumps(config))
+    (chatml / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    path = write_pipeline(tmp_path, f"stages: [base, sft]\nbase: {{path: {chatml}}}\n")
+    with pytest.raises(ConfigError, match=r"base.path: .*chatml: the tokenizer's chat template does not render"):
+        _run(path)
+    assert not (tmp_path / "run" / "base").exists()
+    assert cli_main(["show", path]) == 2
+
+
 def test_a_copied_run_directory_skips_its_finished_stages(tmp_path):
     """Fingerprints hash a reference as written (`base.model`), not the run directory's path it resolves to."""
     import shutil

@@ -6,6 +6,8 @@ model of a seed family built from config with a tokenizer trained on the run's o
 
 from __future__ import annotations
 
+from ..chat import check_gemma_format
+from ..config import ConfigError, is_reference
 from ..data import DataSource, iter_rows
 from ..models import ModelConfig, build_tiny_model, count_parameters, load_model, load_tokenizer, save_model_dir
 from ..models import check_model_dir, train_tokenizer
@@ -37,6 +39,15 @@ class BaseModel(Stage):
     optional_inputs = {"train_data"}
     input_hints = {"train_data": "or set base.path to a model directory (a built model trains its tokenizer on it)"}
     produces = {"model": "model"}
+
+    @classmethod
+    def check_plan(cls, name: str, cfg, inputs: dict, artifacts: dict, kinds: dict) -> None:
+        if not cfg.path or is_reference(cfg.path):
+            return
+        try:  # before any stage: a model in another chat format would train, then fail at release
+            check_gemma_format(load_tokenizer(cfg.path, cfg.trust_remote_code), cfg.path)
+        except ValueError as err:
+            raise ConfigError(f"{name}.path: {err}") from None
 
     @classmethod
     def optional_for(cls, cfg) -> set[str]:

@@ -202,7 +202,7 @@ def check_release_dir(path: str | Path) -> None:
     """Raise ValueError unless `path` loads on its own as a Gemma-format chat model without pickles."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from ..chat import END_OF_TURN, EOS, render
+    from ..chat import END_OF_TURN, EOS, check_gemma_format
 
     path = Path(path)
     pickles = [p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES]
@@ -211,16 +211,7 @@ def check_release_dir(path: str | Path) -> None:
     if not list(path.glob("*.safetensors")) or not (path / "config.json").is_file():
         raise ValueError(f"release {path}: no safetensors weights or config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    probe = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello"},
-        {"role": "user", "content": "Bye"},
-    ]
-    rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-    if rendered != render(probe, add_generation_prompt=True):
-        raise ValueError(
-            f"release {path}: the tokenizer's chat template does not render the Gemma format (got {rendered!r})"
-        )
+    check_gemma_format(tokenizer, f"release {path}")
     eos = GenerationConfig.from_pretrained(str(path)).eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     wanted = {tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.convert_tokens_to_ids(EOS)}
