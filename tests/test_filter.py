@@ -416,6 +416,22 @@ def test_eval_overlap_drops_train_rows_with_an_eval_prompt(tmp_path):
     assert_clean_pass(out, train[1:])
 
 
+def test_eval_overlap_finds_a_held_out_question_after_a_system_prompt_or_an_earlier_exchange(tmp_path):
+    evals = [chat("What is the capital of Spain?", "Madrid"), chat("What is 3 + 4?", "7")]
+
+    def turns(*pairs):
+        return {"messages": [{"role": role, "content": text} for role, text in pairs]}
+
+    system = turns(("system", "Be brief."), ("user", "What is the capital of Spain?"), ("assistant", "Madrid."))
+    earlier = turns(("user", "Hi"), ("assistant", "Hello."), ("user", "what is 3 + 4"), ("assistant", "7"))
+    preamble = turns(("user", "Capital of France?\n\nWhat is 3 + 4?"), ("assistant", "7"))  # a held-out question
+    templated = chat("What is 3 + 4?\n\nAnswer in one word.", "Seven")  # its question is not the whole of one
+    train = [system, earlier, preamble, templated, chat("What is the capital of France?", "Paris")]
+    report, out = run_rows(tmp_path, train, only(dedup={"eval_overlap": True}), eval_rows=evals)
+    assert report["filters"]["eval_overlap"]["dropped"] == 3
+    assert [json.loads(x)["messages"][-1]["content"] for x in out] == ["Seven", "Paris"]
+
+
 # ---------------------------------------------------------------------------------------- classifier hook
 
 HOOK = """

@@ -69,6 +69,16 @@ def _messages_jsonl(source) -> bool:
         return True  # a malformed first line: the line reader reports it (or counts it, on_error: skip)
 
 
+def _prompt_turns(row: dict) -> list[dict]:
+    """A row's prompt: its messages before the final answer."""
+    msgs = row["messages"]
+    return msgs[:-1] if len(msgs) > 1 and msgs[-1]["role"] == "assistant" else msgs
+
+
+def _joined(prompt: list[dict]) -> str:
+    return "\n".join(normalise(m["content"]) for m in prompt)
+
+
 def _line(where) -> int:
     """What the report calls a row's line: its line in a file read line by line, else its row in its file."""
     return where.line if where.line is not None else where.row
@@ -202,7 +212,11 @@ class FilterStream:
             }
         if "classifier" in self.enabled:
             t["classifier"].scores = ScoreStats(u.threshold)
-        t["eval_overlap"].settings = {"eval_data": self.eval_path, "compares": "normalised prompt"}
+        t["eval_overlap"].settings = {
+            "eval_data": self.eval_path,
+            "compares": "normalised prompt; each user turn, also without its leading paragraphs, against the "
+            "held-out questions (their last user turns)",
+        }
         t["exact_dup"].settings = {"compares": "whole conversation, case, whitespace and punctuation ignored"}
         d, n = c.dedup, self.near
         t["near_dup"].settings = {
@@ -216,16 +230,29 @@ class FilterStream:
         }
 
     def _eval_prompts(self, path: str) -> HashIndex:
+        """The held-out prompts, each under two keys: the whole prompt and its last user turn (the question)."""
         index = HashIndex()
-        keys = [hash64(self._prompt_key(row)) for _, _, row in self._parse(path, count=False)]
+        keys = []
+        for _, _, row in self._parse(path, count=False):
+            prompt = _prompt_turns(row)
+            asked = [m["content"] for m in prompt if m["role"] == "user"]
+            keys += [hash64(_joined(prompt))] + ([hash64(normalise(asked[-1]))] if asked else [])
         index.first_seen(keys, range(len(keys)))
         return index
 
     @staticmethod
-    def _prompt_key(row: dict) -> str:
-        msgs = row["messages"]
-        prompt = msgs[:-1] if len(msgs) > 1 and msgs[-1]["role"] == "assistant" else msgs
-        return "\n".join(normalise(m["content"]) for m in prompt)
+    def _question_keys(row: dict) -> list[str]:
+        """What a training row's prompt is checked under: the whole prompt, and each user turn, also without its
+        leading paragraphs (a system text folded into the turn, a preamble): a held-out question asked after a
+        system prompt or an earlier exchange is still a held-out question."""
+        turns, keys = [], []
+        for m in _prompt_turns(row):
+            paragraphs = [p for p in map(normalise, m["content"].split("\n\n")) if p]  # each normalised once
+            turns.append(" ".join(paragraphs))  # = normalise(content): whitespace runs fold to one space
+            if m["role"] == "user":
+                keys += [" ".join(paragraphs[i:]) for i in range(len(paragraphs))]
+        keys.insert(0, "\n".join(turns))
+        return list(dict.fromkeys(k for k in keys if k))
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -372,11 +399,15 @@ class FilterStream:
                 self._drop(name, b, f"score > {threshold}", f"[{score:.3g}] {_row_text(b[2])}")
 
     def _eval_overlap(self, name: str, alive: list[list]) -> None:
-        prompts = [self._prompt_key(b[2]) for b in alive]
-        hits = self.eval_prompts.lookup(np.array([hash64(p) for p in prompts], dtype=np.uint64))
-        for b, prompt, hit in zip(alive, prompts, hits.tolist()):
-            if hit >= 0:
-                self._drop(name, b, "prompt in eval", prompt)
+        keys = [self._question_keys(b[2]) for b in alive]
+        flat = [hash64(k) for row_keys in keys for k in row_keys]
+        hits = self.eval_prompts.lookup(np.array(flat, dtype=np.uint64)).tolist()
+        at = 0
+        for b, row_keys in zip(alive, keys):
+            found = next((k for k, hit in zip(row_keys, hits[at : at + len(row_keys)]) if hit >= 0), None)
+            at += len(row_keys)
+            if found is not None:
+                self._drop(name, b, "prompt in eval", found)
 
     def _turns(self, item: list) -> list[str]:
         if item[0] not in self._normalised:
