@@ -246,6 +246,23 @@ def test_eval_stage_taught_model_beats_untrained(tmp_path, zoo):
     assert read_manifest(out)["artifacts"]["eval_results"] == str(out / "results.json")
 
 
+@pytest.mark.parametrize("why", ["no train_data", "rows too short"])
+def test_a_memorisation_probe_that_cannot_run_says_why(tmp_path, zoo, why):
+    overrides = ["eval.sampling.max_new_tokens=4"] + (
+        ["eval.train_data=null"] if why == "no train_data" else ["eval.memorisation.prefix_tokens=500"]
+    )
+    run_pipeline(load_pipeline(_eval_pipeline(tmp_path, zoo, {"taught": str(zoo["llama"])}), overrides))
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert results["models"]["taught"]["memorisation"] is None
+    expected = (
+        "no training data to probe: eval.train_data is not set"
+        if why == "no train_data"
+        else ("none of the 8 training rows is 500 + 8 tokens long")
+    )
+    assert results["skipped"]["memorisation"].startswith(expected)
+    assert f"- memorisation: {expected}" in (tmp_path / "run" / "eval" / "results.md").read_text()
+
+
 def test_eval_stage_reward_model_judge_equals_scores_recomputed(tmp_path, zoo, tiny_tokenizer):
     from posttrain.models import load_model
     from posttrain.scoring import Scorer, ScoringConfig

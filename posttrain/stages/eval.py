@@ -147,6 +147,11 @@ class Eval(Stage):
         self.release_name = c.release_name or recipe_identity(self.ctx.pipeline, before=self.ctx.name).get("name")
         self.verifiers = load_verifiers(c.verifiers)
         self.skipped = slice_skips(self.rows)
+        if c.memorisation.num_examples and not inp.get("train_data"):
+            self.skipped["memorisation"] = (
+                f"no training data to probe: {self.ctx.name}.train_data is not set and no earlier stage wrote a "
+                f"training split (a stage that read its data from a path does not count): set it"
+            )
         self._judges(inp.get("reward_model"))
         self.seed = c.sampling.seed if c.sampling.seed is not None else self.ctx.seed
 
@@ -306,6 +311,12 @@ class Eval(Stage):
         sequences = memorisation_sequences(
             tokenizer, self.train_rows, mc.prefix_tokens, mc.suffix_tokens, mc.num_examples, self.ctx.seed
         )
+        if not sequences:
+            self.skipped["memorisation"] = (
+                f"none of the {len(self.train_rows)} training rows is {mc.prefix_tokens} + {mc.suffix_tokens} tokens "
+                f"long ({self.ctx.name}.memorisation.prefix_tokens, suffix_tokens)"
+            )
+            return None
         return memorisation(
             model,
             sequences,
