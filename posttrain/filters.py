@@ -12,6 +12,7 @@ import importlib.util
 import ipaddress
 import math
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -29,7 +30,10 @@ _PUNCT = re.compile(r"[^\w\s]|_")
 
 
 def normalise(text: str) -> str:
-    """Comparison form for dedup: lower case, punctuation removed, whitespace runs folded to one space."""
+    """Comparison form for dedup: Unicode NFC (an accent typed as a combining mark equals the accented letter),
+    lower case, punctuation removed, whitespace runs folded to one space."""
+    if not text.isascii():  # ASCII is NFC already: most rows skip the normalisation
+        text = unicodedata.normalize("NFC", text)
     return " ".join(_PUNCT.sub("", text.lower()).split())
 
 
@@ -48,7 +52,7 @@ def structure_problem(
 ) -> Optional[str]:
     """The first structural problem of a well-shaped row, as a short reason key, or None.
 
-    'unfinished' covers rows the generator marked (`finished: false` or `truncated: true`) and, when
+    'unfinished' covers rows the generator marked (`finished: false` or `truncated: true`); 'bad_ending', when
     `final_endings` is given, a final assistant turn that does not end with one of them.
     """
     msgs = row["messages"]
@@ -65,7 +69,7 @@ def structure_problem(
         and msgs[-1]["role"] == "assistant"
         and not msgs[-1]["content"].rstrip().endswith(tuple(final_endings))
     ):
-        return "unfinished"
+        return "bad_ending"  # not `unfinished`: the report tells a generator's cut-offs from this setting's drops
     if drop_control_tokens and any(
         "<" in m["content"] and any(t in m["content"] for t in CONTROL_TOKENS) for m in msgs
     ):

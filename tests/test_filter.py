@@ -115,9 +115,13 @@ def test_structure_final_endings_and_max_tokens(tmp_path):
         structure={"enabled": True, "final_endings": ["."], "max_tokens": limit, "tokenizer": str(tmp_path / "tok")}
     )
     report, out = run_rows(tmp_path, [long, short, chat("Hi", "No period")], cfg)
-    assert report["filters"]["structure"]["reasons"] == {"overlong": 1, "unfinished": 1}
+    assert report["filters"]["structure"]["reasons"] == {"overlong": 1, "bad_ending": 1}  # not "unfinished"
     assert report["filters"]["structure"]["examples"][0]["text"].startswith(f"[{n_long} tokens > {limit}]")
     assert_clean_pass(out, [short])
+    (tmp_path / "empty").mkdir()
+    bad_tokenizer = only(structure={"enabled": True, "max_tokens": 10, "tokenizer": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match=r"filter.structure.tokenizer: cannot load a tokenizer from .*empty"):
+        run_rows(tmp_path, [short], bad_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ PII
@@ -281,12 +285,14 @@ def test_identity_release_named_after_a_listed_maker(tmp_path):
 def test_exact_duplicates_ignore_case_whitespace_punctuation(tmp_path):
     first = chat("What is the capital of France?", "Paris.")
     dups = [chat("what is the capital of france", "paris"), chat("  What  is the capital of France?!", "PARIS")]
+    composed = chat("Où est le café ?", "Ici.")
+    dups.append(chat("Où est le cafe\u0301 ?", "Ici."))  # é typed as e + a combining accent: the same text
     clean = [chat("What is the capital of Spain?", "Madrid."), chat("What is the capital of France?", "Lyon.")]
-    report, out = run_rows(tmp_path, [first, *dups, *clean], only(dedup={"exact": True}))
+    report, out = run_rows(tmp_path, [first, composed, *dups, *clean], only(dedup={"exact": True}))
     e = report["filters"]["exact_dup"]
-    assert e["dropped"] == 2 and e["reasons"] == {"duplicate": 2}
-    assert [x["text"][:22] for x in e["examples"]] == ["[duplicate of line 1] "] * 2
-    assert_clean_pass(out, [first, *clean])
+    assert e["dropped"] == 3 and e["reasons"] == {"duplicate": 3}
+    assert [x["text"][:22] for x in e["examples"]] == ["[duplicate of line 1] "] * 2 + ["[duplicate of line 2] "]
+    assert_clean_pass(out, [first, composed, *clean])
 
 
 ANSWER = (

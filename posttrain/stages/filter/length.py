@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ...config import TrainerSection
+from ...config import ConfigError, TrainerSection
 from ...filters import TURN_TOKENS, estimate_tokens
 from .config import StructureConfig
 
@@ -149,7 +149,10 @@ def token_counter(limit: LengthLimit) -> Callable[[list[list[dict]]], list[Optio
         return estimate
     from ...models import load_tokenizer
 
-    tok = load_tokenizer(limit.tokenizer)
+    try:
+        tok = load_tokenizer(limit.tokenizer)
+    except (OSError, ValueError) as err:  # transformers' own message names neither the setting nor the directory
+        raise ConfigError(f"{limit.tokenizer_source}: cannot load a tokenizer from {limit.tokenizer}: {err}") from None
 
     def count(batch: list[list[dict]]) -> list[int]:
         if not batch:
