@@ -118,14 +118,21 @@ def named_files(section: BaseModel) -> list[str]:
     return [p for p in dict.fromkeys(paths) if 0 < len(p) < 4096 and Path(p).exists()]
 
 
-def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = ()) -> dict[str, str]:
+def check_references(
+    section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = (), later: tuple = ()
+) -> dict[str, str]:
     """Dotted key -> reference of every reference in `section`; one that no earlier instance produces is a
     ConfigError naming the key and the artifacts that do exist (`unfinished`: earlier instances that have not
-    finished in the run directory, whose artifacts are not there yet)."""
+    finished in the run directory, whose artifacts are not there yet; `later`: the instances after `stage`)."""
     found = dict(references(section))
     for key, ref in found.items():
         if ref in artifacts:
             continue
+        if ref.split(".")[0] in later:
+            raise ConfigError(
+                f"{stage}.{key}={ref!r}: stage {ref.split('.')[0]!r} runs after {stage!r}; a reference reads an "
+                f"earlier stage's output: list {ref.split('.')[0]!r} before {stage!r} in `stages`"
+            )
         if ref.split(".")[0] in unfinished:
             raise ConfigError(
                 f"{stage}.{key}={ref!r}: stage {ref.split('.')[0]!r} has not finished in this run directory; "
@@ -141,11 +148,11 @@ def check_references(section: BaseModel, stage: str, artifacts: dict, unfinished
 
 
 def resolve_references(
-    section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = ()
+    section: BaseModel, stage: str, artifacts: dict, unfinished: tuple = (), later: tuple = ()
 ) -> tuple[BaseModel, dict[str, str]]:
     """A copy of `section` with every reference replaced by the artifact's path, and key -> reference of
     each (for fingerprints)."""
-    found = check_references(section, stage, artifacts, unfinished)
+    found = check_references(section, stage, artifacts, unfinished, later)
     if not found:
         return section, {}
     data = section.model_dump()

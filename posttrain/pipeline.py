@@ -299,11 +299,12 @@ def preflight(cfg: PipelineBase, pairs: list[tuple[str, str]], targets: set[str]
     and every rule reward and hook file defines its function."""
     artifacts: dict = {}
     kinds: dict = {}
-    for name, kind in pairs:
+    names = [name for name, _ in pairs]
+    for at, (name, kind) in enumerate(pairs):
         stage_cls, scfg = stage_class(kind), getattr(cfg, name)
         if name in targets:
             # An output not made yet stands for itself: its reference NAME.KIND, which the config accepts.
-            scfg, refs = resolve_references(scfg, name, artifacts)
+            scfg, refs = resolve_references(scfg, name, artifacts, later=tuple(names[at + 1 :]))
             no_fps = dict.fromkeys(artifacts, "")
             inputs, _ = _resolve_inputs(name, stage_cls, scfg, artifacts, no_fps, refs, check_only=True)
             check_rule_files(scfg, name)

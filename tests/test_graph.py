@@ -45,7 +45,7 @@ BAD = {
     ),
     "a reference to a later stage": (
         "stages: [{name: first, kind: sft}, {name: second, kind: sft}]\nfirst: {model: second.model}\n",
-        r"first.model='second.model': no earlier stage produces this artifact",
+        r"first.model='second.model': stage 'second' runs after 'first'; .*list 'second' before 'first' in `stages`",
     ),
     "a name twice": (
         "stages: [{name: first, kind: sft}, {name: first, kind: sft}]\n",
