@@ -246,6 +246,14 @@ def test_eval_stage_taught_model_beats_untrained(tmp_path, zoo):
     assert read_manifest(out)["artifacts"]["eval_results"] == str(out / "results.json")
 
 
+def test_a_model_vllm_cannot_run_stops_the_eval_before_any_model_answers(tmp_path, zoo):
+    models = {"taught": str(zoo["llama"]), "rg": str(zoo["recurrent_gemma"])}
+    cfg = load_pipeline(_eval_pipeline(tmp_path, zoo, models), ["eval.sampling.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"eval.models.rg: .*RecurrentGemma.*not supported by vLLM"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "run" / "eval" / "completions.jsonl").exists()
+
+
 @pytest.mark.parametrize("why", ["no train_data", "rows too short"])
 def test_a_memorisation_probe_that_cannot_run_says_why(tmp_path, zoo, why):
     overrides = ["eval.sampling.max_new_tokens=4"] + (

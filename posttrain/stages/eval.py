@@ -140,6 +140,14 @@ class Eval(Stage):
     def setup(self) -> None:
         c, inp = self.cfg, self.ctx.inputs
         self.models = self._resolve_models()
+        if c.sampling.backend == "vllm":  # every model now, not when its turn comes after others were answered
+            from ..engines.vllm import check_vllm_supported
+
+            for model_name, path in self.models.items():
+                try:
+                    check_vllm_supported(path)
+                except RuntimeError as err:
+                    raise ConfigError(f"{self.ctx.name}.models.{model_name}: {err}") from None
         self.baseline = self._baseline()
         self.rows = read_eval_rows(inp["eval_data"], c.num_prompts, self.ctx.seed)
         probe = inp.get("train_data") and c.memorisation.num_examples
