@@ -41,6 +41,10 @@ def only(**sections) -> dict:
     return cfg
 
 
+def U_(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
 def chat(user: str, assistant: str = "Sure.", **meta) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}], **meta}
 
@@ -101,6 +105,21 @@ def test_structure_catches_planted_rows(tmp_path):
     }
     assert_clean_pass(out, clean)
     assert report["kept"] == 3 and report["dropped"] == 8
+
+
+def test_an_empty_turn_is_a_structure_drop_however_the_source_is_given(tmp_path):
+    """A path, a mapping over the same file, and a row with a system turn: an empty answer is `empty` each time
+    (a mapping failed the stage, and a row the reader normalises was counted as malformed)."""
+    system = {"messages": [{"role": "system", "content": "Be brief."}, U_("Hi"), {"role": "assistant", "content": " "}]}
+    rows = [chat("What is 2 + 2?", "4"), chat("Hi", ""), system, chat("Done?", "Yes")]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(map(line, rows)))
+    cfg = FilterConfig.model_validate(only(structure={"enabled": True}))
+    for i, source in enumerate([str(src), {"path": str(src)}, {"path": str(src), "seed": 1}]):
+        report = FilterStream(cfg).run(source, tmp_path / f"out{i}.jsonl")
+        assert (report["rows"], report["kept"], report["malformed"]) == (4, 2, 0), source
+        assert report["filters"]["structure"]["reasons"] == {"empty": 2}, source
+        assert sorted(x["line"] for x in report["filters"]["structure"]["examples"]) == [2, 3], source
 
 
 def test_structure_final_endings_and_max_tokens(tmp_path):

@@ -84,16 +84,16 @@ def _line(where) -> int:
     return where.line if where.line is not None else where.row
 
 
-class _TallySkips(SkipReport):
-    """Rows the data reader skips, counted as malformed in the filter report."""
+class _ReaderSkips(SkipReport):
+    """Rows the data reader leaves out, handed to the stream's `_unreadable` as the line reader's are."""
 
-    def __init__(self, tally: Tally):
+    def __init__(self, unreadable: Callable):
         super().__init__(max_examples=0)
-        self.tally = tally
+        self.unreadable = unreadable
 
     def add(self, where, reason: str, error: str) -> None:
         super().add(where, reason, error)
-        self.tally.note(_line(where), reason, error)
+        self.unreadable(_line(where), reason, error, error)
 
 
 class FilterStream:
@@ -116,6 +116,7 @@ class FilterStream:
         self.cfg, self.key = cfg, key
         self.tally = {name: Tally(cfg.max_examples, cfg.example_chars) for name in FILTERS}
         self.malformed = Tally(cfg.max_examples, cfg.example_chars)
+        self.read_and_dropped = 0  # rows the structure filter dropped as they were read (an empty turn)
         self.enabled = self._enabled(eval_path)
         s, u, i, d = cfg.structure, cfg.unsafe, cfg.identity, cfg.dedup
         self.pii = PIIDetector(cfg.pii.types, cfg.pii.extra_id_patterns)
@@ -284,21 +285,38 @@ class FilterStream:
                             line = json.dumps(row, ensure_ascii=False, default=json_value)
                         yield lineno, line, row
                         continue
-                if self.cfg.on_error == "raise":
-                    raise DataError(f"{path}:{lineno}: {row.message}")
-                if count:  # a short reason (JSON's without the column), so the count of reasons stays small
+                if count:
                     text = raw.decode("utf-8", errors="replace").strip()
+                    # a short reason (JSON's without the column), so the count of reasons stays small
                     reason = row.message.split(" (column")[0] if row.reason == "invalid JSON" else row.reason
-                    self.malformed.note(lineno, reason, f"[{row.message}] {text}")
+                    self._unreadable(lineno, reason, f"{path}:{lineno}: {row.message}", f"[{row.message}] {text}")
+                elif self.cfg.on_error == "raise":
+                    raise DataError(f"{path}:{lineno}: {row.message}")
 
     def _parse_source(self, source, count: bool):
-        tally = self.malformed if count else Tally(0, 0)
-        skipped = _TallySkips(tally)
+        # The reader skips what it cannot read (a source's own `on_error: raise` stops it); `_unreadable` decides.
+        unreadable = self._unreadable if count else self._raise_or_pass
         rows = iter_rows(
-            source, "conversation", need_final_assistant=False, skipped=skipped, on_error=self.cfg.on_error
+            source, "conversation", need_final_assistant=False, skipped=_ReaderSkips(unreadable), on_error="skip"
         )
         for where, row in rows:
             yield _line(where), json.dumps(row, ensure_ascii=False, default=json_value), row
+
+    def _unreadable(self, line: int, reason: str, error: str, text: str) -> None:
+        """A row that could not be read as a conversation. An empty turn is the structure filter's `empty` drop
+        (whatever the source's layout, as a plain messages row's empty turn is); anything else is malformed:
+        it stops the run (on_error: raise) or is counted."""
+        if reason == "empty content" and "structure" in self.enabled:
+            self.read_and_dropped += 1
+            self.tally["structure"].seen += 1
+            self.tally["structure"].note(line, "empty", text)
+            return
+        self._raise_or_pass(line, reason, error, text)
+        self.malformed.note(line, reason, text)
+
+    def _raise_or_pass(self, line: int, reason: str, error: str, text: str) -> None:
+        if self.cfg.on_error == "raise":
+            raise DataError(error)
 
     # ---------------------------------------------------------------------------------- judging
 
@@ -477,7 +495,7 @@ class FilterStream:
         return kept, changed
 
     def _report(self, src, rows: int, kept: int, changed: int) -> dict:
-        malformed = self.malformed.dropped
+        malformed, rows = self.malformed.dropped, rows + self.read_and_dropped
         return {
             "input": str(src),
             "lines": rows + malformed,
