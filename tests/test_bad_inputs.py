@@ -193,7 +193,7 @@ CASES = {
     "reference to a later stage": _plain(
         "stages: [merge, sft]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n"
         "merge: {{models: [sft.model, {model}]}}\n",
-        r"merge.models.0='sft.model': no earlier stage produces this artifact",
+        r"merge.models.0='sft.model': stage 'sft' runs after 'merge'",
     ),
     "a later stage's input missing": _plain(
         "stages: [sft, rm]\nsft: {{model: {model}, train_data: {d}/train.jsonl}}\n",

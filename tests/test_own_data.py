@@ -423,7 +423,7 @@ def test_eval_win_rate_on_prompt_only_rows(tmp_path, inputs, tiny_model_dir):
     assert win["n"] == 10 and win["win_rate"] > 0.9  # well-formed sentences beat an untrained model's noise
     teacher = results["models"]["teacher"]
     assert teacher["accuracy"] is None and teacher["refusal_rate"] is None and teacher["identity"] is None
-    assert set(results["skipped"]) == {"accuracy", "refusal", "identity"}
+    assert set(results["skipped"]) == {"accuracy", "refusal", "identity", "memorisation"}  # no train_data
     assert "10 of 10 rows have no 'answer' column" in results["skipped"]["accuracy"]
     assert "Left out" in (out / "results.md").read_text() and not (out / "accuracy.png").exists()
     completions = _lines(out / "completions.jsonl")

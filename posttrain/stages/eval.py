@@ -147,7 +147,9 @@ class Eval(Stage):
                 try:
                     check_vllm_supported(path)
                 except RuntimeError as err:
-                    raise ConfigError(f"{self.ctx.name}.models.{model_name}: {err}") from None
+                    raise ConfigError(
+                        f"{self.ctx.name}.models.{model_name}: {err} ({self.ctx.name}.sampling.backend is vllm)"
+                    ) from None
         self.baseline = self._baseline()
         self.rows = read_eval_rows(inp["eval_data"], c.num_prompts, self.ctx.seed)
         probe = inp.get("train_data") and c.memorisation.num_examples
